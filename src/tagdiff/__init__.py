@@ -1,0 +1,45 @@
+"""tagdiff: Temporal Alignment Guidance (TAG) for diffusion models.
+
+Conventions: VP space, integer training timesteps ``t in {0..T-1}``, ε-prediction models
+``eps_model(x, t, **cond) -> eps_hat``. See the README and ``docs/`` for the method and results.
+"""
+
+from ._utils import NonFiniteError as NonFiniteError
+from ._utils import StackedRandomGenerator as StackedRandomGenerator
+from .data.gmm import GaussianMixture as GaussianMixture
+from .guidance import ClassifierGuidance as ClassifierGuidance
+from .guidance import Corruption as Corruption
+from .guidance import DPSGuidance as DPSGuidance
+from .guidance import Drift as Drift
+from .guidance import LinearDrift as LinearDrift
+from .guidance import StepContext as StepContext
+from .guidance import Strength as Strength
+from .guidance import TemporalAlignment as TemporalAlignment
+from .guidance import Term as Term
+from .guidance import guided_eps as guided_eps
+from .guidance import tls as tls
+from .metrics import TimeGapRecorder as TimeGapRecorder
+from .metrics import evaluate_time_predictor as evaluate_time_predictor
+from .metrics import wasserstein1 as wasserstein1
+from .nets import MLPEpsModel as MLPEpsModel
+from .samplers import StepInfo as StepInfo
+from .samplers import ddim_step as ddim_step
+from .samplers import ddpm_step as ddpm_step
+from .samplers import get_sampler as get_sampler
+from .samplers import sample as sample
+from .samplers import sample_ddim as sample_ddim
+from .samplers import sample_ddpm as sample_ddpm
+from .schedules import VPSchedule as VPSchedule
+from .time_predictor import MLPTimePredictor as MLPTimePredictor
+from .time_predictor import SimpleCNNTimePredictor as SimpleCNNTimePredictor
+from .time_predictor import TimePredictor as TimePredictor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClassifierGuidance", "Corruption", "DPSGuidance", "Drift", "GaussianMixture", "LinearDrift", "MLPEpsModel",
+    "MLPTimePredictor", "NonFiniteError", "SimpleCNNTimePredictor", "StackedRandomGenerator", "StepContext",
+    "StepInfo", "Strength", "TemporalAlignment", "Term", "TimeGapRecorder", "TimePredictor", "VPSchedule",
+    "ddim_step", "ddpm_step", "evaluate_time_predictor", "get_sampler", "guided_eps", "sample", "sample_ddim",
+    "sample_ddpm", "tls", "wasserstein1",
+]

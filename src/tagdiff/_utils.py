@@ -1,0 +1,104 @@
+"""Small shared helpers: broadcasting, per-sample randomness, finiteness guards, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "NonFiniteError",
+    "StackedRandomGenerator",
+    "append_dims",
+    "atomic_write_bytes",
+    "check_finite",
+]
+
+RandnLike = Callable[[Tensor], Tensor]
+
+
+class NonFiniteError(FloatingPointError):
+    """Raised when a guidance gradient, TLS or sample becomes NaN/Inf.
+
+    tagdiff never returns non-finite samples silently: every guidance term and the sampler loop
+    check their outputs and raise this error with the step and timestep where it happened.
+    """
+
+
+def append_dims(v: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so that ``v`` of shape ``(B,)`` broadcasts against ``(B, *D)``.
+
+    Raises:
+        ValueError: if ``v`` already has more than ``ndim`` dimensions.
+    """
+    extra = ndim - v.ndim
+    if extra < 0:
+        raise ValueError(f"append_dims: input has {v.ndim} dims but target ndim is {ndim}")
+    return v.reshape(*v.shape, *([1] * extra))
+
+
+def check_finite(value: Tensor, what: str) -> Tensor:
+    """Return ``value`` unchanged, or raise :class:`NonFiniteError` naming ``what`` if it has NaN/Inf."""
+    if not torch.isfinite(value).all():
+        bad = (~torch.isfinite(value)).reshape(value.shape[0], -1).any(-1).nonzero().flatten()
+        raise NonFiniteError(
+            f"{what} is not finite for samples {bad[:8].tolist()}"
+            f"{' (and more)' if bad.numel() > 8 else ''}; lower the strength or check the model"
+        )
+    return value
+
+
+class StackedRandomGenerator:
+    """One independent ``torch.Generator`` per sample, so each sample depends only on its own seed.
+
+    Drawing a sample alone with seed ``s`` or inside a batch with the same seed gives the same
+    noise, hence the same sample (the reproducibility habit of EDM's per-sample seeds).
+
+    Args:
+        seeds: one integer seed per batch element.
+        device: device of the generators and of the tensors they produce.
+
+    Example:
+        >>> rng = StackedRandomGenerator([0, 1, 2])
+        >>> x_T = rng.randn((3, 2))          # first dim must equal len(seeds)
+        >>> z = rng.randn_like(x_T)
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 63)) for s in seeds]
+
+    def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Tensor:
+        shape = tuple(shape)
+        if shape[0] != len(self.generators):
+            raise ValueError(f"batch size {shape[0]} does not match the {len(self.generators)} seeds")
+        return torch.stack(
+            [torch.randn(shape[1:], generator=g, device=self.device, dtype=dtype) for g in self.generators]
+        )
+
+    def randn_like(self, x: Tensor) -> Tensor:
+        return self.randn(x.shape, dtype=x.dtype).to(x.device)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, ``os.replace``).
+
+    A crash leaves either the old file or the new one, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,53 @@
+"""DPS-style training-free guidance: the gradient of a loss on x0_hat, taken through the model.
+
+TAG.md Eq. 9/29 (Chung et al. 2023): ``∇_{x_t} log p_t(c | x_t) ≈ -∇_{x_t} ℓ(A(x0_hat(x_t)), c)``, folded into
+the score as in the paper's composite score (TAG.md §3.3, with the sign corrected: ``score - scale ∇ℓ``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .base import StepContext, Strength, Term
+
+__all__ = ["DPSGuidance"]
+
+
+class DPSGuidance(Term):
+    """Δs = -scale_t · ∇_{x_t} ℓ(A(x0_hat(x_t))), with the gradient through the ε-model.
+
+    The loss must be **per sample**, shape ``(B,)``: no norm over the whole batch (the original DPS code
+    takes ``torch.linalg.norm`` over the batch, so each sample's step depends on the others; TAG.md §6.2).
+    Summing per-sample losses before ``autograd.grad`` keeps the gradients independent.
+
+    Args:
+        loss_fn: ``A(x0_hat) -> (B,)`` per-sample loss ℓ (e.g. ``||y - A(x0_hat)||²`` or ``-log p(c | x0_hat)``).
+        guidance_scale: scale of the gradient; a :class:`Strength` gives a schedule/window over t.
+        operator: optional measurement operator A applied to x0_hat before ``loss_fn``.
+
+    Raises:
+        ValueError: if the loss is not shaped ``(B,)``.
+    """
+
+    needs_model_grad = True
+
+    def __init__(self, loss_fn: Callable[[Tensor], Tensor], guidance_scale: float | Strength = 1.0,
+                 operator: Callable[[Tensor], Tensor] | None = None):
+        self.loss_fn = loss_fn
+        self.operator = operator
+        self.strength = guidance_scale if isinstance(guidance_scale, Strength) else Strength(float(guidance_scale))
+
+    def delta_score(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
+        if not self.strength.active(t):
+            return None
+        if not x.requires_grad:
+            raise RuntimeError("DPSGuidance needs x with requires_grad; run it through tagdiff's sampler loop")
+        y_hat = self.operator(x0_hat) if self.operator is not None else x0_hat
+        loss = self.loss_fn(y_hat)
+        if loss.shape != (x.shape[0],):
+            raise ValueError(f"DPS loss must be per-sample with shape ({x.shape[0]},), got {tuple(loss.shape)}")
+        (grad,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
+        return -self.strength(t, ctx.schedule, x) * grad

@@ -1,0 +1,284 @@
+r"""Variance-preserving (VP) noise schedules in discrete time.
+
+Convention (TAG.md §2, STYLE.md §0): the forward process is
+``x_t = sqrt(alpha_bar[t]) * x_0 + sqrt(1 - alpha_bar[t]) * eps`` with an **integer training timestep**
+``t in {0, ..., T-1}``. ``t = -1`` denotes clean data (``alpha_bar = 1``): it is the "previous timestep"
+of the last reverse step. All tables are float64; values are cast to the dtype of ``x`` on use.
+
+Conversions (Ho et al. 2020; Tweedie, TAG.md Eq. 4/26; score from ε, TAG.md Eq. 25)::
+
+    x0_hat = (x_t - sqrt(1 - alpha_bar) * eps_hat) / sqrt(alpha_bar)
+    eps_hat = (x_t - sqrt(alpha_bar) * x0_hat) / sqrt(1 - alpha_bar)
+    score   = -eps_hat / sqrt(1 - alpha_bar)          # ∇_x log p_t(x_t)
+    sigma   = sqrt((1 - alpha_bar) / alpha_bar)        # sigma-space (k-diffusion/EDM) adapter only
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._utils import append_dims
+
+__all__ = ["VPSchedule", "SCHEDULE_KINDS", "TIMESTEP_SPACINGS"]
+
+SCHEDULE_KINDS = ("linear", "cosine", "scaled_linear")
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> Tensor:
+    # Nichol & Dhariwal (2021), Eq. 17: alpha_bar(s) = cos((s + 0.008) / 1.008 * pi / 2)^2,
+    # discretised as diffusers' ``betas_for_alpha_bar`` ("squaredcos_cap_v2") does.
+    def f(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    T = num_train_timesteps
+    betas = [min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class VPSchedule:
+    """A discrete VP schedule: ``betas`` and ``alpha_bar = cumprod(1 - betas)``, both shape ``(T,)`` float64.
+
+    Build one with :meth:`linear`, :meth:`cosine`, :meth:`from_name`, :meth:`from_diffusers` or
+    :meth:`from_dict`. Frozen: it holds no per-step state.
+
+    Args:
+        betas: shape ``(T,)``, values in (0, 1).
+        spec: JSON-able description used by :meth:`to_dict` (filled in by the constructors).
+
+    Raises:
+        ValueError: if ``betas`` is not 1-D or leaves (0, 1).
+    """
+
+    betas: Tensor
+    spec: Mapping[str, Any] = field(default_factory=dict)
+    alpha_bar: Tensor = field(init=False, repr=False)
+    _alpha_bar_ext: Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu()
+        if betas.ndim != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not ((betas > 0) & (betas < 1)).all():
+            raise ValueError(f"betas must lie in (0, 1); got min {betas.min().item()}, max {betas.max().item()}")
+        alpha_bar = torch.cumprod(1.0 - betas, dim=0)
+        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "alpha_bar", alpha_bar)
+        # index -1 -> alpha_bar = 1 (clean data), so t_prev = -1 needs no special case
+        object.__setattr__(self, "_alpha_bar_ext", torch.cat([alpha_bar, torch.ones(1, dtype=torch.float64)]))
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> VPSchedule:
+        """Linear β from ``beta_start`` to ``beta_end`` (Ho et al. 2020; diffusers ``"linear"``)."""
+        _check_T(num_train_timesteps)
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        spec = {"kind": "linear", "num_train_timesteps": num_train_timesteps, "beta_start": beta_start,
+                "beta_end": beta_end}
+        return cls(betas, spec)
+
+    @classmethod
+    def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085,
+                      beta_end: float = 0.012) -> VPSchedule:
+        """β linear in sqrt-space (Stable Diffusion; diffusers ``"scaled_linear"``)."""
+        _check_T(num_train_timesteps)
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        spec = {"kind": "scaled_linear", "num_train_timesteps": num_train_timesteps, "beta_start": beta_start,
+                "beta_end": beta_end}
+        return cls(betas, spec)
+
+    @classmethod
+    def cosine(cls, num_train_timesteps: int = 1000) -> VPSchedule:
+        """Cosine schedule of Nichol & Dhariwal (2021) with β capped at 0.999 (diffusers ``"squaredcos_cap_v2"``)."""
+        _check_T(num_train_timesteps)
+        return cls(_cosine_betas(num_train_timesteps), {"kind": "cosine", "num_train_timesteps": num_train_timesteps})
+
+    @classmethod
+    def from_name(cls, name: str, num_train_timesteps: int = 1000, **kwargs: Any) -> VPSchedule:
+        """Build a schedule by name: ``"linear"``, ``"cosine"`` (alias ``"squaredcos_cap_v2"``) or ``"scaled_linear"``.
+
+        Raises:
+            ValueError: for an unknown name (the message lists the known ones).
+        """
+        key = {"squaredcos_cap_v2": "cosine"}.get(name, name)
+        if key == "linear":
+            return cls.linear(num_train_timesteps, **kwargs)
+        if key == "cosine":
+            return cls.cosine(num_train_timesteps)
+        if key == "scaled_linear":
+            return cls.scaled_linear(num_train_timesteps, **kwargs)
+        raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULE_KINDS)}")
+
+    @classmethod
+    def from_diffusers(cls, scheduler_or_config: Any) -> VPSchedule:
+        """Build from a diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``, ...) or its config dict.
+
+        Only ε-prediction VP schedulers are supported; ``trained_betas`` is honoured.
+
+        Raises:
+            ValueError: for a ``beta_schedule`` or ``prediction_type`` tagdiff does not support.
+        """
+        config = getattr(scheduler_or_config, "config", scheduler_or_config)
+        config = dict(config)
+        pred = config.get("prediction_type", "epsilon")
+        if pred != "epsilon":
+            raise ValueError(f"prediction_type {pred!r} is not supported; tagdiff models predict 'epsilon'")
+        T = int(config.get("num_train_timesteps", 1000))
+        if config.get("trained_betas") is not None:
+            betas = torch.as_tensor(config["trained_betas"], dtype=torch.float64)
+            return cls(betas, {"kind": "trained", "num_train_timesteps": T, "betas": betas.tolist()})
+        kind = config.get("beta_schedule", "linear")
+        kwargs = {}
+        if kind in ("linear", "scaled_linear"):
+            kwargs = {"beta_start": float(config.get("beta_start", 1e-4)),
+                      "beta_end": float(config.get("beta_end", 0.02))}
+        return cls.from_name(kind, T, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able description; ``VPSchedule.from_dict(s.to_dict())`` rebuilds an equal schedule."""
+        return dict(self.spec) if self.spec else {"kind": "trained", "num_train_timesteps": self.num_train_timesteps,
+                                                  "betas": self.betas.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> VPSchedule:
+        d = dict(d)
+        kind = d.pop("kind", None)
+        if kind == "trained":
+            return cls(torch.tensor(d["betas"], dtype=torch.float64), {"kind": "trained", **d})
+        if kind is None:
+            raise ValueError(f"schedule dict has no 'kind': {d}")
+        T = int(d.pop("num_train_timesteps", 1000))
+        return cls.from_name(kind, T, **d)
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        """A diffusers scheduler config describing the same schedule (for ``DDPMScheduler.from_config``)."""
+        kind = self.spec.get("kind")
+        cfg: dict[str, Any] = {"num_train_timesteps": self.num_train_timesteps, "prediction_type": "epsilon"}
+        if kind in ("linear", "scaled_linear"):
+            cfg.update(beta_schedule=kind, beta_start=self.spec["beta_start"], beta_end=self.spec["beta_end"])
+        elif kind == "cosine":
+            cfg.update(beta_schedule="squaredcos_cap_v2")
+        else:
+            cfg.update(trained_betas=self.betas.tolist())
+        return cfg
+
+    # ------------------------------------------------------------------ basic queries
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.betas.numel())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, VPSchedule) and torch.equal(self.betas, other.betas)
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.betas[:: max(1, self.num_train_timesteps // 16)].tolist()))
+
+    def check_timesteps(self, t: Tensor, allow_clean: bool = False) -> Tensor:
+        """Validate integer timesteps; return them as a long tensor.
+
+        Raises:
+            ValueError: if ``t`` is not integral or leaves ``[0, T-1]`` (``[-1, T-1]`` with ``allow_clean``).
+        """
+        t = torch.as_tensor(t)
+        if t.is_floating_point():
+            raise ValueError(f"timesteps must be integer training timesteps, got dtype {t.dtype}")
+        lo = -1 if allow_clean else 0
+        if t.numel() and (t.min() < lo or t.max() > self.num_train_timesteps - 1):
+            raise ValueError(
+                f"timestep out of range: got values in [{int(t.min())}, {int(t.max())}], "
+                f"expected integers in [{lo}, {self.num_train_timesteps - 1}]"
+            )
+        return t.long()
+
+    def alpha_bar_at(self, t: Tensor, like: Tensor) -> Tensor:
+        """``alpha_bar[t]`` broadcast against ``like`` (shape ``(B, 1, ..., 1)``, dtype/device of ``like``).
+
+        ``t`` has shape ``(B,)`` (or is a scalar); ``t = -1`` gives 1 (clean data).
+
+        Raises:
+            ValueError: if ``t`` is not integral or leaves ``[-1, T-1]`` (see :meth:`check_timesteps`).
+        """
+        # validated: t = T would silently read the appended clean entry (alpha_bar = 1), t < -1 would wrap around
+        t = self.check_timesteps(torch.as_tensor(t, device="cpu"), allow_clean=True)
+        ab = self._alpha_bar_ext[t.reshape(-1)]
+        if ab.numel() == 1 and like.ndim > 0:
+            ab = ab.expand(like.shape[0])
+        return append_dims(ab.to(device=like.device, dtype=like.dtype), like.ndim)
+
+    # ------------------------------------------------------------------ forward process and conversions
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw ``x_t ~ q(x_t | x_0)``: ``sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) noise``. Shapes ``(B, *D)``."""
+        ab = self.alpha_bar_at(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def x0_from_eps(self, x: Tensor, t: Tensor, eps_hat: Tensor) -> Tensor:
+        """Tweedie estimate ``x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar)`` (TAG.md Eq. 4)."""
+        ab = self.alpha_bar_at(t, x)
+        return (x - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+
+    def eps_from_x0(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
+        """``eps_hat = (x_t - sqrt(alpha_bar) x0_hat) / sqrt(1 - alpha_bar)``; requires ``t >= 0``."""
+        ab = self.alpha_bar_at(t, x)
+        return (x - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+
+    def score_from_eps(self, x: Tensor, t: Tensor, eps_hat: Tensor) -> Tensor:
+        """``score = ∇_x log p_t(x) = -eps_hat / sqrt(1 - alpha_bar)`` (TAG.md Eq. 25)."""
+        return -eps_hat / (1 - self.alpha_bar_at(t, x)).sqrt()
+
+    def eps_from_score(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
+        """``eps_hat = -sqrt(1 - alpha_bar) * score``."""
+        return -(1 - self.alpha_bar_at(t, x)).sqrt() * score
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """Sigma-space noise level ``sqrt((1 - alpha_bar) / alpha_bar)``, shape of ``t``, float64."""
+        ab = self._alpha_bar_ext[self.check_timesteps(torch.as_tensor(t, device="cpu"), allow_clean=True)]
+        return ((1 - ab) / ab).sqrt()
+
+    def t_from_sigma(self, sigma: Tensor) -> Tensor:
+        """Nearest training timestep (in log-sigma) for each sigma; inverse of :meth:`sigma` on the grid."""
+        log_sig = self.sigma(torch.arange(self.num_train_timesteps)).log()
+        d = (torch.as_tensor(sigma, dtype=torch.float64).log().reshape(-1, 1) - log_sig).abs()
+        return d.argmin(-1).reshape(torch.as_tensor(sigma).shape)
+
+    # ------------------------------------------------------------------ sampling grids
+    def timesteps(self, num_steps: int, spacing: str = "trailing") -> Tensor:
+        """A strictly decreasing grid of ``num_steps`` training timesteps, int64, shape ``(num_steps,)``.
+
+        Spacings follow diffusers' ``timestep_spacing`` (Lin et al. 2024, Table 2):
+
+        * ``"trailing"`` (default): ``round(arange(T, 0, -T/N)) - 1``; always starts at ``T-1``, so even one-step
+          sampling starts from pure noise. Chosen as default for that reason.
+        * ``"leading"``: ``arange(N) * (T // N)`` reversed (diffusers' DDPM/DDIM default; starts below ``T-1``).
+        * ``"linspace"``: ``round(linspace(0, T-1, N))`` reversed (guided-diffusion ``space_timesteps``-like).
+
+        Raises:
+            ValueError: if ``num_steps`` is not in ``[1, T]`` or ``spacing`` is unknown.
+        """
+        T = self.num_train_timesteps
+        if not isinstance(num_steps, int) or not 1 <= num_steps <= T:
+            raise ValueError(f"num_steps must be an integer in [1, {T}], got {num_steps!r}")
+        # Computed with numpy exactly as diffusers does: torch's float arange/linspace round differently at
+        # half-integer ties (e.g. T=1000, N=48 "trailing" or N=27 "linspace" gave grids off by one).
+        if spacing == "trailing":
+            ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
+        elif spacing == "leading":
+            ts = (np.arange(num_steps) * (T // num_steps))[::-1]
+        elif spacing == "linspace":
+            ts = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+        else:
+            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(TIMESTEP_SPACINGS)}")
+        # diffusers' "trailing" arange can overshoot by one element (-1, e.g. T=1000, N=61): keep N
+        return torch.from_numpy(ts[:num_steps].astype(np.int64, order="C", copy=True))
+
+
+def _check_T(T: Any) -> None:
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"num_train_timesteps must be a positive integer, got {T!r}")

@@ -1,0 +1,216 @@
+"""Training loops for ε-models and time predictors, with EMA, optional bf16 autocast and exact resume.
+
+Both losses draw ``t ~ U{0..T-1}`` and ``x_t ~ q(x_t | x_0)``:
+
+* :func:`eps_loss`: ``||ε_θ(x_t, t) - ε||²`` (Ho et al. 2020, "simple" loss);
+* :func:`time_loss`: ``CE(f_φ(x_t), t)`` (TAG.md Eq. 8: the time predictor is a classifier over timesteps).
+
+Batch ``i`` depends only on ``(seed, i)``, so a run interrupted and resumed from its last checkpoint follows
+the same trajectory as an uninterrupted one. The training state (weights, EMA, Adam moments, step) is one
+safetensors file, ``train_state.safetensors``, replaced atomically every ``save_every`` steps and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .checkpoints import CheckpointError, load_tensors, save_model, save_tensors
+from .schedules import VPSchedule
+
+__all__ = ["TrainConfig", "eps_loss", "time_loss", "train"]
+
+LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor, VPSchedule, "Tensor | None"], Tensor]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train`.
+
+    Attributes:
+        steps: optimisation steps. batch_size: samples per step. lr: Adam learning rate (paper: 1e-4).
+        seed: seeds batches, timesteps and noise. save_every: steps between resumable checkpoints.
+        ema_decay: EMA of the weights (``None`` disables; the exported model is the EMA when enabled).
+        bf16: bf16 autocast on CPU/GPU (≈1.8× faster on CPU); keep ``False`` for exact tests.
+        grad_clip: max global gradient norm (``None`` disables).
+        cond_drop: probability of replacing the class condition by "null" (trains p(t|x) and p(t|x,c) together).
+    """
+
+    steps: int = 10_000
+    batch_size: int = 256
+    lr: float = 1e-4
+    seed: int = 0
+    save_every: int = 1000
+    ema_decay: float | None = None
+    bf16: bool = False
+    grad_clip: float | None = 1.0
+    cond_drop: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "save_every"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+        if not 0 <= self.cond_drop <= 1:
+            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop!r}")
+
+
+def eps_loss(model: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, schedule: VPSchedule,
+             c: Tensor | None = None) -> Tensor:
+    """Mean squared ε-prediction error at ``x_t = q_sample(x0, t, noise)``; ``c`` is passed as ``y=`` if given."""
+    xt = schedule.q_sample(x0, t, noise)
+    eps_hat = model(xt, t) if c is None else model(xt, t, y=c)
+    return F.mse_loss(eps_hat.float(), noise.float())
+
+
+def time_loss(predictor: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, schedule: VPSchedule,
+              c: Tensor | None = None) -> Tensor:
+    """Cross-entropy of the time predictor's logits against the true timestep (TAG.md Eq. 8)."""
+    xt = schedule.q_sample(x0, t, noise)
+    return F.cross_entropy(predictor(xt, c).float(), t)
+
+
+def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
+    sd = opt.state_dict()
+    tensors = {f"optim.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict[str, Any]]) -> None:
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
+          out_dir: str | Path, *, labels: Tensor | None = None, resume: bool = True, progress: bool = True,
+          export_extra: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Train ``model`` on clean ``data`` (shape ``(N, *D)``) with ``loss_fn``; export to ``out_dir``.
+
+    Writes ``out_dir/train_state.safetensors`` (resumable state) periodically, and at the end the exported
+    checkpoint ``out_dir/model.safetensors`` + ``config.json`` (EMA weights when ``ema_decay`` is set) with the
+    schedule, the training config and ``export_extra``; plus ``out_dir/history.json`` (loss per logged step).
+
+    Args:
+        labels: optional ``(N,)`` class labels, passed to the loss as ``c`` (conditional models).
+        resume: continue from ``train_state.safetensors`` if present (its model config must match).
+
+    Returns:
+        ``{"steps", "final_loss", "seconds", "history"}``.
+
+    Raises:
+        ValueError: empty data, label/data length mismatch, or a model whose T differs from the schedule's.
+        CheckpointError: an existing training state that does not match this model.
+    """
+    if data.ndim < 2 or data.shape[0] == 0:
+        raise ValueError(f"data must be a non-empty (N, *D) tensor, got shape {tuple(data.shape)}")
+    if labels is not None and labels.shape[0] != data.shape[0]:
+        raise ValueError(f"labels has {labels.shape[0]} entries but data has {data.shape[0]} samples")
+    T_model = getattr(model, "num_train_timesteps", schedule.num_train_timesteps)
+    if T_model != schedule.num_train_timesteps:
+        raise ValueError(f"model has T={T_model} but the schedule has T={schedule.num_train_timesteps}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.ema_decay else None
+    state_path = out_dir / "train_state.safetensors"
+    start, history = 0, []
+    model_config = json.loads(json.dumps(getattr(model, "config", {})))
+    if resume and state_path.exists():
+        tensors, meta = load_tensors(state_path)
+        if meta.get("model_class") != type(model).__name__ or meta.get("model_config") != model_config:
+            raise CheckpointError(f"{state_path} was written for a different model ({meta.get('model_class')} "
+                                  f"{meta.get('model_config')}); use another output folder or resume=False")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        if ema is not None:
+            ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or ema
+        _load_optim(opt, tensors, meta["param_groups"])
+        start, history = int(meta["step"]), list(meta.get("history", []))
+
+    def save_state(step: int) -> None:
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in ema.items()})
+        opt_tensors, groups = _optim_tensors(opt)
+        tensors.update(opt_tensors)
+        save_tensors(state_path, tensors, {"step": step, "param_groups": groups, "history": history,
+                                           "model_class": type(model).__name__, "model_config": model_config,
+                                           "train_config": asdict(config)})
+
+    data = data.to(device)
+    labels = None if labels is None else labels.to(device)
+    T, N = schedule.num_train_timesteps, data.shape[0]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, desc=f"train {type(model).__name__}", dynamic_ncols=True)
+    t0, loss_avg, step = time.time(), None, start
+    try:
+        for step in range(start, config.steps):
+            g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            idx = torch.randint(0, N, (config.batch_size,), generator=g)
+            t = torch.randint(0, T, (config.batch_size,), generator=g).to(device)
+            noise = torch.randn((config.batch_size, *data.shape[1:]), generator=g).to(device)
+            c = None
+            if labels is not None:
+                c = labels[idx.to(device)]
+                if config.cond_drop > 0:
+                    drop = torch.rand(config.batch_size, generator=g).to(device) < config.cond_drop
+                    c = torch.where(drop, torch.full_like(c, -1), c)  # -1: "no condition" (null embedding)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss = loss_fn(model, data[idx.to(device)], t, noise, schedule, c)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for k, v in model.state_dict().items():
+                        if v.is_floating_point():
+                            ema[k].lerp_(v, 1 - config.ema_decay)
+                        else:
+                            ema[k].copy_(v)
+            lv = loss.item()
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"training loss became {lv} at step {step}; lower the learning rate")
+            loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_avg:.4f}")
+            if (step + 1) % max(1, config.steps // 100) == 0:
+                history.append([step + 1, loss_avg])
+            if (step + 1) % config.save_every == 0:
+                save_state(step + 1)
+        step = config.steps
+    except KeyboardInterrupt:
+        save_state(step)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    save_state(config.steps)
+    if ema is not None:
+        model.load_state_dict(ema)
+    extra = {"schedule": schedule.to_dict(), "train": asdict(config), **(export_extra or {})}
+    save_model(model.eval(), out_dir, **extra)
+    (out_dir / "history.json").write_text(json.dumps(history))
+    return {"steps": config.steps, "final_loss": loss_avg, "seconds": time.time() - t0, "history": history}

@@ -1,0 +1,74 @@
+"""CLI: the commands run end to end; bad input is one line on stderr and exit code 2."""
+
+import json
+
+import pytest
+
+from tagdiff.cli import main
+
+
+def _one_line_error(capsys, code, rc=2):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == rc
+    assert len(err) == 1 and err[0].startswith("tagdiff") and "error:" in err[0], err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
+def test_train_then_eval_time_predictor(tmp_path, capsys):
+    out = tmp_path / "tp"
+    rc = main(["train", "time-predictor", "--out", str(out), "--steps", "3", "--hidden", "16", "--layers", "2",
+               "--batch-size", "32", "--quiet"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["class"] == "MLPTimePredictor" and cfg["command"].startswith("tagdiff train time-predictor")
+    assert cfg["schedule"]["kind"] == "linear" and cfg["dataset"] == "toy"
+    rc = main(["eval", "time-predictor", "--checkpoint", str(out), "--num-samples", "20", "--out",
+               str(tmp_path / "rep.json")])
+    assert rc == 0
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert len(rep["buckets"]) == 10 and 0 <= rep["accuracy"] <= 1
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    msg = _one_line_error(capsys, main(["eval", "time-predictor", "--checkpoint", str(tmp_path / "none")]))
+    assert str(tmp_path / "none") in msg
+
+
+def test_corrupt_checkpoint(tmp_path, capsys):
+    out = tmp_path / "tp"
+    main(["train", "time-predictor", "--out", str(out), "--steps", "1", "--hidden", "8", "--layers", "2", "--quiet"])
+    capsys.readouterr()
+    (out / "model.safetensors").write_bytes(b"garbage")
+    msg = _one_line_error(capsys, main(["eval", "time-predictor", "--checkpoint", str(out)]))
+    assert "corrupt" in msg
+
+
+@pytest.mark.parametrize("argv", [
+    ["bogus"],
+    ["train", "diffusion", "--out", "x", "--steps", "-3"],
+    ["train", "diffusion", "--out", "x", "--dataset", "imagenet"],
+    ["bench", "toy"],
+])
+def test_usage_errors_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    _one_line_error(capsys, e.value.code)
+
+
+def test_unknown_schedule_name(tmp_path, capsys):
+    msg = _one_line_error(capsys, main(["train", "diffusion", "--out", str(tmp_path), "--schedule", "zigzag",
+                                        "--steps", "1", "--quiet"]))
+    assert "zigzag" in msg
+
+
+def test_bench_toy_small(tmp_path, capsys):
+    rc = main(["bench", "toy", "--out", str(tmp_path), "--num-samples", "200", "--num-steps", "10", "--quiet"])
+    assert rc == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    keys = {"no_drift", "drift", "drift_tag_learned", "drift_tag_exact"}
+    for section in ("w1", "w1_exact_score", "time_gap"):
+        assert set(res[section]) == keys
+        assert all(v >= 0 for v in res[section].values())
+    assert res["config"]["num_samples"] == 200 and res["seconds"] > 0
+    assert (tmp_path / "toy.png").stat().st_size > 10_000
