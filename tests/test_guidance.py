@@ -320,7 +320,7 @@ def test_tag_reduces_the_time_gap_along_a_drifted_trajectory():
         _run("ddpm", terms, n=128, steps=50, seed=16, dtype=torch.float32, model=model, callback=rec)
         assert rec.per_sample.shape == (50, 128)
         gaps[name] = rec.mean
-    assert gaps["tag"] < 0.8 * gaps["drift"], gaps
+    assert gaps["tag"] < 0.85 * gaps["drift"], gaps
 
 
 def test_exact_tag_reduces_w1_on_the_drifted_toy():

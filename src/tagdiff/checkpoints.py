@@ -16,6 +16,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from ._utils import atomic_write_bytes
+from .classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
 from .nets import MLPEpsModel
 from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor
 
@@ -24,7 +25,8 @@ __all__ = ["CheckpointError", "MODEL_CLASSES", "load_model", "load_tensors", "re
 
 # The model classes a tagdiff checkpoint may name (a closed list, so loading never imports arbitrary code).
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (MLPEpsModel, MLPTimePredictor, SimpleCNNTimePredictor)
+    cls.__name__: cls for cls in (MLPEpsModel, MLPTimePredictor, SimpleCNNTimePredictor, NoisyClassifier,
+                                  CleanClassifier, EvalClassifier)
 }
 
 

@@ -1,7 +1,7 @@
-"""The ``tagdiff`` command line: train, evaluate and benchmark. Name registries live here only.
+"""The ``tagdiff`` command line: train, evaluate, sample and benchmark. Name registries live here only.
 
-Errors in what the user passed (a bad value, a missing or corrupt checkpoint, a non-finite gradient) print one
-line ``tagdiff: error: ...`` on stderr and exit with code 2, without a traceback.
+Errors in what the user passed (a bad value, a missing or corrupt checkpoint or data folder, a non-finite
+gradient) print one line ``tagdiff: error: ...`` on stderr and exit with code 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ from typing import Any
 
 __all__ = ["build_parser", "main"]
 
-DATASETS = ("toy",)
+DATASETS = ("toy", "digits", "mnist", "folder")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse parser whose usage errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def _positive_int(s: str) -> int:
@@ -28,30 +36,42 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def _add_train_args(p: argparse.ArgumentParser, steps: int, hidden: int, layers: int, lr: float) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="toy", help="training data (default: toy)")
+def _int_tuple(s: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 32,64,64, got {s!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return out
+
+
+def _add_data_args(p: argparse.ArgumentParser, default: str = "toy") -> None:
+    p.add_argument("--dataset", choices=DATASETS, default=default, help=f"data set (default: {default})")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="mnist: folder of the IDX files; folder: image folder or .npz file")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="resize images to this size")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 (grey) or 3 (RGB)")
+    p.add_argument("--download", action="store_true", help="mnist: download missing files into --data-dir")
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    _add_data_args(p)
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoint, training state, history)")
-    p.add_argument("--steps", type=_positive_int, default=steps, help=f"optimisation steps (default: {steps})")
-    p.add_argument("--batch-size", type=_positive_int, default=1024, help="batch size (default: 1024)")
-    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default: {lr})")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, batches, timesteps and noise (default: 0)")
-    p.add_argument("--hidden", type=_positive_int, default=hidden, help=f"MLP width (default: {hidden})")
-    p.add_argument("--layers", type=_positive_int, default=layers, help=f"MLP linear layers (default: {layers})")
+    p.add_argument("--steps", type=_positive_int, default=None, help="optimisation steps (default: per recipe)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: per recipe)")
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: per recipe)")
+    p.add_argument("--seed", type=int, default=0, help="seed of batches, timesteps and noise (default: 0)")
+    p.add_argument("--hidden", type=_positive_int, default=256, help="MLP width, vector data (default: 256)")
+    p.add_argument("--layers", type=_positive_int, default=None, help="MLP linear layers (default: 3 / 5)")
+    p.add_argument("--widths", type=_int_tuple, default=(32, 64, 64), help="UNet channels (default: 32,64,64)")
     p.add_argument("--num-train-timesteps", type=_positive_int, default=1000, help="T (default: 1000)")
     p.add_argument("--schedule", default="linear", help="noise schedule: linear | cosine (default: linear)")
     p.add_argument("--save-every", type=_positive_int, default=1000, help="steps between resumable checkpoints")
-    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the weights (default: off)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (faster on CPU; default: fp32)")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the weights (default: per recipe)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (about 1.8x faster on CPU; default: fp32)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a training state")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse parser whose usage errors are one line on stderr and exit code 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,19 +80,47 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train an ε-model or a time predictor")
     tsub = train.add_subparsers(dest="what", required=True, metavar="WHAT")
-    _add_train_args(tsub.add_parser("diffusion", help="train an ε-prediction diffusion model (MLP on vectors)"),
-                    steps=20_000, hidden=256, layers=3, lr=1e-3)
-    _add_train_args(tsub.add_parser("time-predictor", help="train a time predictor p(t | x_t) (MLP on vectors)"),
-                    steps=20_000, hidden=256, layers=5, lr=1e-3)
+    _add_train_args(tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)"))
+    _add_train_args(tsub.add_parser("time-predictor", help="time predictor p(t | x_t) (MLP or SimpleCNN)"))
+    clf = tsub.add_parser("classifier", help="label classifier: noisy (guidance), clean (DPS) or eval (metrics)")
+    _add_train_args(clf)
+    clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
+                     help="noisy: p(y|x_t,t) for classifier guidance; clean: p(y|x) for DPS; eval: independent "
+                          "evaluation classifier (use another --seed and --split-seed than the guidance models)")
+    clf.add_argument("--split-seed", type=int, default=0,
+                     help="seed of the train/held-out split (digits, folder); default 0 as for the other models")
 
     ev = sub.add_parser("eval", help="evaluate a trained model")
     esub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")
     etp = esub.add_parser("time-predictor", help="accuracy and |argmax - t| per timestep bucket on held-out data")
     etp.add_argument("--checkpoint", required=True, type=Path, help="time-predictor checkpoint folder")
-    etp.add_argument("--dataset", choices=DATASETS, default="toy")
+    _add_data_args(etp)
     etp.add_argument("--num-samples", type=_positive_int, default=2000, help="held-out samples (default: 2000)")
-    etp.add_argument("--seed", type=int, default=12345, help="held-out seed (default: 12345, unlike training's)")
+    etp.add_argument("--seed", type=int, default=12345, help="noise seed (default: 12345)")
     etp.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+
+    smp = sub.add_parser("sample", help="sample from a checkpoint with optional guidance, corruption and TAG")
+    smp.add_argument("--checkpoint", required=True, type=Path, help="ε-model folder (tagdiff MLP or diffusers UNet)")
+    smp.add_argument("--out", required=True, type=Path, help="output folder (samples.npz, grid.png, summary.json)")
+    smp.add_argument("--num-samples", type=_positive_int, default=64)
+    smp.add_argument("--sampler", default="ddim", help="ddim | ddpm (default: ddim)")
+    smp.add_argument("--num-steps", type=_positive_int, default=50)
+    smp.add_argument("--eta", type=float, default=1.0, help="DDIM η (default: 1)")
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--per-sample-seeds", action="store_true", help="sample i uses seed+i (batch independent)")
+    smp.add_argument("--guidance", choices=("none", "cg", "dps"), default="none")
+    smp.add_argument("--classifier", type=Path, default=None, help="cg: noisy classifier; dps: clean classifier")
+    smp.add_argument("--target", type=int, default=None, help="target class for --guidance")
+    smp.add_argument("--guidance-scale", type=float, default=1.0)
+    smp.add_argument("--time-predictor", type=Path, default=None, help="records the Time Gap; with --omega: TAG")
+    smp.add_argument("--omega", type=float, default=0.0, help="TAG ω_0 (default 0: off)")
+    smp.add_argument("--omega-schedule", choices=("one_minus_alpha_bar", "constant", "sqrt_one_minus_alpha_bar"),
+                     default="one_minus_alpha_bar")
+    smp.add_argument("--placement", choices=("pre", "post"), default="pre")
+    smp.add_argument("--corruption-std", type=float, default=0.0, help="corrupted reverse process σ (Alg. 2)")
+    smp.add_argument("--clip-x0", type=float, default=None, help="clamp x0_hat (images: 1)")
+    smp.add_argument("--bf16", action="store_true", help="bf16 autocast while sampling")
+    smp.add_argument("--quiet", action="store_true")
 
     bench = sub.add_parser("bench", help="reproduce an experiment of the paper")
     bsub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -86,45 +134,109 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--predictor-checkpoint", type=Path, default=None, help="default: the shipped toy predictor")
     toy.add_argument("--quiet", action="store_true")
 
-    demo = sub.add_parser("demo", help="the main job on the embedded default (currently: bench toy)")
+    label = bsub.add_parser("label", help="label guidance: unguided / DPS / DPS+TAG / CG / CG+TAG (Table 2 analogue)")
+    _add_label_args(label)
+
+    demo = sub.add_parser("demo", help="the main job: label guidance with and without TAG on the bundled digits")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    demo.add_argument("--quiet", action="store_true")
     return parser
 
 
+def _add_label_args(p: argparse.ArgumentParser) -> None:
+    from .bench.label import LabelConfig
+
+    d = LabelConfig()
+    p.add_argument("--out", required=True, type=Path, help="output folder for results.json and label.png")
+    p.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
+    p.add_argument("--data-dir", type=Path, default=None, help="mnist: folder of the IDX files")
+    p.add_argument("--checkpoints", type=Path, default=None,
+                   help="folder with unet/, time_predictor/, clf_noisy/, clf_clean/, clf_eval/ (default: shipped)")
+    p.add_argument("--targets", type=_int_list, default=d.targets, help="target classes, e.g. 0,3,7 or 'all'")
+    p.add_argument("--num-per-target", type=_positive_int, default=d.num_per_target)
+    p.add_argument("--num-steps", type=_positive_int, default=d.num_steps, help="DDIM steps")
+    p.add_argument("--eta", type=float, default=d.eta, help="DDIM η (default 1, as the TFG benchmark)")
+    p.add_argument("--dps-scale", type=float, default=d.dps_scale)
+    p.add_argument("--cg-scale", type=float, default=d.cg_scale)
+    p.add_argument("--omega", type=float, default=d.omega, help="TAG ω_0")
+    p.add_argument("--placement", choices=("pre", "post"), default=d.placement)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--quiet", action="store_true")
+
+
+def _int_list(s: str) -> tuple[int, ...]:
+    if s == "all":
+        return tuple(range(10))
+    try:
+        return tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices or 'all', got {s!r}") from None
+
+
+def _load_data(args: argparse.Namespace, split: str, **kw: Any) -> tuple[Any, Any, Any]:
+    from .data import dataset_info, load_dataset
+
+    opts = {"data_dir": args.data_dir, "image_size": args.image_size, "channels": args.channels}
+    if getattr(args, "split_seed", None) is not None and args.dataset != "mnist":
+        kw["split_seed"] = args.split_seed
+    info = dataset_info(args.dataset, **opts)
+    x, y = load_dataset(args.dataset, split, download=args.download, **opts, **kw)
+    return x, y, info
+
+
 def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    from .data import load_dataset
-    from .nets import MLPEpsModel
+    from .recipes import exporter, make_eps_model, make_time_predictor, recipe_for
     from .schedules import VPSchedule
-    from .time_predictor import MLPTimePredictor
     from .training import TrainConfig, eps_loss, time_loss, train
 
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
-    data, _ = load_dataset(args.dataset, seed=args.seed)
-    dim = int(data.shape[1])
-    if args.what == "diffusion":
-        model, loss = MLPEpsModel(dim, args.num_train_timesteps, args.hidden, args.layers), eps_loss
+    data, labels, info = _load_data(args, "train", seed=args.seed)
+    T = args.num_train_timesteps
+    key = args.what
+    if args.what == "classifier":
+        from .recipes import make_classifier
+
+        model, loss = make_classifier(args.kind, info, T)
+        key = f"classifier-{args.kind}"
+    elif args.what == "diffusion":
+        model, loss = make_eps_model(info, T, hidden=args.hidden, layers=args.layers or 3, widths=args.widths), eps_loss
     else:
-        model, loss = MLPTimePredictor(dim, args.num_train_timesteps, args.hidden, args.layers), time_loss
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                         save_every=args.save_every, ema_decay=args.ema_decay, bf16=args.bf16)
+        model, loss = make_time_predictor(info, T, hidden=args.hidden, layers=args.layers or 5), time_loss
+    recipe = recipe_for(key, info)
+    config = TrainConfig(steps=args.steps or recipe.steps, batch_size=args.batch_size or recipe.batch_size,
+                         lr=args.lr or recipe.lr, seed=args.seed, save_every=args.save_every,
+                         ema_decay=args.ema_decay if args.ema_decay is not None else recipe.ema_decay, bf16=args.bf16)
     command = "tagdiff " + " ".join(shlex.quote(a) for a in argv)
-    result = train(model, loss, data, schedule, config, args.out, resume=not args.no_resume,
-                   progress=not args.quiet, export_extra={"dataset": args.dataset, "command": command})
+    result = train(model, loss, data, schedule, config, args.out, resume=not args.no_resume, progress=not args.quiet,
+                   labels=labels if args.what == "classifier" else None,
+                   export_extra={"dataset": args.dataset, "command": command}, export=exporter(model, schedule))
     print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
+    if args.what == "classifier":
+        result["held_out"] = _classifier_report(model, args)
     return result
 
 
-def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
-    from .checkpoints import load_model, read_config
-    from .data import load_dataset
-    from .metrics import evaluate_time_predictor
-    from .schedules import VPSchedule
+def _classifier_report(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Held-out accuracy of a freshly trained classifier, printed and written to ``out/metrics.json``."""
+    from .classifiers import accuracy
 
-    config = read_config(args.checkpoint)
-    predictor = load_model(args.checkpoint)
-    schedule = VPSchedule.from_dict(config.get("schedule", {"kind": "linear", "num_train_timesteps": 1000}))
-    held_out, _ = load_dataset(args.dataset, num_samples=args.num_samples, seed=args.seed)
-    report = evaluate_time_predictor(predictor, held_out, schedule)
+    x, y, _ = _load_data(args, "held_out")
+    ts = (0, 100, 300, 500) if args.kind == "noisy" else (None,)
+    report = {f"accuracy_t{t}" if t is not None else "accuracy": accuracy(model, x, y, t=t) for t in ts}
+    report["num_held_out"] = int(x.shape[0])
+    print("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "num_held_out"))
+    (args.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
+    from .metrics import evaluate_time_predictor
+    from .recipes import load_checkpoint
+
+    predictor, schedule = load_checkpoint(args.checkpoint)
+    held_out, _, info = _load_data(args, "held_out", seed=args.seed, num_samples=args.num_samples)
+    predictor.check_input(held_out[:1])
+    report = evaluate_time_predictor(predictor, held_out, schedule, seed=args.seed)
     print(f"{'timesteps':>12s} {'accuracy':>9s} {'|argmax-t|':>11s} {'CE (nats)':>10s}")
     for b in report["buckets"]:
         print(f"{b['t_min']:5d}-{b['t_max']:<6d} {b['accuracy']:9.3f} {b['mean_abs_error']:11.1f} "
@@ -156,6 +268,40 @@ def _bench_toy(out: Path, args: argparse.Namespace | None = None) -> dict[str, A
     return res
 
 
+def _sample(args: argparse.Namespace) -> dict[str, Any]:
+    from .generate import SampleConfig, generate
+
+    opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
+                                         "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
+                                         "clip_x0", "bf16", "per_sample_seeds")}
+    cfg = SampleConfig(checkpoint=str(args.checkpoint), classifier=None if args.classifier is None else
+                       str(args.classifier), time_predictor=None if args.time_predictor is None else
+                       str(args.time_predictor), **opt)
+    summary = generate(cfg, args.out, progress=not args.quiet)
+    tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
+    print(f"wrote {cfg.num_samples} samples to {args.out} ({summary['seconds']:.1f} s{tg})")
+    return summary
+
+
+def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench.label import LabelConfig, run_label
+
+    if args.command == "demo":
+        cfg = LabelConfig()
+    else:
+        cfg = LabelConfig(dataset=args.dataset, targets=args.targets, num_per_target=args.num_per_target,
+                          num_steps=args.num_steps, eta=args.eta, dps_scale=args.dps_scale, cg_scale=args.cg_scale,
+                          omega=args.omega, placement=args.placement, seed=args.seed,
+                          data_dir=None if args.data_dir is None else str(args.data_dir),
+                          checkpoints=None if args.checkpoints is None else str(args.checkpoints))
+    res = run_label(args.out, cfg, progress=not args.quiet)
+    print(f"\n{'method':10s} {'FID':>8s} {'accuracy':>9s} {'time gap':>9s} {'seconds':>8s}")
+    for method, m in res["methods"].items():
+        print(f"{method:10s} {m['fid']:8.2f} {m['accuracy']:9.3f} {m['time_gap']:9.1f} {m['seconds']:8.1f}")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'label.png'} ({res['seconds']:.0f} s)")
+    return res
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -167,10 +313,12 @@ def main(argv: list[str] | None = None) -> int:
             _train(args, argv)
         elif args.command == "eval":
             _eval_time_predictor(args)
-        elif args.command == "bench":
+        elif args.command == "sample":
+            _sample(args)
+        elif args.command == "bench" and args.what == "toy":
             _bench_toy(args.out, args)
-        elif args.command == "demo":
-            _bench_toy(args.out)
+        elif args.command in ("bench", "demo"):
+            _bench_label(args)
     except (ValueError, CheckpointError, NonFiniteError, FileNotFoundError, FloatingPointError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"tagdiff: error: {msg}", file=sys.stderr)

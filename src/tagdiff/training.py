@@ -100,7 +100,8 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: 
 
 def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
           out_dir: str | Path, *, labels: Tensor | None = None, resume: bool = True, progress: bool = True,
-          export_extra: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> dict[str, Any]:
+          export_extra: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+          export: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Train ``model`` on clean ``data`` (shape ``(N, *D)``) with ``loss_fn``; export to ``out_dir``.
 
     Writes ``out_dir/train_state.safetensors`` (resumable state) periodically, and at the end the exported
@@ -110,6 +111,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     Args:
         labels: optional ``(N,)`` class labels, passed to the loss as ``c`` (conditional models).
         resume: continue from ``train_state.safetensors`` if present (its model config must match).
+        export: ``(model, out_dir, **extra) -> ...`` writing the final model; default
+            :func:`~tagdiff.checkpoints.save_model` (diffusers UNets use :func:`~tagdiff.interop.save_unet`).
 
     Returns:
         ``{"steps", "final_loss", "seconds", "history"}``.
@@ -211,6 +214,6 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     if ema is not None:
         model.load_state_dict(ema)
     extra = {"schedule": schedule.to_dict(), "train": asdict(config), **(export_extra or {})}
-    save_model(model.eval(), out_dir, **extra)
+    (export or save_model)(model.eval(), out_dir, **extra)
     (out_dir / "history.json").write_text(json.dumps(history))
     return {"steps": config.steps, "final_loss": loss_avg, "seconds": time.time() - t0, "history": history}

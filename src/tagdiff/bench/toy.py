@@ -83,7 +83,7 @@ def run_toy(out_dir: str | Path, *, num_samples: int = 10_000, seed: int = 0, om
         "drift_tag_exact": [drift, TemporalAlignment(exact_tp, omega)],
     }
     results: dict[str, Any] = {"w1": {}, "w1_exact_score": {}, "time_gap": {}, "time_gap_exact_score": {},
-                               "time_gap_per_step": {}}
+                               "time_gap_per_step": {}, "spread": {}, "spread_exact_score": {}}
     samples: dict[str, torch.Tensor] = {}
     tls_cos = _TLSCosine(learned_tp, exact_tp)
     for score_name, eps_model in (("learned", learned_eps), ("exact", exact_eps)):
@@ -103,6 +103,7 @@ def run_toy(out_dir: str | Path, *, num_samples: int = 10_000, seed: int = 0, om
             key_w1, key_tg = "w1" + suffix, "time_gap" + suffix
             results[key_w1][run] = w1
             results[key_tg][run] = recorder.mean
+            results["spread" + suffix][run] = _spread(x0)
             if score_name == "learned":
                 results["time_gap_per_step"][run] = recorder.per_step.tolist()
                 samples[run] = x0
@@ -129,6 +130,18 @@ def run_toy(out_dir: str | Path, *, num_samples: int = 10_000, seed: int = 0, om
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _figure(out_dir / "toy.png", reference, samples, results)
     return results
+
+
+def _spread(x: torch.Tensor) -> dict[str, float]:
+    """Within-mode std along the diagonal (the direction that tells timesteps apart) and across it, and the
+    fraction of samples in the upper mode. The data have std 1 in both directions and fraction 0.5."""
+    upper = x.sum(1) > 0
+    centred = x - torch.where(upper[:, None], torch.tensor([10.0, 10.0]), torch.tensor([-10.0, -10.0]))
+    centred = centred - torch.where(upper[:, None], centred[upper].mean(0), centred[~upper].mean(0))
+    along = centred @ torch.tensor([1.0, 1.0]) / 2**0.5
+    across = centred @ torch.tensor([1.0, -1.0]) / 2**0.5
+    return {"std_along_diagonal": float(along.std()), "std_across_diagonal": float(across.std()),
+            "upper_mode_fraction": float(upper.float().mean())}
 
 
 def _figure(path: Path, reference: torch.Tensor, samples: dict[str, torch.Tensor], results: dict[str, Any]) -> None:

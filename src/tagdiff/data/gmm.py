@@ -83,7 +83,7 @@ class GaussianMixture:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {self.dim}) for this {self.dim}-D mixture")
 
     def _ab(self, t: Tensor, schedule: VPSchedule, B: int) -> Tensor:
-        t = torch.as_tensor(t).long().reshape(-1).expand(B)
+        t = schedule.check_timesteps(torch.as_tensor(t).reshape(-1), allow_clean=True).expand(B)
         return schedule._alpha_bar_ext[t.cpu()].to(torch.float64)
 
     def component_log_probs(self, x: Tensor, ab: Tensor) -> Tensor:
@@ -219,7 +219,7 @@ class ExactTimePosterior(TimePredictor):
 
     def log_prob(self, x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
         logits = self(x, c)
-        t = torch.as_tensor(t, device=x.device).long().reshape(-1).expand(x.shape[0])
+        t = self.schedule.check_timesteps(torch.as_tensor(t).reshape(-1)).to(x.device).expand(x.shape[0])
         return torch.log_softmax(logits, -1).gather(1, t[:, None]).squeeze(1).to(x.dtype)
 
 

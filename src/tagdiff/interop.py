@@ -1,0 +1,141 @@
+"""Hugging Face diffusers interoperability: ``UNet2DModel`` as a tagdiff ε-model, saving and loading.
+
+A checkpoint of an image ε-model is a diffusers model folder: ``config.json`` +
+``diffusion_pytorch_model.safetensors`` (``UNet2DModel.save_pretrained``) plus ``scheduler_config.json``
+(``DDPMScheduler.save_pretrained``), so ``UNet2DModel.from_pretrained(path)`` and
+``DDPMPipeline(unet, DDPMScheduler.from_pretrained(path))`` load it as is. Any such folder (ε-prediction) can be
+used by tagdiff's samplers via :func:`load_unet`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import CheckpointError
+from .schedules import VPSchedule
+
+__all__ = ["UNetEpsModel", "is_diffusers_folder", "load_unet", "make_unet", "save_unet"]
+
+
+def make_unet(sample_size: int, in_channels: int = 1, *, widths: tuple[int, ...] = (32, 64, 64),
+              layers_per_block: int = 1, num_classes: int | None = None, attention: bool = False) -> Any:
+    """A small CPU-sized diffusers ``UNet2DModel`` (ε-prediction), optionally class-conditional.
+
+    ``len(widths)`` resolution levels (the last without downsampling): 8×8 → 4 → 2, 28×28 → 14 → 7. With
+    ``attention`` the lowest level uses a single-head attention block; default none (CPU budget).
+    """
+    from diffusers import UNet2DModel
+
+    n = len(widths)
+    down = ["DownBlock2D"] * n
+    up = ["UpBlock2D"] * n
+    if attention:
+        down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+    return UNet2DModel(sample_size=sample_size, in_channels=in_channels, out_channels=in_channels,
+                       block_out_channels=tuple(widths), down_block_types=tuple(down), up_block_types=tuple(up),
+                       layers_per_block=layers_per_block, norm_num_groups=min(8, min(widths)),
+                       attention_head_dim=widths[-1] if attention else None, num_class_embeds=num_classes)
+
+
+class UNetEpsModel(nn.Module):
+    """tagdiff's model contract around a diffusers ``UNet2DModel``: ``model(x, t, y=None) -> eps_hat``.
+
+    Args:
+        unet: an ε-prediction ``UNet2DModel``.
+        num_train_timesteps: T of the schedule the UNet was trained on.
+
+    Shapes: x ``(B, C, H, W)`` in VP space, t ``(B,)`` int64 training timesteps, y ``(B,)`` class labels (only for
+    class-conditional UNets). Raises ``ValueError`` for an x of the wrong shape.
+    """
+
+    def __init__(self, unet: Any, num_train_timesteps: int = 1000):
+        super().__init__()
+        self.unet = unet
+        cfg = unet.config
+        self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.config: dict[str, Any] = json.loads(json.dumps(dict(cfg), default=str))
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond: Any) -> Tensor:
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"x has shape {tuple(x.shape)}, but the UNet expects (B, "
+                             f"{', '.join(map(str, self.sample_shape))})")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        return self.unet(x, t, class_labels=y).sample
+
+
+def is_diffusers_folder(path: str | Path) -> bool:
+    """True if ``path`` looks like a diffusers ``UNet2DModel`` folder (``config.json`` with ``_class_name``)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel"
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def save_unet(model: UNetEpsModel, schedule: VPSchedule, directory: str | Path, **extra: Any) -> Path:
+    """Save the UNet (``save_pretrained``) and its schedule (``scheduler_config.json``) into ``directory``.
+
+    Written into a temporary sibling folder first and moved into place, so an interrupted save never leaves a
+    half-written model. ``extra`` (JSON-able) goes to ``tagdiff.json`` (e.g. the command that trained it).
+    """
+    from diffusers import DDPMScheduler
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        model.unet.save_pretrained(tmp, safe_serialization=True)
+        DDPMScheduler(**schedule.to_diffusers_config()).save_pretrained(tmp)
+        (tmp / "tagdiff.json").write_text(json.dumps({"schedule": schedule.to_dict(), **extra}, indent=2) + "\n")
+        if directory.exists():
+            keep = [p for p in directory.iterdir() if p.name not in {x.name for x in tmp.iterdir()}]
+            for p in keep:  # e.g. train_state.safetensors, history.json live next to the model
+                os.replace(p, tmp / p.name)
+            old = directory.with_name(f".{directory.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNetEpsModel, VPSchedule]:
+    """Load a diffusers ``UNet2DModel`` folder and its scheduler config as ``(eps_model, schedule)``.
+
+    The scheduler config is read from ``path/scheduler_config.json`` or ``path/scheduler/`` (pipeline layout
+    ``path/unet`` + ``path/scheduler`` is accepted too).
+
+    Raises:
+        CheckpointError: missing folder/files, a corrupt model, or a non-ε-prediction scheduler.
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    path = Path(path)
+    unet_dir = path / "unet" if (path / "unet").is_dir() and not is_diffusers_folder(path) else path
+    if not is_diffusers_folder(unet_dir):
+        raise CheckpointError(f"{path} is not a diffusers UNet2DModel folder (expected config.json with "
+                              "_class_name UNet2DModel and diffusion_pytorch_model.safetensors)")
+    sched_dir = next((d for d in (unet_dir, path / "scheduler", path) if (d / "scheduler_config.json").is_file()), None)
+    if sched_dir is None:
+        raise CheckpointError(f"no scheduler_config.json next to {unet_dir}; tagdiff needs the noise schedule")
+    try:
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+        schedule = VPSchedule.from_diffusers(DDPMScheduler.from_pretrained(sched_dir))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"could not load {unet_dir}: {str(e).splitlines()[0]}") from None
+    return UNetEpsModel(unet, schedule.num_train_timesteps).to(device).eval(), schedule
