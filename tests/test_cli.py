@@ -72,3 +72,20 @@ def test_bench_toy_small(tmp_path, capsys):
         assert all(v >= 0 for v in res[section].values())
     assert res["config"]["num_samples"] == 200 and res["seconds"] > 0
     assert (tmp_path / "toy.png").stat().st_size > 10_000
+
+
+def test_unet_training_resumes_across_processes(tmp_path):
+    """diffusers configs carry private keys whose order depends on the hash seed; resume must not trip on them."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "unet"
+    base = [sys.executable, "-m", "tagdiff.cli", "train", "diffusion", "--dataset", "digits", "--out", str(out),
+            "--widths", "8,16", "--save-every", "1", "--quiet"]
+    for steps, hash_seed in (("1", "1"), ("2", "2")):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run([*base, "--steps", steps], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "history.json").read_text()) is not None
+    assert (out / "diffusion_pytorch_model.safetensors").is_file() and (out / "scheduler_config.json").is_file()

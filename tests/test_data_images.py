@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tagdiff.data import DATASETS, dataset_info, images, load_dataset, toy_mixture, train_held_out_split
+from tagdiff.data import DATASETS, dataset_info, images, load_dataset, mnist, toy_mixture, train_held_out_split
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -29,7 +29,7 @@ def _no_network(monkeypatch):
     def refuse(url, *args, **kwargs):
         raise AssertionError(f"test tried to open {url}")
 
-    monkeypatch.setattr(images, "_urlopen", refuse)
+    monkeypatch.setattr(mnist, "_urlopen", refuse)
 
 
 # ---------------------------------------------------------------------------------------------------- splits
@@ -127,7 +127,7 @@ def write_mnist(folder: Path, n_train: int = 12, n_test: int = 5, gz=("train",),
 @pytest.fixture
 def fake_mnist(tmp_path, monkeypatch):
     made = write_mnist(tmp_path / "mnist", gz=("train",))          # train gzipped, t10k raw
-    monkeypatch.setattr(images, "MNIST_MD5", made["md5"])
+    monkeypatch.setattr(mnist, "MNIST_MD5", made["md5"])
     return tmp_path / "mnist", made["arrays"]
 
 
@@ -172,7 +172,7 @@ def test_mnist_missing_files_name_folder_and_files(tmp_path, fake_mnist):
 
 def test_mnist_default_folder_from_env(tmp_path, monkeypatch):
     made = write_mnist(tmp_path / "mnist")
-    monkeypatch.setattr(images, "MNIST_MD5", made["md5"])
+    monkeypatch.setattr(mnist, "MNIST_MD5", made["md5"])
     monkeypatch.setenv("TAGDIFF_DATA_DIR", str(tmp_path))
     assert images.default_data_dir() == tmp_path
     assert load_dataset("mnist", "test")[0].shape == (5, 1, 28, 28)
@@ -248,13 +248,13 @@ class FakeOpener:
 
 def test_download_falls_back_to_second_mirror_and_verifies(tmp_path, monkeypatch):
     source = write_mnist(tmp_path / "source", gz=("train", "t10k"))
-    monkeypatch.setattr(images, "MNIST_MD5", source["md5"])
+    monkeypatch.setattr(mnist, "MNIST_MD5", source["md5"])
     mirrors = ("https://down.example/mnist/", "https://up.example/mnist/")
     served = {f"{mirrors[1]}{n}.gz": (tmp_path / "source" / f"{n}.gz").read_bytes() for n in images.MNIST_FILES}
     served[f"{mirrors[0]}train-images-idx3-ubyte.gz"] = gzip.compress(b"tampered")   # wrong md5: skipped
     opener = FakeOpener(served)
-    monkeypatch.setattr(images, "_urlopen", opener)
-    monkeypatch.setattr(images, "MNIST_MIRRORS", mirrors)
+    monkeypatch.setattr(mnist, "_urlopen", opener)
+    monkeypatch.setattr(mnist, "MNIST_MIRRORS", mirrors)
     target = tmp_path / "target"
     images.download_mnist(target, mirrors=mirrors)
     assert sorted(p.name for p in target.iterdir()) == sorted(f"{n}.gz" for n in images.MNIST_FILES)
@@ -266,12 +266,12 @@ def test_download_falls_back_to_second_mirror_and_verifies(tmp_path, monkeypatch
     (target / "t10k-labels-idx1-ubyte.gz").unlink()
     x_te, _ = images.load_mnist("test", data_dir=target, download=True)
     assert x_te.shape == (5, 1, 28, 28)
-    assert opener.calls == [f"{m}t10k-labels-idx1-ubyte.gz" for m in images.MNIST_MIRRORS]
+    assert opener.calls == [f"{m}t10k-labels-idx1-ubyte.gz" for m in mnist.MNIST_MIRRORS]
 
 
 def test_download_failure_is_clear_and_suggests_data_dir(tmp_path, monkeypatch):
     opener = FakeOpener({})
-    monkeypatch.setattr(images, "_urlopen", opener)
+    monkeypatch.setattr(mnist, "_urlopen", opener)
     with pytest.raises(images.DownloadError) as e:
         load_dataset("mnist", data_dir=tmp_path / "m", download=True)
     assert isinstance(e.value, FileNotFoundError)

@@ -134,6 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     toy.add_argument("--predictor-checkpoint", type=Path, default=None, help="default: the shipped toy predictor")
     toy.add_argument("--quiet", action="store_true")
 
+    speed = bsub.add_parser("speed", help="seconds per sampling step with/without CG, DPS and TAG; training images/s")
+    speed.add_argument("--out", required=True, type=Path)
+    speed.add_argument("--datasets", default="digits,mnist", help="comma-separated (default: digits,mnist)")
+    speed.add_argument("--batch-size", type=_positive_int, default=256)
+    speed.add_argument("--num-steps", type=_positive_int, default=5, help="timed steps per configuration")
+    speed.add_argument("--quiet", action="store_true")
+
     label = bsub.add_parser("label", help="label guidance: unguided / DPS / DPS+TAG / CG / CG+TAG (Table 2 analogue)")
     _add_label_args(label)
 
@@ -283,6 +290,27 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _bench_speed(args: argparse.Namespace) -> dict[str, Any]:
+    from .bench.speed import run_speed
+
+    names = tuple(d for d in args.datasets.split(",") if d)
+    bad = [d for d in names if d not in ("digits", "mnist")]
+    if bad:
+        raise ValueError(f"bench speed supports the image datasets digits and mnist, got {bad}")
+    res = run_speed(args.out, datasets=names, batch_size=args.batch_size, num_steps=args.num_steps,
+                    progress=not args.quiet)
+    print(f"\n{'dataset':8s} {'config':12s} {'ms/step':>9s} {'TAG overhead':>13s}")
+    for name, per in res["seconds_per_step"].items():
+        for config, sec in per.items():
+            base = config.replace("+tag", "")
+            over = f"{res['tag_overhead'][name][base]:+.1%}" if config.endswith("+tag") else ""
+            print(f"{name:8s} {config:12s} {sec * 1e3:9.1f} {over:>13s}")
+        tput = res["time_predictor_train_images_per_s"][name]
+        print(f"{name:8s} time-predictor training: {tput['fp32']:.0f} images/s fp32, {tput['bf16']:.0f} bf16")
+    print(f"wrote {args.out / 'results.json'}")
+    return res
+
+
 def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
     from .bench.label import LabelConfig, run_label
 
@@ -317,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
             _sample(args)
         elif args.command == "bench" and args.what == "toy":
             _bench_toy(args.out, args)
+        elif args.command == "bench" and args.what == "speed":
+            _bench_speed(args)
         elif args.command in ("bench", "demo"):
             _bench_label(args)
     except (ValueError, CheckpointError, NonFiniteError, FileNotFoundError, FloatingPointError) as e:

@@ -22,6 +22,7 @@ from .guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlign
 from .metrics import TimeGapRecorder
 from .recipes import load_checkpoint
 from .samplers import get_sampler
+from .schedules import VPSchedule
 
 __all__ = ["SampleConfig", "generate", "save_grid"]
 
@@ -50,7 +51,40 @@ class SampleConfig:
     per_sample_seeds: bool = False
 
 
-def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None) -> tuple[list[Term], torch.Tensor | None]:
+def _check_classifier(guidance: str, clf: Any, path: str, schedule: VPSchedule, sample_shape: tuple[int, ...]) -> None:
+    """cg needs a noise-aware classifier p(y | x_t, t) on the model's T, dps a clean one p(y | x); shapes must match."""
+    from .classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
+
+    if guidance == "cg" and not isinstance(clf, NoisyClassifier):
+        raise ValueError(f"--guidance cg needs a noisy classifier p(y | x_t, t) (train classifier --kind noisy); "
+                         f"{path} holds {type(clf).__name__}")
+    if guidance == "dps" and not isinstance(clf, CleanClassifier | EvalClassifier):
+        raise ValueError(f"--guidance dps needs a clean classifier p(y | x) (train classifier --kind clean); "
+                         f"{path} holds {type(clf).__name__}")
+    T = getattr(clf, "num_train_timesteps", None)
+    if T is not None and T != schedule.num_train_timesteps:
+        raise ValueError(f"{path} was trained with T={T} timesteps but the diffusion model has "
+                         f"T={schedule.num_train_timesteps}")
+    if tuple(clf.sample_shape) != tuple(sample_shape):
+        raise ValueError(f"{path} expects samples of shape {tuple(clf.sample_shape)} but the diffusion model makes "
+                         f"{tuple(sample_shape)}")
+
+
+def _check_predictor(predictor: Any, path: str, schedule: VPSchedule, sample_shape: tuple[int, ...]) -> None:
+    """The time predictor must classify the model's T timesteps on the model's sample shape (also for ω = 0, where
+    it only records the Time Gap: a mismatched predictor would record a meaningless one)."""
+    T = getattr(predictor, "num_train_timesteps", None)
+    if T is not None and T != schedule.num_train_timesteps:
+        raise ValueError(f"time predictor {path} has T={T} timestep classes but the diffusion model has "
+                         f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
+    shape = getattr(predictor, "sample_shape", None)
+    if shape is not None and tuple(shape) != tuple(sample_shape):
+        raise ValueError(f"time predictor {path} expects x of shape (B, {', '.join(map(str, shape))}) but the "
+                         f"diffusion model makes (B, {', '.join(map(str, sample_shape))})")
+
+
+def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, schedule: VPSchedule,
+           sample_shape: tuple[int, ...]) -> tuple[list[Term], torch.Tensor | None]:
     terms: list[Term] = []
     target = None
     if cfg.corruption_std > 0:
@@ -61,6 +95,7 @@ def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None) -> t
         if cfg.classifier is None or cfg.target is None:
             raise ValueError(f"--guidance {cfg.guidance} needs --classifier and --target")
         clf = load_model(cfg.classifier)
+        _check_classifier(cfg.guidance, clf, cfg.classifier, schedule, sample_shape)
         K = getattr(clf, "num_classes", num_classes_hint)
         if K is not None and not 0 <= cfg.target < K:
             raise ValueError(f"target class {cfg.target} out of range; the classifier has classes 0..{K - 1}")
@@ -91,7 +126,9 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     eps_model, schedule = load_checkpoint(cfg.checkpoint)
     sampler = get_sampler(cfg.sampler)
     predictor = load_model(cfg.time_predictor) if cfg.time_predictor else None
-    terms, target = _terms(cfg, predictor, None)
+    if predictor is not None:
+        _check_predictor(predictor, cfg.time_predictor, schedule, eps_model.sample_shape)
+    terms, target = _terms(cfg, predictor, None, schedule, eps_model.sample_shape)
     shape = (cfg.num_samples, *eps_model.sample_shape)
     if cfg.per_sample_seeds:
         rng = StackedRandomGenerator(range(cfg.seed, cfg.seed + cfg.num_samples))

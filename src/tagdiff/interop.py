@@ -62,7 +62,9 @@ class UNetEpsModel(nn.Module):
         cfg = unet.config
         self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
         self.num_train_timesteps = int(num_train_timesteps)
-        self.config: dict[str, Any] = json.loads(json.dumps(dict(cfg), default=str))
+        # diffusers' private keys (e.g. ``_use_default_values``, built from a set) vary between identical models
+        self.config: dict[str, Any] = {k: v for k, v in json.loads(json.dumps(dict(cfg), default=str)).items()
+                                       if not k.startswith("_")}
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, **cond: Any) -> Tensor:
         if tuple(x.shape[1:]) != self.sample_shape:

@@ -138,7 +138,8 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     model_config = json.loads(json.dumps(getattr(model, "config", {})))
     if resume and state_path.exists():
         tensors, meta = load_tensors(state_path)
-        if meta.get("model_class") != type(model).__name__ or meta.get("model_config") != model_config:
+        saved_config = {k: v for k, v in (meta.get("model_config") or {}).items() if not str(k).startswith("_")}
+        if meta.get("model_class") != type(model).__name__ or saved_config != model_config:
             raise CheckpointError(f"{state_path} was written for a different model ({meta.get('model_class')} "
                                   f"{meta.get('model_config')}); use another output folder or resume=False")
         model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -65,8 +65,17 @@ def load_label_models(checkpoints: str | Path) -> dict[str, Any]:
     root = Path(checkpoints)
     eps_model, schedule = load_checkpoint(root / "unet")
     models = {"eps_model": eps_model, "schedule": schedule}
-    for name in ("time_predictor", "clf_noisy", "clf_clean", "clf_eval"):
+    from ..classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
+    from ..time_predictor import TimePredictor
+
+    kinds = {"time_predictor": ((TimePredictor,), "a time predictor (train time-predictor)"),
+             "clf_noisy": ((NoisyClassifier,), "a noisy classifier (train classifier --kind noisy)"),
+             "clf_clean": ((CleanClassifier, EvalClassifier), "a clean classifier (train classifier --kind clean)"),
+             "clf_eval": ((EvalClassifier,), "an evaluation classifier (train classifier --kind eval)")}
+    for name, (classes, what) in kinds.items():
         models[name] = load_model(root / name)
+        if not isinstance(models[name], classes):
+            raise ValueError(f"{root / name} holds {type(models[name]).__name__}; {name} must be {what}")
     T = schedule.num_train_timesteps
     for name in ("time_predictor", "clf_noisy"):
         if getattr(models[name], "num_train_timesteps", T) != T:

@@ -1,0 +1,107 @@
+"""Speed: seconds per sampling step with and without guidance and TAG, and time-predictor training throughput.
+
+Timing does not depend on the weights, so the models are freshly initialised with each dataset's recipe
+architecture (digits 1×8×8, MNIST 1×28×28): the diffusers UNet, the SimpleCNN time predictor and the noise-aware /
+clean classifiers. Each configuration runs ``warmup`` steps, then ``num_steps`` timed DDIM(η = 1) steps at
+``batch_size``. TAG's overhead is reported as a ratio to the step it corrects: ``t(X + TAG) / t(X) - 1``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..classifiers import CleanClassifier, NoisyClassifier
+from ..data import dataset_info
+from ..guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment, Term
+from ..recipes import make_eps_model, make_time_predictor
+from ..samplers import sample_ddim
+from ..schedules import VPSchedule
+from ..training import TrainConfig, time_loss
+
+__all__ = ["CONFIGS", "run_speed"]
+
+CONFIGS = ("sampler", "sampler+tag", "cg", "cg+tag", "dps", "dps+tag")
+
+
+def _terms(config: str, tp: Any, noisy: Any, clean: Any, target: torch.Tensor) -> list[Term]:
+    terms: list[Term] = []
+    if config.startswith("cg"):
+        terms.append(ClassifierGuidance(noisy, target, 1.0))
+    elif config.startswith("dps"):
+        terms.append(DPSGuidance(lambda x0: -torch.log_softmax(clean(x0), -1).gather(1, target[:, None]).squeeze(1),
+                                 1.0))
+    if config.endswith("+tag"):
+        terms.append(TemporalAlignment(tp, 1.0))
+    return terms
+
+
+def _time_sampling(eps_model: Any, schedule: VPSchedule, terms: list[Term], shape: tuple[int, ...], num_steps: int,
+                   warmup: int) -> float:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    grid = schedule.timesteps(1000)[100:100 + warmup + num_steps]  # mid-trajectory timesteps, no final step
+    sample_ddim(eps_model, x, grid[:warmup], schedule, eta=1.0, terms=terms, clip_x0=1.0)
+    t0 = time.perf_counter()
+    sample_ddim(eps_model, x, grid[warmup:], schedule, eta=1.0, terms=terms, clip_x0=1.0)
+    return (time.perf_counter() - t0) / num_steps
+
+
+def _time_predictor_throughput(tp: Any, schedule: VPSchedule, shape: tuple[int, ...], batch_size: int,
+                               steps: int, bf16: bool) -> float:
+    x0 = torch.randn((batch_size, *shape))
+    opt = torch.optim.Adam(tp.parameters(), lr=1e-4)
+    cfg = TrainConfig(bf16=bf16)
+    tp.train()
+    t0 = 0.0
+    for i in range(steps + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        t = torch.randint(0, schedule.num_train_timesteps, (batch_size,))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = time_loss(tp, x0, t, torch.randn_like(x0), schedule)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    tp.eval()
+    return batch_size * steps / (time.perf_counter() - t0)
+
+
+def run_speed(out_dir: str | Path, *, datasets: tuple[str, ...] = ("digits", "mnist"), batch_size: int = 256,
+              num_steps: int = 5, warmup: int = 1, train_steps: int = 5, progress: bool = True) -> dict[str, Any]:
+    """Run the speed benchmark; write ``out_dir/results.json``; return the results."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    schedule = VPSchedule.linear(1000)
+    results: dict[str, Any] = {"seconds_per_step": {}, "tag_overhead": {}, "time_predictor_train_images_per_s": {}}
+    for name in datasets:
+        info = dataset_info(name)
+        c, h, _ = info.sample_shape
+        eps_model = make_eps_model(info, 1000).eval()
+        tp = make_time_predictor(info, 1000).eval()
+        noisy, clean = NoisyClassifier(c, h).eval(), CleanClassifier(c, h).eval()
+        target = torch.arange(batch_size) % 10
+        per: dict[str, float] = {}
+        for config in CONFIGS:
+            per[config] = _time_sampling(eps_model, schedule, _terms(config, tp, noisy, clean, target),
+                                         (batch_size, *info.sample_shape), num_steps, warmup)
+            if progress:
+                print(f"  {name:7s} {config:12s} {per[config] * 1e3:9.1f} ms/step", flush=True)
+        results["seconds_per_step"][name] = per
+        results["tag_overhead"][name] = {base: per[f"{base}+tag"] / per[base] - 1 for base in ("sampler", "cg", "dps")}
+        results["time_predictor_train_images_per_s"][name] = {
+            "fp32": _time_predictor_throughput(make_time_predictor(info, 1000), schedule, info.sample_shape, 256,
+                                               train_steps, False),
+            "bf16": _time_predictor_throughput(make_time_predictor(info, 1000), schedule, info.sample_shape, 256,
+                                               train_steps, True)}
+    results["config"] = {"batch_size": batch_size, "num_steps": num_steps, "warmup": warmup, "sampler": "ddim eta=1",
+                         "threads": torch.get_num_threads(), "torch": torch.__version__,
+                         "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
