@@ -34,17 +34,6 @@ B = 16
 SMALL_GMM = GaussianMixture([[0.8, -0.4], [-0.6, 0.7]], stds=[0.2, 0.35], weights=[0.4, 0.6])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tests run thousands of ops on tiny tensors; with several intra-op threads on a busy 2-core machine each
-    # op can wait ~10 ms on the OpenMP pool (torch.softmax on a (16, 2) tensor: 2 us vs 11 ms). One thread is exact
-    # and fast; restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module", params=["linear", "cosine"])
 def schedule(request):
     return VPSchedule.from_name(request.param)

@@ -18,17 +18,6 @@ DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_lin
 F32_ATOL = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These tests run thousands of ops on tiny tensors; with several intra-op threads on a busy 2-core machine each
-    # op can wait ~10 ms on the OpenMP pool (torch.softmax on a (16, 2) tensor: 2 us vs 11 ms). One thread is exact
-    # and fast; restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _diffusers_ddpm(kind: str, **kwargs) -> DDPMScheduler:
     return DDPMScheduler(beta_schedule=DIFFUSERS_NAME[kind], **kwargs)
 
