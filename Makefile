@@ -1,4 +1,5 @@
-# tagdiff: `make demo` runs the main job, `make test` the tests. Both set up .venv on a fresh machine.
+# tagdiff: `make demo` runs the main job (label guidance ± TAG on digits), `make test` the tests.
+# Both set up .venv on a fresh machine.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
