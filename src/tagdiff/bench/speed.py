@@ -3,7 +3,8 @@
 Timing does not depend on the weights, so the models are freshly initialised with each dataset's recipe
 architecture (digits 1×8×8, MNIST 1×28×28): the diffusers UNet, the SimpleCNN time predictor and the noise-aware /
 clean classifiers. Each configuration runs ``warmup`` steps, then ``num_steps`` timed DDIM(η = 1) steps at
-``batch_size``, ``repeats`` times, keeping the fastest (least-disturbed) timing. TAG's overhead is reported as a ratio to the step it corrects: ``t(X + TAG) / t(X) - 1``.
+``batch_size``, ``repeats`` times, keeping the fastest (least-disturbed) timing. TAG's overhead is reported as a
+ratio to the step it corrects: ``t(X + TAG) / t(X) - 1``.
 """
 
 from __future__ import annotations
