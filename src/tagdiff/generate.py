@@ -18,7 +18,7 @@ import torch
 
 from ._utils import StackedRandomGenerator
 from .checkpoints import load_model
-from .guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term
+from .guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from .metrics import TimeGapRecorder
 from .recipes import load_checkpoint
 from .samplers import get_sampler
@@ -103,10 +103,7 @@ def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, sche
         if cfg.guidance == "cg":
             terms.append(ClassifierGuidance(clf, target, cfg.guidance_scale))
         else:
-            def loss(x0_hat: torch.Tensor) -> torch.Tensor:
-                return -torch.log_softmax(clf(x0_hat), -1).gather(1, target[:, None]).squeeze(1)
-
-            terms.append(DPSGuidance(loss, cfg.guidance_scale))
+            terms.append(DPSGuidance(label_loss(clf, target), cfg.guidance_scale))
     if cfg.omega != 0:
         if predictor is None:
             raise ValueError("--omega needs --time-predictor")

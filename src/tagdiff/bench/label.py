@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..checkpoints import load_model
 from ..data import load_dataset
-from ..guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment, Term
+from ..guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment, Term, label_loss
 from ..image_metrics import fid
 from ..metrics import TimeGapRecorder
 from ..recipes import load_checkpoint
@@ -90,19 +90,11 @@ def load_label_models(checkpoints: str | Path) -> dict[str, Any]:
     return models
 
 
-def _dps_label_loss(clean_classifier: Any, target: Tensor) -> Any:
-    def loss(x0_hat: Tensor) -> Tensor:  # per-sample -log p(y | x0_hat)
-        logp = torch.log_softmax(clean_classifier(x0_hat), -1)
-        return -logp.gather(1, target[:, None]).squeeze(1)
-
-    return loss
-
-
 def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: LabelConfig) -> list[Term]:
     """The guidance terms of one method (``METHODS``) for per-sample targets ``target`` (B,)."""
     terms: list[Term] = []
     if method.startswith("dps"):
-        terms.append(DPSGuidance(_dps_label_loss(models["clf_clean"], target), cfg.dps_scale))
+        terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_scale))
     elif method.startswith("cg"):
         terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_scale))
     if method.endswith("+tag"):

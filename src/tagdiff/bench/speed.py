@@ -19,7 +19,7 @@ import torch
 
 from ..classifiers import CleanClassifier, NoisyClassifier
 from ..data import dataset_info
-from ..guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment, Term
+from ..guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment, Term, label_loss
 from ..recipes import make_eps_model, make_time_predictor
 from ..samplers import sample_ddim
 from ..schedules import VPSchedule
@@ -35,8 +35,7 @@ def _terms(config: str, tp: Any, noisy: Any, clean: Any, target: torch.Tensor) -
     if config.startswith("cg"):
         terms.append(ClassifierGuidance(noisy, target, 1.0))
     elif config.startswith("dps"):
-        terms.append(DPSGuidance(lambda x0: -torch.log_softmax(clean(x0), -1).gather(1, target[:, None]).squeeze(1),
-                                 1.0))
+        terms.append(DPSGuidance(label_loss(clean, target), 1.0))
     if config.endswith("+tag"):
         terms.append(TemporalAlignment(tp, 1.0))
     return terms

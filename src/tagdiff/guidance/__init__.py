@@ -7,6 +7,7 @@ from .base import Term as Term
 from .base import guided_eps as guided_eps
 from .classifier import ClassifierGuidance as ClassifierGuidance
 from .dps import DPSGuidance as DPSGuidance
+from .dps import label_loss as label_loss
 from .perturb import Corruption as Corruption
 from .perturb import Drift as Drift
 from .perturb import LinearDrift as LinearDrift
@@ -14,4 +15,4 @@ from .temporal import TemporalAlignment as TemporalAlignment
 from .temporal import tls as tls
 
 __all__ = ["ClassifierGuidance", "Corruption", "DPSGuidance", "Drift", "LinearDrift", "STRENGTH_SCHEDULES",
-           "StepContext", "Strength", "TemporalAlignment", "Term", "guided_eps", "tls"]
+           "StepContext", "Strength", "TemporalAlignment", "Term", "guided_eps", "label_loss", "tls"]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .base import StepContext, Strength, Term
 
-__all__ = ["DPSGuidance"]
+__all__ = ["DPSGuidance", "label_loss"]
 
 
 class DPSGuidance(Term):
@@ -51,3 +51,23 @@ class DPSGuidance(Term):
             raise ValueError(f"DPS loss must be per-sample with shape ({x.shape[0]},), got {tuple(loss.shape)}")
         (grad,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
         return -self.strength(t, ctx.schedule, x) * grad
+
+
+def label_loss(classifier: Callable[[Tensor], Tensor], target: Tensor | int) -> Callable[[Tensor], Tensor]:
+    """Per-sample DPS label loss ``ℓ(x0_hat) = -log p(y | x0_hat)`` of a clean classifier (TFG label guidance).
+
+    ``target`` is a class index or a ``(B,)`` tensor of indices; returns a function ``(B, *D) -> (B,)``.
+
+    Raises:
+        ValueError: (when called) if a target is outside the classifier's classes.
+    """
+
+    def loss(x0_hat: Tensor) -> Tensor:
+        logits = classifier(x0_hat)
+        y = torch.as_tensor(target, device=logits.device).long().reshape(-1).expand(logits.shape[0])
+        if y.min() < 0 or y.max() >= logits.shape[1]:
+            raise ValueError(f"target class {y.unique().tolist()} out of range; the classifier has classes "
+                             f"0..{logits.shape[1] - 1}")
+        return -torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
+
+    return loss

@@ -17,11 +17,19 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .._utils import NonFiniteError, check_finite
+from .._utils import check_finite
 from ..schedules import VPSchedule
 from .base import StepContext, Strength, Term
 
 __all__ = ["TemporalAlignment", "tls"]
+
+
+def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+    with torch.enable_grad():
+        x_in = x.detach().requires_grad_(True)
+        log_p = time_predictor.log_prob(x_in, t, c)
+        (grad,) = torch.autograd.grad(log_p.sum(), x_in)
+    return grad
 
 
 def tls(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
@@ -34,11 +42,8 @@ def tls(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor |
     Raises:
         NonFiniteError: if the gradient has NaN/Inf.
     """
-    with torch.enable_grad():
-        x_in = x.detach().requires_grad_(True)
-        log_p = time_predictor.log_prob(x_in, t, c)
-        (grad,) = torch.autograd.grad(log_p.sum(), x_in)
-    return check_finite(grad, f"TLS at t={int(torch.as_tensor(t).reshape(-1)[0])}")
+    return check_finite(_grad_log_prob_t(time_predictor, x, t, c),
+                        f"TLS at t={int(torch.as_tensor(t).reshape(-1)[0])}")
 
 
 class TemporalAlignment(Term):
@@ -97,15 +102,11 @@ class TemporalAlignment(Term):
         if not self.strength.active(t):
             return x
         c = None if self.condition is None else torch.as_tensor(self.condition, device=x.device)
-        try:
-            grad = tls(self.time_predictor, x, t, c)
-        except NonFiniteError:
+        grad = _grad_log_prob_t(self.time_predictor, x, t, c)
+        ok = torch.isfinite(grad).reshape(x.shape[0], -1).all(-1)
+        if not ok.all():
             if self.on_nonfinite == "raise":
-                raise
-            with torch.enable_grad():
-                x_in = x.detach().requires_grad_(True)
-                (grad,) = torch.autograd.grad(self.time_predictor.log_prob(x_in, t, c).sum(), x_in)
-            ok = torch.isfinite(grad).reshape(x.shape[0], -1).all(-1)
+                check_finite(grad, f"TLS at t={int(t.reshape(-1)[0])}")
             grad = torch.where(ok.reshape(-1, *([1] * (x.ndim - 1))), grad, torch.zeros_like(grad))
         return x + self.strength(t, schedule, x) * grad
 
