@@ -23,11 +23,15 @@ def test_train_then_eval_time_predictor(tmp_path, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["class"] == "MLPTimePredictor" and cfg["command"].startswith("tagdiff train time-predictor")
     assert cfg["schedule"]["kind"] == "linear" and cfg["dataset"] == "toy"
+    report = json.loads((out / "report.json").read_text())  # training ends with a held-out report + figure
+    assert len(report["accuracy_per_t"]) == len(report["timesteps"]) == 100
+    assert (out / "report.png").stat().st_size > 5_000
     rc = main(["eval", "time-predictor", "--checkpoint", str(out), "--num-samples", "20", "--out",
                str(tmp_path / "rep.json")])
     assert rc == 0
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert len(rep["buckets"]) == 10 and 0 <= rep["accuracy"] <= 1
+    assert (tmp_path / "rep.png").is_file()
 
 
 def test_missing_checkpoint(tmp_path, capsys):

@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(etp)
     etp.add_argument("--num-samples", type=_positive_int, default=2000, help="held-out samples (default: 2000)")
     etp.add_argument("--seed", type=int, default=12345, help="noise seed (default: 12345)")
-    etp.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
+    etp.add_argument("--out", type=Path, default=None,
+                     help="write the report as JSON here, and a PNG figure beside it")
 
     smp = sub.add_parser("sample", help="sample from a checkpoint with optional guidance, corruption and TAG")
     smp.add_argument("--checkpoint", required=True, type=Path, help="ε-model folder (tagdiff MLP or diffusers UNet)")
@@ -220,7 +221,30 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
     if args.what == "classifier":
         result["held_out"] = _classifier_report(model, args)
+    elif args.what == "time-predictor":
+        result["held_out"] = _time_predictor_report(model, schedule, args, args.out / "report.json")
     return result
+
+
+def _time_predictor_report(predictor: Any, schedule: Any, args: argparse.Namespace, out: Path | None,
+                           num_samples: int = 500, seed: int = 12345) -> dict[str, Any]:
+    """Evaluate on held-out, forward-noised data; print per-bucket table; write ``out`` (JSON) and a PNG beside."""
+    from .metrics import evaluate_time_predictor, plot_time_predictor_report
+
+    split = "train" if args.dataset == "toy" else "held_out"  # toy: fresh draws (another seed) are held out
+    held_out, _, _ = _load_data(args, split, seed=seed, num_samples=num_samples)
+    predictor.check_input(held_out[:1])
+    report = evaluate_time_predictor(predictor.eval(), held_out, schedule, seed=seed)
+    print(f"{'timesteps':>12s} {'accuracy':>9s} {'|argmax-t|':>11s} {'CE (nats)':>10s}")
+    for b in report["buckets"]:
+        print(f"{b['t_min']:5d}-{b['t_max']:<6d} {b['accuracy']:9.3f} {b['mean_abs_error']:11.1f} "
+              f"{b['cross_entropy']:10.3f}")
+    print(f"{'all':>12s} {report['accuracy']:9.3f} {report['mean_abs_error']:11.1f} {report['cross_entropy']:10.3f}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        plot_time_predictor_report(report, out.with_suffix(".png"), f"{args.dataset} time predictor")
+    return report
 
 
 def _classifier_report(model: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -237,22 +261,10 @@ def _classifier_report(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
-    from .metrics import evaluate_time_predictor
     from .recipes import load_checkpoint
 
     predictor, schedule = load_checkpoint(args.checkpoint)
-    held_out, _, info = _load_data(args, "held_out", seed=args.seed, num_samples=args.num_samples)
-    predictor.check_input(held_out[:1])
-    report = evaluate_time_predictor(predictor, held_out, schedule, seed=args.seed)
-    print(f"{'timesteps':>12s} {'accuracy':>9s} {'|argmax-t|':>11s} {'CE (nats)':>10s}")
-    for b in report["buckets"]:
-        print(f"{b['t_min']:5d}-{b['t_max']:<6d} {b['accuracy']:9.3f} {b['mean_abs_error']:11.1f} "
-              f"{b['cross_entropy']:10.3f}")
-    print(f"{'all':>12s} {report['accuracy']:9.3f} {report['mean_abs_error']:11.1f} {report['cross_entropy']:10.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    return _time_predictor_report(predictor, schedule, args, args.out, num_samples=args.num_samples, seed=args.seed)
 
 
 def _bench_toy(out: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
