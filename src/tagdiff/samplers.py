@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ._utils import RandnLike, check_finite
-from .guidance.base import EpsModel, StepContext, Term, guided_eps_and_x0
+from .guidance.base import EpsModel, StepContext, Term, guided_terms
 from .schedules import VPSchedule
 
 __all__ = ["StepInfo", "ddim_step", "ddpm_step", "sample", "sample_ddim", "sample_ddpm", "get_sampler", "SAMPLERS"]
@@ -118,6 +118,7 @@ class StepInfo:
 
 StepFn = Callable[..., tuple[Tensor, Tensor]]
 Callback = Callable[[StepInfo], None]
+Retime = Callable[[Tensor, Tensor, Tensor, VPSchedule], Tensor]
 
 
 def _check_grid(timesteps: Tensor, schedule: VPSchedule) -> list[int]:
@@ -145,11 +146,22 @@ def _check_x(x: Tensor, eps_model: Any, terms: Sequence[Term], schedule: VPSched
         term.check(x, schedule)
 
 
+def _checked_retime(t_used: Tensor, t_prev: Tensor, schedule: VPSchedule) -> Tensor:
+    t_used = torch.as_tensor(t_used, device=t_prev.device).long().reshape(-1)
+    if t_used.shape != t_prev.shape:
+        raise ValueError(f"retime must return one timestep per sample, shape {tuple(t_prev.shape)}; "
+                         f"got {tuple(t_used.shape)}")
+    if (t_used <= t_prev).any() or (t_used >= schedule.num_train_timesteps).any():
+        raise ValueError(f"retime returned timesteps {t_used.unique().tolist()[:8]}; expected t_prev < t < "
+                         f"{schedule.num_train_timesteps}")
+    return t_used
+
+
 def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, *,
            terms: Sequence[Term] = (), cond: Mapping[str, Any] | None = None,
            randn_like: RandnLike = torch.randn_like, needs_noise: bool = True,
            callback: Callback | Sequence[Callback] | None = None, clip_x0: float | None = None,
-           progress: bool = False) -> Tensor:
+           num_recur: int = 1, retime: Retime | None = None, progress: bool = False) -> Tensor:
     """Run the reverse process from ``x`` (at ``timesteps[0]``) to clean data with a given step function.
 
     Args:
@@ -164,6 +176,11 @@ def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, s
         needs_noise: whether ``step_fn`` consumes noise (False for deterministic DDIM).
         callback: called with a :class:`StepInfo` at the start of every step (e.g. ``TimeGapRecorder``).
         clip_x0: clamp x0_hat inside the step (images: 1.0); ``None`` disables.
+        num_recur: recurrence ("self-recurrence", Bansal et al. 2023; TFG's N_recur): repeat each step this
+            many times, re-noising the result back to ``t`` in between with
+            ``x_t = sqrt(ab_t / ab_prev) x_prev + sqrt(1 - ab_t / ab_prev) z``. 1 = the plain sampler.
+        retime: optional ``(x, t, t_prev, schedule) -> t_used`` (shape ``(B,)``, ``t_prev < t_used < T``) that
+            replaces the grid's ``t`` for the model call and the step, per sample (the Time-Shift sampler).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -175,9 +192,12 @@ def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, s
     """
     ts = _check_grid(timesteps, schedule)
     _check_x(x, eps_model, terms, schedule)
+    if not isinstance(num_recur, int) or num_recur < 1:
+        raise ValueError(f"num_recur must be an integer >= 1, got {num_recur!r}")
     callbacks = [] if callback is None else [callback] if callable(callback) else list(callback)
     cond = dict(cond or {})
     B, N = x.shape[0], len(ts)
+    grid = torch.tensor(ts, dtype=torch.long)
     x = x.detach()
     it = range(N)
     if progress:
@@ -189,15 +209,23 @@ def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, s
         t_prev = torch.full((B,), ts[i + 1] if i + 1 < N else -1, dtype=torch.long, device=x.device)
         for cb in callbacks:
             cb(StepInfo(i, N, t, t_prev, x))
-        ctx = StepContext(schedule, eps_model, cond, randn_like, t, t_prev, i, N)
-        for term in terms:
-            x = term.pre(x, t, ctx)
-        eps_hat, _ = guided_eps_and_x0(x, t, ctx, terms)
-        noise = randn_like(x) if needs_noise and t_prev[0] >= 0 else None
-        x, _ = step_fn(x, eps_hat, t, t_prev, schedule, noise=noise, clip_x0=clip_x0)
-        for term in terms:
-            x = term.post(x, t_prev, ctx)
-        x = check_finite(x.detach(), f"sample after step {i} (t={ts[i]})")
+        if retime is not None:
+            t = _checked_retime(retime(x, t, t_prev, schedule), t_prev, schedule)
+        ctx = StepContext(schedule, eps_model, cond, randn_like, t, t_prev, i, N, grid)
+        for r in range(num_recur):
+            if r > 0:
+                alpha = schedule.alpha_bar_at(t, x) / schedule.alpha_bar_at(t_prev, x)
+                x = alpha.sqrt() * x + (1 - alpha).sqrt() * randn_like(x)
+            for term in terms:
+                x = term.pre(x, t, ctx)
+            eps_hat, _, shift = guided_terms(x, t, ctx, terms)
+            noise = randn_like(x) if needs_noise and t_prev[0] >= 0 else None
+            x, _ = step_fn(x, eps_hat, t, t_prev, schedule, noise=noise, clip_x0=clip_x0)
+            if shift is not None:
+                x = x + shift
+            for term in terms:
+                x = term.post(x, t_prev, ctx)
+            x = check_finite(x.detach(), f"sample after step {i} (t={ts[i]})")
     return x
 
 

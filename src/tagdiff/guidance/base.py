@@ -7,6 +7,8 @@ A :class:`Term` may act in three places of a reverse step from timestep ``t`` to
     eps <- eps_hat - sqrt(1 - alpha_bar_t) * Σ term.delta_score(x, t, x0_hat, ctx)
                                                  # score-space guidance (classifier guidance, DPS)
     x_prev <- sampler_step(x, eps, t, t_prev)    # DDPM / DDIM: knows nothing of guidance
+    x_prev <- x_prev + Σ term.shift(x, t, x0_hat, ctx)
+                                                 # x_prev-space guidance computed at x_t (TFG's Δ_t, Δ_0)
     x_prev <- term.post(x_prev, t_prev, ctx)     # state update at fixed t_prev (TAG Alg. 2 / App. E.2)
 
 Folding a score correction Δs into ε̂ through ``sqrt(1 - alpha_bar)`` is guided-diffusion's
@@ -30,7 +32,8 @@ from torch import Tensor
 from .._utils import RandnLike, append_dims, check_finite
 from ..schedules import VPSchedule
 
-__all__ = ["StepContext", "Strength", "Term", "guided_eps", "guided_eps_and_x0", "STRENGTH_SCHEDULES"]
+__all__ = ["StepContext", "Strength", "Term", "guided_eps", "guided_eps_and_x0", "guided_terms",
+           "STRENGTH_SCHEDULES"]
 
 EpsModel = Callable[..., Tensor]
 STRENGTH_SCHEDULES = ("constant", "one_minus_alpha_bar", "sqrt_one_minus_alpha_bar")
@@ -49,6 +52,8 @@ class StepContext:
         t_prev: timestep the step moves to, shape ``(B,)``; ``-1`` at the final step (clean data).
         i: step index in ``[0, num_steps)``; ``None`` outside a sampler loop.
         num_steps: number of reverse steps; ``None`` outside a sampler loop.
+        timesteps: the sampler's whole grid of training timesteps, shape ``(num_steps,)``, decreasing; ``None``
+            outside a sampler loop (TFG normalises its ρ/μ schedules over it).
     """
 
     schedule: VPSchedule
@@ -59,6 +64,7 @@ class StepContext:
     t_prev: Tensor | None = None
     i: int | None = None
     num_steps: int | None = None
+    timesteps: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +138,9 @@ class Term:
     Hooks (all default to "do nothing"):
         pre(x, t, ctx) -> x: state update at timestep ``t`` before the reverse step.
         delta_score(x, t, x0_hat, ctx) -> Tensor | None: a correction Δs to ∇_x log p_t(x), same shape as x.
+        shift(x, t, x0_hat, ctx) -> Tensor | None: a displacement added to x_prev after the sampler step,
+            computed from the pre-step state (the TFG code's ``x_prev += Δ_t / sqrt(α_t) + sqrt(ᾱ_prev) Δ_0``).
+            It sees the *unguided* x0_hat, like ``delta_score``; ``needs_model_grad`` applies to it too.
         post(x_prev, t_prev, ctx) -> x_prev: state update after the step (``t_prev = -1`` at the end).
         check(x, schedule): validate shapes/timesteps once before sampling; raise ``ValueError`` if wrong.
 
@@ -148,6 +157,9 @@ class Term:
     def delta_score(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
         return None
 
+    def shift(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
+        return None
+
     def post(self, x_prev: Tensor, t_prev: Tensor, ctx: StepContext) -> Tensor:
         return x_prev
 
@@ -158,46 +170,66 @@ class Term:
     def has_score(self) -> bool:
         return type(self).delta_score is not Term.delta_score
 
+    @property
+    def has_shift(self) -> bool:
+        return type(self).shift is not Term.shift
+
     def __repr__(self) -> str:
         fields = {k: v for k, v in vars(self).items() if isinstance(v, int | float | str | tuple | Strength)}
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
 
 
-def guided_eps_and_x0(x: Tensor, t: Tensor, ctx: StepContext, terms: Sequence[Term]) -> tuple[Tensor, Tensor]:
-    """Evaluate the model and fold every term's Δs into ε̂. Returns ``(eps_hat, x0_hat)``, both detached.
+def guided_terms(x: Tensor, t: Tensor, ctx: StepContext,
+                 terms: Sequence[Term]) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Evaluate the model once and every term's ``delta_score`` and ``shift`` at ``(x, t)``.
 
-    ``x0_hat`` is recomputed from the guided ε̂, so it is consistent with the step that uses it.
+    Returns:
+        ``(eps_hat, x0_hat, shift)``: the guided ε̂ (every Δs folded in through ``sqrt(1 - alpha_bar_t)``),
+        the x0_hat recomputed from it, and the summed x_prev displacement (``None`` when no term shifts).
+        All detached.
 
     Raises:
-        NonFiniteError: if the model output or any term's Δs has NaN/Inf.
+        NonFiniteError: if the model output or any term's Δs or shift has NaN/Inf.
     """
-    score_terms = [term for term in terms if term.has_score]
-    needs_grad = any(term.needs_model_grad for term in score_terms)
-    if not score_terms:
+    active = [term for term in terms if term.has_score or term.has_shift]
+    needs_grad = any(term.needs_model_grad for term in active)
+    where = f"t={int(t.reshape(-1)[0])}"
+    if not active:
         with torch.no_grad():
             eps_hat = ctx.eps_model(x, t, **ctx.cond)
-        check_finite(eps_hat, f"model output at t={int(t.reshape(-1)[0])}")
-        return eps_hat, ctx.schedule.x0_from_eps(x, t, eps_hat)
+        check_finite(eps_hat, f"model output at {where}")
+        return eps_hat, ctx.schedule.x0_from_eps(x, t, eps_hat), None
+    delta = shift = None
     with torch.enable_grad() if needs_grad else torch.no_grad():
         x_in = x.detach().requires_grad_(needs_grad)
         eps_hat = ctx.eps_model(x_in, t, **ctx.cond)
-        check_finite(eps_hat.detach(), f"model output at t={int(t.reshape(-1)[0])}")
+        check_finite(eps_hat.detach(), f"model output at {where}")
         x0_hat = ctx.schedule.x0_from_eps(x_in, t, eps_hat)
-        delta = torch.zeros_like(x)
-        for term in score_terms:
-            d = term.delta_score(x_in, t, x0_hat, ctx)
+        for term in active:
+            d = term.delta_score(x_in, t, x0_hat, ctx) if term.has_score else None
             if d is not None:
-                delta = delta + check_finite(d.detach(), f"{type(term).__name__} Δs at t={int(t.reshape(-1)[0])}")
-    ab = ctx.schedule.alpha_bar_at(t, x)
-    eps_hat = eps_hat.detach() - (1 - ab).sqrt() * delta
-    return eps_hat, ctx.schedule.x0_from_eps(x, t, eps_hat)
+                d = check_finite(d.detach(), f"{type(term).__name__} Δs at {where}")
+                delta = d if delta is None else delta + d
+            m = term.shift(x_in, t, x0_hat, ctx) if term.has_shift else None
+            if m is not None:
+                m = check_finite(m.detach(), f"{type(term).__name__} shift at {where}")
+                shift = m if shift is None else shift + m
+    eps_hat = eps_hat.detach()
+    if delta is not None:
+        eps_hat = eps_hat - (1 - ctx.schedule.alpha_bar_at(t, x)).sqrt() * delta
+    return eps_hat, ctx.schedule.x0_from_eps(x, t, eps_hat), shift
+
+
+def guided_eps_and_x0(x: Tensor, t: Tensor, ctx: StepContext, terms: Sequence[Term]) -> tuple[Tensor, Tensor]:
+    """:func:`guided_terms` without the shift: ``(eps_hat, x0_hat)`` with every term's Δs folded into ε̂."""
+    return guided_terms(x, t, ctx, terms)[:2]
 
 
 def guided_eps(eps_model: EpsModel, schedule: VPSchedule, terms: Sequence[Term]) -> EpsModel:
     """Wrap ``eps_model`` into a guided ε-model ``(x, t, **cond) -> eps_hat`` with every term's Δs folded in.
 
-    Only the score-space part (``delta_score``) of the terms is used: ``pre``/``post`` hooks move the state
-    and need a sampler loop. Useful for plugging tagdiff guidance into a foreign loop (e.g. a diffusers
+    Only the score-space part (``delta_score``) of the terms is used: ``pre``/``shift``/``post`` hooks move
+    the state and need a sampler loop. Useful for plugging tagdiff guidance into a foreign loop (e.g. a diffusers
     pipeline).
     """
 
