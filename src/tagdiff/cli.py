@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--num-steps", type=_positive_int, default=5, help="timed steps per configuration")
     speed.add_argument("--quiet", action="store_true")
 
+    from .bench.experiments import add_experiment_parsers
+
+    add_experiment_parsers(bsub)
+
     label = bsub.add_parser("label", help="label guidance: unguided / DPS / DPS+TAG / CG / CG+TAG (Table 2 analogue)")
     _add_label_args(label)
 
@@ -169,16 +173,21 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--omega", type=float, default=d.omega, help="TAG ω_0")
     p.add_argument("--placement", choices=("pre", "post"), default=d.placement)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", type=lambda v: _int_list(v, "seeds"), default=None,
+                   help="several seeds, e.g. 0,1,2: mean ± std in OUT/results.json, each seed in OUT/seed_<s>/")
+    p.add_argument("--methods", default=None, help="comma-separated, or 'all' (DPS/TFG, TAG and the baselines); "
+                   "default: unguided,dps,dps+tag,cg,cg+tag")
+    p.add_argument("--no-resume", action="store_true", help="with --seeds: recompute seeds already in OUT")
     p.add_argument("--quiet", action="store_true")
 
 
-def _int_list(s: str) -> tuple[int, ...]:
-    if s == "all":
+def _int_list(s: str, what: str = "class indices") -> tuple[int, ...]:
+    if s == "all" and what == "class indices":
         return tuple(range(10))
     try:
         return tuple(int(v) for v in s.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated class indices or 'all', got {s!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {s!r}") from None
 
 
 def _load_data(args: argparse.Namespace, split: str, **kw: Any) -> tuple[Any, Any, Any]:
@@ -334,7 +343,16 @@ def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
                           omega=args.omega, placement=args.placement, seed=args.seed,
                           data_dir=None if args.data_dir is None else str(args.data_dir),
                           checkpoints=None if args.checkpoints is None else str(args.checkpoints))
-    res = run_label(args.out, cfg, progress=not args.quiet)
+    from .bench.label import ALL_METHODS, METHODS, run_label_seeds
+
+    methods = METHODS if args.command == "demo" or not args.methods else (
+        ALL_METHODS if args.methods == "all" else tuple(args.methods.split(",")))
+    if args.command == "bench" and args.seeds:
+        res = run_label_seeds(args.out, cfg, args.seeds, methods=methods, progress=not args.quiet,
+                              resume=not args.no_resume)
+        print("\n" + (args.out / "table.md").read_text())
+        return res
+    res = run_label(args.out, cfg, progress=not args.quiet, methods=methods)
     print(f"\n{'method':10s} {'FID':>8s} {'accuracy':>9s} {'time gap':>9s} {'seconds':>8s}")
     for method, m in res["methods"].items():
         print(f"{method:10s} {m['fid']:8.2f} {m['accuracy']:9.3f} {m['time_gap']:9.1f} {m['seconds']:8.1f}")
@@ -359,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             _bench_toy(args.out, args)
         elif args.command == "bench" and args.what == "speed":
             _bench_speed(args)
+        elif args.command == "bench" and args.what in ("corrupted", "strength", "fewstep"):
+            from .bench.experiments import run_experiment
+
+            run_experiment(args)
         elif args.command in ("bench", "demo"):
             _bench_label(args)
     except (ValueError, CheckpointError, NonFiniteError, FileNotFoundError, FloatingPointError) as e:

@@ -23,15 +23,18 @@ from torch import Tensor
 
 from ..checkpoints import load_model
 from ..data import load_dataset
-from ..guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment, Term, label_loss
+from ..guidance import (ClassifierGuidance, DPSGuidance, EpsilonScaling, LangevinCorrector, TemporalAlignment, Term,
+                        TFGGuidance, TimeCorrection, TimeShift, label_loss)
 from ..image_metrics import fid
 from ..metrics import TimeGapRecorder
 from ..recipes import load_checkpoint
 from ..samplers import sample_ddim
 
-__all__ = ["LabelConfig", "METHODS", "assets_dir", "load_label_models", "run_label"]
+__all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "assets_dir", "load_label_models", "run_label", "run_label_seeds"]
 
-METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")
+METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")  # the demo's suite
+BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift")  # TAG.md §7, on top of DPS as in Tables 2/8
+ALL_METHODS = (*METHODS, "tfg", "tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "TAG.md Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
 
@@ -59,6 +62,17 @@ class LabelConfig:
     data_dir: str | None = None
     checkpoints: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # TFG (Ye et al. 2024; TAG.md §6.3): ρ̄, μ̄, γ̄ and recurrence, "increase" schedules, N_iter = 4.
+    tfg_rho: float = 1.0
+    tfg_mu: float = 0.5
+    tfg_gamma: float = 0.01
+    tfg_recur: int = 1
+    # Baselines (TAG.md §7; the paper does not report their settings): ES λ (ADM-ES/ComfyUI default 1.005),
+    # Langevin snr (score_sde's 0.16), Time-Shift window and cutoff (training timesteps).
+    es_lambda: float = 1.005
+    langevin_snr: float = 0.16
+    timeshift_window: int = 20
+    timeshift_cutoff: int = 300
 
 
 def load_label_models(checkpoints: str | Path) -> dict[str, Any]:
@@ -91,15 +105,34 @@ def load_label_models(checkpoints: str | Path) -> dict[str, Any]:
 
 
 def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: LabelConfig) -> list[Term]:
-    """The guidance terms of one method (``METHODS``) for per-sample targets ``target`` (B,)."""
+    """The guidance terms of one method (``ALL_METHODS``) for per-sample targets ``target`` (B,)."""
     terms: list[Term] = []
     if method.startswith("dps"):
         terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_scale))
     elif method.startswith("cg"):
         terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_scale))
-    if method.endswith("+tag"):
+    elif method.startswith("tfg"):
+        terms.append(TFGGuidance(label_loss(models["clf_clean"], target), rho=cfg.tfg_rho, mu=cfg.tfg_mu,
+                                 gamma=cfg.tfg_gamma, num_recur=cfg.tfg_recur))
+    corrector = method.partition("+")[2]
+    if corrector == "tag":
         terms.append(TemporalAlignment(models["time_predictor"], cfg.omega, placement=cfg.placement))
+    elif corrector == "tcs":
+        terms.append(TimeCorrection(models["time_predictor"], clip_x0=1.0))
+    elif corrector == "es":
+        terms.append(EpsilonScaling(cfg.es_lambda))
+    elif corrector == "langevin":
+        terms.append(LangevinCorrector(cfg.langevin_snr))
     return terms
+
+
+def method_sampler_kwargs(method: str, cfg: LabelConfig) -> dict[str, Any]:
+    """Sampler options of a method: TFG's recurrence, the Time-Shift sampler's retiming."""
+    if method.startswith("tfg"):
+        return {"num_recur": cfg.tfg_recur}
+    if method.endswith("+timeshift"):
+        return {"retime": TimeShift(cfg.timeshift_window, cfg.timeshift_cutoff)}
+    return {}
 
 
 def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress: bool = True,
@@ -113,9 +146,9 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
     t_start = time.time()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
-        raise ValueError(f"unknown method(s) {bad}; expected some of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method(s) {bad}; expected some of {', '.join(ALL_METHODS)}")
     models = load_label_models(cfg.checkpoints or assets_dir(cfg.dataset))
     K = models["clf_eval"].num_classes
     if not cfg.targets or min(cfg.targets) < 0 or max(cfg.targets) >= K:
@@ -134,7 +167,7 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
         t0 = time.time()
         x0 = sample_ddim(eps_model, x_T, timesteps, schedule, eta=cfg.eta, terms=method_terms(method, models, target,
                          cfg), randn_like=lambda z, g=g: torch.randn(z.shape, generator=g, dtype=z.dtype),
-                         callback=recorder, clip_x0=1.0, progress=progress)
+                         callback=recorder, clip_x0=1.0, progress=progress, **method_sampler_kwargs(method, cfg))
         seconds = time.time() - t0
         x0 = x0.clamp(-1, 1)
         with torch.no_grad():
@@ -216,3 +249,42 @@ def _figure(path: Path, samples: dict[str, Tensor], results: dict[str, Any], cfg
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...], *,
+                    methods: tuple[str, ...] = ALL_METHODS, progress: bool = True, resume: bool = True) -> dict[str, Any]:
+    """The suite over several seeds: ``out_dir/seed_<s>/`` holds each seed's run (reused when ``resume`` and its
+    config matches, so an interrupted run resumes by seed); ``out_dir/results.json`` and ``table.md`` hold
+    ``{"methods": {m: {metric: mean_std}}, "seeds": [...], "config": {...}}``.
+    """
+    from dataclasses import replace
+
+    from .common import fmt_ms, markdown_table, mean_std, relative_change, write_outputs
+
+    per_seed = []
+    for seed in seeds:
+        c, sub = replace(cfg, seed=seed), Path(out_dir) / f"seed_{seed}"
+        prev = sub / "results.json"
+        done = None
+        if resume and prev.exists():
+            old = json.loads(prev.read_text())
+            if old["config"].get("seed") == seed and set(old["methods"]) == set(methods) and all(
+                    old["config"].get(k) == v for k, v in asdict(c).items() if k not in ("checkpoints", "targets")):
+                done = old
+        per_seed.append(done or run_label(sub, c, progress=progress, methods=methods))
+    agg = {m: {k: mean_std([r["methods"][m][k] for r in per_seed]) for k in ("fid", "accuracy", "time_gap", "seconds")}
+           for m in methods}
+    results = {"methods": agg, "seeds": list(seeds), "config": {**per_seed[0]["config"], "seed": list(seeds)},
+               "paper": PAPER_TABLE2}
+    rows = []
+    for m in methods:
+        a = agg[m]
+        base = agg.get(m.partition("+")[0]) if "+" in m else None
+        delta = f"{100 * relative_change(base['fid']['mean'], a['fid']['mean']):+.1f}%" if base else ""
+        rows.append([m, fmt_ms(a["fid"], 2), delta, fmt_ms(a["accuracy"], 3), fmt_ms(a["time_gap"]),
+                     f"{a['seconds']['mean']:.1f}"])
+    head = (f"Label guidance, {cfg.dataset}: targets {list(cfg.targets)}, {cfg.num_per_target} samples per target per "
+            f"seed; mean ± std over seeds {list(seeds)}. ΔFID is relative to the method without its corrector.\n\n")
+    write_outputs(out_dir, results, head + markdown_table(["method", "FID", "ΔFID", "accuracy", "Time Gap", "seconds"],
+                                                          rows))
+    return results

@@ -5,6 +5,10 @@ from .base import StepContext as StepContext
 from .base import Strength as Strength
 from .base import Term as Term
 from .base import guided_eps as guided_eps
+from .baselines import EpsilonScaling as EpsilonScaling
+from .baselines import LangevinCorrector as LangevinCorrector
+from .baselines import TimeCorrection as TimeCorrection
+from .baselines import TimeShift as TimeShift
 from .classifier import ClassifierGuidance as ClassifierGuidance
 from .dps import DPSGuidance as DPSGuidance
 from .dps import label_loss as label_loss
@@ -13,6 +17,13 @@ from .perturb import Drift as Drift
 from .perturb import LinearDrift as LinearDrift
 from .temporal import TemporalAlignment as TemporalAlignment
 from .temporal import tls as tls
+from .tfg import TFG_SCHEDULES as TFG_SCHEDULES
+from .tfg import DPSNormalized as DPSNormalized
+from .tfg import TFGGuidance as TFGGuidance
+from .tfg import dps_as_tfg as dps_as_tfg
+from .tfg import tfg_schedule as tfg_schedule
 
-__all__ = ["ClassifierGuidance", "Corruption", "DPSGuidance", "Drift", "LinearDrift", "STRENGTH_SCHEDULES",
-           "StepContext", "Strength", "TemporalAlignment", "Term", "guided_eps", "label_loss", "tls"]
+__all__ = ["EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift",
+           "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "LinearDrift",
+           "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
+           "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls"]

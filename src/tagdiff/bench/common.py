@@ -1,0 +1,232 @@
+"""Shared machinery of the image experiments: one seeded sampling run, its metrics, cached (resumable) runs,
+the ω grid search, mean ± std over seeds, and markdown tables.
+
+Protocol used by every experiment (``tagdiff bench corrupted|strength|fewstep|label``): ω_0 (and any other knob)
+is chosen by grid search on a *validation* seed (``sweep_seed``, default 100) that is never reported; the
+reported numbers are the mean ± std over the evaluation seeds (default 0, 1, 2) at the chosen setting. Every run
+of a configuration shares x_T and the sampling noise across methods (common random numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._utils import atomic_write_bytes
+from ..data import load_dataset
+from ..guidance import Term
+from ..image_metrics import fid
+from ..metrics import TimeGapRecorder
+from ..samplers import get_sampler
+
+__all__ = ["Setup", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std", "markdown_table",
+           "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview", "relative_change"]
+
+
+@dataclass
+class Setup:
+    """Models and held-out data of one dataset (see :func:`load_setup`)."""
+
+    dataset: str
+    models: dict[str, Any]
+    held_x: Tensor
+    held_y: Tensor
+    checkpoints: str
+
+    @property
+    def schedule(self) -> Any:
+        return self.models["schedule"]
+
+    @property
+    def eps_model(self) -> Any:
+        return self.models["eps_model"]
+
+
+def load_setup(dataset: str, checkpoints: str | Path | None = None, data_dir: str | None = None) -> Setup:
+    """Load the five models of ``checkpoints`` (default: the shipped assets of ``dataset``) and the held-out split.
+
+    Raises:
+        CheckpointError / ValueError: missing, corrupt or mismatched checkpoints; DatasetError for missing data.
+    """
+    from .label import assets_dir, load_label_models
+
+    root = Path(checkpoints) if checkpoints else assets_dir(dataset)
+    models = load_label_models(root)
+    held_x, held_y = load_dataset(dataset, "held_out", data_dir=data_dir)
+    return Setup(dataset, models, held_x, held_y, str(root))
+
+
+def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: int, sampler: str = "ddim",
+         eta: float = 1.0, num_recur: int = 1, retime: Any = None, clip_x0: float | None = 1.0,
+         progress: bool = False) -> dict[str, Any]:
+    """One seeded sampling run: x_T and the step noise come from one generator seeded with ``seed``.
+
+    Returns:
+        ``{"x0": (n, C, H, W) in [-1, 1], "time_gap": mean Time Gap, "time_gap_per_step": list, "seconds": float}``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g)
+    recorder = TimeGapRecorder(setup.models["time_predictor"])
+    kwargs: dict[str, Any] = {"eta": eta} if sampler == "ddim" else {}
+    t0 = time.time()
+    x0 = get_sampler(sampler)(setup.eps_model, x_T, setup.schedule.timesteps(num_steps), setup.schedule,
+                              terms=list(terms), randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype),
+                              callback=recorder, clip_x0=clip_x0, num_recur=num_recur, retime=retime,
+                              progress=progress, **kwargs)
+    return {"x0": x0.clamp(-1, 1), "time_gap": recorder.mean, "time_gap_per_step": recorder.per_step.tolist(),
+            "seconds": time.time() - t0}
+
+
+def sample_metrics(setup: Setup, x0: Tensor, target: Tensor | None = None) -> dict[str, float]:
+    """Metrics of samples ``x0`` under the independent evaluation classifier (never used for guidance).
+
+    * ``fid``: against all held-out images (``target=None``), else the mean over target classes of the FID against
+      that class's held-out images (as the TFG benchmark does).
+    * ``confidence``: mean max-softmax probability; ``is``: the Inception-Score analogue exp(E_x KL(p(y|x) ‖ p(y)))
+      with the evaluation classifier in place of Inception (Table 1's IS column).
+    * ``accuracy`` (with ``target``): fraction classified as the target.
+    """
+    clf = setup.models["clf_eval"]
+    with torch.no_grad():
+        p = torch.cat([torch.softmax(clf(b), -1) for b in x0.split(512)])
+    p_mean = p.mean(0, keepdim=True)
+    kl = (p * (p.clamp_min(1e-12).log() - p_mean.clamp_min(1e-12).log())).sum(-1).mean()
+    out = {"confidence": float(p.max(-1).values.mean()), "is": float(kl.exp())}
+    if target is None:
+        out["fid"] = fid(setup.held_x, x0, clf)
+    else:
+        classes = target.unique().tolist()
+        out["fid"] = sum(fid(setup.held_x[setup.held_y == y], x0[target == y], clf) for y in classes) / len(classes)
+        out["accuracy"] = float((p.argmax(-1) == target).float().mean())
+    return out
+
+
+class RunCache:
+    """Results of finished runs, one JSON file per run under ``out_dir/runs/``: an interrupted experiment resumes
+    where it stopped (runs are keyed by their full configuration, so changed settings are recomputed)."""
+
+    def __init__(self, out_dir: str | Path, resume: bool = True):
+        self.dir = Path(out_dir) / "runs"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume = resume
+
+    def get(self, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        name = "_".join(f"{k}={v}" for k, v in key.items()).replace("/", "-").replace(" ", "")
+        path = self.dir / f"{name}.json"
+        if self.resume and path.exists():
+            try:
+                cached = json.loads(path.read_text())
+                if cached.get("key") == json.loads(json.dumps(key)):
+                    return cached["result"]
+            except (OSError, ValueError):
+                pass
+        result = fn()
+        atomic_write_bytes(path, (json.dumps({"key": key, "result": result}) + "\n").encode())
+        return result
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "std", "n", "values"}``; std is the sample standard deviation (0 for one value)."""
+    v = [float(x) for x in values]
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
+    return {"mean": m, "std": s, "n": len(v), "values": v}
+
+
+def fmt_ms(stats: dict[str, Any], digits: int = 1) -> str:
+    """``mean ± std`` of a :func:`mean_std` result."""
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out_dir: str | Path, results: dict[str, Any], table: str) -> None:
+    """Write ``results.json`` and ``table.md`` atomically."""
+    out_dir = Path(out_dir)
+    atomic_write_bytes(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write_bytes(out_dir / "table.md", table.encode())
+
+
+def image_grid(x: Tensor, rows: int, cols: int) -> Any:
+    """``(rows*cols, C, H, W)`` in [-1, 1] -> a numpy ``(rows*H, cols*W)`` (or ``(…, 3)``) image in [0, 1]."""
+    x = x[: rows * cols]
+    n, c, h, w = x.shape
+    if n < rows * cols:
+        x = torch.cat([x, -torch.ones(rows * cols - n, c, h, w)])
+    g = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
+    g = ((g + 1) / 2).clamp(0, 1)
+    return (g.squeeze(-1) if c == 1 else g).numpy()
+
+
+RunFn = Callable[..., dict[str, Any]]
+
+
+def tag_comparison(cache: RunCache, key: dict[str, Any], run: RunFn, *, omegas: Sequence[float],
+                   seeds: Sequence[int], sweep_seed: int, n: int, sweep_n: int, metric: str = "fid",
+                   variants: Sequence[str] = ()) -> dict[str, Any]:
+    """The ω sweep: choose ω_0 by grid search on a validation seed (the paper tunes ω_0 per task this way, TAG.md
+    §3.2), then compare ω = 0 with the chosen ω_0 over the evaluation seeds. Ties go to the smaller ω.
+
+    Args:
+        cache: where finished runs are kept (resume).
+        key: the configuration shared by every run of this comparison (becomes part of each run's key).
+        run: ``(omega, seed, n) -> metrics`` (a flat dict of numbers; ``"preview"`` may hold a few samples), or
+            ``(omega, seed, n, variant)`` when ``variants`` is given (e.g. TAG placements "pre"/"post").
+        omegas: the ω_0 grid (0 is always added); seeds / n: evaluation seeds and samples per run;
+        sweep_seed / sweep_n: the validation seed and its samples per run; metric: minimised by the search;
+        variants: further settings searched jointly with ω (ω = 0 runs once, without a variant).
+
+    Returns:
+        ``{"sweep": {"grid": {"variant:omega" or "omega": metrics}, ...}, "best_omega": ω*, "best_variant": v*,
+        "without": {metric: mean_std}, "with": {...}, "runs": {...}, "preview": {...}}``.
+
+    Raises:
+        ValueError: if ``sweep_seed`` is one of the evaluation ``seeds``.
+    """
+    if sweep_seed in seeds:
+        raise ValueError(f"sweep_seed {sweep_seed} is also an evaluation seed; choose ω on a seed that is not reported")
+    grid = sorted({float(w) for w in omegas} - {0.0})
+
+    def get(w: float, v: str | None, seed: int, size: int) -> dict[str, Any]:
+        k = {**key, "omega": w, **({"variant": v} if v and w else {}), "seed": seed, "n": size}
+        return cache.get(k, lambda: run(w, seed, size, v) if variants else run(w, seed, size))
+
+    cells = [(0.0, None)] + [(w, v) for v in (variants or [None]) for w in grid]
+    table = {(f"{v}:{w}" if v and w else str(w)): _numbers(get(w, v, sweep_seed, sweep_n)) for w, v in cells}
+    name_of = {(f"{v}:{w}" if v and w else str(w)): (w, v) for w, v in cells}
+    best_name = min(table, key=lambda c: (table[c][metric], name_of[c][0]))
+    best, best_variant = name_of[best_name]
+    out: dict[str, Any] = {"sweep": {"grid": table, "metric": metric, "best": best_name}, "best_omega": best,
+                           "best_variant": best_variant, "runs": {}, "preview": {}}
+    for name, (w, v) in (("without", (0.0, None)), ("with", (best, best_variant))):
+        runs = [get(w, v, s, n) for s in seeds]
+        out["runs"][name] = [_numbers(r) for r in runs]
+        out[name] = {k: mean_std([r[k] for r in runs]) for k in _numbers(runs[0])}
+        out["preview"][name] = runs[0].get("preview")
+    return out
+
+
+def _numbers(result: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def preview(x0: Tensor, k: int = 16) -> list:
+    """The first ``k`` samples, rounded, for figures (kept in the run cache)."""
+    return [[round(float(v), 3) for v in s.reshape(-1)] for s in x0[:k]]
+
+
+def relative_change(before: float, after: float) -> float:
+    """``(after - before) / |before|`` (negative = decrease)."""
+    return (after - before) / abs(before) if before else float("nan")

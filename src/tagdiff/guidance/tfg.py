@@ -1,0 +1,236 @@
+r"""TFG (Ye et al., NeurIPS 2024, "TFG: Unified Training-Free Guidance") and the TFG benchmark's normalised DPS.
+
+Both act through the ``shift`` hook: they displace x_prev after an *unguided* sampler step, as the TFG code
+(``YWolfeee/Training-Free-Guidance``, ``methods/tfg.py`` and ``methods/dps.py``) does. TAG.md §6.2-6.4.
+
+DPS therefore appears three times in tagdiff:
+
+* :class:`TFGGuidance` with ρ only (``dps_as_tfg``; TFG's unified view, TAG's Table 14 "DPS ρ̄" column);
+* :class:`DPSNormalized`: the TFG benchmark's ``methods/dps.py``, a gradient step divided by ``|log p|``;
+* :class:`~tagdiff.guidance.DPSGuidance`: the score-space form of the TAG paper (Eq. 9).
+
+Notation (variable -> paper symbol)::
+
+    ab_t, ab_prev -> ᾱ_t, ᾱ_{t_prev}      alpha -> α_t = ᾱ_t / ᾱ_{t_prev} (of the strided step)
+    log_p         -> log p(c | x̂_0) = -loss(A(x̂_0))     mc_eps -> Monte-Carlo smoothing noise, std γ_t
+    delta_t       -> Δ_t (x_t-space step)     delta_0 -> Δ_0 (x̂_0-space step)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .._utils import append_dims
+from ..schedules import VPSchedule
+from .base import StepContext, Term
+
+__all__ = ["TFG_SCHEDULES", "DPSNormalized", "TFGGuidance", "dps_as_tfg", "tfg_schedule"]
+
+TFG_SCHEDULES = ("increase", "decrease", "constant")
+LossFn = Callable[[Tensor], Tensor]
+
+
+def _raw_schedule(name: str, ab_t: Tensor, ab_prev: Tensor) -> Tensor:
+    alpha = ab_t / ab_prev
+    return {"increase": alpha, "decrease": 1 - alpha, "constant": torch.ones_like(alpha)}[name]
+
+
+def _grid_alpha_bars(timesteps: Tensor, schedule: VPSchedule) -> tuple[Tensor, Tensor]:
+    ts = schedule.check_timesteps(torch.as_tensor(timesteps, device="cpu").reshape(-1))
+    ts_prev = torch.cat([ts[1:], ts.new_full((1,), -1)])
+    like = torch.empty(ts.numel(), dtype=torch.float64)
+    return schedule.alpha_bar_at(ts, like), schedule.alpha_bar_at(ts_prev, like)
+
+
+def tfg_schedule(name: str, timesteps: Tensor, schedule: VPSchedule) -> Tensor:
+    """TFG's ρ/μ schedule over an inference grid, normalised to mean 1 (``methods/tfg.py::get_rho``).
+
+    ``"increase"``: α_t = ᾱ_t / ᾱ_{t_prev}; ``"decrease"``: β_t = 1 - α_t; ``"constant"``: 1. ``t_prev`` of the last
+    step is -1 (ᾱ = 1).
+
+    Args:
+        name: one of :data:`TFG_SCHEDULES`.
+        timesteps: the sampler's decreasing grid of training timesteps, shape ``(N,)``.
+        schedule: the VP schedule.
+
+    Returns:
+        Shape ``(N,)``, float64, mean 1; entry ``i`` is the weight of step ``i``.
+
+    Raises:
+        ValueError: for an unknown name or timesteps outside ``[0, T-1]``.
+    """
+    _check_schedule_name(name, "schedule")
+    raw = _raw_schedule(name, *_grid_alpha_bars(timesteps, schedule))
+    return raw / raw.mean()
+
+
+def _check_schedule_name(name: object, what: str) -> None:
+    if name not in TFG_SCHEDULES:
+        raise ValueError(f"unknown TFG {what} {name!r}; expected one of {', '.join(TFG_SCHEDULES)}")
+
+
+def _check_nonneg(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{what} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _log_prob(loss_fn: LossFn, operator: LossFn | None, x0: Tensor, name: str) -> Tensor:
+    loss = loss_fn(operator(x0) if operator is not None else x0)
+    if loss.shape != (x0.shape[0],):
+        raise ValueError(f"{name} loss must be per-sample with shape ({x0.shape[0]},), got {tuple(loss.shape)}")
+    return -loss
+
+
+def _require_grad(x: Tensor, name: str) -> None:
+    if not x.requires_grad:
+        raise RuntimeError(f"{name} needs x with requires_grad; run it through tagdiff's sampler loop")
+
+
+class TFGGuidance(Term):
+    r"""Training-Free Guidance (Ye et al. 2024, Alg. 1; TAG.md §6.3), as a ``shift`` of x_prev.
+
+    With log p(c | x̂_0) = -loss(A(x̂_0)) and one smoothing draw mc_eps ~ N(0, γ_t² I) per step::
+
+        Δ_t    = ρ_t ∇_{x_t} log p(c | x̂_0(x_t) + mc_eps)          # through the ε-model
+        x̂_0'   = x̂_0;  repeat num_iter times:  x̂_0' += μ_t ∇_{x̂_0'} log p(c | x̂_0' + mc_eps)
+        Δ_0    = x̂_0' - x̂_0
+        x_prev = step(x_t, ε̂) + Δ_t / sqrt(α_t) + sqrt(ᾱ_{t_prev}) Δ_0
+
+    where ``step`` is the sampler's unguided step (the TFG code uses DDIM with η = 1) and
+    ``ρ_t = ρ̄ w_ρ(t) / mean_grid(w_ρ)``, ``μ_t`` likewise (see :func:`tfg_schedule`; the weight is evaluated at the
+    step's actual ``(t, t_prev)``, so it also follows a ``retime``), ``γ_t = γ̄ sqrt(1 - ᾱ_t)``.
+
+    **Recurrence** (N_recur) is a sampler feature: pass ``sample(..., num_recur=term.num_recur)``; the term only
+    stores the value. Only one TFGGuidance's ``num_recur`` can be honoured per sampling run.
+
+    Shapes: x, x̂_0 ``(B, *D)``; ``loss_fn(A(x̂_0))`` must return ``(B,)`` (per sample: no batch reductions).
+    Conventions: VP space, integer training timesteps, ``t_prev = -1`` at the last step (ᾱ = 1). The gradients see
+    the *unclipped* x̂_0 (the TFG code clamps x̂_0 to [-1, 1] for images before the loss).
+    Not implemented from the TFG code: ``rescale_grad`` (a no-op for images), ``eps_bsz > 1`` (the image configs
+    draw one smoothing sample).
+
+    Args:
+        loss_fn: ``A(x̂_0) -> (B,)`` per-sample loss, e.g. a classifier's ``-log p(y | x̂_0)`` (:func:`label_loss`).
+        rho: ρ̄ >= 0, x_t-space strength (0 disables Δ_t).
+        mu: μ̄ >= 0, x̂_0-space step size (0 disables Δ_0).
+        gamma: γ̄ >= 0, smoothing std in units of sqrt(1 - ᾱ_t); 0 draws no noise (the random stream is untouched).
+        num_iter: N_iter >= 0, number of x̂_0-space iterations (TFG default 4).
+        num_recur: N_recur >= 1, recurrence for the sampler (see above).
+        rho_schedule, mu_schedule: ``"increase"`` (TFG image default for both), ``"decrease"`` (TFG's μ for
+            molecules) or ``"constant"``.
+        operator: optional measurement operator A applied to x̂_0 before ``loss_fn``.
+
+    Raises:
+        ValueError: negative or non-finite ρ̄/μ̄/γ̄, num_iter < 0, num_recur < 1, an unknown schedule name;
+            (when sampling) a loss not shaped ``(B,)`` or a context without the sampler grid.
+
+    Reference: Ye et al. (2024), "TFG: Unified Training-Free Guidance for Diffusion Models", arXiv:2409.15761.
+    """
+
+    needs_model_grad = True
+
+    def __init__(self, loss_fn: LossFn, rho: float = 0.0, mu: float = 0.0, gamma: float = 0.0, num_iter: int = 4,
+                 num_recur: int = 1, rho_schedule: str = "increase", mu_schedule: str = "increase",
+                 operator: LossFn | None = None):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        self.rho, self.mu = _check_nonneg(rho, "rho"), _check_nonneg(mu, "mu")
+        self.gamma = _check_nonneg(gamma, "gamma")
+        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
+            raise ValueError(f"num_iter must be an integer >= 0, got {num_iter!r}")
+        if isinstance(num_recur, bool) or not isinstance(num_recur, int) or num_recur < 1:
+            raise ValueError(f"num_recur must be an integer >= 1, got {num_recur!r}")
+        _check_schedule_name(rho_schedule, "rho_schedule")
+        _check_schedule_name(mu_schedule, "mu_schedule")
+        self.loss_fn, self.operator = loss_fn, operator
+        self.num_iter, self.num_recur = num_iter, num_recur
+        self.rho_schedule, self.mu_schedule = rho_schedule, mu_schedule
+
+    def _weight(self, name: str, t: Tensor, ctx: StepContext, like: Tensor) -> Tensor:
+        """``w(t, t_prev) / mean_grid(w)``, shape ``(B, 1, ..., 1)``, dtype of ``like``."""
+        if ctx.timesteps is None or ctx.t_prev is None:
+            raise ValueError("TFGGuidance needs the sampler grid (ctx.timesteps, ctx.t_prev); run it through "
+                             "tagdiff.samplers.sample")
+        mean = _raw_schedule(name, *_grid_alpha_bars(ctx.timesteps, ctx.schedule)).mean()
+        f64 = torch.empty(like.shape[0], dtype=torch.float64)
+        w = _raw_schedule(name, ctx.schedule.alpha_bar_at(t, f64), ctx.schedule.alpha_bar_at(ctx.t_prev, f64)) / mean
+        return append_dims(w.to(device=like.device, dtype=like.dtype), like.ndim)
+
+    def shift(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
+        use_mu = self.mu > 0 and self.num_iter > 0
+        if self.rho == 0 and not use_mu:
+            return None
+        _require_grad(x, "TFGGuidance")
+        ab_t = ctx.schedule.alpha_bar_at(t, x)
+        ab_prev = ctx.schedule.alpha_bar_at(ctx.t_prev, x)
+        mc_eps = self.gamma * (1 - ab_t).sqrt() * ctx.randn_like(x) if self.gamma > 0 else 0.0
+        out = None
+        if self.rho > 0:
+            log_p = _log_prob(self.loss_fn, self.operator, x0_hat + mc_eps, "TFG")
+            (grad,) = torch.autograd.grad(log_p.sum(), x, retain_graph=True)
+            out = self.rho * self._weight(self.rho_schedule, t, ctx, x) * grad / (ab_t / ab_prev).sqrt()
+        if use_mu:
+            mu_t = self.mu * self._weight(self.mu_schedule, t, ctx, x)
+            x0 = x0_hat.detach()
+            x0_new = x0
+            with torch.enable_grad():
+                for _ in range(self.num_iter):
+                    x0_req = x0_new.detach().requires_grad_()
+                    log_p = _log_prob(self.loss_fn, self.operator, x0_req + mc_eps, "TFG")
+                    (g,) = torch.autograd.grad(log_p.sum(), x0_req)
+                    x0_new = x0_new + mu_t * g
+            delta_0 = ab_prev.sqrt() * (x0_new - x0)
+            out = delta_0 if out is None else out + delta_0
+        return out
+
+
+def dps_as_tfg(loss_fn: LossFn, rho: float, rho_schedule: str = "increase",
+               operator: LossFn | None = None) -> TFGGuidance:
+    """DPS in TFG's unified view: :class:`TFGGuidance` with ρ only (μ = γ = 0, no recurrence)."""
+    return TFGGuidance(loss_fn, rho=rho, mu=0.0, gamma=0.0, num_recur=1, rho_schedule=rho_schedule,
+                       operator=operator)
+
+
+class DPSNormalized(Term):
+    r"""DPS as in the TFG benchmark (``methods/dps.py``; TAG.md §6.2), as a ``shift`` of x_prev::
+
+        x_prev = step(x_t, ε̂) + s ∇_{x_t} log p(c | x̂_0(x_t)) / |log p(c | x̂_0(x_t))|
+
+    per sample, with ``|log p|`` clamped below at 1e-8 (the normalisation follows the DPS paper's step size
+    ζ / ||y - A(x̂_0)||). DPS appears twice more: as TFG with ρ only (:func:`dps_as_tfg`) and as the score-space
+    :class:`~tagdiff.guidance.DPSGuidance` (TAG paper Eq. 9).
+
+    Shapes: x ``(B, *D)``; ``loss_fn(A(x̂_0))`` must return ``(B,)``. Conventions as :class:`TFGGuidance`.
+
+    Args:
+        loss_fn: ``A(x̂_0) -> (B,)`` per-sample loss = -log p(c | x̂_0).
+        guidance_scale: s, any finite number (0 disables the term).
+        operator: optional measurement operator A applied to x̂_0 before ``loss_fn``.
+
+    Raises:
+        ValueError: a non-finite scale; (when sampling) a loss not shaped ``(B,)``.
+    """
+
+    needs_model_grad = True
+
+    def __init__(self, loss_fn: LossFn, guidance_scale: float = 1.0, operator: LossFn | None = None):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, int | float) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        self.loss_fn, self.operator, self.guidance_scale = loss_fn, operator, float(guidance_scale)
+
+    def shift(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
+        if self.guidance_scale == 0:
+            return None
+        _require_grad(x, "DPSNormalized")
+        log_p = _log_prob(self.loss_fn, self.operator, x0_hat, "DPSNormalized")
+        (grad,) = torch.autograd.grad(log_p.sum(), x, retain_graph=True)
+        norm = append_dims(log_p.detach().abs().clamp(min=1e-8), x.ndim)
+        return self.guidance_scale * grad / norm

@@ -1,0 +1,139 @@
+"""The reproduction experiments (``tagdiff bench corrupted|strength|fewstep``, label over seeds) and their shared
+machinery: the ω sweep, resumable run cache, mean ± std. End-to-end runs use the shipped digits models at tiny
+sizes; the statistics are checked against independent computations."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from tagdiff.bench.common import RunCache, draw, load_setup, mean_std, sample_metrics, tag_comparison
+from tagdiff.bench.corrupted import CorruptedConfig, run_corrupted
+from tagdiff.bench.fewstep import FewStepConfig, run_fewstep
+from tagdiff.bench.label import ALL_METHODS, LabelConfig, method_sampler_kwargs, method_terms, run_label_seeds
+from tagdiff.bench.strength import StrengthConfig, run_strength
+from tagdiff.cli import main
+from tagdiff.guidance import (Corruption, EpsilonScaling, LangevinCorrector, TemporalAlignment, TFGGuidance,
+                              TimeCorrection, TimeShift)
+
+pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return load_setup("digits")
+
+
+def test_mean_std_matches_statistics():
+    v = [3.0, 5.5, 4.25]
+    r = mean_std(v)
+    assert r["mean"] == pytest.approx(statistics.mean(v)) and r["std"] == pytest.approx(statistics.stdev(v))
+    assert mean_std([2.0])["std"] == 0.0
+
+
+def test_run_cache_resumes_and_recomputes_on_new_key(tmp_path):
+    calls = []
+
+    def fn():
+        calls.append(1)
+        return {"fid": float(len(calls))}
+
+    cache = RunCache(tmp_path)
+    assert cache.get({"a": 1}, fn) == {"fid": 1.0}
+    assert RunCache(tmp_path).get({"a": 1}, fn) == {"fid": 1.0} and len(calls) == 1  # resumed from disk
+    assert cache.get({"a": 2}, fn) == {"fid": 2.0}
+    assert RunCache(tmp_path, resume=False).get({"a": 1}, fn) == {"fid": 3.0}
+    (tmp_path / "runs" / "a=1.json").write_text("{not json")  # a torn file is recomputed, not trusted
+    assert cache.get({"a": 1}, fn) == {"fid": 4.0}
+
+
+def test_tag_comparison_picks_the_validation_minimum_and_reports_eval_seeds(tmp_path):
+    def run(w, seed, n, variant):
+        shift = 0.0 if variant == "post" else 1.0
+        return {"fid": (w - 2.0) ** 2 + shift + (10.0 * seed if seed < 100 else 0.0), "n": float(n)}
+
+    r = tag_comparison(RunCache(tmp_path), {"exp": "unit"}, run, omegas=(1.0, 2.0, 4.0), seeds=(0, 1),
+                       sweep_seed=100, n=8, sweep_n=4, variants=("pre", "post"))
+    assert r["best_omega"] == 2.0 and r["best_variant"] == "post" and r["sweep"]["best"] == "post:2.0"
+    # ω = 0 runs once, without a variant (run gets variant None)
+    assert r["sweep"]["grid"]["0.0"]["fid"] == 5.0 and r["sweep"]["grid"]["pre:2.0"]["fid"] == 1.0
+    assert r["without"]["fid"]["values"] == [5.0, 15.0] and r["with"]["fid"]["values"] == [0.0, 10.0]
+    assert r["with"]["n"]["mean"] == 8.0
+    with pytest.raises(ValueError, match="sweep_seed 0"):
+        tag_comparison(RunCache(tmp_path), {}, run, omegas=(1.0,), seeds=(0,), sweep_seed=0, n=2, sweep_n=2)
+
+
+def test_sample_metrics_is_analogue_and_accuracy(setup):
+    real = setup.held_x[:200]
+    m = sample_metrics(setup, real, target=setup.held_y[:200])
+    assert m["accuracy"] > 0.9 and 0.9 < m["confidence"] <= 1.0
+    assert 7.0 < m["is"] <= 10.0 + 1e-6  # IS analogue is bounded by the number of classes; real data is near it
+    one_class = setup.held_x[setup.held_y == 3][:30]
+    assert sample_metrics(setup, one_class)["is"] < 1.5  # a single class has IS ≈ 1
+
+
+def test_corrupted_omega_zero_run_is_the_plain_corrupted_sampler(setup, tmp_path):
+    cfg = CorruptedConfig(sigmas=(0.0, 0.3), omegas=(2.0,), num_samples=8, sweep_samples=8, num_steps=3, seeds=(0, 1))
+    res = run_corrupted(tmp_path, cfg, progress=False)
+    for name in ("results.json", "table.md", "corrupted.png"):
+        assert (tmp_path / name).exists()
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert set(on_disk["sigma"]) == {"0.0", "0.3"} and on_disk["paper"]["fid"]["0.2"] == [351.318, 230.899]
+    ref = draw(setup, [Corruption(0.3)], n=8, seed=1, num_steps=3)
+    assert res["sigma"]["0.3"]["runs"]["without"][1]["fid"] == pytest.approx(sample_metrics(setup, ref["x0"])["fid"])
+    tag = [Corruption(0.3), TemporalAlignment(setup.models["time_predictor"], 2.0, placement="post")]
+    ref = draw(setup, tag, n=8, seed=100, num_steps=3)
+    assert res["sigma"]["0.3"]["sweep"]["grid"]["2.0"]["time_gap"] == pytest.approx(ref["time_gap"])
+    assert "| 0.3 |" in (tmp_path / "table.md").read_text()
+
+
+def test_fewstep_and_strength_write_tables(tmp_path):
+    res = run_fewstep(tmp_path / "fs", FewStepConfig(samplers=("ddpm",), steps=(1, 2), omegas=(1.0,),
+                                                     num_samples=8, sweep_samples=8, seeds=(0,)), progress=False)
+    assert set(res["runs"]) == {"ddpm/1", "ddpm/2"}
+    assert res["runs"]["ddpm/1"]["sweep"]["grid"].keys() == {"0.0", "pre:1.0", "post:1.0"}
+    # one step: Alg. 2 has nothing to target after the final step, so "post" is exactly the uncorrected sampler
+    grid = res["runs"]["ddpm/1"]["sweep"]["grid"]
+    assert grid["post:1.0"]["fid"] == grid["0.0"]["fid"]
+    res = run_strength(tmp_path / "st", StrengthConfig(strengths=(1.0, 5.0), omegas=(1.0,), targets=(0, 1),
+                                                       num_per_target=4, sweep_per_target=2, num_steps=3, seeds=(0,)),
+                       progress=False)
+    assert set(res["strength"]) == {"1.0", "5.0"} and (tmp_path / "st" / "strength.png").exists()
+    assert "DPS scale" in (tmp_path / "st" / "table.md").read_text()
+
+
+def test_every_label_method_builds_its_terms(setup):
+    cfg = LabelConfig()
+    target = torch.tensor([0, 1])
+    kinds = {m: [type(t) for t in method_terms(m, setup.models, target, cfg)] for m in ALL_METHODS}
+    assert kinds["tfg+tag"] == [TFGGuidance, TemporalAlignment]
+    assert kinds["dps+tcs"][1] is TimeCorrection and kinds["dps+es"][1] is EpsilonScaling
+    assert kinds["dps+langevin"][1] is LangevinCorrector and len(kinds["dps+timeshift"]) == 1
+    assert isinstance(method_sampler_kwargs("dps+timeshift", cfg)["retime"], TimeShift)
+    assert method_sampler_kwargs("tfg", cfg) == {"num_recur": cfg.tfg_recur}
+
+
+def test_label_over_seeds_aggregates_and_resumes(tmp_path):
+    cfg = LabelConfig(targets=(0, 1), num_per_target=2, num_steps=2)
+    res = run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
+    per_seed = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert res["methods"]["dps"]["fid"]["values"] == [r["methods"]["dps"]["fid"] for r in per_seed]
+    stamp = (tmp_path / "seed_0" / "results.json").stat().st_mtime_ns
+    run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
+    assert (tmp_path / "seed_0" / "results.json").stat().st_mtime_ns == stamp  # resumed, not recomputed
+
+
+def test_cli_experiments_run_and_reject_bad_values(tmp_path, capsys):
+    assert main(["bench", "fewstep", "--out", str(tmp_path), "--samplers", "ddim", "--steps", "1", "--omegas", "1",
+                 "--num-samples", "4", "--sweep-samples", "4", "--seeds", "0", "--quiet"]) == 0
+    assert "| ddim | 1 |" in capsys.readouterr().out
+    assert main(["bench", "corrupted", "--out", str(tmp_path / "c"), "--sigmas", "-0.1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "-0.1" in err[0]
+    assert main(["bench", "fewstep", "--out", str(tmp_path / "f"), "--samplers", "euler"]) == 2
+    assert "euler" in capsys.readouterr().err
+    assert main(["bench", "strength", "--out", str(tmp_path / "s"), "--seeds", "0,100"]) == 2
+    assert "sweep_seed 100" in capsys.readouterr().err
