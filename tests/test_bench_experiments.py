@@ -16,8 +16,15 @@ from tagdiff.bench.fewstep import FewStepConfig, run_fewstep
 from tagdiff.bench.label import ALL_METHODS, LabelConfig, method_sampler_kwargs, method_terms, run_label_seeds
 from tagdiff.bench.strength import StrengthConfig, run_strength
 from tagdiff.cli import main
-from tagdiff.guidance import (Corruption, EpsilonScaling, LangevinCorrector, TemporalAlignment, TFGGuidance,
-                              TimeCorrection, TimeShift)
+from tagdiff.guidance import (
+    Corruption,
+    EpsilonScaling,
+    LangevinCorrector,
+    TemporalAlignment,
+    TFGGuidance,
+    TimeCorrection,
+    TimeShift,
+)
 
 pytest.importorskip("diffusers")
 

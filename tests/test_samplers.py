@@ -485,3 +485,39 @@ def test_negative_eta_raises():
         sample_ddim(SMALL_GMM.eps_model(s), x, s.timesteps(3), s, eta=-0.1)
     with pytest.raises(ValueError, match="eta"):
         ddim_step(x, x, _full(10), _full(5), s, eta=-1.0)
+
+
+def test_recurrence_renoises_between_repeats_and_retime_replaces_t():
+    """``num_recur`` = a manual loop that re-noises x_prev back to t between repeats; ``retime`` = a manual loop whose
+    step starts from the returned timestep."""
+    schedule = VPSchedule.linear(1000)
+    model = SMALL_GMM.eps_model(schedule)
+    grid = schedule.timesteps(4)
+    x_T = _x_T(torch.float64, seed=3)
+    out = sample_ddpm(model, x_T, grid, schedule, randn_like=_rng_randn_like(2), num_recur=2)
+    rl, x = _rng_randn_like(2), x_T
+    ts = grid.tolist() + [-1]
+    for i in range(len(grid)):
+        t, tp = _full(ts[i]), _full(ts[i + 1])
+        for r in range(2):
+            if r:
+                a = schedule.alpha_bar_at(t, x) / schedule.alpha_bar_at(tp, x)
+                x = a.sqrt() * x + (1 - a).sqrt() * rl(x)
+            x, _ = ddpm_step(x, model(x, t), t, tp, schedule, noise=rl(x) if ts[i + 1] >= 0 else None)
+    torch.testing.assert_close(out, x, rtol=0, atol=0)
+
+    shifted = sample_ddim(model, x_T, grid, schedule, retime=lambda x, t, tp, s: t - 5)
+    x = x_T
+    for i in range(len(grid)):
+        t, tp = _full(ts[i] - 5), _full(ts[i + 1])
+        x, _ = ddim_step(x, model(x, t), t, tp, schedule)
+    torch.testing.assert_close(shifted, x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"num_recur": 0}, "num_recur"),
+                                           ({"retime": lambda x, t, tp, s: tp}, "t_prev < t"),
+                                           ({"retime": lambda x, t, tp, s: t[:1]}, "one timestep per sample")])
+def test_bad_recurrence_or_retime_is_rejected(kwargs, match):
+    schedule = VPSchedule.linear(1000)
+    with pytest.raises(ValueError, match=match):
+        sample_ddim(SMALL_GMM.eps_model(schedule), _x_T(torch.float64), schedule.timesteps(3), schedule, **kwargs)

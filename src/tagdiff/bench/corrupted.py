@@ -16,8 +16,20 @@ from typing import Any
 import torch
 
 from ..guidance import Corruption, TemporalAlignment, Term
-from .common import (RunCache, Setup, draw, fmt_ms, image_grid, load_setup, markdown_table, preview,
-                     relative_change, sample_metrics, tag_comparison, write_outputs)
+from .common import (
+    RunCache,
+    Setup,
+    draw,
+    fmt_ms,
+    image_grid,
+    load_setup,
+    markdown_table,
+    preview,
+    relative_change,
+    sample_metrics,
+    tag_comparison,
+    write_outputs,
+)
 
 __all__ = ["CorruptedConfig", "run_corrupted", "PAPER"]
 
@@ -110,7 +122,7 @@ def _table(results: dict[str, Any], cfg: CorruptedConfig) -> str:
         for w, m in r["sweep"]["grid"].items():
             grid_rows.append([sigma, w, f"{m['time_gap']:.1f}", f"{m['fid']:.2f}", f"{m['is']:.2f}"])
     grid = markdown_table(["σ", "ω_0", "Time Gap", "FID", "IS analogue"], grid_rows)
-    return head + table + f"\nω_0 grid on the validation seed (Table 1/10 analogue):\n\n" + grid
+    return head + table + "\nω_0 grid on the validation seed (Table 1/10 analogue):\n\n" + grid
 
 
 def _figure(path: Path, results: dict[str, Any], cfg: CorruptedConfig, setup: Setup) -> None:

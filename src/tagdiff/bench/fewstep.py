@@ -18,8 +18,20 @@ from typing import Any
 import torch
 
 from ..guidance import TemporalAlignment
-from .common import (RunCache, Setup, draw, fmt_ms, image_grid, load_setup, markdown_table, preview,
-                     relative_change, sample_metrics, tag_comparison, write_outputs)
+from .common import (
+    RunCache,
+    Setup,
+    draw,
+    fmt_ms,
+    image_grid,
+    load_setup,
+    markdown_table,
+    preview,
+    relative_change,
+    sample_metrics,
+    tag_comparison,
+    write_outputs,
+)
 
 __all__ = ["FewStepConfig", "run_fewstep", "PAPER"]
 
@@ -50,7 +62,8 @@ def run_fewstep(out_dir: str | Path, cfg: FewStepConfig = FewStepConfig(), *, pr
     Raises:
         ValueError: an unknown sampler or placement, a step count < 1, or a negative ω.
     """
-    bad = [s for s in cfg.samplers if s not in ("ddim", "ddpm")] + [p for p in cfg.placements if p not in ("pre", "post")]
+    bad = [s for s in cfg.samplers if s not in ("ddim", "ddpm")]
+    bad += [p for p in cfg.placements if p not in ("pre", "post")]
     if bad or min(cfg.steps) < 1 or min(cfg.omegas) < 0:
         raise ValueError(f"bad few-step settings: samplers {cfg.samplers} (ddim, ddpm), placements {cfg.placements} "
                          f"(pre, post), steps {cfg.steps} (>= 1), omegas {cfg.omegas} (>= 0)")

@@ -17,15 +17,26 @@ from typing import Any
 import torch
 
 from ..guidance import DPSGuidance, TemporalAlignment, Term, label_loss
-from .common import (RunCache, draw, fmt_ms, load_setup, markdown_table, relative_change, sample_metrics,
-                     tag_comparison, write_outputs)
+from .common import (
+    RunCache,
+    draw,
+    fmt_ms,
+    load_setup,
+    markdown_table,
+    relative_change,
+    sample_metrics,
+    tag_comparison,
+    write_outputs,
+)
 from .label import LabelConfig
 
 __all__ = ["StrengthConfig", "run_strength", "PAPER"]
 
 PAPER = {"source": "TAG.md Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy %)",
-         "1.0": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]}, "1.5": {"fid": [269.5, 231.9], "accuracy": [51.4, 62.3]},
-         "2.5": {"fid": [334.1, 289.7], "accuracy": [41.9, 51.9]}, "5.0": {"fid": [384.8, 347.8], "accuracy": [29.4, 41.0]}}
+         "1.0": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
+         "1.5": {"fid": [269.5, 231.9], "accuracy": [51.4, 62.3]},
+         "2.5": {"fid": [334.1, 289.7], "accuracy": [41.9, 51.9]},
+         "5.0": {"fid": [384.8, 347.8], "accuracy": [29.4, 41.0]}}
 
 
 @dataclass(frozen=True)

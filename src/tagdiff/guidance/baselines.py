@@ -23,6 +23,7 @@ from torch import Tensor
 from .._utils import append_dims, check_finite
 from ..schedules import VPSchedule
 from .base import StepContext, Term
+from .temporal import check_time_predictor
 
 __all__ = ["EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift"]
 
@@ -87,13 +88,7 @@ class TimeCorrection(Term):
         self.condition = condition
 
     def check(self, x: Tensor, schedule: VPSchedule) -> None:
-        T = getattr(self.time_predictor, "num_train_timesteps", None)
-        if T is not None and T != schedule.num_train_timesteps:
-            raise ValueError(f"time predictor has T={T} timestep classes but the schedule has "
-                             f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
-        check_input = getattr(self.time_predictor, "check_input", None)
-        if check_input is not None:
-            check_input(x)
+        check_time_predictor(self.time_predictor, x, schedule)
 
     @torch.no_grad()
     def predict_t(self, x: Tensor) -> Tensor:

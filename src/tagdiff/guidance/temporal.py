@@ -13,6 +13,7 @@ Placement:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -21,7 +22,7 @@ from .._utils import check_finite
 from ..schedules import VPSchedule
 from .base import StepContext, Strength, Term
 
-__all__ = ["TemporalAlignment", "tls"]
+__all__ = ["TemporalAlignment", "check_time_predictor", "tls"]
 
 
 def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
@@ -44,6 +45,17 @@ def tls(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor |
     """
     return check_finite(_grad_log_prob_t(time_predictor, x, t, c),
                         f"TLS at t={int(torch.as_tensor(t).reshape(-1)[0])}")
+
+
+def check_time_predictor(time_predictor: Any, x: Tensor, schedule: VPSchedule) -> None:
+    """Raise ``ValueError`` if the predictor's T differs from the schedule's or it rejects x's shape."""
+    T = getattr(time_predictor, "num_train_timesteps", None)
+    if T is not None and T != schedule.num_train_timesteps:
+        raise ValueError(f"time predictor has T={T} timestep classes but the schedule has "
+                         f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
+    check_input = getattr(time_predictor, "check_input", None)
+    if check_input is not None:
+        check_input(x)
 
 
 class TemporalAlignment(Term):
@@ -89,13 +101,7 @@ class TemporalAlignment(Term):
         return self.strength.scale
 
     def check(self, x: Tensor, schedule: VPSchedule) -> None:
-        T = getattr(self.time_predictor, "num_train_timesteps", None)
-        if T is not None and T != schedule.num_train_timesteps:
-            raise ValueError(f"time predictor has T={T} timestep classes but the schedule has "
-                             f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
-        check_input = getattr(self.time_predictor, "check_input", None)
-        if check_input is not None:
-            check_input(x)
+        check_time_predictor(self.time_predictor, x, schedule)
 
     def correct(self, x: Tensor, t: Tensor, schedule: VPSchedule) -> Tensor:
         """Apply ``x + ω_t · TLS(x, t)`` at timesteps ``t`` (shape ``(B,)``); identity where ω_t = 0."""
