@@ -10,12 +10,18 @@ from .data.gmm import GaussianMixture as GaussianMixture
 from .guidance import ClassifierGuidance as ClassifierGuidance
 from .guidance import Corruption as Corruption
 from .guidance import DPSGuidance as DPSGuidance
+from .guidance import DPSNormalized as DPSNormalized
 from .guidance import Drift as Drift
+from .guidance import EpsilonScaling as EpsilonScaling
+from .guidance import LangevinCorrector as LangevinCorrector
 from .guidance import LinearDrift as LinearDrift
 from .guidance import StepContext as StepContext
 from .guidance import Strength as Strength
 from .guidance import TemporalAlignment as TemporalAlignment
 from .guidance import Term as Term
+from .guidance import TFGGuidance as TFGGuidance
+from .guidance import TimeCorrection as TimeCorrection
+from .guidance import TimeShift as TimeShift
 from .guidance import guided_eps as guided_eps
 from .guidance import tls as tls
 from .metrics import TimeGapRecorder as TimeGapRecorder
@@ -37,7 +43,8 @@ from .time_predictor import TimePredictor as TimePredictor
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClassifierGuidance", "Corruption", "DPSGuidance", "Drift", "GaussianMixture", "LinearDrift", "MLPEpsModel",
+    "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "EpsilonScaling", "GaussianMixture",
+    "LangevinCorrector", "TFGGuidance", "TimeCorrection", "TimeShift", "LinearDrift", "MLPEpsModel",
     "MLPTimePredictor", "NonFiniteError", "SimpleCNNTimePredictor", "StackedRandomGenerator", "StepContext",
     "StepInfo", "Strength", "TemporalAlignment", "Term", "TimeGapRecorder", "TimePredictor", "VPSchedule",
     "ddim_step", "ddpm_step", "evaluate_time_predictor", "get_sampler", "guided_eps", "sample", "sample_ddim",
