@@ -152,9 +152,10 @@ def _figure(path: Path, results: dict[str, Any], cfg: CorruptedConfig, setup: Se
     for sigma in sigmas:
         grid = results["sigma"][sigma]["sweep"]["grid"]
         ws = sorted(grid, key=float)
-        ax.plot([max(float(w), 0.25) for w in ws], [grid[w]["fid"] for w in ws], marker="o", label=f"σ={sigma}")
+        lo = min([float(w) for w in ws if float(w) > 0] or [1.0]) / 2
+        ax.plot([float(w) or lo for w in ws], [grid[w]["fid"] for w in ws], marker="o", label=f"σ={sigma}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("ω_0 (ω=0 plotted at 0.25)")
+    ax.set_xlabel("ω_0 (leftmost point: ω = 0)")
     ax.set_ylabel("FID (validation seed)")
     ax.legend(fontsize=7)
     fig.tight_layout()
