@@ -12,6 +12,11 @@ from .baselines import TimeShift as TimeShift
 from .classifier import ClassifierGuidance as ClassifierGuidance
 from .dps import DPSGuidance as DPSGuidance
 from .dps import label_loss as label_loss
+from .multicond import ETA_SCHEDULES as ETA_SCHEDULES
+from .multicond import MULTICOND_VARIANTS as MULTICOND_VARIANTS
+from .multicond import MultiConditionTAG as MultiConditionTAG
+from .multicond import combined_loss as combined_loss
+from .multicond import reparameterize as reparameterize
 from .perturb import Corruption as Corruption
 from .perturb import Drift as Drift
 from .perturb import LinearDrift as LinearDrift
@@ -26,4 +31,5 @@ from .tfg import tfg_schedule as tfg_schedule
 __all__ = ["EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift",
            "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "LinearDrift",
            "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
-           "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls"]
+           "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
+           "ETA_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]
