@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .bench.experiments import EXPERIMENTS
+
 __all__ = ["build_parser", "main"]
 
 DATASETS = ("toy", "digits", "mnist", "folder")
@@ -377,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             _bench_toy(args.out, args)
         elif args.command == "bench" and args.what == "speed":
             _bench_speed(args)
-        elif args.command == "bench" and args.what in ("corrupted", "strength", "fewstep"):
+        elif args.command == "bench" and args.what in EXPERIMENTS:
             from .bench.experiments import run_experiment
 
             run_experiment(args)

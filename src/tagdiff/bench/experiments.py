@@ -1,4 +1,4 @@
-"""Command-line wiring of the reproduction experiments (``tagdiff bench corrupted|strength|fewstep``).
+"""Command-line wiring of the reproduction experiments (``tagdiff bench corrupted|strength|fewstep|inverse``).
 
 Each experiment is a frozen config dataclass plus a ``run_*(out_dir, cfg, progress=, resume=)`` function; its CLI
 options are generated from the dataclass fields (``num_samples`` -> ``--num-samples``; tuples take comma-separated
@@ -20,14 +20,17 @@ __all__ = ["EXPERIMENTS", "add_experiment_parsers", "run_experiment"]
 def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]], str]]:
     from .corrupted import CorruptedConfig, run_corrupted
     from .fewstep import FewStepConfig, run_fewstep
+    from .inverse import InverseConfig, run_inverse
     from .strength import StrengthConfig, run_strength
 
     return {"corrupted": (CorruptedConfig, run_corrupted, "corrupted reverse process σ × ω (Tables 1, 10-12)"),
             "strength": (StrengthConfig, run_strength, "DPS strength 1-5× with/without TAG (Table 3)"),
-            "fewstep": (FewStepConfig, run_fewstep, "1-100 step DDIM/DDPM with/without TAG (Tables 4, 17)")}
+            "fewstep": (FewStepConfig, run_fewstep, "1-100 step DDIM/DDPM with/without TAG (Tables 4, 17)"),
+            "inverse": (InverseConfig, run_inverse,
+                        "SR/deblur/inpainting/denoising with DPS and TFG, with/without TAG (Table 2)")}
 
 
-EXPERIMENTS = ("corrupted", "strength", "fewstep")
+EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse")
 
 
 def _tuple_parser(kind: type) -> Callable[[str], tuple]:
