@@ -83,7 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an ε-model or a time predictor")
     tsub = train.add_subparsers(dest="what", required=True, metavar="WHAT")
     _add_train_args(tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)"))
-    _add_train_args(tsub.add_parser("time-predictor", help="time predictor p(t | x_t) (MLP or SimpleCNN)"))
+    tp = tsub.add_parser("time-predictor", help="time predictor p(t | x_t) or p(t | x_t, c) (MLP or SimpleCNN)")
+    _add_train_args(tp)
+    tp.add_argument("--condition", choices=("none", "class", "class_ink"), default="none",
+                    help="c: none; class (y); class_ink (2y + ink above class median; bench multicond)")
+    tp.add_argument("--cond-drop", type=float, default=0.1, help="conditional: P(c = null) in training (default 0.1)")
     clf = tsub.add_parser("classifier", help="label classifier: noisy (guidance), clean (DPS) or eval (metrics)")
     _add_train_args(clf)
     clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
@@ -204,14 +208,14 @@ def _load_data(args: argparse.Namespace, split: str, **kw: Any) -> tuple[Any, An
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    from .recipes import exporter, make_eps_model, make_time_predictor, recipe_for
+    from .recipes import condition_labels, conditional_report, exporter, make_eps_model, make_time_predictor, recipe_for
     from .schedules import VPSchedule
     from .training import TrainConfig, eps_loss, time_loss, train
 
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
     data, labels, info = _load_data(args, "train", seed=args.seed)
     T = args.num_train_timesteps
-    key = args.what
+    key, cond, meta = args.what, (labels if args.what == "classifier" else None), {}
     if args.what == "classifier":
         from .recipes import make_classifier
 
@@ -220,20 +224,27 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     elif args.what == "diffusion":
         model, loss = make_eps_model(info, T, hidden=args.hidden, layers=args.layers or 3, widths=args.widths), eps_loss
     else:
-        model, loss = make_time_predictor(info, T, hidden=args.hidden, layers=args.layers or 5), time_loss
+        cond, meta = condition_labels(args.condition, data, labels, info)
+        model, loss = make_time_predictor(info, T, hidden=args.hidden, layers=args.layers or 5,
+                                          num_classes=meta["num_conditions"]), time_loss
     recipe = recipe_for(key, info)
     config = TrainConfig(steps=args.steps or recipe.steps, batch_size=args.batch_size or recipe.batch_size,
                          lr=args.lr or recipe.lr, seed=args.seed, save_every=args.save_every,
-                         ema_decay=args.ema_decay if args.ema_decay is not None else recipe.ema_decay, bf16=args.bf16)
+                         ema_decay=args.ema_decay if args.ema_decay is not None else recipe.ema_decay, bf16=args.bf16,
+                         cond_drop=args.cond_drop if meta.get("num_conditions") else 0.0)
     command = "tagdiff " + " ".join(shlex.quote(a) for a in argv)
     result = train(model, loss, data, schedule, config, args.out, resume=not args.no_resume, progress=not args.quiet,
-                   labels=labels if args.what == "classifier" else None,
-                   export_extra={"dataset": args.dataset, "command": command}, export=exporter(model, schedule))
+                   labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta},
+                   export=exporter(model, schedule))
     print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
     if args.what == "classifier":
         result["held_out"] = _classifier_report(model, args)
     elif args.what == "time-predictor":
         result["held_out"] = _time_predictor_report(model, schedule, args, args.out / "report.json")
+        if meta.get("num_conditions"):  # with the true and with the null condition, on the whole held-out split
+            hx, hy, _ = _load_data(args, "held_out")
+            result["held_out_conditional"] = conditional_report(model, schedule, args.condition, meta, hx, hy, info,
+                                                                args.out / "report_conditional.json")
     return result
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .data import DatasetInfo
 from .interop import UNetEpsModel, make_unet, save_unet
@@ -20,8 +22,10 @@ from .nets import MLPEpsModel
 from .schedules import VPSchedule
 from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor, TimePredictor
 
-__all__ = ["RECIPES", "Recipe", "exporter", "load_checkpoint", "make_classifier", "make_eps_model",
-           "make_time_predictor", "recipe_for"]
+__all__ = ["CONDITIONS", "RECIPES", "Recipe", "condition_labels", "conditional_report", "exporter", "load_checkpoint",
+           "make_classifier", "make_eps_model", "make_time_predictor", "recipe_for"]
+
+CONDITIONS = ("none", "class", "class_ink")
 
 
 @dataclass(frozen=True)
@@ -136,3 +140,67 @@ def load_checkpoint(path: Any, device: str = "cpu") -> tuple[nn.Module, VPSchedu
     if "schedule" not in config:
         raise CheckpointError(f"{path}/config.json records no noise schedule; retrain with tagdiff or add one")
     return load_model(path, device), VPSchedule.from_dict(config["schedule"])
+
+
+def condition_labels(condition: str, x: Tensor, y: Tensor, info: DatasetInfo,
+                     medians: Tensor | None = None) -> tuple[Tensor | None, dict[str, Any]]:
+    """Condition labels of a conditional time predictor p_φ(t | x, c) (``train time-predictor --condition``).
+
+    * ``"none"``: no labels (unconditional predictor);
+    * ``"class"``: ``c = y`` (``info.num_classes`` conditions);
+    * ``"class_ink"``: the joint condition ``c = 2 y + b`` (``2 · num_classes`` conditions) of the multi-condition
+      bench (:mod:`tagdiff.bench.multicond`), with ink bin b = 1 if the image's ink mass is above its class median
+      (``medians``; default: the medians of ``x`` itself, i.e. of the training split) and 0 otherwise.
+
+    Returns:
+        ``(labels (N,) int64 or None, meta)``; ``meta`` (``condition``, ``num_conditions`` and, for class_ink,
+        ``ink_medians``) is recorded in the checkpoint's config.json.
+
+    Raises:
+        ValueError: an unknown condition, a dataset without class labels, or class_ink on non-image data.
+    """
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; expected one of {', '.join(CONDITIONS)}")
+    if condition == "none":
+        return None, {"condition": "none", "num_conditions": None}
+    K = info.num_classes
+    if not K or K < 2:
+        raise ValueError(f"--condition {condition} needs class labels; dataset {info.name!r} has none")
+    if condition == "class":
+        return y.long(), {"condition": "class", "num_conditions": K}
+    if _kind(info) != "image":
+        raise ValueError("--condition class_ink needs image data (the ink mass of an image)")
+    from .bench.multicond import ink_bins, ink_quantiles, joint_condition
+
+    medians = ink_quantiles(x, y, K, (0.5,))[:, 0] if medians is None else medians
+    labels = joint_condition(y, ink_bins(x, y, K, medians))
+    return labels, {"condition": "class_ink", "num_conditions": 2 * K,
+                    "ink_medians": [float(v) for v in medians]}
+
+
+def conditional_report(predictor: TimePredictor, schedule: VPSchedule, condition: str, meta: dict[str, Any],
+                       held_x: Tensor, held_y: Tensor, info: DatasetInfo, out: Path | None = None,
+                       seed: int = 12345) -> dict[str, Any]:
+    """Held-out accuracy, mean |argmax − t| and cross-entropy of a conditional time predictor, with the true
+    condition and with the null embedding (``c = -1``), on forward-noised held-out images
+    (:func:`~tagdiff.metrics.evaluate_time_predictor`); printed, and written to ``out`` (JSON) if given.
+
+    The held-out condition labels come from :func:`condition_labels` with the training split's ink medians
+    (``meta["ink_medians"]``), i.e. the same definition the predictor was trained with.
+    """
+    import json
+
+    from .metrics import evaluate_time_predictor
+
+    medians = torch.tensor(meta["ink_medians"], dtype=torch.float64) if "ink_medians" in meta else None
+    held_c, _ = condition_labels(condition, held_x, held_y, info, medians)
+    keys = ("accuracy", "mean_abs_error", "cross_entropy")
+    report: dict[str, Any] = {"condition": condition, "num_held_out": int(held_x.shape[0]), "seed": seed}
+    for name, c in (("conditional", held_c), ("null", torch.full_like(held_c, -1))):
+        r = evaluate_time_predictor(predictor.eval(), held_x, schedule, c=c, seed=seed)
+        report[name] = {k: r[k] for k in keys}
+    print("held-out, true / null condition: " + ", ".join(
+        f"{k} {report['conditional'][k]:.3f} / {report['null'][k]:.3f}" for k in keys))
+    if out is not None:
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    return report

@@ -1,4 +1,4 @@
-"""Command-line wiring of the reproduction experiments (``tagdiff bench corrupted|strength|fewstep|inverse``).
+"""Command-line wiring of the reproduction experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond``).
 
 Each experiment is a frozen config dataclass plus a ``run_*(out_dir, cfg, progress=, resume=)`` function; its CLI
 options are generated from the dataclass fields (``num_samples`` -> ``--num-samples``; tuples take comma-separated
@@ -21,16 +21,19 @@ def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]], str]]:
     from .corrupted import CorruptedConfig, run_corrupted
     from .fewstep import FewStepConfig, run_fewstep
     from .inverse import InverseConfig, run_inverse
+    from .multicond import MultiCondConfig, run_multicond
     from .strength import StrengthConfig, run_strength
 
     return {"corrupted": (CorruptedConfig, run_corrupted, "corrupted reverse process σ × ω (Tables 1, 10-12)"),
             "strength": (StrengthConfig, run_strength, "DPS strength 1-5× with/without TAG (Table 3)"),
             "fewstep": (FewStepConfig, run_fewstep, "1-100 step DDIM/DDPM with/without TAG (Tables 4, 17)"),
             "inverse": (InverseConfig, run_inverse,
-                        "SR/deblur/inpainting/denoising with DPS and TFG, with/without TAG (Table 2)")}
+                        "SR/deblur/inpainting/denoising with DPS and TFG, with/without TAG (Table 2)"),
+            "multicond": (MultiCondConfig, run_multicond,
+                          "class + stroke thickness guided together; joint/single/unconditional TAG (Table 5)")}
 
 
-EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse")
+EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse", "multicond")
 
 
 def _tuple_parser(kind: type) -> Callable[[str], tuple]:

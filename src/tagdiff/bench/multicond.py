@@ -1,0 +1,513 @@
+r"""Multi-condition guidance with and without TAG on digits: class + stroke thickness (TAG.md §3.4, §9.4; Table 5
+analogue).
+
+Two conditions are guided at once, with TFG's combined guidance (the per-condition losses are summed, TAG.md §6.4):
+
+* **class** c_1 = y: ``ℓ_1(x̂_0) = −log p(y | x̂_0)`` of the clean classifier ``clf_clean`` (DPS label loss);
+* **stroke thickness** c_2 ∈ {thin, thick}: the ink mass ``m(x) = mean over pixels of (x + 1)/2`` (the fraction of
+  "ink" in [0, 1]) must reach a per-class target, ``ℓ_2(x̂_0) = (m(x̂_0) − m*_y)² / s²``. The target m*_y is the
+  ``thick_quantile`` (default 0.75) quantile of class y's held-out ink for "thick" and the ``1 − thick_quantile``
+  quantile for "thin".
+
+Ink scale s (``ink_scale``, default 0.025). On digits the held-out ink of a class has quartiles about
+median ± 0.025 (within-class std ≈ 0.03), so s = 0.025 ≈ the distance from the median to the target: an image at the
+class median has ℓ_2 = 1, one two quartile-widths off has ℓ_2 = 4, the range of the label loss of a doubtful digit
+(−log 0.1 = 2.3). It was checked with DPS alone (no TAG) on the validation seeds 100 and 101 only (4 default targets ×
+32 samples; joint success / class accuracy / ink success / FID):
+
+    s = ∞ (no ink term)   0.49 / 0.98 / 0.49 / 10.4
+    s = 0.1               0.95 / 0.97 / 0.98 / 13.8
+    s = 0.05              0.95 / 0.95 / 0.99 / 18.6
+    s = 0.025             0.93 / 0.96 / 0.97 / 19.1   (seed 101: 0.91 / 0.93 / 0.98 / 32.4)
+    s = 0.02              0.52 / 0.84 / 0.61 / 69.9
+    s = 0.0125            0.16 / 0.28 / 0.55 / 272
+
+Both losses matter at s = 0.025 (the ink term lifts the ink success from chance to 97% while the class accuracy stays
+near 96%), and it is the strongest ink term before the summed guidance breaks down (s <= 0.02): FID is already about
+twice that of class guidance alone, i.e. the summed guidance pushes samples off the data manifold, the regime TAG
+targets (the sum of per-condition scores is not the joint score, TAG.md §3.4). The ink loss is taken on the unclipped
+x̂_0 (its gradient never vanishes); the evaluation uses the final sample.
+
+Both losses enter one ``DPSGuidance(combined_loss(ℓ_1, ℓ_2), dps_scale)`` (the gradient goes through the ε-model).
+Methods (TAG.md Table 5 rows; TAG is applied before each reverse step, Alg. 1, ω_t = ω_0 (1 − ᾱ_t)):
+
+* **DPS** (the baseline, no TAG);
+* **joint** (option a, "Multi"): a predictor conditioned on the joint condition ``c = 2 y + b`` (b = 1 thick, 0
+  thin; 20 conditions), shipped in ``assets/digits/time_predictor_class_ink``;
+* **single** (option b, Prop. B.1): the class-conditional predictor (``assets/digits/time_predictor_class``) at
+  ``x′ = x − η_t² ∇ℓ_2(x̂_0)``, the point that already reflects the ink condition;
+* **unconditional** (option c, Prop. B.2): the shipped unconditional predictor at x″ (reparameterised by ℓ_1 = class,
+  then ℓ_2 = ink; the paper does not fix the order).
+
+η_t² = η_0² (1 − ᾱ_t) (:mod:`tagdiff.guidance.multicond`). The paper gives no η; η_0 is swept over ``etas``. With
+η_0² = ``dps_scale`` (η_0 = 4 at the default scale 16) the reparameterisation moves x_t by about as much as the DPS
+term does in one step (TAG.md §3.4 [INFERRED]: "reuse the guidance step"), so the default grid {0, 1, 2, 4} spans
+"no reparameterisation" to "the DPS step". η_0 = 0 evaluates the predictor at x itself.
+
+Protocol: every setting (ω_0 ∈ ``omegas`` for each variant, and η_0 ∈ ``etas`` for single/unconditional) is run on
+the validation seed ``sweep_seed``; the best is the one with the highest joint success, ties broken by lower FID, then
+by smaller ω_0/η_0. The reported numbers are mean ± std over ``seeds`` at the chosen settings: DPS, joint at its ω_0*,
+and single/unconditional at every η_0 (each at its own best ω_0) with the chosen η_0* marked. All runs share x_T and
+the sampling noise for a seed (common random numbers), so a ω = 0 run of any variant is the DPS run bit for bit.
+
+Evaluation (models never used for guidance): class by the independent evaluation classifier ``clf_eval``; thickness
+by m(x) of the final sample against the class's *held-out median* (thick: m > median, thin: m < median); joint
+success = both. FID against the held-out images of the target class (feature space of ``clf_eval``, averaged over the
+target classes) and the Time Gap of the unconditional predictor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..guidance import DPSGuidance, MultiConditionTAG, Term, combined_loss, label_loss
+from .common import (
+    RunCache,
+    Setup,
+    draw,
+    fmt_ms,
+    image_grid,
+    load_setup,
+    markdown_table,
+    mean_std,
+    sample_metrics,
+    write_outputs,
+)
+
+__all__ = ["MultiCondConfig", "Targets", "run_multicond", "ink_mass", "ink_loss", "ink_bins", "ink_quantiles",
+           "joint_condition", "parse_targets", "make_targets", "multicond_terms", "evaluate", "load_predictors",
+           "INK_LEVELS", "METHODS", "PAPER"]
+
+INK_LEVELS = ("thin", "thick")  # ink bin b: 0 = thin (below the class median), 1 = thick (above)
+METHODS = ("dps", "joint", "single", "unconditional")
+PAPER = {"source": "TAG.md Table 5 (CelebA-HQ, accuracy % = all target attributes correct; log-KID)",
+         "accuracy": {"dps": [80.5, 92.1], "joint": [87.1, 94.9], "single": [91.0, 96.1],
+                      "unconditional": [89.1, 96.0]},
+         "log_kid": {"dps": [-2.75, -3.16], "joint": [-2.85, -3.19], "single": [-2.86, -3.27],
+                     "unconditional": [-2.87, -3.08]},
+         "pairs": ["Gender+Age", "Gender+Hair"]}
+_NAMES = {"dps": "DPS (baseline)", "joint": "DPS + TAG, joint φ(x, c₁, c₂)", "single": "DPS + TAG, single φ(x′, c)",
+          "unconditional": "DPS + TAG, uncond. φ(x″)"}
+_PREVIEW_PER_TARGET = 4
+
+
+# ---------------------------------------------------------------------------------------------------- ink condition
+def ink_mass(x: Tensor) -> Tensor:
+    """Ink mass ``m(x) = mean over pixels (and channels) of (x + 1) / 2``, shape ``(B,)``; in [0, 1] for x in [-1, 1].
+
+    Differentiable: ``∂m/∂x = 1 / (2 D)`` for every one of the D = C·H·W pixels.
+    """
+    return ((x + 1) / 2).flatten(1).mean(1)
+
+
+def ink_loss(target: Tensor | float, scale: float):
+    """Per-sample ink loss ``ℓ(x) = (m(x) − target)² / scale²``, a function ``(B, *D) -> (B,)``.
+
+    ``target`` is a number or a ``(B,)`` tensor of target ink masses. Gradient: ``2 (m − target) / (scale² · 2D)``
+    per pixel, i.e. a uniform brightening (m < target) or darkening of the image.
+
+    Raises:
+        ValueError: for a scale that is not a positive finite number.
+    """
+    scale = float(scale)
+    if not (scale > 0 and scale < float("inf")):
+        raise ValueError(f"ink_scale must be a positive number, got {scale!r}")
+
+    def loss(x: Tensor) -> Tensor:
+        t = torch.as_tensor(target, dtype=x.dtype, device=x.device).reshape(-1)
+        return (ink_mass(x) - t) ** 2 / scale**2
+
+    return loss
+
+
+def ink_quantiles(x: Tensor, y: Tensor, num_classes: int, qs: Sequence[float] = (0.25, 0.5, 0.75)) -> Tensor:
+    """Per-class quantiles of the ink mass, shape ``(num_classes, len(qs))``, float64.
+
+    Raises:
+        ValueError: if a class has no image.
+    """
+    m = ink_mass(x.double())
+    out = []
+    for c in range(num_classes):
+        mc = m[y == c]
+        if mc.numel() == 0:
+            raise ValueError(f"class {c} has no image to compute its ink quantiles from")
+        out.append(torch.quantile(mc, torch.tensor(list(qs), dtype=torch.float64)))
+    return torch.stack(out)
+
+
+def ink_bins(x: Tensor, y: Tensor, num_classes: int, medians: Tensor | None = None) -> Tensor:
+    """Ink bin per image: 1 (thick) if its ink mass is above its class median, else 0 (thin); ``(N,)`` int64.
+
+    ``medians`` (``(num_classes,)``) default to the medians of ``x`` itself (the training split when building the
+    joint condition labels of the class_ink time predictor).
+    """
+    if medians is None:
+        medians = ink_quantiles(x, y, num_classes, (0.5,))[:, 0]
+    return (ink_mass(x.double()) > medians.double()[y]).long()
+
+
+def joint_condition(classes: Tensor | int, bins: Tensor | int) -> Tensor:
+    """The joint condition index ``c = 2 · class + ink_bin`` (0..2K−1) of the class_ink time predictor."""
+    return 2 * torch.as_tensor(classes).long() + torch.as_tensor(bins).long()
+
+
+def parse_targets(targets: Sequence[str], num_classes: int) -> tuple[Tensor, Tensor]:
+    """``("0:thick", "1:thin", ...)`` -> ``(classes, bins)``, both ``(P,)`` int64; ``("all",)`` = every class × both.
+
+    Raises:
+        ValueError: a malformed pair, a class outside ``0..num_classes-1`` or an ink level other than thin/thick.
+    """
+    if tuple(targets) == ("all",):
+        targets = tuple(f"{c}:{lvl}" for c in range(num_classes) for lvl in INK_LEVELS)
+    if not targets:
+        raise ValueError("no targets given; expected pairs like 0:thick,1:thin or 'all'")
+    classes, bins = [], []
+    for spec in targets:
+        cls, _, level = str(spec).partition(":")
+        try:
+            c = int(cls)
+        except ValueError:
+            raise ValueError(f"target {spec!r} is not CLASS:thin or CLASS:thick") from None
+        if not 0 <= c < num_classes:
+            raise ValueError(f"target class {c} (in {spec!r}) out of range; the classifiers have classes "
+                             f"0..{num_classes - 1}")
+        if level not in INK_LEVELS:
+            raise ValueError(f"target {spec!r}: ink level must be 'thin' or 'thick', got {level!r}")
+        classes.append(c)
+        bins.append(INK_LEVELS.index(level))
+    return torch.tensor(classes), torch.tensor(bins)
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class MultiCondConfig:
+    """Settings (see the module docstring). ``ddim_eta`` is the sampler's η; ``etas`` are the η_0 of Prop. B.1/B.2.
+    ``checkpoints`` is a folder like the shipped assets (``unet/``, ``time_predictor/``, ``clf_*``, and
+    ``time_predictor_class/``, ``time_predictor_class_ink/``); ``class_predictor`` / ``joint_predictor`` override
+    the last two."""
+
+    dataset: str = "digits"
+    targets: tuple[str, ...] = ("0:thick", "1:thin", "7:thick", "8:thin")
+    num_per_target: int = 32
+    sweep_per_target: int = 32
+    num_steps: int = 50
+    ddim_eta: float = 1.0
+    dps_scale: float = 16.0
+    ink_scale: float = 0.025
+    thick_quantile: float = 0.75
+    omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    etas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sweep_seed: int = 100
+    checkpoints: str | None = None
+    class_predictor: str | None = None
+    joint_predictor: str | None = None
+    data_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Per-sample targets of one run (targets repeated ``n`` times each, in order)."""
+
+    classes: Tensor   # (B,) int64
+    bins: Tensor      # (B,) int64, 1 = thick
+    ink: Tensor       # (B,) float32, target ink mass m*
+    median: Tensor    # (B,) float32, held-out class median (the evaluation threshold)
+
+
+def _validate(cfg: MultiCondConfig) -> None:
+    if cfg.ddim_eta < 0 or any(e < 0 for e in cfg.etas) or not cfg.etas:
+        raise ValueError(f"η must be >= 0: got ddim_eta={cfg.ddim_eta} and etas={list(cfg.etas)}")
+    if any(w <= 0 for w in cfg.omegas) or not cfg.omegas:
+        raise ValueError(f"omegas must be positive TAG strengths (ω = 0 is the DPS row), got {list(cfg.omegas)}")
+    if cfg.dps_scale < 0:
+        raise ValueError(f"dps_scale must be >= 0, got {cfg.dps_scale}")
+    if not 0.5 < cfg.thick_quantile < 1:
+        raise ValueError(f"thick_quantile must be in (0.5, 1), got {cfg.thick_quantile}")
+    if min(cfg.num_per_target, cfg.sweep_per_target) < 2 or cfg.num_steps < 1:
+        raise ValueError("num_per_target and sweep_per_target must be >= 2 (FID needs two samples) and num_steps >= 1")
+    if cfg.sweep_seed in cfg.seeds:
+        raise ValueError(f"sweep_seed {cfg.sweep_seed} is also an evaluation seed; choose settings on a seed that is "
+                         "not reported")
+    ink_loss(0.0, cfg.ink_scale)
+
+
+def load_predictors(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
+    """The time predictor of each TAG variant: ``{"joint": 2K conditions, "single": K, "unconditional": …}``.
+
+    Raises:
+        CheckpointError: a missing predictor folder. ValueError: a predictor with the wrong number of conditions.
+    """
+    from ..checkpoints import load_model
+    from ..guidance.temporal import check_time_predictor
+
+    root = Path(setup.checkpoints)
+    K = setup.models["clf_eval"].num_classes
+    preds = {"joint": load_model(cfg.joint_predictor or root / "time_predictor_class_ink"),
+             "single": load_model(cfg.class_predictor or root / "time_predictor_class"),
+             "unconditional": setup.models["time_predictor"]}
+    for name, want, how in (("joint", 2 * K, "class_ink"), ("single", K, "class")):
+        n = getattr(preds[name], "num_classes", None)
+        if n != want:
+            raise ValueError(f"the {name} time predictor must have {want} conditions (train time-predictor "
+                             f"--condition {how}), got num_classes={n}")
+    for p in preds.values():
+        check_time_predictor(p.eval(), setup.held_x[:1], setup.schedule)
+    return preds
+
+
+def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Targets, cfg: MultiCondConfig,
+                    omega: float = 0.0, eta: float = 0.0) -> list[Term]:
+    """``[MultiConditionTAG (if method != "dps"), DPSGuidance(ℓ_class + ℓ_ink)]`` for per-sample targets ``tg``.
+
+    Raises:
+        ValueError: an unknown method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    l_class = label_loss(setup.models["clf_clean"], tg.classes)
+    l_ink = ink_loss(tg.ink, cfg.ink_scale)
+    terms: list[Term] = []
+    if method == "joint":
+        terms.append(MultiConditionTAG(preds["joint"], omega, "joint", condition=joint_condition(tg.classes, tg.bins)))
+    elif method == "single":  # c_1 = ink reflected in x′ (Prop. B.1), c_2 = class given to the predictor
+        terms.append(MultiConditionTAG(preds["single"], omega, "single", condition=tg.classes, losses=[l_ink],
+                                       eta=eta))
+    elif method == "unconditional":  # x″: class, then ink (Prop. B.2)
+        terms.append(MultiConditionTAG(preds["unconditional"], omega, "unconditional", losses=[l_class, l_ink],
+                                       eta=eta))
+    terms.append(DPSGuidance(combined_loss(l_class, l_ink), cfg.dps_scale))
+    return terms
+
+
+def make_targets(setup: Setup, cfg: MultiCondConfig, n: int) -> tuple[Targets, dict[str, Any]]:
+    """Per-sample targets (each target pair repeated ``n`` times) and the held-out ink statistics used."""
+    K = setup.models["clf_eval"].num_classes
+    classes, bins = parse_targets(cfg.targets, K)
+    q = ink_quantiles(setup.held_x, setup.held_y, K, (1 - cfg.thick_quantile, 0.5, cfg.thick_quantile)).float()
+    ink = torch.where(bins == 1, q[classes, 2], q[classes, 0])
+    tg = Targets(classes.repeat_interleave(n), bins.repeat_interleave(n), ink.repeat_interleave(n),
+                  q[classes, 1].repeat_interleave(n))
+    stats = {str(c): {"thin_target": float(q[c, 0]), "median": float(q[c, 1]), "thick_target": float(q[c, 2]),
+                      "n_held_out": int((setup.held_y == c).sum())} for c in sorted(set(classes.tolist()))}
+    return tg, stats
+
+
+def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str, omega: float, eta: float,
+         seed: int, n: int) -> dict[str, Any]:
+    tg, _ = make_targets(setup, cfg, n)
+    out = draw(setup, multicond_terms(method, setup, preds, tg, cfg, omega, eta), n=tg.classes.numel(), seed=seed,
+               num_steps=cfg.num_steps, eta=cfg.ddim_eta)
+    return {**evaluate(setup, out["x0"], tg), "time_gap": out["time_gap"], "seconds": out["seconds"],
+            "preview": _preview(out["x0"], n)}
+
+
+def evaluate(setup: Setup, x0: Tensor, tg: Targets) -> dict[str, Any]:
+    """Joint success, class accuracy (``clf_eval``), ink success (vs the held-out class median), mean |m − m*|,
+    FID against the target classes' held-out images, and the joint success per target pair."""
+    with torch.no_grad():
+        pred = torch.cat([setup.models["clf_eval"](b).argmax(-1) for b in x0.split(512)])
+    m = ink_mass(x0)
+    class_ok = pred == tg.classes
+    ink_ok = torch.where(tg.bins == 1, m > tg.median, m < tg.median)
+    joint = class_ok & ink_ok
+    names = [f"{int(c)}:{INK_LEVELS[int(b)]}" for c, b in zip(tg.classes, tg.bins)]
+    per_target = {p: float(joint[torch.tensor([q == p for q in names])].float().mean()) for p in dict.fromkeys(names)}
+    return {"joint_success": float(joint.float().mean()), "class_accuracy": float(class_ok.float().mean()),
+            "ink_success": float(ink_ok.float().mean()), "ink_abs_error": float((m - tg.ink).abs().mean()),
+            "fid": sample_metrics(setup, x0, target=tg.classes)["fid"], "per_target": per_target}
+
+
+def _preview(x0: Tensor, n: int) -> list:
+    k = min(n, _PREVIEW_PER_TARGET)
+    x = x0.reshape(-1, n, *x0.shape[1:])[:, :k].reshape(-1, *x0.shape[1:])
+    return [[round(float(v), 3) for v in s.reshape(-1)] for s in x]
+
+
+def _short(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _rank(m: dict[str, Any], omega: float, eta: float) -> tuple:
+    """Selection order: highest joint success, then lowest FID, then the smallest ω_0 and η_0."""
+    return (-m["joint_success"], m["fid"], omega, eta)
+
+
+_NUMERIC = ("joint_success", "class_accuracy", "ink_success", "ink_abs_error", "fid", "time_gap", "seconds")
+
+
+def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(), *, progress: bool = True,
+                  resume: bool = True) -> dict[str, Any]:
+    """Run the experiment; write ``results.json``, ``table.md`` and ``multicond.png`` in ``out_dir``.
+
+    Returns:
+        ``{"rows": [{"method", "eta", "omega", "chosen", "metrics": {name: mean_std}, "per_target"}, ...],
+        "sweep": {"grid": {cell: metrics}, "best": {...}}, "ink_stats", "config", "paper"}``.
+    Raises:
+        ValueError: a bad target (class out of range, unknown ink level), η < 0, ω <= 0, a sweep seed that is also an
+            evaluation seed, or a time predictor with the wrong number of conditions. CheckpointError: missing models.
+    """
+    _validate(cfg)
+    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
+    parse_targets(cfg.targets, setup.models["clf_eval"].num_classes)
+    preds = load_predictors(setup, cfg)
+    cache = RunCache(out_dir, resume)
+    targets = ",".join(cfg.targets)  # long strings are hashed: a cached run's file name must stay short
+    ckpt = ",".join(str(p) for p in (setup.checkpoints, cfg.class_predictor, cfg.joint_predictor, cfg.data_dir))
+    base = {"exp": "multicond", "dataset": cfg.dataset, "targets": targets if len(targets) <= 40 else _short(targets),
+            "steps": cfg.num_steps, "ddim_eta": cfg.ddim_eta, "dps": cfg.dps_scale, "ink_scale": cfg.ink_scale,
+            "q": cfg.thick_quantile, "ckpt": _short(ckpt)}
+
+    def get(method: str, omega: float, eta: float, seed: int, n: int) -> dict[str, Any]:
+        key = {**base, "method": method, "omega": float(omega), "eta": float(eta), "seed": seed, "n": n}
+        return cache.get(key, lambda: _run(setup, preds, cfg, method, omega, eta, seed, n))
+
+    # --- validation seed: every cell of the grid
+    grid: dict[str, dict[str, Any]] = {}
+    cells: dict[str, tuple[str, float, float]] = {"dps": ("dps", 0.0, 0.0)}
+    cells.update({f"joint:ω={w}": ("joint", w, 0.0) for w in cfg.omegas})
+    for method in ("single", "unconditional"):
+        cells.update({f"{method}:η={e}:ω={w}": (method, w, e) for e in cfg.etas for w in cfg.omegas})
+    for name, (method, w, e) in cells.items():
+        r = get(method, w, e, cfg.sweep_seed, cfg.sweep_per_target)
+        grid[name] = {k: r[k] for k in _NUMERIC}
+        if progress:
+            print(f"  sweep {name:<28} joint {r['joint_success']:.3f}  class {r['class_accuracy']:.3f}  ink "
+                  f"{r['ink_success']:.3f}  FID {r['fid']:7.2f}  TG {r['time_gap']:6.1f}", flush=True)
+
+    def best(method: str, eta: float | None) -> tuple[float, float]:
+        cand = [(w, e) for (m, w, e) in cells.values() if m == method and (eta is None or e == eta)]
+        name = {(w, e): n for n, (m, w, e) in cells.items() if m == method}
+        return min(cand, key=lambda we: _rank(grid[name[we]], *we))
+
+    chosen = {"joint": best("joint", 0.0), "single": best("single", None),
+              "unconditional": best("unconditional", None)}
+
+    # --- evaluation seeds: DPS, joint at ω*, single/unconditional at every η (each at its best ω), η* marked
+    plan = [("dps", 0.0, 0.0, True), ("joint", *chosen["joint"], True)]
+    for method in ("single", "unconditional"):
+        for e in cfg.etas:
+            w, _ = best(method, e)
+            plan.append((method, w, e, (w, e) == chosen[method]))
+    rows, previews = [], {}
+    for method, w, e, is_chosen in plan:
+        runs = [get(method, w, e, s, cfg.num_per_target) for s in cfg.seeds]
+        row = {"method": method, "eta": e if method in ("single", "unconditional") else None, "omega": w,
+               "chosen": is_chosen, "metrics": {k: mean_std([r[k] for r in runs]) for k in _NUMERIC},
+               "per_target": {p: mean_std([r["per_target"][p] for r in runs])["mean"] for p in runs[0]["per_target"]}}
+        rows.append(row)
+        if is_chosen:
+            previews[method] = runs[0]["preview"]
+        if progress:
+            mm = row["metrics"]
+            print(f"  {method:<13} η_0={e:<4} ω_0={w:<4} joint {fmt_ms(mm['joint_success'], 3)}  class "
+                  f"{fmt_ms(mm['class_accuracy'], 3)}  ink {fmt_ms(mm['ink_success'], 3)}  FID "
+                  f"{fmt_ms(mm['fid'], 2)}  TG {fmt_ms(mm['time_gap'])}", flush=True)
+    _, ink_stats = make_targets(setup, cfg, 1)
+    results = {"rows": rows,
+               "sweep": {"grid": grid, "seed": cfg.sweep_seed, "criterion": "max joint_success, then min fid, then "
+                         "smallest ω_0, η_0", "best": {m: {"omega": w, "eta": e} for m, (w, e) in chosen.items()}},
+               "ink_stats": ink_stats, "preview": previews,
+               "config": {**asdict(cfg), "checkpoints": setup.checkpoints, "sampler": "ddim", "clip_x0": 1.0,
+                          "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
+                          "eta_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
+                          "losses": "-log p_clf_clean(y | x0_hat) + (m(x0_hat) - m*)^2 / ink_scale^2",
+                          "joint_condition": "2 * class + ink_bin (1 = thick)",
+                          "ink_mass": "mean over pixels of (x + 1) / 2",
+                          "ink_success": "m(x0) > held-out class median (thick) / < median (thin)",
+                          "fid_reference": "held-out images of the target class (clf_eval features)",
+                          "time_gap_predictor": "unconditional time_predictor", "torch": torch.__version__},
+               "paper": PAPER}
+    write_outputs(out_dir, results, _table(results, cfg))
+    _figure(Path(out_dir) / "multicond.png", results, cfg, tuple(setup.eps_model.sample_shape))
+    return results
+
+
+def _table(results: dict[str, Any], cfg: MultiCondConfig) -> str:
+    pct = ("joint_success", "class_accuracy", "ink_success")  # shown in %, as the paper's accuracies
+
+    def cells(row: dict[str, Any]) -> list[str]:
+        m = row["metrics"]
+        return [fmt_ms({"mean": 100 * m[k]["mean"], "std": 100 * m[k]["std"]}) for k in pct] + \
+            [fmt_ms(m["fid"], 2), fmt_ms(m["time_gap"])]
+
+    def paper(method: str) -> str:
+        a = PAPER["accuracy"][method]
+        return f"{a[0]} / {a[1]}"
+
+    main_rows = [r for r in results["rows"] if r["chosen"]]
+    rows = [[_NAMES[r["method"]], "✗" if r["method"] == "dps" else "✓", "–" if r["eta"] is None else r["eta"],
+             r["omega"] if r["method"] != "dps" else "–", *cells(r), paper(r["method"])] for r in main_rows]
+    q = cfg.thick_quantile
+    head = (f"Multi-condition guidance (class + stroke thickness), {cfg.dataset}: targets {', '.join(cfg.targets)}, "
+            f"{cfg.num_per_target} samples per target per seed; DDIM(η={cfg.ddim_eta}) {cfg.num_steps} steps, x̂_0 "
+            f"clipped to [-1, 1]; DPS scale {cfg.dps_scale} on ℓ_class + ℓ_ink (ink scale {cfg.ink_scale}, targets "
+            f"= the {1 - q:g}/{q:g} held-out quantiles of the class); TAG before each step, ω_t = ω_0(1-ᾱ_t), "
+            f"η_t² = η_0²(1-ᾱ_t). ω_0 ∈ {list(cfg.omegas)} and η_0 ∈ {list(cfg.etas)} chosen on seed "
+            f"{cfg.sweep_seed} by joint success (then FID); mean ± std over seeds {list(cfg.seeds)}. Success judged "
+            "by clf_eval (class) and by the ink mass vs the held-out class median (thickness). Paper column: Table 5 "
+            "CelebA accuracy (%), Gender+Age / Gender+Hair.\n\n")
+    headers = ["method", "TAG", "η_0*", "ω_0*", "joint success % ↑", "class acc. % ↑", "ink success % ↑", "FID ↓",
+               "Time Gap", "paper Acc % (CelebA)"]
+    out = head + markdown_table(headers, rows)
+    eta_rows = [[r["method"], r["eta"], r["omega"], "✓" if r["chosen"] else "", *cells(r)]
+                for r in results["rows"] if r["eta"] is not None]
+    out += ("\nEvery η_0 (each at its best ω_0 on the validation seed), evaluation seeds; ✓ = chosen η_0*:\n\n"
+            + markdown_table(["variant", "η_0", "ω_0", "chosen", "joint success %", "class acc. %", "ink success %",
+                              "FID", "Time Gap"], eta_rows))
+    grid_rows = [[name, *(f"{100 * m[k]:.1f}" for k in pct), f"{m['fid']:.2f}", f"{m['time_gap']:.1f}"]
+                 for name, m in results["sweep"]["grid"].items()]
+    out += (f"\nValidation grid (seed {cfg.sweep_seed}, {cfg.sweep_per_target} samples per target):\n\n"
+            + markdown_table(["setting", "joint success %", "class acc. %", "ink success %", "FID", "Time Gap"],
+                             grid_rows))
+    per = [[_NAMES[r["method"]], *(f"{100 * v:.1f}" for v in r["per_target"].values())] for r in main_rows]
+    out += ("\nJoint success (%) per target, mean over seeds:\n\n"
+            + markdown_table(["method", *main_rows[0]["per_target"]], per))
+    return out
+
+
+def _figure(path: Path, results: dict[str, Any], cfg: MultiCondConfig, shape: tuple[int, ...]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in METHODS if m in results["preview"]]
+    fig = plt.figure(figsize=(2.2 * len(methods) + 4.2, 3.4))
+    gs = fig.add_gridspec(1, len(methods) + 1, width_ratios=[1] * len(methods) + [1.8])
+    k = min(cfg.num_per_target, _PREVIEW_PER_TARGET)
+    P = len(results["preview"][methods[0]]) // k
+    for j, method in enumerate(methods):
+        x = torch.tensor(results["preview"][method]).reshape(-1, *shape)
+        ax = fig.add_subplot(gs[0, j])
+        ax.imshow(image_grid(x, P, k), cmap="gray", vmin=0, vmax=1)
+        row = next(r for r in results["rows"] if r["method"] == method and r["chosen"])
+        how = "" if method == "dps" else f" ω_0={row['omega']}" + ("" if row["eta"] is None else f" η_0={row['eta']}")
+        ax.set_title(f"{method}{how}\njoint success {100 * row['metrics']['joint_success']['mean']:.1f}%", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([(i + 0.5) * shape[-2] - 0.5 for i in range(P)],
+                      list(row["per_target"]) if P == len(row["per_target"]) else [""] * P,
+                      fontsize=7)
+    ax = fig.add_subplot(gs[0, -1])
+    grid = results["sweep"]["grid"]
+    for method, style in (("single", "o-"), ("unconditional", "s-")):
+        ys = [max(grid[f"{method}:η={e}:ω={w}"]["joint_success"] for w in cfg.omegas) for e in cfg.etas]
+        ax.plot(list(cfg.etas), ys, style, label=f"{method} (best ω_0)")
+    ax.axhline(grid["dps"]["joint_success"], color="k", ls="--", lw=1, label="DPS")
+    ax.axhline(max(grid[f"joint:ω={w}"]["joint_success"] for w in cfg.omegas), color="tab:red", ls=":", lw=1,
+               label="joint (best ω_0)")
+    ax.set_xlabel("η_0")
+    ax.set_ylabel(f"joint success (seed {cfg.sweep_seed})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
