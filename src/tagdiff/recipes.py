@@ -170,7 +170,7 @@ def condition_labels(condition: str, x: Tensor, y: Tensor, info: DatasetInfo,
         return y.long(), {"condition": "class", "num_conditions": K}
     if _kind(info) != "image":
         raise ValueError("--condition class_ink needs image data (the ink mass of an image)")
-    from .bench.multicond import ink_bins, ink_quantiles, joint_condition
+    from .data.ink import ink_bins, ink_quantiles, joint_condition
 
     medians = ink_quantiles(x, y, K, (0.5,))[:, 0] if medians is None else medians
     labels = joint_condition(y, ink_bins(x, y, K, medians))

@@ -58,7 +58,6 @@ target classes) and the Time Gap of the unconditional predictor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..data.ink import INK_LEVELS, ink_bins, ink_loss, ink_mass, ink_quantiles, joint_condition, parse_targets
 from ..guidance import DPSGuidance, MultiConditionTAG, Term, combined_loss, label_loss
 from .common import (
     RunCache,
@@ -84,7 +84,6 @@ __all__ = ["MultiCondConfig", "Targets", "run_multicond", "ink_mass", "ink_loss"
            "joint_condition", "parse_targets", "make_targets", "multicond_terms", "evaluate", "load_predictors",
            "INK_LEVELS", "METHODS", "PAPER"]
 
-INK_LEVELS = ("thin", "thick")  # ink bin b: 0 = thin (below the class median), 1 = thick (above)
 METHODS = ("dps", "joint", "single", "unconditional")
 PAPER = {"source": "TAG.md Table 5 (CelebA-HQ, accuracy % = all target attributes correct; log-KID)",
          "accuracy": {"dps": [80.5, 92.1], "joint": [87.1, 94.9], "single": [91.0, 96.1],
@@ -95,94 +94,6 @@ PAPER = {"source": "TAG.md Table 5 (CelebA-HQ, accuracy % = all target attribute
 _NAMES = {"dps": "DPS (baseline)", "joint": "DPS + TAG, joint φ(x, c₁, c₂)", "single": "DPS + TAG, single φ(x′, c)",
           "unconditional": "DPS + TAG, uncond. φ(x″)"}
 _PREVIEW_PER_TARGET = 4
-
-
-# ---------------------------------------------------------------------------------------------------- ink condition
-def ink_mass(x: Tensor) -> Tensor:
-    """Ink mass ``m(x) = mean over pixels (and channels) of (x + 1) / 2``, shape ``(B,)``; in [0, 1] for x in [-1, 1].
-
-    Differentiable: ``∂m/∂x = 1 / (2 D)`` for every one of the D = C·H·W pixels.
-    """
-    return ((x + 1) / 2).flatten(1).mean(1)
-
-
-def ink_loss(target: Tensor | float, scale: float):
-    """Per-sample ink loss ``ℓ(x) = (m(x) − target)² / scale²``, a function ``(B, *D) -> (B,)``.
-
-    ``target`` is a number or a ``(B,)`` tensor of target ink masses. Gradient: ``2 (m − target) / (scale² · 2D)``
-    per pixel, i.e. a uniform brightening (m < target) or darkening of the image.
-
-    Raises:
-        ValueError: for a scale that is not a positive finite number.
-    """
-    scale = float(scale)
-    if not (scale > 0 and scale < float("inf")):
-        raise ValueError(f"ink_scale must be a positive number, got {scale!r}")
-
-    def loss(x: Tensor) -> Tensor:
-        t = torch.as_tensor(target, dtype=x.dtype, device=x.device).reshape(-1)
-        return (ink_mass(x) - t) ** 2 / scale**2
-
-    return loss
-
-
-def ink_quantiles(x: Tensor, y: Tensor, num_classes: int, qs: Sequence[float] = (0.25, 0.5, 0.75)) -> Tensor:
-    """Per-class quantiles of the ink mass, shape ``(num_classes, len(qs))``, float64.
-
-    Raises:
-        ValueError: if a class has no image.
-    """
-    m = ink_mass(x.double())
-    out = []
-    for c in range(num_classes):
-        mc = m[y == c]
-        if mc.numel() == 0:
-            raise ValueError(f"class {c} has no image to compute its ink quantiles from")
-        out.append(torch.quantile(mc, torch.tensor(list(qs), dtype=torch.float64)))
-    return torch.stack(out)
-
-
-def ink_bins(x: Tensor, y: Tensor, num_classes: int, medians: Tensor | None = None) -> Tensor:
-    """Ink bin per image: 1 (thick) if its ink mass is above its class median, else 0 (thin); ``(N,)`` int64.
-
-    ``medians`` (``(num_classes,)``) default to the medians of ``x`` itself (the training split when building the
-    joint condition labels of the class_ink time predictor).
-    """
-    if medians is None:
-        medians = ink_quantiles(x, y, num_classes, (0.5,))[:, 0]
-    return (ink_mass(x.double()) > medians.double()[y]).long()
-
-
-def joint_condition(classes: Tensor | int, bins: Tensor | int) -> Tensor:
-    """The joint condition index ``c = 2 · class + ink_bin`` (0..2K−1) of the class_ink time predictor."""
-    return 2 * torch.as_tensor(classes).long() + torch.as_tensor(bins).long()
-
-
-def parse_targets(targets: Sequence[str], num_classes: int) -> tuple[Tensor, Tensor]:
-    """``("0:thick", "1:thin", ...)`` -> ``(classes, bins)``, both ``(P,)`` int64; ``("all",)`` = every class × both.
-
-    Raises:
-        ValueError: a malformed pair, a class outside ``0..num_classes-1`` or an ink level other than thin/thick.
-    """
-    if tuple(targets) == ("all",):
-        targets = tuple(f"{c}:{lvl}" for c in range(num_classes) for lvl in INK_LEVELS)
-    if not targets:
-        raise ValueError("no targets given; expected pairs like 0:thick,1:thin or 'all'")
-    classes, bins = [], []
-    for spec in targets:
-        cls, _, level = str(spec).partition(":")
-        try:
-            c = int(cls)
-        except ValueError:
-            raise ValueError(f"target {spec!r} is not CLASS:thin or CLASS:thick") from None
-        if not 0 <= c < num_classes:
-            raise ValueError(f"target class {c} (in {spec!r}) out of range; the classifiers have classes "
-                             f"0..{num_classes - 1}")
-        if level not in INK_LEVELS:
-            raise ValueError(f"target {spec!r}: ink level must be 'thin' or 'thick', got {level!r}")
-        classes.append(c)
-        bins.append(INK_LEVELS.index(level))
-    return torch.tensor(classes), torch.tensor(bins)
 
 
 # ---------------------------------------------------------------------------------------------------- config
