@@ -27,8 +27,20 @@ from ..image_metrics import fid
 from ..metrics import TimeGapRecorder
 from ..samplers import get_sampler
 
-__all__ = ["Setup", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std", "markdown_table",
-           "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview", "relative_change"]
+__all__ = ["ExperimentConfig", "Setup", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std",
+           "markdown_table", "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview", "relative_change"]
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Fields every experiment shares: the dataset and its checkpoints/data, the evaluation seeds (reported as
+    mean ± std) and the validation seed on which ω_0 and other knobs are chosen (never reported)."""
+
+    dataset: str = "digits"
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sweep_seed: int = 100
+    checkpoints: str | None = None
+    data_dir: str | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ import torch
 
 from ..guidance import Corruption, TemporalAlignment, Term
 from .common import (
+    ExperimentConfig,
     RunCache,
     Setup,
     draw,
@@ -40,11 +41,10 @@ PAPER = {"source": "TAG.md Tables 11/12 (CIFAR-10, DDIM 50 steps, 50k samples): 
 
 
 @dataclass(frozen=True)
-class CorruptedConfig:
+class CorruptedConfig(ExperimentConfig):
     """Settings. σ adds 0.5 and 1.0 to the paper's grid: on 8×8 digits the final denoising step removes most of the
     corruption up to σ ≈ 0.3, so the regime where it degrades samples starts later than on CIFAR-10."""
 
-    dataset: str = "digits"
     sigmas: tuple[float, ...] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
     omegas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
     num_samples: int = 512
@@ -52,10 +52,6 @@ class CorruptedConfig:
     num_steps: int = 50
     eta: float = 1.0
     placement: str = "post"
-    seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_seed: int = 100
-    checkpoints: str | None = None
-    data_dir: str | None = None
 
 
 def run_corrupted(out_dir: str | Path, cfg: CorruptedConfig = CorruptedConfig(), *, progress: bool = True,

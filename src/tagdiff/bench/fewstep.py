@@ -19,6 +19,7 @@ import torch
 
 from ..guidance import TemporalAlignment
 from .common import (
+    ExperimentConfig,
     RunCache,
     Setup,
     draw,
@@ -41,18 +42,13 @@ PAPER = {"source": "TAG.md Table 4 (CIFAR-10 FID without -> with TAG; the captio
 
 
 @dataclass(frozen=True)
-class FewStepConfig:
-    dataset: str = "digits"
+class FewStepConfig(ExperimentConfig):
     samplers: tuple[str, ...] = ("ddim", "ddpm")
     steps: tuple[int, ...] = (1, 3, 5, 10, 50, 100)
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     placements: tuple[str, ...] = ("pre", "post")
     num_samples: int = 512
     sweep_samples: int = 256
-    seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_seed: int = 100
-    checkpoints: str | None = None
-    data_dir: str | None = None
 
 
 def run_fewstep(out_dir: str | Path, cfg: FewStepConfig = FewStepConfig(), *, progress: bool = True,

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..guidance import DPSGuidance, TemporalAlignment, Term, TFGGuidance
 from ..operators import OPERATORS, Operator, make_operator
 from .common import (
+    ExperimentConfig,
     RunCache,
     Setup,
     draw,
@@ -68,11 +69,10 @@ _NUM_PREVIEW = 8
 
 
 @dataclass(frozen=True)
-class InverseConfig:
+class InverseConfig(ExperimentConfig):
     """Settings; ``noise_std`` is σ_y in pixel units of the [-1, 1] range. See the module docstring for how the
     guidance defaults were chosen."""
 
-    dataset: str = "digits"
     operators: tuple[str, ...] = ("sr2", "deblur", "inpaint_box", "inpaint_random", "denoise")
     noise_std: float = 0.05
     num_images: int = 64
@@ -82,10 +82,6 @@ class InverseConfig:
     tfg_gamma: float = 0.01
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     num_steps: int = 50
-    seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_seed: int = 100
-    checkpoints: str | None = None
-    data_dir: str | None = None
 
 
 def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, progress: bool = True,

@@ -18,6 +18,7 @@ import torch
 
 from ..guidance import DPSGuidance, TemporalAlignment, Term, label_loss
 from .common import (
+    ExperimentConfig,
     RunCache,
     draw,
     fmt_ms,
@@ -40,8 +41,7 @@ PAPER = {"source": "TAG.md Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy %)",
 
 
 @dataclass(frozen=True)
-class StrengthConfig:
-    dataset: str = "digits"
+class StrengthConfig(ExperimentConfig):
     strengths: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
     base_scale: float = LabelConfig.dps_scale
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -49,10 +49,6 @@ class StrengthConfig:
     num_per_target: int = 32
     sweep_per_target: int = 16
     num_steps: int = 50
-    seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_seed: int = 100
-    checkpoints: str | None = None
-    data_dir: str | None = None
 
 
 def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *, progress: bool = True,
