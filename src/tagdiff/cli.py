@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .bench.experiments import EXPERIMENTS
+from .bench.experiments import EXPERIMENTS, add_experiment_parsers, run_experiment
 
 __all__ = ["build_parser", "main"]
 
@@ -147,8 +147,6 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--batch-size", type=_positive_int, default=256)
     speed.add_argument("--num-steps", type=_positive_int, default=5, help="timed steps per configuration")
     speed.add_argument("--quiet", action="store_true")
-
-    from .bench.experiments import add_experiment_parsers
 
     add_experiment_parsers(bsub)
 
@@ -391,8 +389,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "bench" and args.what == "speed":
             _bench_speed(args)
         elif args.command == "bench" and args.what in EXPERIMENTS:
-            from .bench.experiments import run_experiment
-
             run_experiment(args)
         elif args.command in ("bench", "demo"):
             _bench_label(args)

@@ -42,6 +42,11 @@ class ExperimentConfig:
     checkpoints: str | None = None
     data_dir: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.sweep_seed in self.seeds:
+            raise ValueError(f"sweep_seed {self.sweep_seed} is also an evaluation seed; choose settings on a seed "
+                             "that is not reported")
+
 
 @dataclass
 class Setup:
@@ -159,6 +164,7 @@ def fmt_ms(stats: dict[str, Any], digits: int = 1) -> str:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-markdown table (one line per row, cells formatted with ``str``), ending in a newline."""
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

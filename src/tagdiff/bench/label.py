@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 
 from ..checkpoints import load_model
-from ..data import load_dataset
 from ..guidance import (
     ClassifierGuidance,
     DPSGuidance,
@@ -36,9 +35,7 @@ from ..guidance import (
     label_loss,
 )
 from ..image_metrics import fid
-from ..metrics import TimeGapRecorder
 from ..recipes import load_checkpoint
-from ..samplers import sample_ddim
 
 __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "assets_dir", "load_label_models", "run_label", "run_label_seeds"]
 
@@ -160,27 +157,20 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected some of {', '.join(ALL_METHODS)}")
-    models = load_label_models(cfg.checkpoints or assets_dir(cfg.dataset))
+    from .common import draw, load_setup
+
+    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
+    models, held_x, held_y = setup.models, setup.held_x, setup.held_y
     K = models["clf_eval"].num_classes
     if not cfg.targets or min(cfg.targets) < 0 or max(cfg.targets) >= K:
         raise ValueError(f"target classes {list(cfg.targets)} out of range; the classifiers have classes 0..{K - 1}")
-    schedule, eps_model = models["schedule"], models["eps_model"]
-    held_x, held_y = load_dataset(cfg.dataset, "held_out", data_dir=cfg.data_dir)
     target = torch.tensor(cfg.targets).repeat_interleave(cfg.num_per_target)
-    B = target.numel()
-    timesteps = schedule.timesteps(cfg.num_steps)
     results: dict[str, Any] = {"methods": {}, "per_target": {}, "time_gap_per_step": {}}
     samples: dict[str, Tensor] = {}
     for method in methods:
-        g = torch.Generator().manual_seed(cfg.seed)
-        x_T = torch.randn((B, *eps_model.sample_shape), generator=g)
-        recorder = TimeGapRecorder(models["time_predictor"])
-        t0 = time.time()
-        x0 = sample_ddim(eps_model, x_T, timesteps, schedule, eta=cfg.eta, terms=method_terms(method, models, target,
-                         cfg), randn_like=lambda z, g=g: torch.randn(z.shape, generator=g, dtype=z.dtype),
-                         callback=recorder, clip_x0=1.0, progress=progress, **method_sampler_kwargs(method, cfg))
-        seconds = time.time() - t0
-        x0 = x0.clamp(-1, 1)
+        out = draw(setup, method_terms(method, models, target, cfg), n=target.numel(), seed=cfg.seed,
+                   num_steps=cfg.num_steps, eta=cfg.eta, progress=progress, **method_sampler_kwargs(method, cfg))
+        x0, seconds = out["x0"], out["seconds"]
         with torch.no_grad():
             pred = models["clf_eval"](x0).argmax(-1)
         per_target = {}
@@ -192,8 +182,8 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
         results["methods"][method] = {
             "fid": sum(v["fid"] for v in per_target.values()) / len(per_target),
             "accuracy": float((pred == target).float().mean()),
-            "time_gap": recorder.mean, "seconds": seconds}
-        results["time_gap_per_step"][method] = recorder.per_step.tolist()
+            "time_gap": out["time_gap"], "seconds": seconds}
+        results["time_gap_per_step"][method] = out["time_gap_per_step"]
         samples[method] = x0
         if progress:
             m = results["methods"][method]
@@ -204,7 +194,7 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
     n_ref = {str(y): int((held_y == y).sum()) for y in cfg.targets}
     results["config"] = {**asdict(cfg), "sampler": "ddim", "timestep_spacing": "trailing", "clip_x0": 1.0,
                          "reference_images_per_target": n_ref, "fid_features": "EvalClassifier.features (128-d)",
-                         "checkpoints": str(cfg.checkpoints or assets_dir(cfg.dataset)), "torch": torch.__version__}
+                         "checkpoints": setup.checkpoints, "torch": torch.__version__}
     results["paper"] = PAPER_TABLE2
     results["seconds"] = time.time() - t_start
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")

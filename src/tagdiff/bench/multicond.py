@@ -68,6 +68,7 @@ from torch import Tensor
 from ..data.ink import INK_LEVELS, ink_bins, ink_loss, ink_mass, ink_quantiles, joint_condition, parse_targets
 from ..guidance import DPSGuidance, MultiConditionTAG, Term, combined_loss, label_loss
 from .common import (
+    ExperimentConfig,
     RunCache,
     Setup,
     draw,
@@ -76,6 +77,7 @@ from .common import (
     load_setup,
     markdown_table,
     mean_std,
+    preview,
     sample_metrics,
     write_outputs,
 )
@@ -98,13 +100,12 @@ _PREVIEW_PER_TARGET = 4
 
 # ---------------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
-class MultiCondConfig:
+class MultiCondConfig(ExperimentConfig):
     """Settings (see the module docstring). ``ddim_eta`` is the sampler's η; ``etas`` are the η_0 of Prop. B.1/B.2.
     ``checkpoints`` is a folder like the shipped assets (``unet/``, ``time_predictor/``, ``clf_*``, and
     ``time_predictor_class/``, ``time_predictor_class_ink/``); ``class_predictor`` / ``joint_predictor`` override
     the last two."""
 
-    dataset: str = "digits"
     targets: tuple[str, ...] = ("0:thick", "1:thin", "7:thick", "8:thin")
     num_per_target: int = 32
     sweep_per_target: int = 32
@@ -115,12 +116,8 @@ class MultiCondConfig:
     thick_quantile: float = 0.75
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     etas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
-    seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_seed: int = 100
-    checkpoints: str | None = None
     class_predictor: str | None = None
     joint_predictor: str | None = None
-    data_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,9 +141,6 @@ def _validate(cfg: MultiCondConfig) -> None:
         raise ValueError(f"thick_quantile must be in (0.5, 1), got {cfg.thick_quantile}")
     if min(cfg.num_per_target, cfg.sweep_per_target) < 2 or cfg.num_steps < 1:
         raise ValueError("num_per_target and sweep_per_target must be >= 2 (FID needs two samples) and num_steps >= 1")
-    if cfg.sweep_seed in cfg.seeds:
-        raise ValueError(f"sweep_seed {cfg.sweep_seed} is also an evaluation seed; choose settings on a seed that is "
-                         "not reported")
     ink_loss(0.0, cfg.ink_scale)
 
 
@@ -239,7 +233,7 @@ def evaluate(setup: Setup, x0: Tensor, tg: Targets) -> dict[str, Any]:
 def _preview(x0: Tensor, n: int) -> list:
     k = min(n, _PREVIEW_PER_TARGET)
     x = x0.reshape(-1, n, *x0.shape[1:])[:, :k].reshape(-1, *x0.shape[1:])
-    return [[round(float(v), 3) for v in s.reshape(-1)] for s in x]
+    return preview(x, len(x))
 
 
 def _short(text: str) -> str:
