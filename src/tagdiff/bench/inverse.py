@@ -21,7 +21,9 @@ Defaults (digits): ``dps_scale = 16`` and ``(ρ̄, μ̄, γ̄) = (1, 2, 0.01)`` 
 (17.3 dB at 16, 18.5 at 64 on inpaint_box); 16 is the smallest scale that brings the consistency near the noise
 floor, while 64 fits below it on sr2 (it fits the noise) and raises the Time Gap from 128 to 170-180. For TFG, (ρ̄, μ̄)
 ∈ {(0.25, 2), (1, 2), (4, 2), (1, 8)} with γ̄ = 0.01 (TFG's SR/deblur value, TAG.md Table 14): (1, 2) had the best
-PSNR (16.2 / 18.4 dB) and consistency on both operators. ``sr4`` is available but not a default: on 8×8 digits it
+PSNR (16.2 / 18.4 dB) and consistency on both operators. Each value is an ω = 0 row of the validation grid in
+``table.md`` of ``tagdiff bench inverse --operators sr2,inpaint_box --dps-scale S --tfg-rho R --tfg-mu M``.
+``sr4`` is available but not a default: on 8×8 digits it
 leaves a 2×2 measurement.
 
 SSIM window: torchmetrics 1.9 ignores ``kernel_size`` when ``gaussian_kernel=True`` (its window is

@@ -22,6 +22,10 @@ class median has ℓ_2 = 1, one two quartile-widths off has ℓ_2 = 4, the range
     s = 0.02              0.52 / 0.84 / 0.61 / 69.9
     s = 0.0125            0.16 / 0.28 / 0.55 / 272
 
+(Each row is the ``dps`` row of the validation grid in ``table.md`` of
+``tagdiff bench multicond --ink-scale S --out DIR``; add ``--sweep-seed 101`` for seed 101 and use
+``--ink-scale 1e9`` for "no ink term".)
+
 Both losses matter at s = 0.025 (the ink term lifts the ink success from chance to 97% while the class accuracy stays
 near 96%), and it is the strongest ink term before the summed guidance breaks down (s <= 0.02): FID is already about
 twice that of class guidance alone, i.e. the summed guidance pushes samples off the data manifold, the regime TAG
