@@ -6,6 +6,7 @@ time-predictor training."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +24,13 @@ from tagdiff.bench.multicond import (
     make_targets,
     multicond_terms,
     parse_targets,
+    resolve_targets,
     run_multicond,
 )
 from tagdiff.checkpoints import load_model, read_config
 from tagdiff.cli import main
 from tagdiff.data import dataset_info, load_dataset
+from tagdiff.data.attributes import attribute_quantiles, slant
 from tagdiff.guidance import DPSGuidance, combined_loss, label_loss
 from tagdiff.recipes import condition_labels
 
@@ -89,7 +92,7 @@ def test_terms_of_each_variant(setup):
     preds = load_predictors(setup, cfg)
     tg, stats = make_targets(setup, cfg, 2)
     assert tg.classes.tolist() == [3, 3, 5, 5] and tg.bins.tolist() == [1, 1, 0, 0]
-    assert tg.ink[0] > tg.median[0] and tg.ink[2] < tg.median[2]  # thick above, thin below the median
+    assert tg.value[0] > tg.median[0] and tg.value[2] < tg.median[2]  # thick above, thin below the median
     assert stats["3"]["thin_target"] < stats["3"]["median"] < stats["3"]["thick_target"]
     joint = multicond_terms("joint", setup, preds, tg, cfg, 1.0)
     assert joint[0].variant == "joint" and joint[0].condition.tolist() == [7, 7, 10, 10]
@@ -173,3 +176,49 @@ def test_train_class_conditional_time_predictor(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse usage error: one line, exit 2
         main(["train", "time-predictor", "--dataset", "digits", "--condition", "rainbow", "--out", str(tmp_path)])
     assert e.value.code == 2 and len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_slant_attribute_is_guided_by_its_classifier_and_judged_by_the_measured_slant(tmp_path, setup):
+    cfg = MultiCondConfig(attribute="slant", targets=("1:right", "7:left"), num_per_target=3, sweep_per_target=2,
+                          num_steps=3, omegas=(1.0,), etas=(0.0,), seeds=(0,))
+    preds = load_predictors(setup, cfg)
+    assert preds["joint"].num_classes == 20 and preds["attribute"].num_classes == 2
+    tg, stats = make_targets(setup, cfg, 3)
+    assert tg.bins.tolist() == [1, 1, 1, 0, 0, 0] and stats["1"]["left_target"] < stats["1"]["right_target"]
+    single = multicond_terms("single", setup, preds, tg, cfg, 1.0, 0.5)
+    x = setup.held_x[:6]
+    expected = label_loss(preds["attribute"], tg.bins)(x)  # x′ is built from the slant classifier's loss
+    assert torch.allclose(single[0].losses[0](x), expected)
+    res = run_multicond(tmp_path, cfg, progress=False)
+    # independent recomputation of the DPS row: class + slant-classifier losses; success by the measured slant
+    cls, right = torch.tensor([1, 1, 1, 7, 7, 7]), torch.tensor([True] * 3 + [False] * 3)
+    loss = combined_loss(label_loss(setup.models["clf_clean"], cls), label_loss(preds["attribute"], right.long()))
+    x0 = draw(setup, [DPSGuidance(loss, cfg.dps_scale)], n=6, seed=0, num_steps=3)["x0"]
+    med = attribute_quantiles("slant", setup.held_x, setup.held_y, 10, (0.5,))[:, 0].float()[cls]
+    ok = torch.where(right, slant(x0) > med, slant(x0) < med)
+    dps = res["rows"][0]["metrics"]
+    assert dps["slant_success"]["mean"] == pytest.approx(float(ok.float().mean()))
+    assert "slant success % ↑" in (tmp_path / "table.md").read_text()
+    assert res["config"]["targets"] == ["1:right", "7:left"] and "clf_slant" in res["config"]["losses"]
+    # a classifier trained for something else, and ink levels for the slant attribute, are refused
+    with pytest.raises(ValueError, match="not a slant classifier"):
+        load_predictors(setup, MultiCondConfig(attribute="slant",
+                                               attribute_classifier=str(Path(setup.checkpoints) / "clf_clean")))
+    with pytest.raises(ValueError, match="'left' or 'right'"):
+        run_multicond(tmp_path / "bad", MultiCondConfig(attribute="slant", targets=("0:thick",)), progress=False)
+    assert MultiCondConfig(attribute="slant").targets == () and resolve_targets(MultiCondConfig(attribute="slant"))[0] \
+        == "0:right"
+
+
+def test_train_slant_attribute_classifier(tmp_path, capsys):
+    out = tmp_path / "clf"
+    assert main(["train", "classifier", "--kind", "clean", "--attribute", "slant", "--dataset", "digits", "--out",
+                 str(out), "--steps", "2", "--batch-size", "8", "--quiet"]) == 0
+    cfg = read_config(out)
+    assert cfg["config"]["num_classes"] == 2 and cfg["attribute"] == "slant" and len(cfg["slant_medians"]) == 10
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["num_held_out"] == 359
+    assert main(["bench", "multicond", "--out", str(tmp_path / "m"), "--attribute", "slant", "--targets", "3:thick",
+                 "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'left' or 'right'" in err[-1]

@@ -85,14 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)"))
     tp = tsub.add_parser("time-predictor", help="time predictor p(t | x_t) or p(t | x_t, c) (MLP or SimpleCNN)")
     _add_train_args(tp)
-    tp.add_argument("--condition", choices=("none", "class", "class_ink"), default="none",
-                    help="c: none; class (y); class_ink (2y + ink above class median; bench multicond)")
+    tp.add_argument("--condition", choices=("none", "class", "class_ink", "class_slant"), default="none",
+                    help="c: none; class (y); class_ink / class_slant (2y + attribute above its class median; bench "
+                         "multicond)")
     tp.add_argument("--cond-drop", type=float, default=0.1, help="conditional: P(c = null) in training (default 0.1)")
     clf = tsub.add_parser("classifier", help="label classifier: noisy (guidance), clean (DPS) or eval (metrics)")
     _add_train_args(clf)
     clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
                      help="noisy: p(y|x_t,t) for classifier guidance; clean: p(y|x) for DPS; eval: independent "
                           "evaluation classifier (use another --seed and --split-seed than the guidance models)")
+    clf.add_argument("--attribute", choices=("ink", "slant"), default=None,
+                     help="label = the attribute's level (above its class median), not the class (bench multicond)")
     clf.add_argument("--split-seed", type=int, default=0,
                      help="seed of the train/held-out split (digits, folder); default 0 as for the other models")
 
@@ -206,7 +209,7 @@ def _load_data(args: argparse.Namespace, split: str, **kw: Any) -> tuple[Any, An
 
 
 def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    from .recipes import condition_labels, conditional_report, exporter, make_eps_model, make_time_predictor, recipe_for
+    from . import recipes as rc
     from .schedules import VPSchedule
     from .training import TrainConfig, eps_loss, time_loss, train
 
@@ -215,17 +218,18 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     T = args.num_train_timesteps
     key, cond, meta = args.what, (labels if args.what == "classifier" else None), {}
     if args.what == "classifier":
-        from .recipes import make_classifier
-
-        model, loss = make_classifier(args.kind, info, T)
+        if args.attribute:
+            cond, info, meta = rc.attribute_labels(args.attribute, data, labels, info)
+        model, loss = rc.make_classifier(args.kind, info, T)
         key = f"classifier-{args.kind}"
     elif args.what == "diffusion":
-        model, loss = make_eps_model(info, T, hidden=args.hidden, layers=args.layers or 3, widths=args.widths), eps_loss
+        model = rc.make_eps_model(info, T, hidden=args.hidden, layers=args.layers or 3, widths=args.widths)
+        loss = eps_loss
     else:
-        cond, meta = condition_labels(args.condition, data, labels, info)
-        model, loss = make_time_predictor(info, T, hidden=args.hidden, layers=args.layers or 5,
-                                          num_classes=meta["num_conditions"]), time_loss
-    recipe = recipe_for(key, info)
+        cond, meta = rc.condition_labels(args.condition, data, labels, info)
+        model, loss = rc.make_time_predictor(info, T, hidden=args.hidden, layers=args.layers or 5,
+                                             num_classes=meta["num_conditions"]), time_loss
+    recipe = rc.recipe_for(key, info)
     config = TrainConfig(steps=args.steps or recipe.steps, batch_size=args.batch_size or recipe.batch_size,
                          lr=args.lr or recipe.lr, seed=args.seed, save_every=args.save_every,
                          ema_decay=args.ema_decay if args.ema_decay is not None else recipe.ema_decay, bf16=args.bf16,
@@ -233,16 +237,16 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     command = "tagdiff " + " ".join(shlex.quote(a) for a in argv)
     result = train(model, loss, data, schedule, config, args.out, resume=not args.no_resume, progress=not args.quiet,
                    labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta},
-                   export=exporter(model, schedule))
+                   export=rc.exporter(model, schedule))
     print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
     if args.what == "classifier":
-        result["held_out"] = _classifier_report(model, args)
+        result["held_out"] = _classifier_report(model, args, meta)
     elif args.what == "time-predictor":
         result["held_out"] = _time_predictor_report(model, schedule, args, args.out / "report.json")
         if meta.get("num_conditions"):  # with the true and with the null condition, on the whole held-out split
             hx, hy, _ = _load_data(args, "held_out")
-            result["held_out_conditional"] = conditional_report(model, schedule, args.condition, meta, hx, hy, info,
-                                                                args.out / "report_conditional.json")
+            result["held_out_conditional"] = rc.conditional_report(model, schedule, args.condition, meta, hx, hy,
+                                                                   info, args.out / "report_conditional.json")
     return result
 
 
@@ -267,17 +271,17 @@ def _time_predictor_report(predictor: Any, schedule: Any, args: argparse.Namespa
     return report
 
 
-def _classifier_report(model: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """Held-out accuracy of a freshly trained classifier, printed and written to ``out/metrics.json``."""
-    from .classifiers import accuracy
+def _classifier_report(model: Any, args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    """Held-out accuracy (attribute classifiers: against the held-out levels with the training split's medians)."""
+    import torch
 
-    x, y, _ = _load_data(args, "held_out")
-    ts = (0, 100, 300, 500) if args.kind == "noisy" else (None,)
-    report = {f"accuracy_t{t}" if t is not None else "accuracy": accuracy(model, x, y, t=t) for t in ts}
-    report["num_held_out"] = int(x.shape[0])
-    print("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "num_held_out"))
-    (args.out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-    return report
+    from .recipes import attribute_labels, classifier_report
+
+    x, y, info = _load_data(args, "held_out")
+    if args.attribute:
+        medians = torch.tensor(meta[f"{args.attribute}_medians"], dtype=torch.float64)
+        y = attribute_labels(args.attribute, x, y, info, medians)[0]
+    return classifier_report(model, args.kind, x, y, args.out)
 
 
 def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:

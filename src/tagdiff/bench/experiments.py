@@ -30,7 +30,8 @@ def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]], str]]:
             "inverse": (InverseConfig, run_inverse,
                         "SR/deblur/inpainting/denoising with DPS and TFG, with/without TAG (Table 2)"),
             "multicond": (MultiCondConfig, run_multicond,
-                          "class + stroke thickness guided together; joint/single/unconditional TAG (Table 5)")}
+                          "class + stroke thickness (or slant) guided together; joint/single/unconditional TAG "
+                          "(Table 5)")}
 
 
 EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse", "multicond")
@@ -61,12 +62,14 @@ def add_experiment_parsers(bsub: Any) -> None:
                 p.add_argument(flag, choices=("digits", "mnist"), default=f.default)
             elif typing.get_origin(hint) is tuple:
                 kind = typing.get_args(hint)[0]
+                default = ",".join(map(str, f.default)) or "empty: see the docs"
                 p.add_argument(flag, type=_tuple_parser(kind), default=f.default,
-                               help=f"comma-separated (default: {','.join(map(str, f.default))})")
+                               help=f.metadata.get("help", f"comma-separated (default: {default})"))
             elif hint in (int, float):
                 p.add_argument(flag, type=hint, default=f.default, help=f"(default: {f.default})")
             else:
-                p.add_argument(flag, type=str, default=f.default)
+                p.add_argument(flag, type=str, default=f.default, choices=f.metadata.get("choices"),
+                               help=f.metadata.get("help"))
         p.add_argument("--no-resume", action="store_true", help="recompute runs already cached in OUT/runs")
         p.add_argument("--quiet", action="store_true")
 

@@ -1,5 +1,5 @@
-r"""Multi-condition guidance with and without TAG on digits: class + stroke thickness (TAG.md §3.4, §9.4; Table 5
-analogue).
+r"""Multi-condition guidance with and without TAG on digits: class + stroke thickness or slant (TAG.md §3.4, §9.4;
+Table 5 analogue).
 
 Two conditions are guided at once, with TFG's combined guidance (the per-condition losses are summed, TAG.md §6.4):
 
@@ -32,16 +32,23 @@ twice that of class guidance alone, i.e. the summed guidance pushes samples off 
 targets (the sum of per-condition scores is not the joint score, TAG.md §3.4). The ink loss is taken on the unclipped
 x̂_0 (its gradient never vanishes); the evaluation uses the final sample.
 
+**Second attribute classifier** (``attribute="slant"``): c_2 ∈ {left, right}, the slant ``s(x) = −μ₁₁/μ₀₂`` of
+the ink (:func:`tagdiff.data.attributes.slant`) below / above the class's training median. It is guided by a learned
+attribute classifier, ``ℓ_2(x̂_0) = −log p(c_2 | x̂_0)`` of ``clf_slant`` (a clean 2-class classifier,
+``tagdiff train classifier --kind clean --attribute slant``), with the same weight as the class loss (TFG's combined
+guidance sums the losses); success is judged by the measured slant against the held-out class median, never by the
+classifier. The joint predictor is ``time_predictor_class_slant`` (``--condition class_slant``).
+
 Both losses enter one ``DPSGuidance(combined_loss(ℓ_1, ℓ_2), dps_scale)`` (the gradient goes through the ε-model).
 Methods (TAG.md Table 5 rows; TAG is applied before each reverse step, Alg. 1, ω_t = ω_0 (1 − ᾱ_t)):
 
 * **DPS** (the baseline, no TAG);
-* **joint** (option a, "Multi"): a predictor conditioned on the joint condition ``c = 2 y + b`` (b = 1 thick, 0
-  thin; 20 conditions), shipped in ``assets/digits/time_predictor_class_ink``;
+* **joint** (option a, "Multi"): a predictor conditioned on the joint condition ``c = 2 y + b`` (b = 1 thick / right,
+  0 thin / left; 20 conditions), shipped in ``assets/digits/time_predictor_class_ink`` (``…_class_slant``);
 * **single** (option b, Prop. B.1): the class-conditional predictor (``assets/digits/time_predictor_class``) at
-  ``x′ = x − η_t² ∇ℓ_2(x̂_0)``, the point that already reflects the ink condition;
+  ``x′ = x − η_t² ∇ℓ_2(x̂_0)``, the point that already reflects the second condition;
 * **unconditional** (option c, Prop. B.2): the shipped unconditional predictor at x″ (reparameterised by ℓ_1 = class,
-  then ℓ_2 = ink; the paper does not fix the order).
+  then ℓ_2; the paper does not fix the order).
 
 η_t² = η_0² (1 − ᾱ_t) (:mod:`tagdiff.guidance.multicond`). The paper gives no η; η_0 is swept over ``etas``. With
 η_0² = ``dps_scale`` (η_0 = 4 at the default scale 16) the reparameterisation moves x_t by about as much as the DPS
@@ -62,13 +69,14 @@ target classes) and the Time Gap of the unconditional predictor.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..data.attributes import attribute_quantiles, get_attribute
 from ..data.ink import INK_LEVELS, ink_bins, ink_loss, ink_mass, ink_quantiles, joint_condition, parse_targets
 from ..guidance import DPSGuidance, MultiConditionTAG, Term, combined_loss, label_loss
 from .common import (
@@ -77,9 +85,7 @@ from .common import (
     Setup,
     draw,
     fmt_ms,
-    image_grid,
     load_setup,
-    markdown_table,
     mean_std,
     preview,
     sample_metrics,
@@ -88,7 +94,7 @@ from .common import (
 
 __all__ = ["MultiCondConfig", "Targets", "run_multicond", "ink_mass", "ink_loss", "ink_bins", "ink_quantiles",
            "joint_condition", "parse_targets", "make_targets", "multicond_terms", "evaluate", "load_predictors",
-           "INK_LEVELS", "METHODS", "PAPER"]
+           "resolve_targets", "INK_LEVELS", "METHODS", "PAPER", "DEFAULT_TARGETS"]
 
 METHODS = ("dps", "joint", "single", "unconditional")
 PAPER = {"source": "TAG.md Table 5 (CelebA-HQ, accuracy % = all target attributes correct; log-KID)",
@@ -100,6 +106,8 @@ PAPER = {"source": "TAG.md Table 5 (CelebA-HQ, accuracy % = all target attribute
 _NAMES = {"dps": "DPS (baseline)", "joint": "DPS + TAG, joint φ(x, c₁, c₂)", "single": "DPS + TAG, single φ(x′, c)",
           "unconditional": "DPS + TAG, uncond. φ(x″)"}
 _PREVIEW_PER_TARGET = 4
+DEFAULT_TARGETS = {"ink": ("0:thick", "1:thin", "7:thick", "8:thin"),
+                   "slant": ("0:right", "1:left", "7:right", "8:left")}
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -107,10 +115,16 @@ _PREVIEW_PER_TARGET = 4
 class MultiCondConfig(ExperimentConfig):
     """Settings (see the module docstring). ``ddim_eta`` is the sampler's η; ``etas`` are the η_0 of Prop. B.1/B.2.
     ``checkpoints`` is a folder like the shipped assets (``unet/``, ``time_predictor/``, ``clf_*``, and
-    ``time_predictor_class/``, ``time_predictor_class_ink/``); ``class_predictor`` / ``joint_predictor`` override
-    the last two."""
+    ``time_predictor_class/``, ``time_predictor_class_<attribute>/`` and, for slant, ``clf_slant/``);
+    ``class_predictor`` / ``joint_predictor`` / ``attribute_classifier`` override them. ``attribute`` is the second
+    condition: ``ink`` (analytic loss, scale ``ink_scale``) or ``slant`` (attribute classifier). Empty ``targets``
+    mean the attribute's :data:`DEFAULT_TARGETS`."""
 
-    targets: tuple[str, ...] = ("0:thick", "1:thin", "7:thick", "8:thin")
+    attribute: str = field(default="ink", metadata={"choices": ("ink", "slant"), "help": "second condition: "
+                                                    "ink (stroke thickness, analytic loss) or slant (a classifier)"})
+    targets: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated CLASS:LEVEL pairs or 'all' "
+                                     "(default: 0:thick,1:thin,7:thick,8:thin for ink, 0:right,1:left,7:right,8:left "
+                                     "for slant)"})
     num_per_target: int = 32
     sweep_per_target: int = 32
     num_steps: int = 50
@@ -122,6 +136,7 @@ class MultiCondConfig(ExperimentConfig):
     etas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
     class_predictor: str | None = None
     joint_predictor: str | None = None
+    attribute_classifier: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,12 +144,21 @@ class Targets:
     """Per-sample targets of one run (targets repeated ``n`` times each, in order)."""
 
     classes: Tensor   # (B,) int64
-    bins: Tensor      # (B,) int64, 1 = thick
-    ink: Tensor       # (B,) float32, target ink mass m*
+    bins: Tensor      # (B,) int64, attribute level (1 = thick / right: above the class median)
+    value: Tensor     # (B,) float32, target value m* of the attribute (ink: the guidance target)
     median: Tensor    # (B,) float32, held-out class median (the evaluation threshold)
 
 
+def resolve_targets(cfg: MultiCondConfig) -> tuple[str, ...]:
+    """``cfg.targets``, or the attribute's default targets when empty. Raises ValueError for an unknown attribute."""
+    get_attribute(cfg.attribute)
+    if cfg.attribute not in DEFAULT_TARGETS:
+        raise ValueError(f"bench multicond supports the attributes {', '.join(DEFAULT_TARGETS)}, got {cfg.attribute!r}")
+    return tuple(cfg.targets) or DEFAULT_TARGETS[cfg.attribute]
+
+
 def _validate(cfg: MultiCondConfig) -> None:
+    resolve_targets(cfg)
     if cfg.ddim_eta < 0 or any(e < 0 for e in cfg.etas) or not cfg.etas:
         raise ValueError(f"η must be >= 0: got ddim_eta={cfg.ddim_eta} and etas={list(cfg.etas)}")
     if any(w <= 0 for w in cfg.omegas) or not cfg.omegas:
@@ -149,32 +173,45 @@ def _validate(cfg: MultiCondConfig) -> None:
 
 
 def load_predictors(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
-    """The time predictor of each TAG variant: ``{"joint": 2K conditions, "single": K, "unconditional": …}``.
+    """The time predictor of each TAG variant, ``{"joint": 2K conditions, "single": K, "unconditional": …}``, and
+    for ``attribute="slant"`` the attribute classifier under ``"attribute"`` (2 classes: left, right).
 
     Raises:
-        CheckpointError: a missing predictor folder. ValueError: a predictor with the wrong number of conditions.
+        CheckpointError: a missing predictor folder. ValueError: a predictor with the wrong number of conditions, or
+            an attribute classifier trained for another attribute.
     """
-    from ..checkpoints import load_model
+    from ..checkpoints import load_model, read_config
     from ..guidance.temporal import check_time_predictor
 
     root = Path(setup.checkpoints)
     K = setup.models["clf_eval"].num_classes
-    preds = {"joint": load_model(cfg.joint_predictor or root / "time_predictor_class_ink"),
+    joint = f"class_{cfg.attribute}"
+    preds = {"joint": load_model(cfg.joint_predictor or root / f"time_predictor_{joint}"),
              "single": load_model(cfg.class_predictor or root / "time_predictor_class"),
              "unconditional": setup.models["time_predictor"]}
-    for name, want, how in (("joint", 2 * K, "class_ink"), ("single", K, "class")):
+    for name, want, how in (("joint", 2 * K, joint), ("single", K, "class")):
         n = getattr(preds[name], "num_classes", None)
         if n != want:
             raise ValueError(f"the {name} time predictor must have {want} conditions (train time-predictor "
                              f"--condition {how}), got num_classes={n}")
     for p in preds.values():
         check_time_predictor(p.eval(), setup.held_x[:1], setup.schedule)
+    if cfg.attribute != "ink":
+        path = cfg.attribute_classifier or root / f"clf_{cfg.attribute}"
+        trained_for = read_config(path).get("attribute")
+        if trained_for != cfg.attribute:
+            raise ValueError(f"{path} is not a {cfg.attribute} classifier (train classifier --kind clean --attribute "
+                             f"{cfg.attribute}); its config.json records attribute={trained_for!r}")
+        preds["attribute"] = load_model(path).eval()
     return preds
 
 
 def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Targets, cfg: MultiCondConfig,
                     omega: float = 0.0, eta: float = 0.0) -> list[Term]:
-    """``[MultiConditionTAG (if method != "dps"), DPSGuidance(ℓ_class + ℓ_ink)]`` for per-sample targets ``tg``.
+    """``[MultiConditionTAG (if method != "dps"), DPSGuidance(ℓ_class + ℓ_attr)]`` for per-sample targets ``tg``.
+
+    ℓ_attr is ``(m(x̂_0) − m*)² / ink_scale²`` for ink and ``−log p(b | x̂_0)`` of the attribute classifier
+    (``preds["attribute"]``) for slant.
 
     Raises:
         ValueError: an unknown method.
@@ -182,29 +219,32 @@ def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Target
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     l_class = label_loss(setup.models["clf_clean"], tg.classes)
-    l_ink = ink_loss(tg.ink, cfg.ink_scale)
+    l_attr = ink_loss(tg.value, cfg.ink_scale) if cfg.attribute == "ink" else label_loss(preds["attribute"], tg.bins)
     terms: list[Term] = []
     if method == "joint":
         terms.append(MultiConditionTAG(preds["joint"], omega, "joint", condition=joint_condition(tg.classes, tg.bins)))
-    elif method == "single":  # c_1 = ink reflected in x′ (Prop. B.1), c_2 = class given to the predictor
-        terms.append(MultiConditionTAG(preds["single"], omega, "single", condition=tg.classes, losses=[l_ink],
+    elif method == "single":  # c_1 = the attribute, reflected in x′ (Prop. B.1); c_2 = class, given to the predictor
+        terms.append(MultiConditionTAG(preds["single"], omega, "single", condition=tg.classes, losses=[l_attr],
                                        eta=eta))
-    elif method == "unconditional":  # x″: class, then ink (Prop. B.2)
-        terms.append(MultiConditionTAG(preds["unconditional"], omega, "unconditional", losses=[l_class, l_ink],
+    elif method == "unconditional":  # x″: class, then the attribute (Prop. B.2)
+        terms.append(MultiConditionTAG(preds["unconditional"], omega, "unconditional", losses=[l_class, l_attr],
                                        eta=eta))
-    terms.append(DPSGuidance(combined_loss(l_class, l_ink), cfg.dps_scale))
+    terms.append(DPSGuidance(combined_loss(l_class, l_attr), cfg.dps_scale))
     return terms
 
 
 def make_targets(setup: Setup, cfg: MultiCondConfig, n: int) -> tuple[Targets, dict[str, Any]]:
-    """Per-sample targets (each target pair repeated ``n`` times) and the held-out ink statistics used."""
+    """Per-sample targets (each target pair repeated ``n`` times) and the held-out attribute statistics used."""
     K = setup.models["clf_eval"].num_classes
-    classes, bins = parse_targets(cfg.targets, K)
-    q = ink_quantiles(setup.held_x, setup.held_y, K, (1 - cfg.thick_quantile, 0.5, cfg.thick_quantile)).float()
-    ink = torch.where(bins == 1, q[classes, 2], q[classes, 0])
-    tg = Targets(classes.repeat_interleave(n), bins.repeat_interleave(n), ink.repeat_interleave(n),
+    attr = get_attribute(cfg.attribute)
+    classes, bins = parse_targets(resolve_targets(cfg), K, attr.levels)
+    q = attribute_quantiles(cfg.attribute, setup.held_x, setup.held_y, K,
+                            (1 - cfg.thick_quantile, 0.5, cfg.thick_quantile)).float()
+    value = torch.where(bins == 1, q[classes, 2], q[classes, 0])
+    tg = Targets(classes.repeat_interleave(n), bins.repeat_interleave(n), value.repeat_interleave(n),
                   q[classes, 1].repeat_interleave(n))
-    stats = {str(c): {"thin_target": float(q[c, 0]), "median": float(q[c, 1]), "thick_target": float(q[c, 2]),
+    lo, hi = attr.levels
+    stats = {str(c): {f"{lo}_target": float(q[c, 0]), "median": float(q[c, 1]), f"{hi}_target": float(q[c, 2]),
                       "n_held_out": int((setup.held_y == c).sum())} for c in sorted(set(classes.tolist()))}
     return tg, stats
 
@@ -214,23 +254,27 @@ def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str,
     tg, _ = make_targets(setup, cfg, n)
     out = draw(setup, multicond_terms(method, setup, preds, tg, cfg, omega, eta), n=tg.classes.numel(), seed=seed,
                num_steps=cfg.num_steps, eta=cfg.ddim_eta)
-    return {**evaluate(setup, out["x0"], tg), "time_gap": out["time_gap"], "seconds": out["seconds"],
+    return {**evaluate(setup, out["x0"], tg, cfg.attribute), "time_gap": out["time_gap"], "seconds": out["seconds"],
             "preview": _preview(out["x0"], n)}
 
 
-def evaluate(setup: Setup, x0: Tensor, tg: Targets) -> dict[str, Any]:
-    """Joint success, class accuracy (``clf_eval``), ink success (vs the held-out class median), mean |m − m*|,
-    FID against the target classes' held-out images, and the joint success per target pair."""
+def evaluate(setup: Setup, x0: Tensor, tg: Targets, attribute: str = "ink") -> dict[str, Any]:
+    """Joint success, class accuracy (``clf_eval``), attribute success (its measure vs the held-out class median:
+    ``ink_success`` / ``slant_success``), mean |m − m*| (``<attribute>_abs_error``), FID against the target classes'
+    held-out images, and the joint success per target pair. The attribute is judged by its measure, never by the
+    attribute classifier used for guidance."""
+    attr = get_attribute(attribute)
     with torch.no_grad():
         pred = torch.cat([setup.models["clf_eval"](b).argmax(-1) for b in x0.split(512)])
-    m = ink_mass(x0)
+    m = attr.measure(x0)
     class_ok = pred == tg.classes
-    ink_ok = torch.where(tg.bins == 1, m > tg.median, m < tg.median)
-    joint = class_ok & ink_ok
-    names = [f"{int(c)}:{INK_LEVELS[int(b)]}" for c, b in zip(tg.classes, tg.bins)]
+    attr_ok = torch.where(tg.bins == 1, m > tg.median, m < tg.median)
+    joint = class_ok & attr_ok
+    names = [f"{int(c)}:{attr.levels[int(b)]}" for c, b in zip(tg.classes, tg.bins)]
     per_target = {p: float(joint[torch.tensor([q == p for q in names])].float().mean()) for p in dict.fromkeys(names)}
     return {"joint_success": float(joint.float().mean()), "class_accuracy": float(class_ok.float().mean()),
-            "ink_success": float(ink_ok.float().mean()), "ink_abs_error": float((m - tg.ink).abs().mean()),
+            f"{attribute}_success": float(attr_ok.float().mean()),
+            f"{attribute}_abs_error": float((m - tg.value).abs().mean()),
             "fid": sample_metrics(setup, x0, target=tg.classes)["fid"], "per_target": per_target}
 
 
@@ -251,7 +295,9 @@ def _rank(m: dict[str, Any], omega: float, eta: float) -> tuple:
     return (-m["joint_success"], m["fid"], omega, eta)
 
 
-_NUMERIC = ("joint_success", "class_accuracy", "ink_success", "ink_abs_error", "fid", "time_gap", "seconds")
+def _numeric(attribute: str) -> tuple[str, ...]:
+    return ("joint_success", "class_accuracy", f"{attribute}_success", f"{attribute}_abs_error", "fid", "time_gap",
+            "seconds")
 
 
 def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(), *, progress: bool = True,
@@ -260,18 +306,24 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
 
     Returns:
         ``{"rows": [{"method", "eta", "omega", "chosen", "metrics": {name: mean_std}, "per_target"}, ...],
-        "sweep": {"grid": {cell: metrics}, "best": {...}}, "ink_stats", "config", "paper"}``.
+        "sweep": {"grid": {cell: metrics}, "best": {...}}, "attribute_stats", "config", "paper"}``.
     Raises:
-        ValueError: a bad target (class out of range, unknown ink level), η < 0, ω <= 0, a sweep seed that is also an
-            evaluation seed, or a time predictor with the wrong number of conditions. CheckpointError: missing models.
+        ValueError: a bad target (class out of range, unknown level), an unknown attribute, η < 0, ω <= 0, a sweep
+            seed that is also an evaluation seed, a time predictor with the wrong number of conditions, or a wrong
+            attribute classifier. CheckpointError: missing models.
     """
     _validate(cfg)
     setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
-    parse_targets(cfg.targets, setup.models["clf_eval"].num_classes)
+    attr = get_attribute(cfg.attribute)
+    parse_targets(resolve_targets(cfg), setup.models["clf_eval"].num_classes, attr.levels)
     preds = load_predictors(setup, cfg)
     cache = RunCache(out_dir, resume)
-    targets = ",".join(cfg.targets)  # long strings are hashed: a cached run's file name must stay short
-    ckpt = ",".join(str(p) for p in (setup.checkpoints, cfg.class_predictor, cfg.joint_predictor, cfg.data_dir))
+    numeric = _numeric(cfg.attribute)
+    targets = ",".join(resolve_targets(cfg))  # long strings are hashed: a cached run's file name must stay short
+    paths = (setup.checkpoints, cfg.class_predictor, cfg.joint_predictor, cfg.data_dir)
+    if cfg.attribute != "ink":  # (the ink keys stay as they were, so earlier caches still resume)
+        paths += (cfg.attribute, cfg.attribute_classifier)
+    ckpt = ",".join(str(p) for p in paths)
     base = {"exp": "multicond", "dataset": cfg.dataset, "targets": targets if len(targets) <= 40 else _short(targets),
             "steps": cfg.num_steps, "ddim_eta": cfg.ddim_eta, "dps": cfg.dps_scale, "ink_scale": cfg.ink_scale,
             "q": cfg.thick_quantile, "ckpt": _short(ckpt)}
@@ -288,10 +340,10 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
         cells.update({f"{method}:η={e}:ω={w}": (method, w, e) for e in cfg.etas for w in cfg.omegas})
     for name, (method, w, e) in cells.items():
         r = get(method, w, e, cfg.sweep_seed, cfg.sweep_per_target)
-        grid[name] = {k: r[k] for k in _NUMERIC}
+        grid[name] = {k: r[k] for k in numeric}
         if progress:
-            print(f"  sweep {name:<28} joint {r['joint_success']:.3f}  class {r['class_accuracy']:.3f}  ink "
-                  f"{r['ink_success']:.3f}  FID {r['fid']:7.2f}  TG {r['time_gap']:6.1f}", flush=True)
+            print(f"  sweep {name:<28} joint {r['joint_success']:.3f}  class {r['class_accuracy']:.3f}  "
+                  f"{cfg.attribute} {r[numeric[2]]:.3f}  FID {r['fid']:7.2f}  TG {r['time_gap']:6.1f}", flush=True)
 
     def best(method: str, eta: float | None) -> tuple[float, float]:
         cand = [(w, e) for (m, w, e) in cells.values() if m == method and (eta is None or e == eta)]
@@ -311,7 +363,7 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
     for method, w, e, is_chosen in plan:
         runs = [get(method, w, e, s, cfg.num_per_target) for s in cfg.seeds]
         row = {"method": method, "eta": e if method in ("single", "unconditional") else None, "omega": w,
-               "chosen": is_chosen, "metrics": {k: mean_std([r[k] for r in runs]) for k in _NUMERIC},
+               "chosen": is_chosen, "metrics": {k: mean_std([r[k] for r in runs]) for k in numeric},
                "per_target": {p: mean_std([r["per_target"][p] for r in runs])["mean"] for p in runs[0]["per_target"]}}
         rows.append(row)
         if is_chosen:
@@ -319,104 +371,28 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
         if progress:
             mm = row["metrics"]
             print(f"  {method:<13} η_0={e:<4} ω_0={w:<4} joint {fmt_ms(mm['joint_success'], 3)}  class "
-                  f"{fmt_ms(mm['class_accuracy'], 3)}  ink {fmt_ms(mm['ink_success'], 3)}  FID "
+                  f"{fmt_ms(mm['class_accuracy'], 3)}  {cfg.attribute} {fmt_ms(mm[numeric[2]], 3)}  FID "
                   f"{fmt_ms(mm['fid'], 2)}  TG {fmt_ms(mm['time_gap'])}", flush=True)
-    _, ink_stats = make_targets(setup, cfg, 1)
+    _, attribute_stats = make_targets(setup, cfg, 1)
+    lo, hi = attr.levels
+    l_attr = "(m(x0_hat) - m*)^2 / ink_scale^2" if cfg.attribute == "ink" else "-log p_clf_slant(b | x0_hat)"
     results = {"rows": rows,
                "sweep": {"grid": grid, "seed": cfg.sweep_seed, "criterion": "max joint_success, then min fid, then "
                          "smallest ω_0, η_0", "best": {m: {"omega": w, "eta": e} for m, (w, e) in chosen.items()}},
-               "ink_stats": ink_stats, "preview": previews,
-               "config": {**asdict(cfg), "checkpoints": setup.checkpoints, "sampler": "ddim", "clip_x0": 1.0,
+               "attribute_stats": attribute_stats, "preview": previews,
+               "config": {**asdict(cfg), "targets": list(resolve_targets(cfg)), "checkpoints": setup.checkpoints,
+                          "sampler": "ddim", "clip_x0": 1.0,
                           "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
                           "eta_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
-                          "losses": "-log p_clf_clean(y | x0_hat) + (m(x0_hat) - m*)^2 / ink_scale^2",
-                          "joint_condition": "2 * class + ink_bin (1 = thick)",
-                          "ink_mass": "mean over pixels of (x + 1) / 2",
-                          "ink_success": "m(x0) > held-out class median (thick) / < median (thin)",
+                          "losses": f"-log p_clf_clean(y | x0_hat) + {l_attr}",
+                          "joint_condition": f"2 * class + {cfg.attribute}_bin (1 = {hi})",
+                          "measure": f"{cfg.attribute}: {attr.description}",
+                          f"{cfg.attribute}_success": f"m(x0) > held-out class median ({hi}) / < median ({lo})",
                           "fid_reference": "held-out images of the target class (clf_eval features)",
                           "time_gap_predictor": "unconditional time_predictor", "torch": torch.__version__},
                "paper": PAPER}
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "multicond.png", results, cfg, tuple(setup.eps_model.sample_shape))
+    from .multicond_report import figure, table
+
+    write_outputs(out_dir, results, table(results, cfg))
+    figure(Path(out_dir) / "multicond.png", results, cfg, tuple(setup.eps_model.sample_shape))
     return results
-
-
-def _table(results: dict[str, Any], cfg: MultiCondConfig) -> str:
-    pct = ("joint_success", "class_accuracy", "ink_success")  # shown in %, as the paper's accuracies
-
-    def cells(row: dict[str, Any]) -> list[str]:
-        m = row["metrics"]
-        return [fmt_ms({"mean": 100 * m[k]["mean"], "std": 100 * m[k]["std"]}) for k in pct] + \
-            [fmt_ms(m["fid"], 2), fmt_ms(m["time_gap"])]
-
-    def paper(method: str) -> str:
-        a = PAPER["accuracy"][method]
-        return f"{a[0]} / {a[1]}"
-
-    main_rows = [r for r in results["rows"] if r["chosen"]]
-    rows = [[_NAMES[r["method"]], "✗" if r["method"] == "dps" else "✓", "–" if r["eta"] is None else r["eta"],
-             r["omega"] if r["method"] != "dps" else "–", *cells(r), paper(r["method"])] for r in main_rows]
-    q = cfg.thick_quantile
-    head = (f"Multi-condition guidance (class + stroke thickness), {cfg.dataset}: targets {', '.join(cfg.targets)}, "
-            f"{cfg.num_per_target} samples per target per seed; DDIM(η={cfg.ddim_eta}) {cfg.num_steps} steps, x̂_0 "
-            f"clipped to [-1, 1]; DPS scale {cfg.dps_scale} on ℓ_class + ℓ_ink (ink scale {cfg.ink_scale}, targets "
-            f"= the {1 - q:g}/{q:g} held-out quantiles of the class); TAG before each step, ω_t = ω_0(1-ᾱ_t), "
-            f"η_t² = η_0²(1-ᾱ_t). ω_0 ∈ {list(cfg.omegas)} and η_0 ∈ {list(cfg.etas)} chosen on seed "
-            f"{cfg.sweep_seed} by joint success (then FID); mean ± std over seeds {list(cfg.seeds)}. Success judged "
-            "by clf_eval (class) and by the ink mass vs the held-out class median (thickness). Paper column: Table 5 "
-            "CelebA accuracy (%), Gender+Age / Gender+Hair.\n\n")
-    headers = ["method", "TAG", "η_0*", "ω_0*", "joint success % ↑", "class acc. % ↑", "ink success % ↑", "FID ↓",
-               "Time Gap", "paper Acc % (CelebA)"]
-    out = head + markdown_table(headers, rows)
-    eta_rows = [[r["method"], r["eta"], r["omega"], "✓" if r["chosen"] else "", *cells(r)]
-                for r in results["rows"] if r["eta"] is not None]
-    out += ("\nEvery η_0 (each at its best ω_0 on the validation seed), evaluation seeds; ✓ = chosen η_0*:\n\n"
-            + markdown_table(["variant", "η_0", "ω_0", "chosen", "joint success %", "class acc. %", "ink success %",
-                              "FID", "Time Gap"], eta_rows))
-    grid_rows = [[name, *(f"{100 * m[k]:.1f}" for k in pct), f"{m['fid']:.2f}", f"{m['time_gap']:.1f}"]
-                 for name, m in results["sweep"]["grid"].items()]
-    out += (f"\nValidation grid (seed {cfg.sweep_seed}, {cfg.sweep_per_target} samples per target):\n\n"
-            + markdown_table(["setting", "joint success %", "class acc. %", "ink success %", "FID", "Time Gap"],
-                             grid_rows))
-    per = [[_NAMES[r["method"]], *(f"{100 * v:.1f}" for v in r["per_target"].values())] for r in main_rows]
-    out += ("\nJoint success (%) per target, mean over seeds:\n\n"
-            + markdown_table(["method", *main_rows[0]["per_target"]], per))
-    return out
-
-
-def _figure(path: Path, results: dict[str, Any], cfg: MultiCondConfig, shape: tuple[int, ...]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = [m for m in METHODS if m in results["preview"]]
-    fig = plt.figure(figsize=(2.2 * len(methods) + 4.2, 3.4))
-    gs = fig.add_gridspec(1, len(methods) + 1, width_ratios=[1] * len(methods) + [1.8])
-    k = min(cfg.num_per_target, _PREVIEW_PER_TARGET)
-    P = len(results["preview"][methods[0]]) // k
-    for j, method in enumerate(methods):
-        x = torch.tensor(results["preview"][method]).reshape(-1, *shape)
-        ax = fig.add_subplot(gs[0, j])
-        ax.imshow(image_grid(x, P, k), cmap="gray", vmin=0, vmax=1)
-        row = next(r for r in results["rows"] if r["method"] == method and r["chosen"])
-        how = "" if method == "dps" else f" ω_0={row['omega']}" + ("" if row["eta"] is None else f" η_0={row['eta']}")
-        ax.set_title(f"{method}{how}\njoint success {100 * row['metrics']['joint_success']['mean']:.1f}%", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([(i + 0.5) * shape[-2] - 0.5 for i in range(P)],
-                      list(row["per_target"]) if P == len(row["per_target"]) else [""] * P,
-                      fontsize=7)
-    ax = fig.add_subplot(gs[0, -1])
-    grid = results["sweep"]["grid"]
-    for method, style in (("single", "o-"), ("unconditional", "s-")):
-        ys = [max(grid[f"{method}:η={e}:ω={w}"]["joint_success"] for w in cfg.omegas) for e in cfg.etas]
-        ax.plot(list(cfg.etas), ys, style, label=f"{method} (best ω_0)")
-    ax.axhline(grid["dps"]["joint_success"], color="k", ls="--", lw=1, label="DPS")
-    ax.axhline(max(grid[f"joint:ω={w}"]["joint_success"] for w in cfg.omegas), color="tab:red", ls=":", lw=1,
-               label="joint (best ω_0)")
-    ax.set_xlabel("η_0")
-    ax.set_ylabel(f"joint success (seed {cfg.sweep_seed})")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

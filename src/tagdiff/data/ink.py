@@ -2,6 +2,8 @@
 (``tagdiff bench multicond``) and the ink-bin labels of the ``class_ink`` conditional time predictor.
 
 Images are ``(B, C, H, W)`` in [-1, 1]; ink mass is the mean over pixels of ``(x + 1) / 2`` (0 = blank, 1 = full).
+The generic per-class helpers (any attribute of :mod:`tagdiff.data.attributes`) live there; the ``ink_*`` names
+here are their ink versions.
 """
 
 from __future__ import annotations
@@ -11,17 +13,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .attributes import attribute_bins, attribute_quantiles, ink_mass, joint_condition, parse_targets
+
 __all__ = ["INK_LEVELS", "ink_mass", "ink_loss", "ink_quantiles", "ink_bins", "joint_condition", "parse_targets"]
 
 INK_LEVELS = ("thin", "thick")  # ink bin b: 0 = thin (below the class median), 1 = thick (above)
-
-
-def ink_mass(x: Tensor) -> Tensor:
-    """Ink mass ``m(x) = mean over pixels (and channels) of (x + 1) / 2``, shape ``(B,)``; in [0, 1] for x in [-1, 1].
-
-    Differentiable: ``∂m/∂x = 1 / (2 D)`` for every one of the D = C·H·W pixels.
-    """
-    return ((x + 1) / 2).flatten(1).mean(1)
 
 
 def ink_loss(target: Tensor | float, scale: float):
@@ -50,14 +46,7 @@ def ink_quantiles(x: Tensor, y: Tensor, num_classes: int, qs: Sequence[float] = 
     Raises:
         ValueError: if a class has no image.
     """
-    m = ink_mass(x.double())
-    out = []
-    for c in range(num_classes):
-        mc = m[y == c]
-        if mc.numel() == 0:
-            raise ValueError(f"class {c} has no image to compute its ink quantiles from")
-        out.append(torch.quantile(mc, torch.tensor(list(qs), dtype=torch.float64)))
-    return torch.stack(out)
+    return attribute_quantiles("ink", x, y, num_classes, qs)
 
 
 def ink_bins(x: Tensor, y: Tensor, num_classes: int, medians: Tensor | None = None) -> Tensor:
@@ -66,38 +55,4 @@ def ink_bins(x: Tensor, y: Tensor, num_classes: int, medians: Tensor | None = No
     ``medians`` (``(num_classes,)``) default to the medians of ``x`` itself (the training split when building the
     joint condition labels of the class_ink time predictor).
     """
-    if medians is None:
-        medians = ink_quantiles(x, y, num_classes, (0.5,))[:, 0]
-    return (ink_mass(x.double()) > medians.double()[y]).long()
-
-
-def joint_condition(classes: Tensor | int, bins: Tensor | int) -> Tensor:
-    """The joint condition index ``c = 2 · class + ink_bin`` (0..2K−1) of the class_ink time predictor."""
-    return 2 * torch.as_tensor(classes).long() + torch.as_tensor(bins).long()
-
-
-def parse_targets(targets: Sequence[str], num_classes: int) -> tuple[Tensor, Tensor]:
-    """``("0:thick", "1:thin", ...)`` -> ``(classes, bins)``, both ``(P,)`` int64; ``("all",)`` = every class × both.
-
-    Raises:
-        ValueError: a malformed pair, a class outside ``0..num_classes-1`` or an ink level other than thin/thick.
-    """
-    if tuple(targets) == ("all",):
-        targets = tuple(f"{c}:{lvl}" for c in range(num_classes) for lvl in INK_LEVELS)
-    if not targets:
-        raise ValueError("no targets given; expected pairs like 0:thick,1:thin or 'all'")
-    classes, bins = [], []
-    for spec in targets:
-        cls, _, level = str(spec).partition(":")
-        try:
-            c = int(cls)
-        except ValueError:
-            raise ValueError(f"target {spec!r} is not CLASS:thin or CLASS:thick") from None
-        if not 0 <= c < num_classes:
-            raise ValueError(f"target class {c} (in {spec!r}) out of range; the classifiers have classes "
-                             f"0..{num_classes - 1}")
-        if level not in INK_LEVELS:
-            raise ValueError(f"target {spec!r}: ink level must be 'thin' or 'thick', got {level!r}")
-        classes.append(c)
-        bins.append(INK_LEVELS.index(level))
-    return torch.tensor(classes), torch.tensor(bins)
+    return attribute_bins("ink", x, y, num_classes, medians)
