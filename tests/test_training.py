@@ -57,6 +57,17 @@ def test_resume_equals_uninterrupted(tmp_path, ema):
         assert torch.equal(v, fresh.state_dict()[k]), k
 
 
+def test_rerunning_a_finished_run_keeps_its_weights_and_reports_its_loss(tmp_path):
+    first = train(MLPTimePredictor(2, 50, hidden=16, num_layers=2), time_loss, DATA, SCHED, _cfg(), tmp_path,
+                  progress=False)
+    weights = load_model(tmp_path).state_dict()
+    again = train(MLPTimePredictor(2, 50, hidden=16, num_layers=2), time_loss, DATA, SCHED, _cfg(), tmp_path,
+                  progress=False)  # nothing left to train: the recorded loss, the same exported weights
+    assert again["final_loss"] == first["final_loss"] and again["history"] == first["history"]
+    for k, v in load_model(tmp_path).state_dict().items():
+        assert torch.equal(v, weights[k]), k
+
+
 def test_keyboard_interrupt_saves_state_and_resumes(tmp_path):
     torch.manual_seed(0)
     ref = MLPTimePredictor(2, 50, hidden=16, num_layers=2)

@@ -217,4 +217,6 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     extra = {"schedule": schedule.to_dict(), "train": asdict(config), **(export_extra or {})}
     (export or save_model)(model.eval(), out_dir, **extra)
     (out_dir / "history.json").write_text(json.dumps(history))
+    if loss_avg is None and history:  # resumed a finished run: nothing to train, report the recorded loss
+        loss_avg = history[-1][1]
     return {"steps": config.steps, "final_loss": loss_avg, "seconds": time.time() - t0, "history": history}
