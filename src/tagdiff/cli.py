@@ -7,7 +7,6 @@ gradient) print one line ``tagdiff: error: ...`` on stderr and exit with code 2,
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -253,22 +252,11 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 def _time_predictor_report(predictor: Any, schedule: Any, args: argparse.Namespace, out: Path | None,
                            num_samples: int = 500, seed: int = 12345) -> dict[str, Any]:
     """Evaluate on held-out, forward-noised data; print per-bucket table; write ``out`` (JSON) and a PNG beside."""
-    from .metrics import evaluate_time_predictor, plot_time_predictor_report
+    from .recipes import time_predictor_report
 
     split = "train" if args.dataset == "toy" else "held_out"  # toy: fresh draws (another seed) are held out
     held_out, _, _ = _load_data(args, split, seed=seed, num_samples=num_samples)
-    predictor.check_input(held_out[:1])
-    report = evaluate_time_predictor(predictor.eval(), held_out, schedule, seed=seed)
-    print(f"{'timesteps':>12s} {'accuracy':>9s} {'|argmax-t|':>11s} {'CE (nats)':>10s}")
-    for b in report["buckets"]:
-        print(f"{b['t_min']:5d}-{b['t_max']:<6d} {b['accuracy']:9.3f} {b['mean_abs_error']:11.1f} "
-              f"{b['cross_entropy']:10.3f}")
-    print(f"{'all':>12s} {report['accuracy']:9.3f} {report['mean_abs_error']:11.1f} {report['cross_entropy']:10.3f}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
-        plot_time_predictor_report(report, out.with_suffix(".png"), f"{args.dataset} time predictor")
-    return report
+    return time_predictor_report(predictor, schedule, held_out, out, f"{args.dataset} time predictor", seed)
 
 
 def _classifier_report(model: Any, args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor, TimePredic
 
 __all__ = ["CONDITIONS", "RECIPES", "Recipe", "attribute_labels", "classifier_report", "condition_labels",
            "conditional_report", "exporter", "load_checkpoint", "make_classifier", "make_eps_model",
-           "make_time_predictor", "recipe_for"]
+           "make_time_predictor", "recipe_for", "time_predictor_report"]
 
 CONDITIONS = ("none", "class", "class_ink", "class_slant")
 
@@ -251,4 +251,32 @@ def classifier_report(model: nn.Module, kind: str, x: Tensor, y: Tensor, out_dir
     print("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "num_held_out"))
     if out_dir is not None:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def time_predictor_report(predictor: TimePredictor, schedule: VPSchedule, held_out: Tensor, out: Path | None = None,
+                          title: str = "time predictor", seed: int = 12345) -> dict[str, Any]:
+    """Accuracy, mean |argmax − t| and cross-entropy of ``predictor`` on forward-noised ``held_out`` samples
+    (:func:`~tagdiff.metrics.evaluate_time_predictor`), printed per bucket of timesteps; written to ``out`` (JSON)
+    with a PNG figure beside it if given.
+
+    Raises:
+        ValueError: ``held_out`` samples of a shape the predictor does not take.
+    """
+    import json
+
+    from .metrics import evaluate_time_predictor, plot_time_predictor_report
+
+    predictor.check_input(held_out[:1])
+    report = evaluate_time_predictor(predictor.eval(), held_out, schedule, seed=seed)
+    print(f"{'timesteps':>12s} {'accuracy':>9s} {'|argmax-t|':>11s} {'CE (nats)':>10s}")
+    for b in report["buckets"]:
+        print(f"{b['t_min']:5d}-{b['t_max']:<6d} {b['accuracy']:9.3f} {b['mean_abs_error']:11.1f} "
+              f"{b['cross_entropy']:10.3f}")
+    print(f"{'all':>12s} {report['accuracy']:9.3f} {report['mean_abs_error']:11.1f} {report['cross_entropy']:10.3f}")
+    if out is not None:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        plot_time_predictor_report(report, out.with_suffix(".png"), title)
     return report
