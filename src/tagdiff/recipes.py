@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import DatasetInfo
+from .data.attributes import ATTRIBUTES, attribute_bins, attribute_quantiles, get_attribute, joint_condition
 from .interop import UNetEpsModel, make_unet, save_unet
 from .nets import MLPEpsModel
 from .schedules import VPSchedule
@@ -26,7 +27,7 @@ __all__ = ["CONDITIONS", "RECIPES", "Recipe", "attribute_labels", "classifier_re
            "conditional_report", "exporter", "load_checkpoint", "make_classifier", "make_eps_model",
            "make_time_predictor", "recipe_for", "time_predictor_report"]
 
-CONDITIONS = ("none", "class", "class_ink", "class_slant")
+CONDITIONS = ("none", "class", *(f"class_{name}" for name in ATTRIBUTES))
 
 
 @dataclass(frozen=True)
@@ -172,9 +173,9 @@ def condition_labels(condition: str, x: Tensor, y: Tensor, info: DatasetInfo,
         return y.long(), {"condition": "class", "num_conditions": K}
     attribute = condition.removeprefix("class_")
     if _kind(info) != "image":
-        raise ValueError(f"--condition {condition} needs image data (the {attribute} of an image)")
-    from .data.attributes import attribute_bins, attribute_quantiles, joint_condition
-
+        raise ValueError(f"{condition} labels (--condition {condition} or --attribute {attribute}) need image data "
+                         f"(the {attribute} of an image); dataset {info.name!r} has samples of shape "
+                         f"{info.sample_shape}")
     medians = attribute_quantiles(attribute, x, y, K, (0.5,))[:, 0] if medians is None else medians
     labels = joint_condition(y, attribute_bins(attribute, x, y, K, medians))
     return labels, {"condition": condition, "num_conditions": 2 * K,
@@ -194,14 +195,10 @@ def attribute_labels(attribute: str, x: Tensor, y: Tensor, info: DatasetInfo,
     """
     from dataclasses import replace
 
-    from .data.attributes import ATTRIBUTES, get_attribute
-
-    if f"class_{attribute}" not in CONDITIONS:
-        raise ValueError(f"unknown attribute {attribute!r}; expected one of {', '.join(ATTRIBUTES)}")
+    levels = get_attribute(attribute).levels
     joint, meta = condition_labels(f"class_{attribute}", x, y, info, medians)
-    meta = {"attribute": attribute, "levels": list(get_attribute(attribute).levels),
-            f"{attribute}_medians": meta[f"{attribute}_medians"]}
-    names = tuple(f"{attribute}:{lvl}" for lvl in get_attribute(attribute).levels)
+    meta = {"attribute": attribute, "levels": list(levels), f"{attribute}_medians": meta[f"{attribute}_medians"]}
+    names = tuple(f"{attribute}:{lvl}" for lvl in levels)
     return joint % 2, replace(info, num_classes=2, class_names=names), meta
 
 
@@ -238,8 +235,13 @@ def conditional_report(predictor: TimePredictor, schedule: VPSchedule, condition
 
 
 def classifier_report(model: nn.Module, kind: str, x: Tensor, y: Tensor, out_dir: Path | None = None) -> dict[str, Any]:
-    """Held-out accuracy of a classifier on ``x`` (``(N, C, H, W)``) with labels ``y``; a noisy classifier at
-    t = 0, 100, 300, 500. Printed, and written to ``out_dir/metrics.json`` if given."""
+    """Held-out accuracy of a classifier on ``x`` (``(N, C, H, W)``) with labels ``y`` (``(N,)`` int64); a noisy
+    classifier (``kind="noisy"``) at training timesteps t = 0, 100, 300, 500. Printed, and written to
+    ``out_dir/metrics.json`` if given.
+
+    Raises:
+        ValueError: empty ``x``, or ``y`` whose length is not N (:func:`tagdiff.classifiers.accuracy`).
+    """
     import json
 
     from .classifiers import accuracy

@@ -120,7 +120,7 @@ class MultiCondConfig(ExperimentConfig):
     condition: ``ink`` (analytic loss, scale ``ink_scale``) or ``slant`` (attribute classifier). Empty ``targets``
     mean the attribute's :data:`DEFAULT_TARGETS`."""
 
-    attribute: str = field(default="ink", metadata={"choices": ("ink", "slant"), "help": "second condition: "
+    attribute: str = field(default="ink", metadata={"choices": tuple(DEFAULT_TARGETS), "help": "second condition: "
                                                     "ink (stroke thickness, analytic loss) or slant (a classifier)"})
     targets: tuple[str, ...] = field(default=(), metadata={"help": "comma-separated CLASS:LEVEL pairs or 'all' "
                                      "(default: 0:thick,1:thin,7:thick,8:thin for ink, 0:right,1:left,7:right,8:left "
@@ -259,7 +259,8 @@ def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str,
 
 
 def evaluate(setup: Setup, x0: Tensor, tg: Targets, attribute: str = "ink") -> dict[str, Any]:
-    """Joint success, class accuracy (``clf_eval``), attribute success (its measure vs the held-out class median:
+    """Metrics of final samples ``x0`` (``(B, C, H, W)`` in [-1, 1]) against per-sample targets ``tg`` (B entries):
+    joint success, class accuracy (``clf_eval``), attribute success (its measure vs the held-out class median:
     ``ink_success`` / ``slant_success``), mean |m − m*| (``<attribute>_abs_error``), FID against the target classes'
     held-out images, and the joint success per target pair. The attribute is judged by its measure, never by the
     attribute classifier used for guidance."""

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ATTRIBUTES", "Attribute", "get_attribute", "ink_mass", "slant", "attribute_quantiles", "attribute_bins",
-           "joint_condition", "parse_targets"]
+__all__ = ["ATTRIBUTES", "INK_LEVELS", "Attribute", "get_attribute", "ink_mass", "slant", "attribute_quantiles",
+           "attribute_bins", "joint_condition", "parse_targets"]
 
 
 def ink_mass(x: Tensor) -> Tensor:
@@ -62,8 +62,10 @@ class Attribute:
     description: str
 
 
+INK_LEVELS = ("thin", "thick")  # level 0 = thin (below the class median), 1 = thick (above)
+
 ATTRIBUTES: dict[str, Attribute] = {
-    "ink": Attribute("ink", ink_mass, ("thin", "thick"), "stroke thickness: ink mass, mean of (x + 1)/2"),
+    "ink": Attribute("ink", ink_mass, INK_LEVELS, "stroke thickness: ink mass, mean of (x + 1)/2"),
     "slant": Attribute("slant", slant, ("left", "right"), "slant: −μ₁₁/μ₀₂ of the ink (> 0 leans right)"),
 }
 
@@ -108,7 +110,7 @@ def joint_condition(classes: Tensor | int, bins: Tensor | int) -> Tensor:
     return 2 * torch.as_tensor(classes).long() + torch.as_tensor(bins).long()
 
 
-def parse_targets(targets: Sequence[str], num_classes: int, levels: tuple[str, str] = ("thin", "thick"),
+def parse_targets(targets: Sequence[str], num_classes: int, levels: tuple[str, str] = INK_LEVELS,
                   ) -> tuple[Tensor, Tensor]:
     """``("0:thick", "1:thin", ...)`` -> ``(classes, bins)``, both ``(P,)`` int64; ``("all",)`` = every class × both
     levels. ``levels`` are the attribute's level names (default: ink's).

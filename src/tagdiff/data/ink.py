@@ -13,12 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .attributes import attribute_bins, attribute_quantiles, ink_mass, joint_condition, parse_targets
+from .attributes import INK_LEVELS, attribute_bins, attribute_quantiles, ink_mass, joint_condition, parse_targets
 
 __all__ = ["INK_LEVELS", "ink_mass", "ink_loss", "ink_quantiles", "ink_bins", "joint_condition", "parse_targets"]
-
-INK_LEVELS = ("thin", "thick")  # ink bin b: 0 = thin (below the class median), 1 = thick (above)
-
 
 def ink_loss(target: Tensor | float, scale: float):
     """Per-sample ink loss ``ℓ(x) = (m(x) − target)² / scale²``, a function ``(B, *D) -> (B,)``.
