@@ -10,7 +10,7 @@ import torch
 from tagdiff import DPSGuidance, StackedRandomGenerator, StepContext, VPSchedule, sample_ddim, sample_ddpm
 from tagdiff.data.gmm import GaussianMixture
 from tagdiff.guidance import EpsilonScaling, LangevinCorrector, TimeCorrection, TimeShift
-from tagdiff.guidance.base import guided_terms
+from tagdiff.terms import guided_eps_and_x0
 
 F64 = torch.float64
 SCH = VPSchedule.linear(1000)
@@ -188,12 +188,12 @@ def test_es_eps_is_model_eps_over_lambda_t():
     eps = MIX_L.eps(x, t, SCH)
     lam, k = 1.01, 2e-5
     lam_t = (lam + k * (t.to(F64) - 499.5))[:, None]
-    eps_es = guided_terms(x, t, ctx, [EpsilonScaling(lam, k)])[0]
+    eps_es = guided_eps_and_x0(x, t, ctx, [EpsilonScaling(lam, k)])[0]
     torch.testing.assert_close(eps_es, eps / lam_t, rtol=1e-12, atol=1e-13)
     # ES scales the model's ε only: another term's correction is added unscaled
     dps = DPSGuidance(lambda x0: ((x0 - 1.0) ** 2).sum(-1), 0.3)
-    eps_dps = guided_terms(x, t, ctx, [dps])[0]
-    eps_both = guided_terms(x, t, ctx, [EpsilonScaling(lam, k), dps])[0]
+    eps_dps = guided_eps_and_x0(x, t, ctx, [dps])[0]
+    eps_both = guided_eps_and_x0(x, t, ctx, [EpsilonScaling(lam, k), dps])[0]
     torch.testing.assert_close(eps_both, eps_dps - eps + eps / lam_t, rtol=1e-10, atol=1e-12)
 
 
@@ -285,15 +285,15 @@ def test_time_shift_on_manifold_stays_near_t_and_inflated_goes_up(t):
     x = _q_t(MIX_TS, n, t, seed=t)
     shift = TimeShift(window=20, cutoff=1000, data_var=DATA_VAR)
     tt, tp = torch.full((n,), t), torch.full((n,), t - 10)
-    s = shift(x, tt, tp, SCH)
+    s = shift.retime(x, tt, tp, SCH)
     assert s.dtype == torch.int64 and s.shape == (n,)
     assert ((s - t).abs() <= 10).all() and (s > tp).all()
     off = (s - t).to(F64)
     assert abs(float(off.mean())) <= 4 * float(off.std()) / math.sqrt(n) + 0.5   # unbiased around t
-    s_up = shift(1.05 * x, tt, tp, SCH)  # variance ×1.1: the window's noisiest end
+    s_up = shift.retime(1.05 * x, tt, tp, SCH)  # variance ×1.1: the window's noisiest end
     assert (s_up >= s).all() and float((s_up - t).to(F64).mean()) > 8
     # TAG.md's literal rule (data_var = 0) ignores the data's own variance and shifts on-manifold samples up
-    assert float((TimeShift(20, 1000)(x, tt, tp, SCH) - t).to(F64).mean()) > 8
+    assert float((TimeShift(20, 1000).retime(x, tt, tp, SCH) - t).to(F64).mean()) > 8
 
 
 def test_time_shift_respects_bounds_and_cutoff():
@@ -301,11 +301,11 @@ def test_time_shift_respects_bounds_and_cutoff():
     x = _q_t(MIX_TS, n, 990, seed=16)
     shift = TimeShift(window=20, cutoff=1000, data_var=DATA_VAR)
     tt, tp = torch.full((n,), 995), torch.full((n,), 992)
-    assert (shift(3 * x, tt, tp, SCH) == 999).all()       # wants far more noise: capped at T - 1
-    assert (shift(0.3 * x, tt, tp, SCH) == 993).all()     # wants far less: capped just above t_prev
+    assert (shift.retime(3 * x, tt, tp, SCH) == 999).all()       # wants far more noise: capped at T - 1
+    assert (shift.retime(0.3 * x, tt, tp, SCH) == 993).all()     # wants far less: capped just above t_prev
     x = _q_t(MIX_TS, 4, 400, seed=17)
     t = torch.tensor([400, 200, 301, 300])
-    s = TimeShift(window=20, cutoff=300, data_var=DATA_VAR)(2 * x, t, t - 20, SCH)
+    s = TimeShift(window=20, cutoff=300, data_var=DATA_VAR).retime(2 * x, t, t - 20, SCH)
     assert s[[0, 2]].tolist() == [400, 301] and (s[[1, 3]] == t[[1, 3]] + 10).all()
 
 
@@ -314,9 +314,9 @@ def test_time_shift_in_sampler():
     x_T = torch.randn(8, 32, generator=torch.Generator().manual_seed(18), dtype=F64)
     ts = SCH.timesteps(20)
     ref = sample_ddim(mix.eps_model(SCH), x_T, ts, SCH)
-    out = sample_ddim(mix.eps_model(SCH), x_T, ts, SCH, retime=TimeShift(10, 500))
+    out = sample_ddim(mix.eps_model(SCH), x_T, ts, SCH, terms=[TimeShift(10, 500)])
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
-    assert torch.equal(sample_ddim(mix.eps_model(SCH), x_T, ts, SCH, retime=TimeShift(10, 0)), ref)  # grid t > 0
+    assert torch.equal(sample_ddim(mix.eps_model(SCH), x_T, ts, SCH, terms=[TimeShift(10, 0)]), ref)  # grid t > 0
 
 
 # --------------------------------------------------------------------------------------------------- bad input
@@ -350,4 +350,4 @@ def test_bad_arguments_at_sampling_time():
     with pytest.raises(ValueError, match=r"lam=1.0, k=0.01"):
         sample_ddim(model, x_T, ts, SCH, terms=[EpsilonScaling(1.0, k=0.01)])
     with pytest.raises(ValueError, match="shape"):
-        TimeShift()(torch.zeros(2, 1), torch.tensor([5, 5]), torch.tensor([1, 1]), SCH)
+        TimeShift().retime(torch.zeros(2, 1), torch.tensor([5, 5]), torch.tensor([1, 1]), SCH)

@@ -146,8 +146,6 @@ def test_tag_outside_window_is_bit_for_bit():
         DPSGuidance(_dps_loss, 0.0),
         ClassifierGuidance(MIX.classifier(SCH), 1, Strength(3.0, window=(0, 10))),  # t = 500 outside the window
         DPSGuidance(_dps_loss, Strength(3.0, "one_minus_alpha_bar", window=(600, 999))),
-        TemporalAlignment(TP, 2.0),  # state-space corrector: no score-space part
-        Drift(lambda x, t: -x, 1.0),
     ],
 )
 def test_zero_scale_or_inactive_term_leaves_guided_eps_unchanged(term):
@@ -158,6 +156,12 @@ def test_zero_scale_or_inactive_term_leaves_guided_eps_unchanged(term):
     assert torch.equal(guided_eps(MODEL, SCH, [])(x, t), ref)
     # a scalar timestep is accepted and broadcast
     assert torch.equal(guided_eps(MODEL, SCH, [term])(x, 500), ref)
+
+
+@pytest.mark.parametrize("term", [TemporalAlignment(TP, 2.0), Drift(lambda x, t: -x, 1.0)])
+def test_guided_eps_refuses_a_corrector_instead_of_dropping_it(term):
+    with pytest.raises(TypeError, match=f"{type(term).__name__} is a corrector"):
+        guided_eps(MODEL, SCH, [term])
 
 
 @pytest.mark.parametrize("t", [10, 300, 900])
@@ -303,7 +307,7 @@ def test_tag_at_fixed_t_reduces_the_time_gap_of_off_manifold_samples(t):
     tag = TemporalAlignment(tp, 1.0, omega_schedule="constant")
     for perturbed in (0.7 * xt, xt + 1.0 * _x_T(n, 15)):
         before = time_gap(tp, perturbed, tt).mean()
-        after = time_gap(tp, tag.correct(perturbed, tt, SCH), tt).mean()
+        after = time_gap(tp, tag.correct(perturbed, tt, schedule=SCH), tt).mean()
         assert after < 0.5 * before, (before, after)
     # forward-noised samples are (nearly) on the t-manifold: their gap is small compared with scaled ones
     assert on < 0.5 * time_gap(tp, 0.7 * xt, tt).mean()
@@ -388,9 +392,9 @@ def test_window_restricts_the_correction(placement):
     tag = TemporalAlignment(TP, 1.0, window=(300, 700), omega_schedule="constant")
     x = _x_T(4, 21)
     for t in (0, 299, 701, 999):
-        assert tag.correct(x, torch.full((4,), t), SCH) is x
+        assert tag.correct(x, torch.full((4,), t), schedule=SCH) is x
     for t in (300, 500, 700):
-        assert not torch.equal(tag.correct(x, torch.full((4,), t), SCH), x)
+        assert not torch.equal(tag.correct(x, torch.full((4,), t), schedule=SCH), x)
 
 
 # ============================================================================================== Strength
@@ -433,10 +437,10 @@ def test_strength_window_and_activity():
 
 def test_tag_uses_one_minus_alpha_bar_by_default():
     x, t = _x_T(6, 22), torch.full((6,), 700)
-    out = TemporalAlignment(TP, 1.7).correct(x, t, SCH)
+    out = TemporalAlignment(TP, 1.7).correct(x, t, schedule=SCH)
     ref = x + 1.7 * (1 - float(SCH.alpha_bar[700])) * tls(TP, x, t)
     torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-14)
-    out = TemporalAlignment(TP, 1.7, omega_schedule="constant").correct(x, t, SCH)
+    out = TemporalAlignment(TP, 1.7, omega_schedule="constant").correct(x, t, schedule=SCH)
     torch.testing.assert_close(out, x + 1.7 * tls(TP, x, t), rtol=1e-14, atol=1e-14)
 
 
@@ -504,7 +508,7 @@ def test_linear_drift_and_order_of_hooks():
     out = _run("ddim", [LinearDrift(-0.2), tag], n=8, steps=1)
     ref_x = _x_T(8, 0)
     t0 = torch.full((8,), 999)
-    ref_x = tag.correct(ref_x + (-0.2 * ref_x), t0, SCH)
+    ref_x = tag.correct(ref_x + (-0.2 * ref_x), t0, schedule=SCH)
     ref, _ = ddim_step(ref_x, MODEL(ref_x, t0), t0, torch.full((8,), -1), SCH)
     torch.testing.assert_close(out, ref, rtol=1e-13, atol=1e-13)
 
@@ -551,7 +555,7 @@ def test_non_finite_tls_raises(value):
     with pytest.raises(NonFiniteError, match="TLS at t=500"):
         tls(bad, x, t)
     with pytest.raises(NonFiniteError, match="TLS"):
-        TemporalAlignment(bad, 1.0).correct(x, t, SCH)
+        TemporalAlignment(bad, 1.0).correct(x, t, schedule=SCH)
     with pytest.raises(NonFiniteError, match="TLS"):
         _run("ddpm", [TemporalAlignment(bad, 1.0)], n=16, steps=5)
 
@@ -561,11 +565,12 @@ def test_non_finite_tls_skip_leaves_those_samples_uncorrected(value):
     bad = PoisonedPosterior(MIX, SCH, value)
     x = torch.tensor([[1.0, 0.0], [-1.0, 0.5], [2.0, 1.0], [-0.5, -2.0]], dtype=F64)
     t = torch.full((4,), 500)
-    out = TemporalAlignment(bad, 1.0, on_nonfinite="skip").correct(x, t, SCH)
+    out = TemporalAlignment(bad, 1.0, on_nonfinite="skip").correct(x, t, schedule=SCH)
     assert torch.isfinite(out).all()
     ok = x[:, 0] <= 0
     assert torch.equal(out[~ok], x[~ok])
-    torch.testing.assert_close(out[ok], TemporalAlignment(TP, 1.0).correct(x, t, SCH)[ok], rtol=1e-14, atol=1e-14)
+    ref = TemporalAlignment(TP, 1.0).correct(x, t, schedule=SCH)
+    torch.testing.assert_close(out[ok], ref[ok], rtol=1e-14, atol=1e-14)
     samples = _run("ddpm", [TemporalAlignment(bad, 1.0, on_nonfinite="skip")], n=16, steps=5)
     assert torch.isfinite(samples).all()
 

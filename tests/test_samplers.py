@@ -16,15 +16,20 @@ from tagdiff import (
     NonFiniteError,
     StackedRandomGenerator,
     StepInfo,
+    TemporalAlignment,
+    TFGGuidance,
+    TimeShift,
     VPSchedule,
     ddim_step,
     ddpm_step,
     get_sampler,
+    guided_eps,
     sample,
     sample_ddim,
     sample_ddpm,
 )
 from tagdiff.data import toy_mixture
+from tagdiff.terms import StepTerm
 
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 B = 16
@@ -487,14 +492,15 @@ def test_negative_eta_raises():
         ddim_step(x, x, _full(10), _full(5), s, eta=-1.0)
 
 
-def test_recurrence_renoises_between_repeats_and_retime_replaces_t():
-    """``num_recur`` = a manual loop that re-noises x_prev back to t between repeats; ``retime`` = a manual loop whose
-    step starts from the returned timestep."""
+def test_recurrence_renoises_between_repeats_and_a_step_term_replaces_t():
+    """TFG's ``num_recur`` = a manual loop that re-noises x_prev back to t between repeats; a step term that retimes
+    = a manual loop whose step starts from the returned timestep."""
     schedule = VPSchedule.linear(1000)
     model = SMALL_GMM.eps_model(schedule)
     grid = schedule.timesteps(4)
     x_T = _x_T(torch.float64, seed=3)
-    out = sample_ddpm(model, x_T, grid, schedule, randn_like=_rng_randn_like(2), num_recur=2)
+    recur = TFGGuidance(lambda x0: x0.sum(-1), rho=0.0, mu=0.0, num_recur=2)  # recurrence only, no guidance
+    out = sample_ddpm(model, x_T, grid, schedule, randn_like=_rng_randn_like(2), terms=[recur])
     rl, x = _rng_randn_like(2), x_T
     ts = grid.tolist() + [-1]
     for i in range(len(grid)):
@@ -506,7 +512,11 @@ def test_recurrence_renoises_between_repeats_and_retime_replaces_t():
             x, _ = ddpm_step(x, model(x, t), t, tp, schedule, noise=rl(x) if ts[i + 1] >= 0 else None)
     torch.testing.assert_close(out, x, rtol=0, atol=0)
 
-    shifted = sample_ddim(model, x_T, grid, schedule, retime=lambda x, t, tp, s: t - 5)
+    class MinusFive(StepTerm):
+        def step(self, x, t, t_prev, ctx, evaluate, update):
+            return update(x, evaluate(x, t - 5).eps_hat, t - 5, t_prev)
+
+    shifted = sample_ddim(model, x_T, grid, schedule, terms=[MinusFive()])
     x = x_T
     for i in range(len(grid)):
         t, tp = _full(ts[i] - 5), _full(ts[i + 1])
@@ -514,10 +524,15 @@ def test_recurrence_renoises_between_repeats_and_retime_replaces_t():
     torch.testing.assert_close(shifted, x, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"num_recur": 0}, "num_recur"),
-                                           ({"retime": lambda x, t, tp, s: tp}, "t_prev < t"),
-                                           ({"retime": lambda x, t, tp, s: t[:1]}, "one timestep per sample")])
-def test_bad_recurrence_or_retime_is_rejected(kwargs, match):
+def test_bad_terms_are_rejected_by_name():
     schedule = VPSchedule.linear(1000)
-    with pytest.raises(ValueError, match=match):
-        sample_ddim(SMALL_GMM.eps_model(schedule), _x_T(torch.float64), schedule.timesteps(3), schedule, **kwargs)
+    run = partial(sample_ddim, SMALL_GMM.eps_model(schedule), _x_T(torch.float64), schedule.timesteps(3), schedule)
+    loss = lambda x0: x0.sum(-1)  # noqa: E731
+    with pytest.raises(ValueError, match="at most one step term.*TFGGuidance, TimeShift"):
+        run(terms=[TFGGuidance(loss, rho=1.0), TimeShift()])
+    with pytest.raises(TypeError, match="ScoreTerm, Corrector or StepTerm.*str"):
+        run(terms=["tag"])
+    with pytest.raises(TypeError, match="score terms only.*TemporalAlignment is a corrector"):
+        guided_eps(SMALL_GMM.eps_model(schedule), schedule, [TemporalAlignment(SMALL_GMM.time_posterior(schedule))])
+    with pytest.raises(TypeError, match="TFGGuidance is a step term"):
+        guided_eps(SMALL_GMM.eps_model(schedule), schedule, [TFGGuidance(loss, rho=1.0)])

@@ -243,11 +243,11 @@ def test_dps_normalized_in_the_sampler_is_ddim_plus_the_shift():
 
 
 def test_recurrence_changes_the_result_and_stays_finite():
-    term = TFGGuidance(_loss, rho=0.05, mu=0.05, num_iter=2, num_recur=2)
     ts = SCH.timesteps(6)
-    once = sample_ddim(MODEL, _x_T(8), ts, SCH, eta=1.0, terms=[term], randn_like=_noise(5))
-    twice = sample_ddim(MODEL, _x_T(8), ts, SCH, eta=1.0, terms=[term], randn_like=_noise(5),
-                        num_recur=term.num_recur)
+    once = sample_ddim(MODEL, _x_T(8), ts, SCH, eta=1.0, terms=[TFGGuidance(_loss, rho=0.05, mu=0.05, num_iter=2)],
+                       randn_like=_noise(5))
+    twice = sample_ddim(MODEL, _x_T(8), ts, SCH, eta=1.0, randn_like=_noise(5),
+                        terms=[TFGGuidance(_loss, rho=0.05, mu=0.05, num_iter=2, num_recur=2)])
     assert torch.isfinite(twice).all()
     assert (once - twice).abs().max() > 1e-3
 
@@ -271,8 +271,7 @@ def test_tfg_sampling_is_independent_of_the_batch():
     def run(seed_list):
         rng = StackedRandomGenerator(seed_list)
         x = rng.randn((len(seed_list), 2), dtype=F64)
-        return sample_ddim(MODEL, x, SCH.timesteps(5), SCH, eta=1.0, terms=terms, randn_like=rng.randn_like,
-                           num_recur=terms[0].num_recur)
+        return sample_ddim(MODEL, x, SCH.timesteps(5), SCH, eta=1.0, terms=terms, randn_like=rng.randn_like)
 
     batch = run(seeds)
     assert torch.isfinite(batch).all()

@@ -1,8 +1,10 @@
-r"""DDPM and DDIM reverse steps over any strided grid of training timesteps, and one sampling loop.
+r"""DDPM and DDIM reverse steps over any strided grid of training timesteps, and the one sampling loop.
 
-Samplers know nothing of guidance: the loop calls the three hooks of every :class:`~tagdiff.guidance.Term`
-(``pre``, ``delta_score``, ``post``) around a pure step function. Convention: VP space, integer training
-timesteps, ``t_prev = -1`` after the last step (``alpha_bar = 1``).
+Samplers know nothing of guidance: :func:`run_loop` applies the terms of :mod:`tagdiff.terms` (correctors before
+and after the step, score terms folded into ε̂, at most one step term) around an update that a *driver* provides:
+tagdiff's own :func:`ddpm_step` / :func:`ddim_step` over a grid (:func:`sample`), or a diffusers scheduler
+(:func:`tagdiff.scheduler_loop.sample_scheduler`). Convention: VP space, integer training timesteps,
+``t_prev = -1`` after the last step (``alpha_bar = 1``).
 
 Notation (variable -> paper symbol)::
 
@@ -14,18 +16,20 @@ Notation (variable -> paper symbol)::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from ._utils import RandnLike, check_finite
-from .guidance.base import EpsModel, StepContext, Term, guided_terms
+from ._utils import RandnLike, append_dims, check_finite
+from .predictions import check_grid_prediction, model_prediction_type
 from .schedules import VPSchedule
+from .terms import EpsModel, Prediction, StepContext, Term, guided_prediction, split_terms
 
-__all__ = ["StepInfo", "ddim_step", "ddpm_step", "sample", "sample_ddim", "sample_ddpm", "get_sampler", "SAMPLERS"]
+__all__ = ["Stage", "StepInfo", "ddim_step", "ddpm_step", "run_loop", "sample", "sample_ddim", "sample_ddpm",
+           "get_sampler", "SAMPLERS"]
 
 
 def _clip(x0_hat: Tensor, clip_x0: float | None) -> Tensor:
@@ -64,7 +68,8 @@ def ddpm_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
 
 
 def ddim_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: VPSchedule,
-              noise: Tensor | None = None, clip_x0: float | None = None, eta: float = 0.0) -> tuple[Tensor, Tensor]:
+              noise: Tensor | None = None, clip_x0: float | None = None, eta: float = 0.0,
+              final_alpha_bar: float = 1.0, use_clipped_model_output: bool = True) -> tuple[Tensor, Tensor]:
     r"""One DDIM(η) step from ``t`` to ``t_prev`` (Song et al. 2021, Eq. 12 and 16).
 
     ::
@@ -74,24 +79,35 @@ def ddim_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
 
     ``eta = 0`` is deterministic (the PF-ODE discretisation); ``eta = 1`` has DDPM's variance. With
     ``clip_x0`` the ε used for the direction is re-derived from the clipped x0_hat, as guided-diffusion does
-    (diffusers: ``use_clipped_model_output=True``).
+    (diffusers: ``use_clipped_model_output=True``); ``use_clipped_model_output=False`` keeps the model's ε
+    (diffusers' default for ``clip_sample=True``). ``final_alpha_bar`` is ᾱ of the state after the last step
+    (``t_prev = -1``): 1 (clean data; diffusers ``set_alpha_to_one=True``) or ``alpha_bar[0]``
+    (``set_alpha_to_one=False``).
     Matches ``diffusers.DDIMScheduler.step`` step for step when the grid's ``t_prev`` equals diffusers'
-    ``t - T // N`` (the ``"leading"`` and ``"trailing"`` spacings with T divisible by N).
+    ``t - T // N`` (the ``"leading"`` and ``"trailing"`` spacings with T divisible by N). Diffusers' ``"linspace"``
+    DDIM steps to ``t - T // N`` even where the grid's next point is elsewhere: that (inconsistent) rule is not
+    expressible here; run ``DDIMScheduler`` itself through :func:`tagdiff.scheduler_loop.sample_scheduler`.
 
     Returns:
         ``(x_prev, x0_hat)``.
 
     Raises:
-        ValueError: if ``eta`` is negative.
+        ValueError: if ``eta`` is negative or ``final_alpha_bar`` is outside (0, 1].
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta}")
+    if not 0 < final_alpha_bar <= 1:
+        raise ValueError(f"final_alpha_bar must be in (0, 1], got {final_alpha_bar}")
     ab_t = schedule.alpha_bar_at(t, x)
     ab_prev = schedule.alpha_bar_at(t_prev, x)
+    if final_alpha_bar != 1.0:
+        ab_prev = torch.where(append_dims(t_prev < 0, x.ndim).to(x.device), torch.full_like(ab_prev, final_alpha_bar),
+                              ab_prev)
     x0_hat = schedule.x0_from_eps(x, t, eps_hat)
     if clip_x0 is not None:
         x0_hat = _clip(x0_hat, clip_x0)
-        eps_hat = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
+        if use_clipped_model_output:
+            eps_hat = (x - ab_t.sqrt() * x0_hat) / (1 - ab_t).sqrt()
     std = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()
     x_prev = ab_prev.sqrt() * x0_hat + (1 - ab_prev - std**2).clamp(min=0).sqrt() * eps_hat
     if eta > 0 and noise is not None:
@@ -99,14 +115,20 @@ def ddim_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
     return x_prev, x0_hat
 
 
+StepFn = Callable[..., tuple[Tensor, Tensor]]
+
+
 @dataclass(frozen=True)
 class StepInfo:
-    """Passed to sampling callbacks at the start of every step.
+    """Passed to sampling callbacks once per reverse step (after the step's ``pre`` correctors ran).
 
     Attributes:
         i: step index; num_steps: total steps.
         t, t_prev: training timesteps, shape ``(B,)``; ``t_prev = -1`` at the last step.
-        x: the state x_t entering the step (before any ``pre`` hook), shape ``(B, *D)``.
+        x: the state x_t entering the step (VP space, before any ``pre`` corrector), shape ``(B, *D)``.
+        shared: the step's scratch dict (see :mod:`tagdiff.terms`): ``"time_logits"`` = ``(x, t, c, logits)``
+            when a TAG corrector already evaluated the time predictor at this ``x``; ``"tls_norm"`` = list of
+            per-sample ``‖ω_t TLS‖`` of the TAG corrections of this step (filled in as the step runs).
     """
 
     i: int
@@ -114,11 +136,53 @@ class StepInfo:
     t: Tensor
     t_prev: Tensor
     x: Tensor
+    shared: dict[str, Any] = field(default_factory=dict)
 
 
-StepFn = Callable[..., tuple[Tensor, Tensor]]
 Callback = Callable[[StepInfo], None]
-Retime = Callable[[Tensor, Tensor, Tensor, VPSchedule], Tensor]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One model call of a driver's plan (see :class:`Driver`).
+
+    Attributes:
+        i: index of the reverse step it belongs to; t, t_prev: its integer training timesteps (python ints;
+            ``t_prev = -1`` after the last step). model_t: what the model is called with (int or float).
+        alpha_bar: ᾱ of the state the model sees, or ``None`` for ``schedule.alpha_bar[t]`` (exact on integer
+            grids). first / last: whether the stage opens / closes its reverse step (a second-order scheduler
+            makes two stages per step; correctors run at step boundaries only).
+    """
+
+    i: int
+    t: int
+    t_prev: int
+    model_t: Any
+    alpha_bar: float | None = None
+    first: bool = True
+    last: bool = True
+
+
+class Driver(Protocol):
+    """What :func:`run_loop` needs from an update rule. Implementations: :class:`GridDriver` (tagdiff's steps)
+    and :class:`tagdiff.scheduler_loop.SchedulerDriver` (diffusers schedulers).
+
+    The driver's state ``x`` may live in its own space (σ-space: x_σ = x_VP · sqrt(1 + σ²)); every term sees VP x.
+    """
+
+    schedule: VPSchedule
+    stateful: bool
+
+    def plan(self) -> list[Stage]: ...
+
+    def model_input(self, x: Tensor, stage: Stage) -> Tensor:
+        """VP-space x of the stage (the model's input), from the driver's state."""
+
+    def vp_scale(self, k: int, after: bool) -> float:
+        """x_driver / x_VP at stage ``k`` (``after``: once its update ran), 1.0 in VP space."""
+
+    def update(self, x: Tensor, pred: Prediction, stage: Stage, k: int) -> Tensor:
+        """The step from the driver's state ``x`` with the (guided) prediction; returns the driver's state."""
 
 
 def _check_grid(timesteps: Tensor, schedule: VPSchedule) -> list[int]:
@@ -141,92 +205,166 @@ def _check_x(x: Tensor, eps_model: Any, terms: Sequence[Term], schedule: VPSched
         raise ValueError(f"the model was trained with T={model_T} timesteps but the schedule has "
                          f"T={schedule.num_train_timesteps}")
     for term in terms:
-        if not isinstance(term, Term):
-            raise TypeError(f"terms must be tagdiff Term objects, got {type(term).__name__}")
         term.check(x, schedule)
 
 
-def _checked_retime(t_used: Tensor, t_prev: Tensor, schedule: VPSchedule) -> Tensor:
-    t_used = torch.as_tensor(t_used, device=t_prev.device).long().reshape(-1)
-    if t_used.shape != t_prev.shape:
-        raise ValueError(f"retime must return one timestep per sample, shape {tuple(t_prev.shape)}; "
-                         f"got {tuple(t_used.shape)}")
-    if (t_used <= t_prev).any() or (t_used >= schedule.num_train_timesteps).any():
-        raise ValueError(f"retime returned timesteps {t_used.unique().tolist()[:8]}; expected t_prev < t < "
-                         f"{schedule.num_train_timesteps}")
-    return t_used
+class GridDriver:
+    """tagdiff's own update: ``step_fn`` (:func:`ddpm_step`, ``partial(ddim_step, eta=...)``) over a decreasing
+    grid of integer training timesteps, in VP space; stateless (each step depends only on its inputs)."""
+
+    stateful = False
+
+    def __init__(self, step_fn: StepFn, timesteps: Tensor, schedule: VPSchedule, randn_like: RandnLike,
+                 needs_noise: bool, clip_x0: float | None):
+        self.step_fn, self.schedule, self.randn_like = step_fn, schedule, randn_like
+        self.needs_noise, self.clip_x0 = needs_noise, clip_x0
+        self.ts = _check_grid(timesteps, schedule)
+
+    def plan(self) -> list[Stage]:
+        N = len(self.ts)
+        return [Stage(i, t, self.ts[i + 1] if i + 1 < N else -1, t) for i, t in enumerate(self.ts)]
+
+    def model_input(self, x: Tensor, stage: Stage) -> Tensor:
+        return x
+
+    def vp_scale(self, k: int, after: bool) -> float:
+        return 1.0
+
+    def step_vp(self, x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
+        noise = self.randn_like(x) if self.needs_noise and int(t_prev.reshape(-1)[0]) >= 0 else None
+        return self.step_fn(x, eps_hat, t, t_prev, self.schedule, noise=noise, clip_x0=self.clip_x0)[0]
+
+    def update(self, x: Tensor, pred: Prediction, stage: Stage, k: int) -> Tensor:
+        t, t_prev = _full(stage.t, x), _full(stage.t_prev, x)
+        return self.step_vp(x, pred.eps_hat, t, t_prev)
+
+    def update_vp(self, x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, stage: Stage, k: int) -> Tensor:
+        return self.step_vp(x, eps_hat, t, t_prev)
+
+
+def _moved(x: Tensor, x_vp: Tensor, x_vp_before: Tensor, scale: float) -> Tensor:
+    """The driver's state after a VP-space correction ``x_vp_before -> x_vp``: Δx_σ = sqrt(1 + σ²) Δx_VP."""
+    return x_vp if scale == 1.0 else x + scale * (x_vp - x_vp_before)
+
+
+def _full(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Term] = (),
+             cond: Mapping[str, Any] | None = None, randn_like: RandnLike = torch.randn_like,
+             callback: Callback | Sequence[Callback] | None = None, progress: bool = False) -> Tensor:
+    """The sampling loop shared by every driver: correctors, score terms, one step term, callbacks.
+
+    Per reverse step ``i`` (one or more driver stages)::
+
+        x_vp <- c.pre(x_vp, t)  for every corrector          # at the step's first stage
+        callbacks(StepInfo(i, ..., x entering))
+        pred  = guided_prediction(x_vp, t)                   # every stage: model + score terms
+        x     = driver.update(x, pred)                       # or step_term.step(...) in VP space
+        x_vp <- c.post(x_vp, t_prev) for every corrector     # at the step's last stage
+
+    Returns the final state x_0 in VP space (detached). Raises as :func:`sample`.
+    """
+    scores, correctors, step_term = split_terms(terms)
+    _check_x(x, eps_model, terms, driver.schedule)
+    plan = driver.plan()
+    kind = model_prediction_type(eps_model)
+    check_grid_prediction([driver.schedule.alpha_bar_host(s.t) if s.alpha_bar is None else s.alpha_bar
+                           for s in plan], kind, bool(scores) or step_term is not None)
+    callbacks = [] if callback is None else [callback] if callable(callback) else list(callback)
+    cond = dict(cond or {})
+    grid = torch.tensor([s.t for s in plan if s.first], dtype=torch.long)
+    N = int(grid.numel())
+    x = x.detach()
+    stages = enumerate(plan)
+    if progress:
+        from tqdm.auto import tqdm
+
+        stages = tqdm(stages, total=len(plan), desc="sampling", leave=False)
+    ctx = None
+    for k, stage in stages:
+        t, t_prev = _full(stage.t, x), _full(stage.t_prev, x)
+        ab = None if stage.alpha_bar is None else torch.tensor(stage.alpha_bar, dtype=torch.float64)
+        same_t = isinstance(stage.model_t, int) and stage.model_t == stage.t
+        model_t = t if same_t else torch.full((x.shape[0],), float(stage.model_t), device=x.device)
+        if stage.first:
+            ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
+                              driver.stateful, True, {})
+        else:
+            ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
+                              driver.stateful, True, ctx.shared)
+        x_vp = driver.model_input(x, stage)
+        if stage.first:
+            x_in = x_vp
+            for c in correctors:
+                x_vp = c.pre(x_vp, t, ctx)
+            for cb in callbacks:
+                cb(StepInfo(stage.i, N, t, t_prev, x_in, ctx.shared))
+            if x_vp is not x_in:
+                x = _moved(x, x_vp, x_in, driver.vp_scale(k, after=False))
+
+        def evaluate(z: Tensor, t_eval: Tensor, keep_graph: bool = False, _ctx: StepContext = ctx) -> Prediction:
+            if t_eval is not _ctx.t:  # a retimed step (Time-Shift): the model and terms see t_eval
+                _ctx = StepContext(_ctx.schedule, eps_model, cond, randn_like, t_eval, _ctx.t_prev, _ctx.i, N, grid,
+                                   t_eval, None, _ctx.stateful_update, True, _ctx.shared)
+            return guided_prediction(z, t_eval, _ctx, scores, keep_graph=keep_graph)
+
+        if step_term is None:
+            x = driver.update(x, evaluate(x_vp, t), stage, k)
+        else:
+            def update(z: Tensor, eps_hat: Tensor, t_u: Tensor, tp_u: Tensor, _k: int = k, _s: Stage = stage) -> Tensor:
+                return driver.update_vp(z, eps_hat, t_u, tp_u, _s, _k)
+
+            x_prev_vp = step_term.step(x_vp, t, t_prev, ctx, evaluate, update)
+            x = x_prev_vp * driver.vp_scale(k, after=True)
+        if stage.last and correctors:
+            scale = driver.vp_scale(k, after=True)
+            x_vp = x / scale if scale != 1.0 else x
+            x_in = x_vp
+            for c in correctors:
+                x_vp = c.post(x_vp, t_prev, ctx)
+            if x_vp is not x_in:
+                x = _moved(x, x_vp, x_in, scale)
+        x = check_finite(x.detach(), f"sample after step {stage.i} (t={stage.t})")
+    scale = driver.vp_scale(len(plan) - 1, after=True)
+    return x / scale if scale != 1.0 else x
 
 
 def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, *,
            terms: Sequence[Term] = (), cond: Mapping[str, Any] | None = None,
            randn_like: RandnLike = torch.randn_like, needs_noise: bool = True,
            callback: Callback | Sequence[Callback] | None = None, clip_x0: float | None = None,
-           num_recur: int = 1, retime: Retime | None = None, progress: bool = False) -> Tensor:
+           progress: bool = False) -> Tensor:
     """Run the reverse process from ``x`` (at ``timesteps[0]``) to clean data with a given step function.
 
     Args:
         step_fn: :func:`ddpm_step`, ``partial(ddim_step, eta=...)`` or any function of the same signature.
-        eps_model: ``(x, t, **cond) -> eps_hat``; ``t`` is a ``(B,)`` int64 tensor of training timesteps.
+        eps_model: ``(x, t, **cond) -> output``; ``t`` is a ``(B,)`` int64 tensor of training timesteps. The output
+            is ε unless the model has a ``prediction_type`` attribute (``"v_prediction"``, ``"sample"``).
         x: initial state, usually x_T ~ N(0, I), shape ``(B, *D)``.
         timesteps: strictly decreasing training timesteps, shape ``(N,)``; see ``VPSchedule.timesteps``.
         schedule: the VP schedule the model was trained with.
-        terms: perturbations, guidance terms and correctors (see :mod:`tagdiff.guidance`), applied in order.
+        terms: score terms, correctors and at most one step term (see :mod:`tagdiff.terms`); correctors run in
+            list order. TFG's recurrence and the Time-Shift retiming live in those step terms.
         cond: keyword conditioning for the model.
         randn_like: noise source; pass ``StackedRandomGenerator(seeds).randn_like`` for per-sample seeds.
         needs_noise: whether ``step_fn`` consumes noise (False for deterministic DDIM).
-        callback: called with a :class:`StepInfo` at the start of every step (e.g. ``TimeGapRecorder``).
+        callback: called with a :class:`StepInfo` once per step (e.g. ``TimeGapRecorder``).
         clip_x0: clamp x0_hat inside the step (images: 1.0); ``None`` disables.
-        num_recur: recurrence ("self-recurrence", Bansal et al. 2023; TFG's N_recur): repeat each step this
-            many times, re-noising the result back to ``t`` in between with
-            ``x_t = sqrt(ab_t / ab_prev) x_prev + sqrt(1 - ab_t / ab_prev) z``. 1 = the plain sampler.
-        retime: optional ``(x, t, t_prev, schedule) -> t_used`` (shape ``(B,)``, ``t_prev < t_used < T``) that
-            replaces the grid's ``t`` for the model call and the step, per sample (the Time-Shift sampler).
         progress: show a tqdm progress bar.
 
     Returns:
         x_0, same shape/dtype/device as ``x`` (detached).
 
     Raises:
-        ValueError: bad grid, wrong x shape, or a term whose requirements do not match (e.g. predictor T).
+        ValueError: bad grid, wrong x shape, a term whose requirements do not match (e.g. predictor schedule), an
+            ε-model on a zero-terminal-SNR step. TypeError: an object in ``terms`` that is not a tagdiff term.
         NonFiniteError: if the state or any guidance/TLS gradient becomes NaN/Inf.
     """
-    ts = _check_grid(timesteps, schedule)
-    _check_x(x, eps_model, terms, schedule)
-    if not isinstance(num_recur, int) or num_recur < 1:
-        raise ValueError(f"num_recur must be an integer >= 1, got {num_recur!r}")
-    callbacks = [] if callback is None else [callback] if callable(callback) else list(callback)
-    cond = dict(cond or {})
-    B, N = x.shape[0], len(ts)
-    grid = torch.tensor(ts, dtype=torch.long)
-    x = x.detach()
-    it = range(N)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="sampling", leave=False)
-    for i in it:
-        t = torch.full((B,), ts[i], dtype=torch.long, device=x.device)
-        t_prev = torch.full((B,), ts[i + 1] if i + 1 < N else -1, dtype=torch.long, device=x.device)
-        for cb in callbacks:
-            cb(StepInfo(i, N, t, t_prev, x))
-        if retime is not None:
-            t = _checked_retime(retime(x, t, t_prev, schedule), t_prev, schedule)
-        ctx = StepContext(schedule, eps_model, cond, randn_like, t, t_prev, i, N, grid)
-        for r in range(num_recur):
-            if r > 0:
-                alpha = schedule.alpha_bar_at(t, x) / schedule.alpha_bar_at(t_prev, x)
-                x = alpha.sqrt() * x + (1 - alpha).sqrt() * randn_like(x)
-            for term in terms:
-                x = term.pre(x, t, ctx)
-            eps_hat, _, shift = guided_terms(x, t, ctx, terms)
-            noise = randn_like(x) if needs_noise and t_prev[0] >= 0 else None
-            x, _ = step_fn(x, eps_hat, t, t_prev, schedule, noise=noise, clip_x0=clip_x0)
-            if shift is not None:
-                x = x + shift
-            for term in terms:
-                x = term.post(x, t_prev, ctx)
-            x = check_finite(x.detach(), f"sample after step {i} (t={ts[i]})")
-    return x
+    driver = GridDriver(step_fn, timesteps, schedule, randn_like, needs_noise, clip_x0)
+    return run_loop(driver, eps_model, x, terms=terms, cond=cond, randn_like=randn_like, callback=callback,
+                    progress=progress)
 
 
 def sample_ddpm(eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, **kwargs: Any) -> Tensor:
@@ -235,11 +373,14 @@ def sample_ddpm(eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPS
 
 
 def sample_ddim(eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, *, eta: float = 0.0,
-                **kwargs: Any) -> Tensor:
-    """DDIM(η) sampling (Song et al. 2021) over ``timesteps``; keyword arguments as in :func:`sample`."""
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
-    return sample(partial(ddim_step, eta=eta), eps_model, x, timesteps, schedule, needs_noise=eta > 0, **kwargs)
+                final_alpha_bar: float = 1.0, use_clipped_model_output: bool = True, **kwargs: Any) -> Tensor:
+    """DDIM(η) sampling (Song et al. 2021) over ``timesteps``; keyword arguments as in :func:`sample` and
+    :func:`ddim_step` (``final_alpha_bar``, ``use_clipped_model_output``)."""
+    if not eta >= 0:
+        raise ValueError(f"eta must be a number >= 0, got {eta}")
+    step = partial(ddim_step, eta=eta, final_alpha_bar=final_alpha_bar,
+                   use_clipped_model_output=use_clipped_model_output)
+    return sample(step, eps_model, x, timesteps, schedule, needs_noise=eta > 0, **kwargs)
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": sample_ddpm, "ddim": sample_ddim}

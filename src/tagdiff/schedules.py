@@ -181,6 +181,19 @@ class VPSchedule:
     def __hash__(self) -> int:
         return hash(tuple(self.betas[:: max(1, self.num_train_timesteps // 16)].tolist()))
 
+    def alpha_bar_host(self, t: int) -> float:
+        """``alpha_bar[t]`` as a python float (``t = -1`` gives 1): for loops that plan on the host."""
+        return 1.0 if t < 0 else float(self.alpha_bar[t])
+
+    def describe(self) -> str:
+        """A short human-readable description, e.g. ``linear(T=1000, beta 0.0001..0.02)`` (for error messages)."""
+        spec = dict(self.spec)
+        kind = spec.get("kind", "trained")
+        extra = ", zero terminal SNR" if float(self.alpha_bar[-1]) == 0.0 else ""
+        if "beta_start" in spec:
+            return f"{kind}(T={self.num_train_timesteps}, beta {spec['beta_start']:g}..{spec['beta_end']:g}{extra})"
+        return f"{kind}(T={self.num_train_timesteps}, alpha_bar[T-1]={float(self.alpha_bar[-1]):.3g}{extra})"
+
     def check_timesteps(self, t: Tensor, allow_clean: bool = False) -> Tensor:
         """Validate integer timesteps; return them as a long tensor.
 

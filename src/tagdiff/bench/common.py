@@ -82,7 +82,7 @@ def load_setup(dataset: str, checkpoints: str | Path | None = None, data_dir: st
 
 
 def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: int, sampler: str = "ddim",
-         eta: float = 1.0, num_recur: int = 1, retime: Any = None, clip_x0: float | None = 1.0,
+         eta: float = 1.0, clip_x0: float | None = 1.0,
          progress: bool = False) -> dict[str, Any]:
     """One seeded sampling run: x_T and the step noise come from one generator seeded with ``seed``.
 
@@ -96,7 +96,7 @@ def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: i
     t0 = time.time()
     x0 = get_sampler(sampler)(setup.eps_model, x_T, setup.schedule.timesteps(num_steps), setup.schedule,
                               terms=list(terms), randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype),
-                              callback=recorder, clip_x0=clip_x0, num_recur=num_recur, retime=retime,
+                              callback=recorder, clip_x0=clip_x0,
                               progress=progress, **kwargs)
     return {"x0": x0.clamp(-1, 1), "time_gap": recorder.mean, "time_gap_per_step": recorder.per_step.tolist(),
             "seconds": time.time() - t0}

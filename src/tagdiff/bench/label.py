@@ -131,16 +131,9 @@ def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: Label
         terms.append(EpsilonScaling(cfg.es_lambda))
     elif corrector == "langevin":
         terms.append(LangevinCorrector(cfg.langevin_snr))
+    elif corrector == "timeshift":
+        terms.append(TimeShift(cfg.timeshift_window, cfg.timeshift_cutoff))
     return terms
-
-
-def method_sampler_kwargs(method: str, cfg: LabelConfig) -> dict[str, Any]:
-    """Sampler options of a method: TFG's recurrence, the Time-Shift sampler's retiming."""
-    if method.startswith("tfg"):
-        return {"num_recur": cfg.tfg_recur}
-    if method.endswith("+timeshift"):
-        return {"retime": TimeShift(cfg.timeshift_window, cfg.timeshift_cutoff)}
-    return {}
 
 
 def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress: bool = True,
@@ -169,7 +162,7 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
     samples: dict[str, Tensor] = {}
     for method in methods:
         out = draw(setup, method_terms(method, models, target, cfg), n=target.numel(), seed=cfg.seed,
-                   num_steps=cfg.num_steps, eta=cfg.eta, progress=progress, **method_sampler_kwargs(method, cfg))
+                   num_steps=cfg.num_steps, eta=cfg.eta, progress=progress)
         x0, seconds = out["x0"], out["seconds"]
         with torch.no_grad():
             pred = models["clf_eval"](x0).argmax(-1)

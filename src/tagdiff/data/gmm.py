@@ -217,11 +217,6 @@ class ExactTimePosterior(TimePredictor):
         self.check_input(x)
         return self.gmm.time_logits(x, self.schedule)
 
-    def log_prob(self, x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
-        logits = self(x, c)
-        t = self.schedule.check_timesteps(torch.as_tensor(t).reshape(-1)).to(x.device).expand(x.shape[0])
-        return torch.log_softmax(logits, -1).gather(1, t[:, None]).squeeze(1).to(x.dtype)
-
 
 def toy_mixture() -> GaussianMixture:
     """The paper's toy data, ``½ N((10, 10), I) + ½ N((-10, -10), I)`` (TAG.md §9.1)."""

@@ -1,10 +1,13 @@
 """Composable perturbations, guidance terms and correctors behind one :class:`Term` interface."""
 
-from .base import STRENGTH_SCHEDULES as STRENGTH_SCHEDULES
-from .base import StepContext as StepContext
-from .base import Strength as Strength
-from .base import Term as Term
-from .base import guided_eps as guided_eps
+from ..terms import STRENGTH_SCHEDULES as STRENGTH_SCHEDULES
+from ..terms import Corrector as Corrector
+from ..terms import ScoreTerm as ScoreTerm
+from ..terms import StepContext as StepContext
+from ..terms import StepTerm as StepTerm
+from ..terms import Strength as Strength
+from ..terms import Term as Term
+from ..terms import guided_eps as guided_eps
 from .baselines import EpsilonScaling as EpsilonScaling
 from .baselines import LangevinCorrector as LangevinCorrector
 from .baselines import TimeCorrection as TimeCorrection
@@ -28,7 +31,7 @@ from .tfg import TFGGuidance as TFGGuidance
 from .tfg import dps_as_tfg as dps_as_tfg
 from .tfg import tfg_schedule as tfg_schedule
 
-__all__ = ["EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift",
+__all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift",
            "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "LinearDrift",
            "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",

@@ -1,12 +1,12 @@
 r"""Correction baselines that TAG is compared against (TAG.md §7), behind the same :class:`Term` interface.
 
-Swap TAG for a baseline by replacing one entry of ``terms`` (or passing ``retime=`` for the Time-Shift sampler)::
+Swap TAG for a baseline by replacing one entry of ``terms``::
 
     terms=[DPSGuidance(...), TemporalAlignment(tp)]      # TAG
     terms=[DPSGuidance(...), TimeCorrection(tp)]         # TCS / TACS      (TAG.md §7.1, post hook)
     terms=[DPSGuidance(...), EpsilonScaling(1.005)]      # ES              (TAG.md §7.2, delta_score)
     terms=[DPSGuidance(...), LangevinCorrector(0.16)]    # PC corrector    (TAG.md §7.3, pre hook)
-    sample_ddpm(..., retime=TimeShift(20, 300))          # Time-Shift      (TAG.md §7.4, sampler retime)
+    terms=[DPSGuidance(...), TimeShift(20, 300)]         # Time-Shift      (TAG.md §7.4, a step term)
 
 Timestep Guidance and Self-Guidance (TAG.md §7.5) are not implemented. Notation: ``ab_t`` -> ᾱ_t,
 ``eps_hat`` -> ε_θ, ``x0_hat`` -> x̂_0 (Tweedie), ``score`` -> ∇_x log p_t = -ε_θ / sqrt(1 - ᾱ_t).
@@ -21,8 +21,9 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_finite
+from ..predictions import eps_and_x0, model_prediction_type
 from ..schedules import VPSchedule
-from .base import StepContext, Term
+from ..terms import Corrector, Evaluate, ScoreTerm, StepContext, StepTerm, Update
 from .temporal import check_time_predictor
 
 __all__ = ["EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift"]
@@ -48,7 +49,7 @@ def _per_sample_norm(v: Tensor) -> Tensor:
     return v.reshape(v.shape[0], -1).norm(dim=-1)
 
 
-class TimeCorrection(Term):
+class TimeCorrection(Corrector):
     r"""Time Correction Sampler (TCS; Jung et al., NeurIPS 2024, arXiv 2411.00551), a ``post`` hook.
 
     Follows TAG.md §7.1's **[reconstructed]** update rule exactly (TACS has no public code; the rule is inferred
@@ -98,14 +99,17 @@ class TimeCorrection(Term):
         t_pred = predict(x, c) if predict is not None else self.time_predictor(x, c).argmax(-1)
         return t_pred.long().reshape(-1).to(x.device)
 
+    placement = "post"
+
     @torch.no_grad()
-    def post(self, x_prev: Tensor, t_prev: Tensor, ctx: StepContext) -> Tensor:
+    def correct(self, x_prev: Tensor, t_prev: Tensor, ctx: StepContext) -> Tensor:
         on = _inside(t_prev, self.window)
         if not bool(on.any()):
             return x_prev
         t_pred = ctx.schedule.check_timesteps(self.predict_t(x_prev))
-        eps_hat = check_finite(ctx.eps_model(x_prev, t_pred, **ctx.cond), "model output at t_pred (TCS)")
-        x0_hat = ctx.schedule.x0_from_eps(x_prev, t_pred, eps_hat)
+        out = check_finite(ctx.eps_model(x_prev, t_pred, **ctx.cond), "model output at t_pred (TCS)")
+        x0_hat = eps_and_x0(out, x_prev, ctx.schedule.alpha_bar_at(t_pred, x_prev),
+                            model_prediction_type(ctx.eps_model))[1]
         if self.clip_x0 is not None:
             x0_hat = x0_hat.clamp(-self.clip_x0, self.clip_x0)
         ab_prev = ctx.schedule.alpha_bar_at(t_prev, x_prev)
@@ -113,7 +117,7 @@ class TimeCorrection(Term):
         return torch.where(append_dims(on, x_prev.ndim), x_new, x_prev)
 
 
-class EpsilonScaling(Term):
+class EpsilonScaling(ScoreTerm):
     r"""Epsilon Scaling (ES; Ning et al., ICLR 2024, arXiv 2308.15321; code ``forever208/ADM-ES``).
 
     ``eps_hat <- eps_θ(x_t, t) / λ_t`` with ``λ_t = lam + k (t - (T - 1) / 2)``: linear in the training timestep,
@@ -161,7 +165,7 @@ class EpsilonScaling(Term):
         return (1 - 1 / lam_t).to(device=x.device, dtype=x.dtype) * eps_hat / one_minus_ab.sqrt()
 
 
-class LangevinCorrector(Term):
+class LangevinCorrector(Corrector):
     r"""Langevin corrector of the predictor-corrector sampler (Song et al. 2021b; score_sde ``LangevinCorrector``).
 
     A ``pre`` hook at the step's own t: ``n_steps`` times, with z ~ N(0, I) from ``ctx.randn_like``::
@@ -198,14 +202,17 @@ class LangevinCorrector(Term):
         self.snr, self.n_steps, self.norms = float(snr), n_steps, norms
         self.window = _check_window(window)
 
+    placement = "pre"
+
     @torch.no_grad()
-    def pre(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
+    def correct(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         on = _inside(t, self.window)
         if not bool(on.any()):
             return x
         alpha = append_dims((1 - ctx.schedule.betas[t.reshape(-1).cpu()]).to(device=x.device, dtype=x.dtype), x.ndim)
         for _ in range(self.n_steps):
-            eps_hat = check_finite(ctx.eps_model(x, t, **ctx.cond), f"model output at t={int(t[0])} (Langevin)")
+            out = check_finite(ctx.eps_model(x, t, **ctx.cond), f"model output at t={int(t[0])} (Langevin)")
+            eps_hat = eps_and_x0(out, x, ctx.schedule.alpha_bar_at(t, x), model_prediction_type(ctx.eps_model))[0]
             score = ctx.schedule.score_from_eps(x, t, eps_hat)
             z = ctx.randn_like(x)
             z_norm, s_norm = _per_sample_norm(z), _per_sample_norm(score)
@@ -218,9 +225,9 @@ class LangevinCorrector(Term):
         return x
 
 
-class TimeShift:
-    r"""Time-Shift sampler (Li et al., ICLR 2024, "Alleviating exposure bias ... shifted time steps"), for
-    ``sample(..., retime=TimeShift(...))``.
+class TimeShift(StepTerm):
+    r"""Time-Shift sampler (Li et al., ICLR 2024, "Alleviating exposure bias ... shifted time steps"), a step term:
+    ``terms=[..., TimeShift(...)]`` in tagdiff's own loop (diffusers schedulers step on their own grid and refuse it).
 
     **[INFERRED]** (TAG.md §7.4; not checked against the paper's code). At steps with ``t <= cutoff`` (the paper
     shifts only in the later, low-noise part of sampling), replace the grid's t per sample by::
@@ -232,7 +239,8 @@ class TimeShift:
     ``data_var = 0`` is TAG.md's rule (match 1 - ᾱ_s); set it to the clean data's expected per-sample variance
     (same estimator) so on-manifold samples keep s* ≈ t; with ``data_var = 0`` samples of data with non-zero
     variance are always shifted towards larger s. Ties go to the candidate nearest t. The chosen s
-    is used for the model call and the step; the next step starts from the grid again.
+    is used for the model call, the score terms and the step; the next step starts from the grid again. Correctors
+    of the step run at the grid's t (before the retiming) and t_prev.
 
     Args:
         window: total width of the search window in training timesteps (int >= 1).
@@ -258,8 +266,17 @@ class TimeShift:
     def __repr__(self) -> str:
         return f"TimeShift(window={self.window}, cutoff={self.cutoff}, data_var={self.data_var})"
 
+    def step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: StepContext, evaluate: Evaluate,
+             update: Update) -> Tensor:
+        if ctx.stateful_update or ctx.alpha_bar is not None:
+            raise ValueError("TimeShift retimes steps on tagdiff's integer grid; it cannot drive a diffusers "
+                             "scheduler, which steps on its own grid")
+        t_used = self.retime(x, t, t_prev, ctx.schedule)
+        return update(x, evaluate(x, t_used).eps_hat, t_used, t_prev)
+
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor, t_prev: Tensor, schedule: VPSchedule) -> Tensor:
+    def retime(self, x: Tensor, t: Tensor, t_prev: Tensor, schedule: VPSchedule) -> Tensor:
+        """The timestep s* per sample (see the class docstring), shape ``(B,)`` int64."""
         t = torch.as_tensor(t).long().reshape(-1).expand(x.shape[0])
         t_prev = torch.as_tensor(t_prev, device=t.device).long().reshape(-1).expand(x.shape[0])
         if not bool((t <= self.cutoff).any()):

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .base import StepContext, Strength, Term
+from ..terms import ScoreTerm, StepContext, Strength
 
 __all__ = ["ClassifierGuidance", "grad_log_prob"]
 
@@ -36,7 +36,7 @@ def grad_log_prob(logits_fn: Callable[[Tensor], Tensor], x: Tensor, target: Tens
     return grad
 
 
-class ClassifierGuidance(Term):
+class ClassifierGuidance(ScoreTerm):
     """Δs = scale_t · ∇_x log p(y | x_t, t) (guided-diffusion ``cond_fn`` + ``condition_score``).
 
     Args:

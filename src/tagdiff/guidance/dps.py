@@ -11,12 +11,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .base import StepContext, Strength, Term
+from ..terms import ScoreTerm, StepContext, Strength
 
 __all__ = ["DPSGuidance", "label_loss"]
 
 
-class DPSGuidance(Term):
+class DPSGuidance(ScoreTerm):
     """Δs = -scale_t · ∇_{x_t} ℓ(A(x0_hat(x_t))), with the gradient through the ε-model.
 
     The loss must be **per sample**, shape ``(B,)``: no norm over the whole batch (the original DPS code
@@ -49,7 +49,7 @@ class DPSGuidance(Term):
         loss = self.loss_fn(y_hat)
         if loss.shape != (x.shape[0],):
             raise ValueError(f"DPS loss must be per-sample with shape ({x.shape[0]},), got {tuple(loss.shape)}")
-        (grad,) = torch.autograd.grad(loss.sum(), x, retain_graph=True)
+        (grad,) = torch.autograd.grad(loss.sum(), x, retain_graph=ctx.retain_graph)
         return -self.strength(t, ctx.schedule, x) * grad
 
 

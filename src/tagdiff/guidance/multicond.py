@@ -36,9 +36,10 @@ import torch
 from torch import Tensor
 
 from .._utils import check_finite
+from ..predictions import eps_and_x0, model_prediction_type
 from ..schedules import VPSchedule
-from .base import StepContext, Strength, Term
-from .temporal import _grad_log_prob_t, check_time_predictor
+from ..terms import StepContext, Strength
+from .temporal import TemporalAlignment, check_time_predictor
 
 __all__ = ["ETA_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]
 
@@ -88,7 +89,8 @@ def reparameterize(x: Tensor, t: Tensor, loss_fn: LossFn, eta: float, schedule: 
         return x
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        y = x_in if ctx is None else schedule.x0_from_eps(x_in, t, ctx.eps_model(x_in, t, **ctx.cond))
+        y = x_in if ctx is None else eps_and_x0(ctx.eps_model(x_in, t, **ctx.cond), x_in,
+                                                schedule.alpha_bar_at(t, x_in), model_prediction_type(ctx.eps_model))[1]
         loss = loss_fn(y)
         if loss.shape != (x.shape[0],):
             raise ValueError(f"reparameterisation loss must be per-sample with shape ({x.shape[0]},), "
@@ -123,8 +125,11 @@ def combined_loss(*loss_fns: LossFn, weights: Sequence[float] | None = None) -> 
     return loss
 
 
-class MultiConditionTAG(Term):
-    """TAG corrector for multi-condition guidance: ``x <- x + ω_t ∇_{x′} log p_φ(t | x′, c)`` (Alg. 1 placement).
+class MultiConditionTAG(TemporalAlignment):
+    """TAG corrector for multi-condition guidance: ``x <- x + ω_t ∇_{x′} log p_φ(t | x′, c)``.
+
+    A :class:`TemporalAlignment` whose TLS is evaluated at x′ (:meth:`evaluation_point`); placement, windows and
+    ``on_nonfinite`` behave as there.
 
     x′ is x (``"joint"``), the Prop. B.1 point (``"single"``) or the Prop. B.2 point (``"unconditional"``); see the
     module docstring for the forms, the default η_t and why the TLS is taken w.r.t. x′ and applied to x. Use it
@@ -145,6 +150,7 @@ class MultiConditionTAG(Term):
         omega_schedule: ``"one_minus_alpha_bar"`` (ω_t = ω_0 (1 − ᾱ_t), default), ``"constant"`` or a callable.
         window: optional inclusive ``(t_min, t_max)`` range of training timesteps where the term acts.
         through_model: take the losses on x0_hat through the ε-model (default, Eq. 40); False puts them on x_t.
+        placement, on_nonfinite: as in :class:`TemporalAlignment` (``"post"`` evaluates x′ at t_prev).
 
     Raises:
         ValueError: an unknown variant, losses/condition inconsistent with it, η < 0, or a condition outside the
@@ -157,7 +163,8 @@ class MultiConditionTAG(Term):
                  eta_tilde: float | None = None,
                  eta_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
                  omega_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
-                 window: tuple[int, int] | None = None, through_model: bool = True):
+                 window: tuple[int, int] | None = None, through_model: bool = True, placement: str = "pre",
+                 on_nonfinite: str = "raise"):
         if variant not in MULTICOND_VARIANTS:
             raise ValueError(f"unknown multi-condition variant {variant!r}; expected one of "
                              f"{', '.join(MULTICOND_VARIANTS)}")
@@ -174,19 +181,13 @@ class MultiConditionTAG(Term):
         _check_condition(condition, time_predictor)
         _eta_sq(eta, eta_schedule)
         _eta_sq(eta if eta_tilde is None else eta_tilde, eta_schedule)
-        self.time_predictor = time_predictor
-        self.strength = Strength(float(omega), omega_schedule, window)
+        super().__init__(time_predictor, omega, omega_schedule, placement, window, condition, on_nonfinite)
         self.variant = variant
-        self.condition = condition
         self.losses = losses
         self.eta = float(eta)
         self.eta_tilde = self.eta if eta_tilde is None else float(eta_tilde)
         self.eta_schedule = eta_schedule
         self.through_model = through_model
-
-    @property
-    def omega(self) -> float:
-        return self.strength.scale
 
     def check(self, x: Tensor, schedule: VPSchedule) -> None:
         check_time_predictor(self.time_predictor, x, schedule)
@@ -201,13 +202,12 @@ class MultiConditionTAG(Term):
                                self.eta_schedule, ctx if self.through_model else None)
         return x
 
-    def pre(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
-        if not self.strength.active(t):
+    def evaluation_point(self, x: Tensor, t: Tensor, ctx: StepContext | None) -> Tensor:
+        if not self.losses:
             return x
-        c = None if self.condition is None else torch.as_tensor(self.condition, device=x.device)
-        grad = _grad_log_prob_t(self.time_predictor, self.reparameterized(x, t, ctx), t, c)
-        grad = check_finite(grad, f"multi-condition TLS at t={int(t.reshape(-1)[0])}")
-        return x + self.strength(t, ctx.schedule, x) * grad
+        if ctx is None:
+            raise ValueError(f"MultiConditionTAG variant {self.variant!r} needs the step context (the ε-model)")
+        return self.reparameterized(x, t, ctx)
 
 
 def _check_condition(condition: Tensor | int | None, time_predictor: object) -> None:

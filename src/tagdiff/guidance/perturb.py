@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from .base import StepContext, Strength, Term
+from ..terms import Corrector, StepContext, Strength
 
 __all__ = ["Corruption", "Drift", "LinearDrift"]
 
@@ -21,7 +21,7 @@ def _check_placement(placement: str) -> str:
     return placement
 
 
-class Drift(Term):
+class Drift(Corrector):
     """Add an external drift to the state at every step: ``x <- x + scale_t * v(x, t)``.
 
     The toy experiment (TAG.md §9.1) adds ``v(x, t) = -0.01 x`` "at every step". We read this as a
@@ -42,7 +42,7 @@ class Drift(Term):
         self.strength = scale if isinstance(scale, Strength) else Strength(float(scale))
         self.placement = _check_placement(placement)
 
-    def _apply(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
+    def correct(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         if not self.strength.active(t):
             return x
         dx = self.v(x, t)
@@ -50,11 +50,6 @@ class Drift(Term):
             raise ValueError(f"drift v(x, t) returned shape {tuple(dx.shape)}, expected {tuple(x.shape)}")
         return x + self.strength(t, ctx.schedule, x) * dx
 
-    def pre(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
-        return self._apply(x, t, ctx) if self.placement == "pre" else x
-
-    def post(self, x_prev: Tensor, t_prev: Tensor, ctx: StepContext) -> Tensor:
-        return self._apply(x_prev, t_prev, ctx) if self.placement == "post" else x_prev
 
 
 class LinearDrift(Drift):
@@ -65,7 +60,7 @@ class LinearDrift(Drift):
         super().__init__(lambda x, t: self.coef * x, 1.0, placement)
 
 
-class Corruption(Term):
+class Corruption(Corrector):
     """Corrupt the state with fresh Gaussian noise at every step: ``x_t <- x_t + std * z``, ``z ~ N(0, I)``.
 
     This is line 3 of TAG.md Alg. 2 (the corrupted reverse process, App. E.2), applied before each reverse
@@ -83,15 +78,10 @@ class Corruption(Term):
         self.std = float(std)
         self.placement = _check_placement(placement)
 
-    def _apply(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
+    def correct(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         if self.std == 0.0 or bool((t < 0).all()):
             return x
         return x + self.std * ctx.randn_like(x)
 
-    def pre(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
-        return self._apply(x, t, ctx) if self.placement == "pre" else x
-
-    def post(self, x_prev: Tensor, t_prev: Tensor, ctx: StepContext) -> Tensor:
-        return self._apply(x_prev, t_prev, ctx) if self.placement == "post" else x_prev
 
 

@@ -20,17 +20,34 @@ from torch import Tensor
 
 from .._utils import check_finite
 from ..schedules import VPSchedule
-from .base import StepContext, Strength, Term
+from ..terms import Corrector, StepContext, Strength
+from ..time_predictor import TimePredictor
 
-__all__ = ["TemporalAlignment", "check_time_predictor", "tls"]
+__all__ = ["TemporalAlignment", "check_time_predictor", "log_prob_from_logits", "tls"]
 
 
-def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None) -> Tensor:
+def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None,
+                     shared: dict[str, Any] | None = None) -> Tensor:
+    """``∇_x log p_φ(t | x, c)``; with ``shared`` also stores the predictor's logits at ``x`` there (key
+    ``"time_logits"``: ``(x, t, c, logits)``), so a Time-Gap recorder of the same step need not repeat the forward."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        log_p = time_predictor.log_prob(x_in, t, c)
+        if shared is None or getattr(type(time_predictor), "log_prob", None) is not TimePredictor.log_prob:
+            log_p = time_predictor.log_prob(x_in, t, c)  # a predictor's own log_prob rule: nothing to share
+        else:
+            logits = time_predictor(x_in, c)
+            shared["time_logits"] = (x, t, c, logits.detach())
+            log_p = log_prob_from_logits(logits, t, x.dtype)
         (grad,) = torch.autograd.grad(log_p.sum(), x_in)
     return grad
+
+
+def log_prob_from_logits(logits: Tensor, t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``log softmax(logits)[t]`` per sample, shape ``(B,)``, in ``dtype`` (the :class:`TimePredictor` rule:
+    half-precision logits are upcast to float32 first)."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    t = torch.as_tensor(t, device=logits.device).long().reshape(-1).expand(logits.shape[0])
+    return torch.log_softmax(logits, dim=-1).gather(1, t[:, None]).squeeze(1).to(dtype)
 
 
 def tls(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
@@ -48,21 +65,32 @@ def tls(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor |
 
 
 def check_time_predictor(time_predictor: Any, x: Tensor, schedule: VPSchedule) -> None:
-    """Raise ``ValueError`` if the predictor's T differs from the schedule's or it rejects x's shape."""
+    """Raise ``ValueError`` if the predictor's schedule differs from ``schedule`` or it rejects x's shape.
+
+    A predictor that records its schedule (attribute ``schedule``, a :class:`VPSchedule`, as every checkpoint
+    trained by tagdiff does) must have the model's ᾱ, not only its T: a predictor trained on a cosine schedule
+    classifies noise levels that a linear-schedule sampler never visits at the same t.
+    """
     T = getattr(time_predictor, "num_train_timesteps", None)
     if T is not None and T != schedule.num_train_timesteps:
         raise ValueError(f"time predictor has T={T} timestep classes but the schedule has "
                          f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
+    own = getattr(time_predictor, "schedule", None)
+    if isinstance(own, VPSchedule) and own != schedule:
+        raise ValueError(f"time predictor was trained on schedule {own.describe()} but the diffusion model uses "
+                         f"{schedule.describe()}; train the predictor on the model's schedule "
+                         "(tagdiff train time-predictor --checkpoint MODEL_DIR)")
     check_input = getattr(time_predictor, "check_input", None)
     if check_input is not None:
         check_input(x)
 
 
-class TemporalAlignment(Term):
+class TemporalAlignment(Corrector):
     """The TAG corrector ``x <- x + ω_t · TLS(x, t)`` (TAG.md Alg. 1 / Alg. 2).
 
-    Works with every sampler and on top of any guidance term. ``omega = 0`` (or a step outside ``window``)
-    returns the state object unchanged, so the corrected sampler reproduces the uncorrected one bit for bit.
+    Works with every sampler (tagdiff's and diffusers' schedulers) and on top of any guidance term. ``omega = 0``
+    (or a step outside ``window``) returns the state object unchanged, so the corrected sampler reproduces the
+    uncorrected one bit for bit.
 
     Args:
         time_predictor: a :class:`~tagdiff.time_predictor.TimePredictor` (learned, or exact, e.g.
@@ -71,15 +99,15 @@ class TemporalAlignment(Term):
             under heavy corruption).
         omega_schedule: ``"one_minus_alpha_bar"`` (ω_t = ω_0 (1 - ᾱ_t), the paper's default), ``"constant"``
             or a callable ``(t, schedule) -> (B,)`` weights.
-        placement: ``"pre"`` (Alg. 1, default) or ``"post"`` (Alg. 2 / App. E.2).
+        placement: ``"pre"`` (Alg. 1, default) or ``"post"`` (Alg. 2 / App. E.2; skipped after the last step).
         window: optional inclusive ``(t_min, t_max)`` range of training timesteps where TAG acts.
         condition: optional class condition ``c`` for a conditional predictor p_φ(t | x, c).
         on_nonfinite: ``"raise"`` (default) raises :class:`~tagdiff.NonFiniteError`; ``"skip"`` leaves the
             affected samples uncorrected at that step (documented guard; never produces NaN).
 
     Raises:
-        ValueError: for a bad placement/schedule, or (at sampling time) a predictor whose T or input shape
-            differs from the schedule's / the samples'.
+        ValueError: for a bad placement/schedule, or (at sampling time) a predictor whose schedule or input shape
+            differs from the model's / the samples'.
     """
 
     def __init__(self, time_predictor: Callable[..., Tensor], omega: float = 1.0,
@@ -103,23 +131,34 @@ class TemporalAlignment(Term):
     def check(self, x: Tensor, schedule: VPSchedule) -> None:
         check_time_predictor(self.time_predictor, x, schedule)
 
-    def correct(self, x: Tensor, t: Tensor, schedule: VPSchedule) -> Tensor:
-        """Apply ``x + ω_t · TLS(x, t)`` at timesteps ``t`` (shape ``(B,)``); identity where ω_t = 0."""
-        if not self.strength.active(t):
-            return x
+    def evaluation_point(self, x: Tensor, t: Tensor, ctx: StepContext | None) -> Tensor:
+        """Where the TLS is evaluated: x itself (subclasses move it, e.g. :class:`MultiConditionTAG`)."""
+        return x
+
+    def tls_step(self, x: Tensor, t: Tensor, schedule: VPSchedule, ctx: StepContext | None = None) -> Tensor:
+        """The displacement ``ω_t · TLS`` at timesteps ``t`` (shape ``(B,)``), shape of x; zeros where ω_t = 0.
+
+        Non-finite TLS entries raise, or with ``on_nonfinite="skip"`` give zero for the affected samples.
+        """
         c = None if self.condition is None else torch.as_tensor(self.condition, device=x.device)
-        grad = _grad_log_prob_t(self.time_predictor, x, t, c)
+        point = self.evaluation_point(x, t, ctx)
+        shared = ctx.shared if ctx is not None and point is x else None
+        grad = _grad_log_prob_t(self.time_predictor, point, t, c, shared)
         ok = torch.isfinite(grad).reshape(x.shape[0], -1).all(-1)
-        if not ok.all():
-            if self.on_nonfinite == "raise":
-                check_finite(grad, f"TLS at t={int(t.reshape(-1)[0])}")
+        if self.on_nonfinite == "raise":
+            check_finite(grad, f"{type(self).__name__} TLS at t={int(t.reshape(-1)[0])}")
+        else:
             grad = torch.where(ok.reshape(-1, *([1] * (x.ndim - 1))), grad, torch.zeros_like(grad))
-        return x + self.strength(t, schedule, x) * grad
+        return self.strength(t, schedule, x) * grad
 
-    def pre(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
-        return self.correct(x, t, ctx.schedule) if self.placement == "pre" else x
-
-    def post(self, x_prev: Tensor, t_prev: Tensor, ctx: StepContext) -> Tensor:
-        if self.placement != "post" or bool((t_prev < 0).all()):
-            return x_prev
-        return self.correct(x_prev, t_prev, ctx.schedule)
+    def correct(self, x: Tensor, t: Tensor, ctx: StepContext | None = None,
+                schedule: VPSchedule | None = None) -> Tensor:
+        """Apply ``x + ω_t · TLS(x, t)`` at timesteps ``t`` (shape ``(B,)``); identity where ω_t = 0 and after the
+        last step (``t = -1``). ``schedule`` may be passed instead of ``ctx`` outside a sampler loop."""
+        if not self.strength.active(t) or bool((t < 0).all()):
+            return x
+        schedule = ctx.schedule if schedule is None else schedule
+        step = self.tls_step(x, t, schedule, ctx)
+        if ctx is not None:
+            ctx.shared.setdefault("tls_norm", []).append(step.reshape(x.shape[0], -1).norm(dim=-1).detach())
+        return x + step

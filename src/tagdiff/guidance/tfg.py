@@ -1,7 +1,8 @@
 r"""TFG (Ye et al., NeurIPS 2024, "TFG: Unified Training-Free Guidance") and the TFG benchmark's normalised DPS.
 
-Both act through the ``shift`` hook: they displace x_prev after an *unguided* sampler step, as the TFG code
-(``YWolfeee/Training-Free-Guidance``, ``methods/tfg.py`` and ``methods/dps.py``) does. TAG.md §6.2-6.4.
+Both are step terms (:class:`~tagdiff.terms.StepTerm`): they displace x_prev after the sampler's own step, by an
+amount computed at x_t through the model, as the TFG code (``YWolfeee/Training-Free-Guidance``, ``methods/tfg.py``
+and ``methods/dps.py``) does; TFG also owns its recurrence. TAG.md §6.2-6.4.
 
 DPS therefore appears three times in tagdiff:
 
@@ -20,13 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from .._utils import append_dims
+from .._utils import append_dims, check_finite
 from ..schedules import VPSchedule
-from .base import StepContext, Term
+from ..terms import Evaluate, StepContext, StepTerm, Update
 
 __all__ = ["TFG_SCHEDULES", "DPSNormalized", "TFGGuidance", "dps_as_tfg", "tfg_schedule"]
 
@@ -91,7 +93,7 @@ def _require_grad(x: Tensor, name: str) -> None:
         raise RuntimeError(f"{name} needs x with requires_grad; run it through tagdiff's sampler loop")
 
 
-class TFGGuidance(Term):
+class TFGGuidance(StepTerm):
     r"""Training-Free Guidance (Ye et al. 2024, Alg. 1; TAG.md §6.3), as a ``shift`` of x_prev.
 
     With log p(c | x̂_0) = -loss(A(x̂_0)) and one smoothing draw mc_eps ~ N(0, γ_t² I) per step::
@@ -105,8 +107,11 @@ class TFGGuidance(Term):
     ``ρ_t = ρ̄ w_ρ(t) / mean_grid(w_ρ)``, ``μ_t`` likewise (see :func:`tfg_schedule`; the weight is evaluated at the
     step's actual ``(t, t_prev)``, so it also follows a ``retime``), ``γ_t = γ̄ sqrt(1 - ᾱ_t)``.
 
-    **Recurrence** (N_recur) is a sampler feature: pass ``sample(..., num_recur=term.num_recur)``; the term only
-    stores the value. Only one TFGGuidance's ``num_recur`` can be honoured per sampling run.
+    **Recurrence** (N_recur, "self-recurrence" of Bansal et al. 2023) is part of the step: it is repeated
+    ``num_recur`` times, re-noising x_prev back to t in between with
+    ``x_t = sqrt(ᾱ_t / ᾱ_prev) x_prev + sqrt(1 - ᾱ_t / ᾱ_prev) z``. Correctors of the step (TAG, ...) run once per
+    step, around the whole recurrence. Recurrence needs tagdiff's own loop (a multistep scheduler's history, or a
+    σ-space state, would be corrupted by repeated updates): ``num_recur > 1`` is refused with diffusers schedulers.
 
     Shapes: x, x̂_0 ``(B, *D)``; ``loss_fn(A(x̂_0))`` must return ``(B,)`` (per sample: no batch reductions).
     Conventions: VP space, integer training timesteps, ``t_prev = -1`` at the last step (ᾱ = 1). The gradients see
@@ -161,7 +166,27 @@ class TFGGuidance(Term):
         w = _raw_schedule(name, ctx.schedule.alpha_bar_at(t, f64), ctx.schedule.alpha_bar_at(ctx.t_prev, f64)) / mean
         return append_dims(w.to(device=like.device, dtype=like.dtype), like.ndim)
 
+    def step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: StepContext, evaluate: Evaluate,
+             update: Update) -> Tensor:
+        if self.num_recur > 1 and (ctx.stateful_update or ctx.alpha_bar is not None):
+            raise ValueError(f"TFG recurrence (num_recur={self.num_recur}) needs tagdiff's own sampler loop; a "
+                             "diffusers scheduler's state would be corrupted by repeated updates")
+        active = self.rho > 0 or (self.mu > 0 and self.num_iter > 0)
+        x_prev = x
+        for r in range(self.num_recur):
+            if r > 0:
+                alpha = ctx.schedule.alpha_bar_at(t, x) / ctx.schedule.alpha_bar_at(t_prev, x)
+                x = alpha.sqrt() * x_prev + (1 - alpha).sqrt() * ctx.randn_like(x_prev)
+            pred = evaluate(x, t, keep_graph=active)
+            shift = self.shift(pred.x_in, t, pred.x0_graph, replace(ctx, retain_graph=False)) if active else None
+            x_prev = update(x, pred.eps_hat, t, t_prev)
+            if shift is not None:
+                x_prev = x_prev + check_finite(shift.detach(), f"TFG shift at t={int(t.reshape(-1)[0])}")
+        return x_prev
+
     def shift(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
+        """``Δ_t / sqrt(α_t) + sqrt(ᾱ_prev) Δ_0`` computed at ``x`` (requires grad) from the unguided ``x0_hat``
+        (a differentiable function of ``x``); ``None`` when ρ̄ = 0 and μ̄ = 0."""
         use_mu = self.mu > 0 and self.num_iter > 0
         if self.rho == 0 and not use_mu:
             return None
@@ -172,7 +197,7 @@ class TFGGuidance(Term):
         out = None
         if self.rho > 0:
             log_p = _log_prob(self.loss_fn, self.operator, x0_hat + mc_eps, "TFG")
-            (grad,) = torch.autograd.grad(log_p.sum(), x, retain_graph=True)
+            (grad,) = torch.autograd.grad(log_p.sum(), x, retain_graph=ctx.retain_graph)
             out = self.rho * self._weight(self.rho_schedule, t, ctx, x) * grad / (ab_t / ab_prev).sqrt()
         if use_mu:
             mu_t = self.mu * self._weight(self.mu_schedule, t, ctx, x)
@@ -196,7 +221,7 @@ def dps_as_tfg(loss_fn: LossFn, rho: float, rho_schedule: str = "increase",
                        operator=operator)
 
 
-class DPSNormalized(Term):
+class DPSNormalized(StepTerm):
     r"""DPS as in the TFG benchmark (``methods/dps.py``; TAG.md §6.2), as a ``shift`` of x_prev::
 
         x_prev = step(x_t, ε̂) + s ∇_{x_t} log p(c | x̂_0(x_t)) / |log p(c | x̂_0(x_t))|
@@ -226,11 +251,21 @@ class DPSNormalized(Term):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         self.loss_fn, self.operator, self.guidance_scale = loss_fn, operator, float(guidance_scale)
 
+    def step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: StepContext, evaluate: Evaluate,
+             update: Update) -> Tensor:
+        if self.guidance_scale == 0:
+            return update(x, evaluate(x, t).eps_hat, t, t_prev)
+        pred = evaluate(x, t, keep_graph=True)
+        shift = self.shift(pred.x_in, t, pred.x0_graph, replace(ctx, retain_graph=False))
+        return update(x, pred.eps_hat, t, t_prev) + check_finite(shift.detach(), f"DPSNormalized shift at "
+                                                                 f"t={int(t.reshape(-1)[0])}")
+
     def shift(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
+        """``s ∇_x log p / |log p|`` at ``x`` (requires grad) from the unguided ``x0_hat(x)``; ``None`` at s = 0."""
         if self.guidance_scale == 0:
             return None
         _require_grad(x, "DPSNormalized")
         log_p = _log_prob(self.loss_fn, self.operator, x0_hat, "DPSNormalized")
-        (grad,) = torch.autograd.grad(log_p.sum(), x, retain_graph=True)
+        (grad,) = torch.autograd.grad(log_p.sum(), x, retain_graph=ctx.retain_graph)
         norm = append_dims(log_p.detach().abs().clamp(min=1e-8), x.ndim)
         return self.guidance_scale * grad / norm
