@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -124,13 +125,18 @@ def test_every_label_method_builds_its_terms(setup):
 
 
 def test_label_over_seeds_aggregates_and_resumes(tmp_path):
-    cfg = LabelConfig(targets=(0, 1), num_per_target=2, num_steps=2)
+    cfg = LabelConfig(targets=(0, 1), num_per_target=2, num_steps=2, device="cpu")
     res = run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
     per_seed = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
     assert res["methods"]["dps"]["fid"]["values"] == [r["methods"]["dps"]["fid"] for r in per_seed]
-    stamp = (tmp_path / "seed_0" / "results.json").stat().st_mtime_ns
-    run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
-    assert (tmp_path / "seed_0" / "results.json").stat().st_mtime_ns == stamp  # resumed, not recomputed
+    runs = sorted((tmp_path / "seed_0" / "runs").glob("*.json"))
+    assert len(runs) == 3
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    again = run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
+    assert [p.stat().st_mtime_ns for p in runs] == stamps  # resumed from the run cache, not recomputed
+    assert again["methods"] == res["methods"]
+    other = run_label_seeds(tmp_path, replace(cfg, dps_scale=1.0), (0,), methods=("dps",), progress=False)
+    assert other["methods"]["dps"]["fid"]["values"] != res["methods"]["dps"]["fid"]["values"][:1]  # new settings
 
 
 def test_cli_experiments_run_and_reject_bad_values(tmp_path, capsys):

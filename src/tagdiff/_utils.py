@@ -1,4 +1,4 @@
-"""Small shared helpers: broadcasting, per-sample randomness, finiteness guards, atomic writes."""
+"""Small shared helpers: broadcasting, per-sample randomness, finiteness guards, atomic writes, device names."""
 
 from __future__ import annotations
 
@@ -16,7 +16,10 @@ __all__ = [
     "append_dims",
     "atomic_write_bytes",
     "check_finite",
+    "resolve_device",
 ]
+
+DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 
 RandnLike = Callable[[Tensor], Tensor]
 
@@ -102,3 +105,36 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The ``torch.device`` for a device name: ``"auto"`` is CUDA if available, else MPS if available, else the CPU;
+    ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``) and ``"mps"`` are taken as they are once checked to exist here.
+
+    Raises:
+        ValueError: an unknown name, or a device this machine does not have (the message names it and the choices).
+    """
+    if isinstance(name, torch.device):
+        dev, text = name, str(name)
+    else:
+        text = str(name).strip().lower()
+        if text == "auto":
+            if torch.cuda.is_available():
+                return torch.device("cuda")
+            mps = getattr(torch.backends, "mps", None)
+            return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        try:
+            dev = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"unknown device {name!r}; expected one of {', '.join(DEVICE_NAMES)}") from None
+    if dev.type == "cuda":
+        ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        ok = mps is not None and mps.is_available()
+    else:
+        ok = dev.type == "cpu"
+    if not ok:
+        raise ValueError(f"device {text!r} is not available on this machine; expected one of "
+                         f"{', '.join(DEVICE_NAMES)}")
+    return dev
