@@ -84,22 +84,25 @@ def test_sample_metrics_is_analogue_and_accuracy(setup):
 
 
 def test_corrupted_omega_zero_run_is_the_plain_corrupted_sampler(setup, tmp_path):
-    cfg = CorruptedConfig(sigmas=(0.0, 0.3), omegas=(2.0,), num_samples=8, sweep_samples=8, num_steps=3, seeds=(0, 1))
+    cfg = CorruptedConfig(corruption_stds=(0.0, 0.3), omegas=(2.0,), num_samples=8, sweep_samples=8, num_steps=3,
+                          seeds=(0, 1), device="cpu")
     res = run_corrupted(tmp_path, cfg, progress=False)
     for name in ("results.json", "table.md", "corrupted.png"):
         assert (tmp_path / name).exists()
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert set(on_disk["sigma"]) == {"0.0", "0.3"} and on_disk["paper"]["fid"]["0.2"] == [351.318, 230.899]
+    assert set(on_disk["corruption_std"]) == {"0.0", "0.3"} and "sigma" not in on_disk
+    assert on_disk["paper"]["fid"]["0.2"] == [351.318, 230.899] and on_disk["config"]["corruption_stds"] == [0.0, 0.3]
     ref = draw(setup, [Corruption(0.3)], n=8, seed=1, num_steps=3)
-    assert res["sigma"]["0.3"]["runs"]["without"][1]["fid"] == pytest.approx(sample_metrics(setup, ref["x0"])["fid"])
+    fid = sample_metrics(setup, ref["x0"])["fid"]
+    assert res["corruption_std"]["0.3"]["runs"]["without"][1]["fid"] == pytest.approx(fid)
     tag = [Corruption(0.3), TemporalAlignment(setup.models["time_predictor"], 2.0, placement="post")]
     ref = draw(setup, tag, n=8, seed=100, num_steps=3)
-    assert res["sigma"]["0.3"]["sweep"]["grid"]["2.0"]["time_gap"] == pytest.approx(ref["time_gap"])
+    assert res["corruption_std"]["0.3"]["sweep"]["grid"]["2.0"]["time_gap"] == pytest.approx(ref["time_gap"])
     assert "| 0.3 |" in (tmp_path / "table.md").read_text()
 
 
 def test_fewstep_and_strength_write_tables(tmp_path):
-    res = run_fewstep(tmp_path / "fs", FewStepConfig(samplers=("ddpm",), steps=(1, 2), omegas=(1.0,),
+    res = run_fewstep(tmp_path / "fs", FewStepConfig(samplers=("ddpm",), steps=(1, 2), omegas=(1.0,), device="cpu",
                                                      num_samples=8, sweep_samples=8, seeds=(0,)), progress=False)
     assert set(res["runs"]) == {"ddpm/1", "ddpm/2"}
     assert res["runs"]["ddpm/1"]["sweep"]["grid"].keys() == {"0.0", "pre:1.0", "post:1.0"}
@@ -143,9 +146,9 @@ def test_cli_experiments_run_and_reject_bad_values(tmp_path, capsys):
     assert main(["bench", "fewstep", "--out", str(tmp_path), "--samplers", "ddim", "--steps", "1", "--omegas", "1",
                  "--num-samples", "4", "--sweep-samples", "4", "--seeds", "0", "--quiet"]) == 0
     assert "| ddim | 1 |" in capsys.readouterr().out
-    assert main(["bench", "corrupted", "--out", str(tmp_path / "c"), "--sigmas", "-0.1"]) == 2
+    assert main(["bench", "corrupted", "--out", str(tmp_path / "c"), "--corruption-stds", "-0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "-0.1" in err[0]
+    assert len(err) == 1 and "-0.1" in err[0] and "corruption_stds" in err[0]
     assert main(["bench", "fewstep", "--out", str(tmp_path / "f"), "--samplers", "euler"]) == 2
     assert "euler" in capsys.readouterr().err
     assert main(["bench", "strength", "--out", str(tmp_path / "s"), "--seeds", "0,100"]) == 2
