@@ -1,4 +1,4 @@
-"""Small shared helpers: broadcasting, per-sample randomness, finiteness guards, atomic writes, device names."""
+"""Small shared helpers: broadcasting, per-sample randomness, finiteness guards, atomic writes."""
 
 from __future__ import annotations
 
@@ -18,8 +18,6 @@ __all__ = [
     "check_finite",
     "resolve_device",
 ]
-
-DEVICE_NAMES = ("auto", "cpu", "cuda", "mps")
 
 RandnLike = Callable[[Tensor], Tensor]
 
@@ -107,34 +105,28 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """The ``torch.device`` for a device name: ``"auto"`` is CUDA if available, else MPS if available, else the CPU;
-    ``"cpu"``, ``"cuda"`` (or ``"cuda:N"``) and ``"mps"`` are taken as they are once checked to exist here.
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The ``torch.device`` for ``name`` in ``auto | cpu | cuda | cuda:N | mps``.
+
+    ``auto`` is ``cuda`` if available, else ``mps`` if available, else ``cpu``.
 
     Raises:
-        ValueError: an unknown name, or a device this machine does not have (the message names it and the choices).
+        ValueError: an unknown name, or a device this machine does not have (e.g. ``cuda`` without a GPU).
     """
-    if isinstance(name, torch.device):
-        dev, text = name, str(name)
-    else:
-        text = str(name).strip().lower()
-        if text == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda")
-            mps = getattr(torch.backends, "mps", None)
-            return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-        try:
-            dev = torch.device(text)
-        except (RuntimeError, ValueError):
-            raise ValueError(f"unknown device {name!r}; expected one of {', '.join(DEVICE_NAMES)}") from None
-    if dev.type == "cuda":
-        ok = torch.cuda.is_available() and (dev.index is None or dev.index < torch.cuda.device_count())
-    elif dev.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        ok = mps is not None and mps.is_available()
-    else:
-        ok = dev.type == "cpu"
-    if not ok:
-        raise ValueError(f"device {text!r} is not available on this machine; expected one of "
-                         f"{', '.join(DEVICE_NAMES)}")
-    return dev
+    s = str(name).strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if s == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    kind, _, index = s.partition(":")
+    if kind not in DEVICES[1:] or (index and (not index.isdigit() or kind != "cuda")):
+        raise ValueError(f"unknown device {str(name)!r}; expected one of auto, cpu, cuda, cuda:N, mps")
+    if kind == "cuda" and (not torch.cuda.is_available() or (index and int(index) >= torch.cuda.device_count())):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"device {str(name)!r} is not available on this machine ({found}); use --device cpu or auto")
+    if kind == "mps" and not has_mps:
+        raise ValueError(f"device {str(name)!r} is not available on this machine (no MPS); use --device cpu or auto")
+    return torch.device(s)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._utils import DEVICE_NAMES, atomic_write_bytes, resolve_device
+from .._utils import DEVICES, atomic_write_bytes, resolve_device
 from ..assets import assets_dir, load_label_models
 from ..data import load_dataset
 from ..guidance import Term
@@ -45,7 +45,7 @@ class ExperimentConfig:
     sweep_seed: int = 100
     checkpoints: str | None = None
     data_dir: str | None = None
-    device: str = field(default="auto", metadata={"help": f"{' | '.join(DEVICE_NAMES)} (default: auto)"})
+    device: str = field(default="auto", metadata={"help": f"{' | '.join(DEVICES)} (default: auto)"})
 
     def __post_init__(self) -> None:
         if self.sweep_seed in self.seeds:
