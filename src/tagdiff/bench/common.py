@@ -1,9 +1,14 @@
 """Shared machinery of the image experiments: one seeded sampling run, its metrics, cached (resumable) runs,
 the ω grid search, mean ± std over seeds, and markdown tables.
 
-Protocol used by every experiment (``tagdiff bench corrupted|strength|fewstep|label``): ω_0 (and any other knob)
-is chosen by grid search on a *validation* seed (``sweep_seed``, default 100) that is never reported; the
-reported numbers are the mean ± std over the evaluation seeds (default 0, 1, 2) at the chosen setting. Every run
+Every image experiment is the same pipeline: :func:`load_setup` (the models of :mod:`tagdiff.assets` and the
+held-out split, on a device) → the method's guidance terms → :func:`draw` → :func:`sample_metrics` (or an
+experiment's own judges on top of it) → each run cached by :class:`RunCache` (and :func:`tag_comparison` for the ω
+sweep) → :func:`write_outputs` (``results.json``, ``table.md``) and a figure (:func:`image_grid`).
+
+Protocol used by every experiment (``tagdiff bench corrupted|strength|fewstep|inverse|multicond``; the label suite's
+defaults were chosen the same way, by ``benchmarks/label_sweep.py``): ω_0 (and any other knob) is chosen by grid
+search on a *validation* seed (``sweep_seed``, default 100) that is never reported; the reported numbers are the mean ± std over the evaluation seeds (default 0, 1, 2) at the chosen setting. Every run
 of a configuration shares x_T and the sampling noise across methods (common random numbers).
 """
 

@@ -79,8 +79,9 @@ _NUM_PREVIEW = 8
 
 @dataclass(frozen=True)
 class InverseConfig(ExperimentConfig):
-    """Settings; ``noise_std`` is σ_y in pixel units of the [-1, 1] range. See the module docstring for how the
-    guidance defaults were chosen."""
+    """Settings; ``noise_std`` is σ_y in pixel units of the [-1, 1] range, ``dps_scale`` DPS's guidance scale,
+    ``tfg_rho`` / ``tfg_mu`` / ``tfg_gamma`` TFG's (ρ̄, μ̄, γ̄) and ``omegas`` TAG's ω_0 grid. See the module
+    docstring for how the guidance defaults were chosen."""
 
     operators: tuple[str, ...] = ("sr2", "deblur", "inpaint_box", "inpaint_random", "denoise")
     noise_std: float = 0.05

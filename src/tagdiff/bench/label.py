@@ -242,8 +242,8 @@ def _figure(path: Path, previews: dict[str, list], results: dict[str, Any], cfg:
     panel_w = 2.9
     panel_h = panel_w * rows * tile_h / (per * tile_w) + 0.55
     grid_rows = -(-len(methods) // cols)
-    fig = plt.figure(figsize=(cols * panel_w + 0.6, grid_rows * panel_h + 3.3), layout="constrained")
-    sub = fig.subfigures(2, 1, height_ratios=[grid_rows * panel_h, 3.0])
+    fig = plt.figure(figsize=(cols * panel_w + 0.6, grid_rows * panel_h + 2.9), layout="constrained")
+    sub = fig.subfigures(2, 1, height_ratios=[grid_rows * panel_h, 2.6])
     axes = sub[0].subplots(grid_rows, cols, squeeze=False)
     for ax in axes.flat[len(methods):]:
         ax.set_axis_off()
@@ -265,6 +265,7 @@ def _figure(path: Path, previews: dict[str, list], results: dict[str, Any], cfg:
     ax = sub[1].subplots()
     for method in methods:
         ax.plot(results["time_gap_per_step"][method], label=method)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("reverse step")
     ax.set_ylabel("Time Gap")
     ax.legend(fontsize=7, ncols=min(len(methods), 5))
