@@ -15,7 +15,7 @@ import time
 import torch
 
 from tagdiff import LinearDrift, TemporalAlignment, VPSchedule, sample_ddpm, wasserstein1
-from tagdiff.bench.toy import toy_assets_dir
+from tagdiff.assets import assets_dir
 from tagdiff.checkpoints import load_model
 from tagdiff.data import toy_mixture
 
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     schedule, gmm = VPSchedule.linear(1000), toy_mixture()
-    learned = (load_model(toy_assets_dir() / "score"), load_model(toy_assets_dir() / "time_predictor"))
+    learned = (load_model(assets_dir("toy") / "score"), load_model(assets_dir("toy") / "time_predictor"))
     exact = (gmm.eps_model(schedule), gmm.time_posterior(schedule))
     ref, _ = gmm.sample(args.num_samples, torch.Generator().manual_seed(args.ref_seed))
     omegas = [float(w) for w in args.omegas.split(",")]

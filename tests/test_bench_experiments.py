@@ -4,16 +4,30 @@ sizes; the statistics are checked against independent computations."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import statistics
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from tagdiff.bench.common import RunCache, draw, load_setup, mean_std, sample_metrics, tag_comparison
+from tagdiff.bench.common import (
+    ExperimentConfig,
+    RunCache,
+    draw,
+    image_grid,
+    load_setup,
+    mean_std,
+    sample_metrics,
+    tag_comparison,
+)
 from tagdiff.bench.corrupted import CorruptedConfig, run_corrupted
 from tagdiff.bench.fewstep import FewStepConfig, run_fewstep
 from tagdiff.bench.label import ALL_METHODS, LabelConfig, method_terms, run_label_seeds
+from tagdiff.bench.multicond import MultiCondConfig
 from tagdiff.bench.strength import StrengthConfig, run_strength
 from tagdiff.cli import main
 from tagdiff.guidance import (
@@ -83,22 +97,25 @@ def test_sample_metrics_is_analogue_and_accuracy(setup):
 
 
 def test_corrupted_omega_zero_run_is_the_plain_corrupted_sampler(setup, tmp_path):
-    cfg = CorruptedConfig(sigmas=(0.0, 0.3), omegas=(2.0,), num_samples=8, sweep_samples=8, num_steps=3, seeds=(0, 1))
+    cfg = CorruptedConfig(corruption_stds=(0.0, 0.3), omegas=(2.0,), num_samples=8, sweep_samples=8, num_steps=3,
+                          seeds=(0, 1), device="cpu")
     res = run_corrupted(tmp_path, cfg, progress=False)
     for name in ("results.json", "table.md", "corrupted.png"):
         assert (tmp_path / name).exists()
     on_disk = json.loads((tmp_path / "results.json").read_text())
-    assert set(on_disk["sigma"]) == {"0.0", "0.3"} and on_disk["paper"]["fid"]["0.2"] == [351.318, 230.899]
+    assert set(on_disk["corruption_std"]) == {"0.0", "0.3"} and "sigma" not in on_disk
+    assert on_disk["paper"]["fid"]["0.2"] == [351.318, 230.899] and on_disk["config"]["corruption_stds"] == [0.0, 0.3]
     ref = draw(setup, [Corruption(0.3)], n=8, seed=1, num_steps=3)
-    assert res["sigma"]["0.3"]["runs"]["without"][1]["fid"] == pytest.approx(sample_metrics(setup, ref["x0"])["fid"])
+    fid = sample_metrics(setup, ref["x0"])["fid"]
+    assert res["corruption_std"]["0.3"]["runs"]["without"][1]["fid"] == pytest.approx(fid)
     tag = [Corruption(0.3), TemporalAlignment(setup.models["time_predictor"], 2.0, placement="post")]
     ref = draw(setup, tag, n=8, seed=100, num_steps=3)
-    assert res["sigma"]["0.3"]["sweep"]["grid"]["2.0"]["time_gap"] == pytest.approx(ref["time_gap"])
+    assert res["corruption_std"]["0.3"]["sweep"]["grid"]["2.0"]["time_gap"] == pytest.approx(ref["time_gap"])
     assert "| 0.3 |" in (tmp_path / "table.md").read_text()
 
 
 def test_fewstep_and_strength_write_tables(tmp_path):
-    res = run_fewstep(tmp_path / "fs", FewStepConfig(samplers=("ddpm",), steps=(1, 2), omegas=(1.0,),
+    res = run_fewstep(tmp_path / "fs", FewStepConfig(samplers=("ddpm",), steps=(1, 2), omegas=(1.0,), device="cpu",
                                                      num_samples=8, sweep_samples=8, seeds=(0,)), progress=False)
     assert set(res["runs"]) == {"ddpm/1", "ddpm/2"}
     assert res["runs"]["ddpm/1"]["sweep"]["grid"].keys() == {"0.0", "pre:1.0", "post:1.0"}
@@ -123,23 +140,114 @@ def test_every_label_method_builds_its_terms(setup):
 
 
 def test_label_over_seeds_aggregates_and_resumes(tmp_path):
-    cfg = LabelConfig(targets=(0, 1), num_per_target=2, num_steps=2)
+    cfg = LabelConfig(targets=(0, 1), num_per_target=2, num_steps=2, device="cpu")
     res = run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
     per_seed = [json.loads((tmp_path / f"seed_{s}" / "results.json").read_text()) for s in (0, 1)]
     assert res["methods"]["dps"]["fid"]["values"] == [r["methods"]["dps"]["fid"] for r in per_seed]
-    stamp = (tmp_path / "seed_0" / "results.json").stat().st_mtime_ns
-    run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
-    assert (tmp_path / "seed_0" / "results.json").stat().st_mtime_ns == stamp  # resumed, not recomputed
+    runs = sorted((tmp_path / "seed_0" / "runs").glob("*.json"))
+    assert len(runs) == 3
+    stamps = [p.stat().st_mtime_ns for p in runs]
+    again = run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
+    assert [p.stat().st_mtime_ns for p in runs] == stamps  # resumed from the run cache, not recomputed
+    assert again["methods"] == res["methods"]
+    other = run_label_seeds(tmp_path, replace(cfg, dps_scale=1.0), (0,), methods=("dps",), progress=False)
+    assert other["methods"]["dps"]["fid"]["values"] != res["methods"]["dps"]["fid"]["values"][:1]  # new settings
 
 
 def test_cli_experiments_run_and_reject_bad_values(tmp_path, capsys):
     assert main(["bench", "fewstep", "--out", str(tmp_path), "--samplers", "ddim", "--steps", "1", "--omegas", "1",
                  "--num-samples", "4", "--sweep-samples", "4", "--seeds", "0", "--quiet"]) == 0
     assert "| ddim | 1 |" in capsys.readouterr().out
-    assert main(["bench", "corrupted", "--out", str(tmp_path / "c"), "--sigmas", "-0.1"]) == 2
+    assert main(["bench", "corrupted", "--out", str(tmp_path / "c"), "--corruption-stds", "-0.1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "-0.1" in err[0]
+    assert len(err) == 1 and "-0.1" in err[0] and "corruption_stds" in err[0]
     assert main(["bench", "fewstep", "--out", str(tmp_path / "f"), "--samplers", "euler"]) == 2
     assert "euler" in capsys.readouterr().err
     assert main(["bench", "strength", "--out", str(tmp_path / "s"), "--seeds", "0,100"]) == 2
     assert "sweep_seed 100" in capsys.readouterr().err
+
+
+def _intra_package_imports(path: Path, module: str, modules: set[str]) -> set[str]:
+    """Modules of ``modules`` that ``module`` (file ``path``) imports anywhere (top level or inside functions),
+    except under ``if TYPE_CHECKING:`` (annotations only, never executed)."""
+    tree = ast.parse(path.read_text())
+    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            for child in node.body for n in ast.walk(child)}
+    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else []))
+            out |= {m for m in (name, *(f"{name}.{a.name}" for a in node.names)) if m in modules}
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name in modules}
+    return out
+
+
+def test_bench_modules_have_no_import_cycle():
+    """No chain of imports (lazy ones included) leads from a ``tagdiff.bench`` module or ``tagdiff.assets`` back to
+    itself; the library never imports the bench package."""
+    import tagdiff
+
+    root = Path(tagdiff.__file__).parent
+    files = {".".join(("tagdiff", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__"): p
+             for p in root.rglob("*.py")}
+    graph = {m: _intra_package_imports(p, m, set(files)) for m, p in files.items()}
+    for start in [m for m in graph if m.startswith("tagdiff.bench") or m == "tagdiff.assets"]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            assert m != start, f"import cycle through {start}"
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+    library = [m for m in graph if not m.startswith(("tagdiff.bench", "tagdiff.cli"))]
+    assert not [m for m in library if any(d.startswith("tagdiff.bench") for d in graph[m])]
+
+
+def test_image_grid_separates_tiles():
+    x = -torch.ones(6, 1, 4, 4)  # black tiles
+    g = image_grid(x, 2, 3, pad=1)
+    assert g.shape == (2 * 6, 3 * 6)
+    assert (g[0, :] == 1).all() and (g[:, 5] == 1).all() and (g[1:5, 1:5] == 0).all()  # white borders, black tiles
+    assert image_grid(x, 2, 3).shape == (8, 12) and (image_grid(x, 2, 3) == 0).all()  # pad=0: tiles touch
+
+
+def test_toy_axis_label_follows_the_grid():
+    from tagdiff.bench.toy import time_gap_axis_label
+    from tagdiff.schedules import VPSchedule
+
+    schedule = VPSchedule.linear(1000)
+    assert time_gap_axis_label(schedule.timesteps(100)) == "reverse step i (t from 999 down to 9)"
+    assert time_gap_axis_label(schedule.timesteps(10)) == "reverse step i (t from 999 down to 99)"
+
+
+@pytest.mark.parametrize("argv", [["corrupted", "--sigmas", "0.1"], ["multicond", "--etas", "0,1"],
+                                  ["strength", "--base-scale", "16"]])
+def test_old_flag_names_are_rejected(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", argv[0], "--out", str(tmp_path), *argv[1:]])
+    assert e.value.code == 2 and argv[1] in capsys.readouterr().err
+
+
+def test_renamed_fields_and_device_flag(tmp_path, capsys, monkeypatch):
+    assert {"corruption_stds", "device"} <= set(dataclasses.asdict(CorruptedConfig()))
+    assert "sigmas" not in dataclasses.asdict(CorruptedConfig()) and StrengthConfig().dps_scale == 16.0
+    assert MultiCondConfig().reparam_scales == (0.0, 1.0, 2.0, 4.0) and not hasattr(MultiCondConfig(), "etas")
+    assert ExperimentConfig().device == "auto" and LabelConfig().device == "auto"
+    assert main(["bench", "corrupted", "--out", str(tmp_path / "ok"), "--corruption-stds", "0.2", "--omegas", "1",
+                 "--num-samples", "4", "--sweep-samples", "4", "--num-steps", "2", "--seeds", "0", "--device", "cpu",
+                 "--quiet"]) == 0
+    res = json.loads((tmp_path / "ok" / "results.json").read_text())
+    assert list(res["corruption_std"]) == ["0.2"] and res["config"]["device"] == "cpu"
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for what in ("fewstep", "label"):
+        assert main(["bench", what, "--out", str(tmp_path / what), "--device", "cuda", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("tagdiff: error:") and "'cuda'" in err[0]
+    assert main(["bench", "fewstep", "--out", str(tmp_path / "x"), "--device", "tpu", "--quiet"]) == 2
+    assert "'tpu'" in capsys.readouterr().err

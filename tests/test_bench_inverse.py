@@ -47,7 +47,7 @@ def test_dps_moves_samples_towards_the_exact_linear_gaussian_posterior_mean():
 
 
 def test_tiny_run_writes_outputs_and_matches_an_independent_recomputation(tmp_path):
-    cfg = InverseConfig(operators=("sr2",), num_images=4, num_steps=3, omegas=(1.0,), seeds=(0,))
+    cfg = InverseConfig(operators=("sr2",), num_images=4, num_steps=3, omegas=(1.0,), seeds=(0,), device="cpu")
     res = run_inverse(tmp_path, cfg, progress=False)
     for name in ("results.json", "table.md", "inverse.png"):
         assert (tmp_path / name).exists()

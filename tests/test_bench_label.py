@@ -9,7 +9,8 @@ import shutil
 import pytest
 import torch
 
-from tagdiff.bench.label import METHODS, LabelConfig, load_label_models, method_terms, run_label
+from tagdiff.assets import load_label_models
+from tagdiff.bench.label import METHODS, LabelConfig, method_terms, run_label
 from tagdiff.checkpoints import CheckpointError
 from tagdiff.cli import main
 from tagdiff.data import load_dataset
@@ -37,7 +38,8 @@ def ck(tmp_path_factory):
 
 
 def _cfg(ck, **kw) -> LabelConfig:
-    return LabelConfig(**{"targets": (0, 1), "num_per_target": 4, "num_steps": 3, "checkpoints": str(ck), **kw})
+    return LabelConfig(**{"targets": (0, 1), "num_per_target": 4, "num_steps": 3, "checkpoints": str(ck),
+                          "device": "cpu", **kw})
 
 
 def _variant(ck, tmp_path, **replace):
@@ -65,7 +67,7 @@ def test_results_layout_and_files(results, ck):
     assert on_disk["methods"] == res["methods"]
     assert set(on_disk["methods"]) == set(METHODS)
     for m in on_disk["methods"].values():
-        assert set(m) == {"fid", "accuracy", "time_gap", "seconds"}
+        assert set(m) == {"fid", "accuracy", "confidence", "is", "time_gap", "seconds"}
         assert math.isfinite(m["fid"]) and m["fid"] >= 0 and m["seconds"] > 0 and m["time_gap"] >= 0
         assert 0 <= m["accuracy"] <= 1 and (m["accuracy"] * 8) == pytest.approx(round(m["accuracy"] * 8))
     cfg = on_disk["config"]
@@ -76,6 +78,8 @@ def test_results_layout_and_files(results, ck):
         assert set(on_disk["per_target"][method]) == {"0", "1"}
         assert len(on_disk["time_gap_per_step"][method]) == 3
     assert (out / "label.png").stat().st_size > 5_000
+    assert "| dps+tag |" in (out / "table.md").read_text()
+    assert len(list((out / "runs").glob("*.json"))) == len(METHODS)  # one cached run per method
 
 
 def test_metrics_against_independent_computation(results, ck):

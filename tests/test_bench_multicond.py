@@ -119,7 +119,7 @@ def test_omega_zero_reproduces_the_dps_run_exactly(setup):
 
 def test_tiny_run_writes_outputs_and_matches_an_independent_recomputation(tmp_path, setup):
     cfg = MultiCondConfig(targets=("1:thick", "7:thin"), num_per_target=3, sweep_per_target=2, num_steps=3,
-                          omegas=(1.0,), etas=(0.0, 2.0), seeds=(0,))
+                          omegas=(1.0,), reparam_scales=(0.0, 2.0), seeds=(0,), device="cpu")
     res = run_multicond(tmp_path, cfg, progress=False)
     for name in ("results.json", "table.md", "multicond.png"):
         assert (tmp_path / name).exists()
@@ -127,8 +127,11 @@ def test_tiny_run_writes_outputs_and_matches_an_independent_recomputation(tmp_pa
     assert [r["method"] for r in on_disk["rows"]] == ["dps", "joint", "single", "single", "unconditional",
                                                       "unconditional"]
     assert sum(r["chosen"] for r in on_disk["rows"]) == 4 and on_disk["paper"]["accuracy"]["dps"] == [80.5, 92.1]
-    assert set(on_disk["sweep"]["grid"]) == {"dps", "joint:ω=1.0", "single:η=0.0:ω=1.0", "single:η=2.0:ω=1.0",
-                                             "unconditional:η=0.0:ω=1.0", "unconditional:η=2.0:ω=1.0"}
+    assert set(on_disk["sweep"]["grid"]) == {"dps", "joint:ω=1.0", "single:reparam=0.0:ω=1.0",
+                                             "single:reparam=2.0:ω=1.0", "unconditional:reparam=0.0:ω=1.0",
+                                             "unconditional:reparam=2.0:ω=1.0"}
+    assert [r["reparam_scale"] for r in on_disk["rows"]] == [None, None, 0.0, 2.0, 0.0, 2.0]
+    assert "eta" not in on_disk["rows"][0] and set(on_disk["sweep"]["best"]["single"]) == {"omega", "reparam_scale"}
     # independent recomputation of the DPS row (seed 0): the same guidance built by hand, the same judges
     tg_cls = torch.tensor([1, 1, 1, 7, 7, 7])
     thick = torch.tensor([True] * 3 + [False] * 3)
@@ -144,18 +147,18 @@ def test_tiny_run_writes_outputs_and_matches_an_independent_recomputation(tmp_pa
     assert dps["class_accuracy"]["mean"] == pytest.approx(float(class_ok.float().mean()))
     assert dps["joint_success"]["mean"] == pytest.approx(float((ink_ok & class_ok).float().mean()))
     table = (tmp_path / "table.md").read_text()
-    assert "DPS (baseline)" in table and "80.5 / 92.1" in table and "single:η=2.0:ω=1.0" in table
+    assert "DPS (baseline)" in table and "80.5 / 92.1" in table and "single:reparam=2.0:ω=1.0" in table
     # resume: a second call reads every run from the cache
     assert run_multicond(tmp_path, cfg, progress=False)["rows"] == res["rows"]
 
 
-def test_cli_rejects_bad_target_class_and_negative_eta(tmp_path, capsys):
+def test_cli_rejects_bad_target_class_and_negative_reparam_scale(tmp_path, capsys):
     assert main(["bench", "multicond", "--out", str(tmp_path / "a"), "--targets", "12:thick", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "12" in err[0] and "0..9" in err[0]
-    assert main(["bench", "multicond", "--out", str(tmp_path / "b"), "--etas=-1,1", "--quiet"]) == 2
+    assert main(["bench", "multicond", "--out", str(tmp_path / "b"), "--reparam-scales=-1,1", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "η must be >= 0" in err[0]
+    assert len(err) == 1 and "reparam_scales must be >= 0" in err[0]
     assert main(["bench", "multicond", "--out", str(tmp_path / "c"), "--ddim-eta=-0.5", "--quiet"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
@@ -180,7 +183,7 @@ def test_train_class_conditional_time_predictor(tmp_path, capsys):
 
 def test_slant_attribute_is_guided_by_its_classifier_and_judged_by_the_measured_slant(tmp_path, setup):
     cfg = MultiCondConfig(attribute="slant", targets=("1:right", "7:left"), num_per_target=3, sweep_per_target=2,
-                          num_steps=3, omegas=(1.0,), etas=(0.0,), seeds=(0,))
+                          num_steps=3, omegas=(1.0,), reparam_scales=(0.0,), seeds=(0,), device="cpu")
     preds = load_predictors(setup, cfg)
     assert preds["joint"].num_classes == 20 and preds["attribute"].num_classes == 2
     tg, stats = make_targets(setup, cfg, 3)

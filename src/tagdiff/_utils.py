@@ -16,6 +16,7 @@ __all__ = [
     "append_dims",
     "atomic_write_bytes",
     "check_finite",
+    "resolve_device",
 ]
 
 RandnLike = Callable[[Tensor], Tensor]
@@ -102,3 +103,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """The ``torch.device`` for ``name`` in ``auto | cpu | cuda | cuda:N | mps``.
+
+    ``auto`` is ``cuda`` if available, else ``mps`` if available, else ``cpu``.
+
+    Raises:
+        ValueError: an unknown name, or a device this machine does not have (e.g. ``cuda`` without a GPU).
+    """
+    s = str(name).strip().lower()
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps is not None and mps.is_available())
+    if s == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    kind, _, index = s.partition(":")
+    if kind not in DEVICES[1:] or (index and (not index.isdigit() or kind != "cuda")):
+        raise ValueError(f"unknown device {str(name)!r}; expected one of auto, cpu, cuda, cuda:N, mps")
+    if kind == "cuda" and (not torch.cuda.is_available() or (index and int(index) >= torch.cuda.device_count())):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"device {str(name)!r} is not available on this machine ({found}); use --device cpu or auto")
+    if kind == "mps" and not has_mps:
+        raise ValueError(f"device {str(name)!r} is not available on this machine (no MPS); use --device cpu or auto")
+    return torch.device(s)

@@ -179,11 +179,12 @@ def _add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--omega", type=float, default=d.omega, help="TAG ω_0")
     p.add_argument("--placement", choices=("pre", "post"), default=d.placement)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | mps (default: auto)")
     p.add_argument("--seeds", type=lambda v: _int_list(v, "seeds"), default=None,
                    help="several seeds, e.g. 0,1,2: mean ± std in OUT/results.json, each seed in OUT/seed_<s>/")
     p.add_argument("--methods", default=None, help="comma-separated, or 'all' (DPS/TFG, TAG and the baselines); "
                    "default: unguided,dps,dps+tag,cg,cg+tag")
-    p.add_argument("--no-resume", action="store_true", help="with --seeds: recompute seeds already in OUT")
+    p.add_argument("--no-resume", action="store_true", help="recompute runs already cached in OUT/runs")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -343,7 +344,7 @@ def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg = LabelConfig(dataset=args.dataset, targets=args.targets, num_per_target=args.num_per_target,
                           num_steps=args.num_steps, eta=args.eta, dps_scale=args.dps_scale, cg_scale=args.cg_scale,
-                          omega=args.omega, placement=args.placement, seed=args.seed,
+                          omega=args.omega, placement=args.placement, seed=args.seed, device=args.device,
                           data_dir=None if args.data_dir is None else str(args.data_dir),
                           checkpoints=None if args.checkpoints is None else str(args.checkpoints))
     from .bench.label import ALL_METHODS, METHODS, run_label_seeds
@@ -355,7 +356,7 @@ def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
                               resume=not args.no_resume)
         print("\n" + (args.out / "table.md").read_text())
         return res
-    res = run_label(args.out, cfg, progress=not args.quiet, methods=methods)
+    res = run_label(args.out, cfg, progress=not args.quiet, methods=methods, resume=not getattr(args, "no_resume", 0))
     print(f"\n{'method':10s} {'FID':>8s} {'accuracy':>9s} {'time gap':>9s} {'seconds':>8s}")
     for method, m in res["methods"].items():
         print(f"{method:10s} {m['fid']:8.2f} {m['accuracy']:9.3f} {m['time_gap']:9.1f} {m['seconds']:8.1f}")

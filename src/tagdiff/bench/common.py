@@ -1,10 +1,16 @@
 """Shared machinery of the image experiments: one seeded sampling run, its metrics, cached (resumable) runs,
 the ω grid search, mean ± std over seeds, and markdown tables.
 
-Protocol used by every experiment (``tagdiff bench corrupted|strength|fewstep|label``): ω_0 (and any other knob)
-is chosen by grid search on a *validation* seed (``sweep_seed``, default 100) that is never reported; the
-reported numbers are the mean ± std over the evaluation seeds (default 0, 1, 2) at the chosen setting. Every run
-of a configuration shares x_T and the sampling noise across methods (common random numbers).
+Every image experiment is the same pipeline: :func:`load_setup` (the models of :mod:`tagdiff.assets` and the
+held-out split, on a device) → the method's guidance terms → :func:`draw` → :func:`sample_metrics` (or an
+experiment's own judges on top of it) → each run cached by :class:`RunCache` (and :func:`tag_comparison` for the ω
+sweep) → :func:`write_outputs` (``results.json``, ``table.md``) and a figure (:func:`image_grid`).
+
+Protocol used by every experiment (``tagdiff bench corrupted|strength|fewstep|inverse|multicond``; the label suite's
+defaults were chosen the same way, by ``benchmarks/label_sweep.py``): ω_0 (and any other knob) is chosen by grid
+search on a *validation* seed (``sweep_seed``, default 100) that is never reported; the reported
+numbers are the mean ± std over the evaluation seeds (default 0, 1, 2) at the chosen setting. Every run of a
+configuration shares x_T and the sampling noise across methods (common random numbers).
 """
 
 from __future__ import annotations
@@ -13,34 +19,39 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .._utils import atomic_write_bytes
+from .._utils import DEVICES, atomic_write_bytes, resolve_device
+from ..assets import assets_dir, load_label_models
 from ..data import load_dataset
 from ..guidance import Term
 from ..image_metrics import fid
 from ..metrics import TimeGapRecorder
 from ..samplers import get_sampler
 
-__all__ = ["ExperimentConfig", "Setup", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std",
-           "markdown_table", "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview", "relative_change"]
+__all__ = ["ExperimentConfig", "Setup", "load_setup", "check_classes", "draw", "sample_metrics", "RunCache",
+           "mean_std", "markdown_table", "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview",
+           "relative_change", "short_hash"]
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Fields every experiment shares: the dataset and its checkpoints/data, the evaluation seeds (reported as
-    mean ± std) and the validation seed on which ω_0 and other knobs are chosen (never reported)."""
+    mean ± std), the validation seed on which ω_0 and other knobs are chosen (never reported) and the device the
+    models run on (``auto``: CUDA, else MPS, else CPU; the noise is drawn on the CPU either way, so a CPU run is the
+    same bit for bit whatever device it is later compared with; the run cache does not record the device)."""
 
     dataset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep_seed: int = 100
     checkpoints: str | None = None
     data_dir: str | None = None
+    device: str = field(default="auto", metadata={"help": f"{' | '.join(DEVICES)} (default: auto)"})
 
     def __post_init__(self) -> None:
         if self.sweep_seed in self.seeds:
@@ -50,13 +61,14 @@ class ExperimentConfig:
 
 @dataclass
 class Setup:
-    """Models and held-out data of one dataset (see :func:`load_setup`)."""
+    """Models and held-out data of one dataset, all on ``device`` (see :func:`load_setup`)."""
 
     dataset: str
     models: dict[str, Any]
     held_x: Tensor
     held_y: Tensor
     checkpoints: str
+    device: torch.device = torch.device("cpu")
 
     @property
     def schedule(self) -> Any:
@@ -67,68 +79,90 @@ class Setup:
         return self.models["eps_model"]
 
 
-def load_setup(dataset: str, checkpoints: str | Path | None = None, data_dir: str | None = None) -> Setup:
-    """Load the five models of ``checkpoints`` (default: the shipped assets of ``dataset``) and the held-out split.
+def load_setup(dataset: str, checkpoints: str | Path | None = None, data_dir: str | None = None,
+               device: str | torch.device = "cpu") -> Setup:
+    """Load the five models of ``checkpoints`` (default: the shipped assets of ``dataset``, see
+    :mod:`tagdiff.assets`) and the held-out split (images ``(N, C, H, W)`` in [-1, 1], labels ``(N,)``), on ``device``
+    (``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``: :func:`tagdiff._utils.resolve_device`).
 
     Raises:
-        CheckpointError / ValueError: missing, corrupt or mismatched checkpoints; DatasetError for missing data.
+        CheckpointError / ValueError: missing, corrupt or mismatched checkpoints; ValueError for an unavailable
+            device; DatasetError for missing data.
     """
-    from .label import assets_dir, load_label_models
-
+    dev = resolve_device(device)
     root = Path(checkpoints) if checkpoints else assets_dir(dataset)
-    models = load_label_models(root)
+    models = load_label_models(root, dev)
     held_x, held_y = load_dataset(dataset, "held_out", data_dir=data_dir)
-    return Setup(dataset, models, held_x, held_y, str(root))
+    return Setup(dataset, models, held_x.to(dev), held_y.to(dev), str(root), dev)
+
+
+def check_classes(targets: Sequence[int], setup: Setup) -> None:
+    """Raise ValueError unless ``targets`` is a non-empty sequence of classes of the evaluation classifier."""
+    K = setup.models["clf_eval"].num_classes
+    if not targets or min(targets) < 0 or max(targets) >= K:
+        raise ValueError(f"target classes {list(targets)} out of range; the classifiers have classes 0..{K - 1}")
 
 
 def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: int, sampler: str = "ddim",
          eta: float = 1.0, clip_x0: float | None = 1.0,
          progress: bool = False) -> dict[str, Any]:
-    """One seeded sampling run: x_T and the step noise come from one generator seeded with ``seed``.
+    """One seeded sampling run on ``setup.device``: x_T and the step noise come from one CPU generator seeded with
+    ``seed`` (then moved to the device), so every method of a seed shares them (common random numbers).
 
     Returns:
-        ``{"x0": (n, C, H, W) in [-1, 1], "time_gap": mean Time Gap, "time_gap_per_step": list, "seconds": float}``.
+        ``{"x0": (n, C, H, W) in [-1, 1] on the device, "time_gap": mean Time Gap, "time_gap_per_step": list,
+        "seconds": float}``.
+    Raises:
+        ValueError: an unknown sampler; NonFiniteError: a non-finite guidance step.
     """
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g)
+    g = torch.Generator().manual_seed(seed)  # a CPU generator on every device: CPU results stay bit for bit
+    x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g).to(setup.device)
     recorder = TimeGapRecorder(setup.models["time_predictor"])
     kwargs: dict[str, Any] = {"eta": eta} if sampler == "ddim" else {}
     t0 = time.time()
     x0 = get_sampler(sampler)(setup.eps_model, x_T, setup.schedule.timesteps(num_steps), setup.schedule,
-                              terms=list(terms), randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype),
-                              callback=recorder, clip_x0=clip_x0,
+                              terms=list(terms), callback=recorder, clip_x0=clip_x0,
+                              randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device),
                               progress=progress, **kwargs)
     return {"x0": x0.clamp(-1, 1), "time_gap": recorder.mean, "time_gap_per_step": recorder.per_step.tolist(),
             "seconds": time.time() - t0}
 
 
-def sample_metrics(setup: Setup, x0: Tensor, target: Tensor | None = None) -> dict[str, float]:
-    """Metrics of samples ``x0`` under the independent evaluation classifier (never used for guidance).
+def sample_metrics(setup: Setup, x0: Tensor, target: Tensor | None = None) -> dict[str, Any]:
+    """Metrics of samples ``x0`` ``(B, C, H, W)`` under the independent evaluation classifier (never used for
+    guidance); ``target`` ``(B,)`` holds per-sample target classes, if any.
 
     * ``fid``: against all held-out images (``target=None``), else the mean over target classes of the FID against
-      that class's held-out images (as the TFG benchmark does).
+      that class's held-out images (as the TFG benchmark does), both in the evaluation classifier's feature space.
     * ``confidence``: mean max-softmax probability; ``is``: the Inception-Score analogue exp(E_x KL(p(y|x) ‖ p(y)))
       with the evaluation classifier in place of Inception (Table 1's IS column).
-    * ``accuracy`` (with ``target``): fraction classified as the target.
+    * ``accuracy`` (with ``target``): fraction classified as the target; ``per_target``: ``{str(y): {"fid",
+      "accuracy"}}`` per target class, in increasing class order.
     """
     clf = setup.models["clf_eval"]
     with torch.no_grad():
-        p = torch.cat([torch.softmax(clf(b), -1) for b in x0.split(512)])
+        logits = torch.cat([clf(b) for b in x0.split(512)])
+    p = torch.softmax(logits, -1)
     p_mean = p.mean(0, keepdim=True)
     kl = (p * (p.clamp_min(1e-12).log() - p_mean.clamp_min(1e-12).log())).sum(-1).mean()
-    out = {"confidence": float(p.max(-1).values.mean()), "is": float(kl.exp())}
+    out: dict[str, Any] = {"confidence": float(p.max(-1).values.mean()), "is": float(kl.exp())}
     if target is None:
         out["fid"] = fid(setup.held_x, x0, clf)
     else:
-        classes = target.unique().tolist()
-        out["fid"] = sum(fid(setup.held_x[setup.held_y == y], x0[target == y], clf) for y in classes) / len(classes)
-        out["accuracy"] = float((p.argmax(-1) == target).float().mean())
+        pred, target = logits.argmax(-1), target.to(logits.device)
+        per = {str(y): {"fid": fid(setup.held_x[setup.held_y == y], x0[target == y], clf),
+                        "accuracy": float((pred[target == y] == y).float().mean())} for y in target.unique().tolist()}
+        out["fid"] = sum(v["fid"] for v in per.values()) / len(per)
+        out["accuracy"] = float((pred == target).float().mean())
+        out["per_target"] = per
     return out
 
 
 class RunCache:
     """Results of finished runs, one JSON file per run under ``out_dir/runs/``: an interrupted experiment resumes
-    where it stopped (runs are keyed by their full configuration, so changed settings are recomputed)."""
+    where it stopped (runs are keyed by their full configuration, so changed settings are recomputed). ``get(key,
+    fn)`` returns the cached result of ``key`` (a flat JSON-able dict) or computes ``fn()`` and stores it; with
+    ``resume=False`` every run is recomputed (and stored)."""
 
     def __init__(self, out_dir: str | Path, resume: bool = True):
         self.dir = Path(out_dir) / "runs"
@@ -137,6 +171,8 @@ class RunCache:
 
     def get(self, key: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         name = "_".join(f"{k}={v}" for k, v in key.items()).replace("/", "-").replace(" ", "")
+        if len(name) > 200:  # file names must stay short; shorter (earlier) names are kept as they were
+            name = f"{name[:100]}_{short_hash(name)}"
         path = self.dir / f"{name}.json"
         if self.resume and path.exists():
             try:
@@ -177,14 +213,19 @@ def write_outputs(out_dir: str | Path, results: dict[str, Any], table: str) -> N
     atomic_write_bytes(out_dir / "table.md", table.encode())
 
 
-def image_grid(x: Tensor, rows: int, cols: int) -> Any:
-    """``(rows*cols, C, H, W)`` in [-1, 1] -> a numpy ``(rows*H, cols*W)`` (or ``(…, 3)``) image in [0, 1]."""
-    x = x[: rows * cols]
+def image_grid(x: Tensor, rows: int, cols: int, pad: int = 0, pad_value: float = 1.0) -> Any:
+    """``(rows*cols, C, H, W)`` in [-1, 1] -> a numpy ``(rows*H', cols*W')`` (or ``(…, 3)``) image in [0, 1], row by
+    row; missing tiles are black. ``pad`` > 0 puts a ``pad``-pixel border of ``pad_value`` (in [0, 1]; 1 = white)
+    around every tile, so neighbouring images do not touch (H' = H + 2 pad)."""
+    x = x[: rows * cols].detach().cpu()
     n, c, h, w = x.shape
     if n < rows * cols:
         x = torch.cat([x, -torch.ones(rows * cols - n, c, h, w)])
+    x = ((x + 1) / 2).clamp(0, 1)
+    if pad:
+        x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=pad_value)
+        h, w = h + 2 * pad, w + 2 * pad
     g = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c)
-    g = ((g + 1) / 2).clamp(0, 1)
     return (g.squeeze(-1) if c == 1 else g).numpy()
 
 
@@ -241,8 +282,15 @@ def _numbers(result: dict[str, Any]) -> dict[str, float]:
 
 
 def preview(x0: Tensor, k: int = 16) -> list:
-    """The first ``k`` samples, rounded, for figures (kept in the run cache)."""
-    return [[round(float(v), 3) for v in s.reshape(-1)] for s in x0[:k]]
+    """The first ``k`` samples (flattened, rounded to 3 decimals), for figures (kept in the run cache)."""
+    return [[round(v, 3) for v in s.reshape(-1).tolist()] for s in x0[:k].detach().cpu().double()]
+
+
+def short_hash(text: str) -> str:
+    """A 10-hex-digit digest of ``text`` (for run-cache keys that would make long file names)."""
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
 def relative_change(before: float, after: float) -> float:

@@ -56,14 +56,14 @@ def run_fewstep(out_dir: str | Path, cfg: FewStepConfig = FewStepConfig(), *, pr
     """Run the experiment; write ``results.json``, ``table.md`` and ``fewstep.png`` in ``out_dir``.
 
     Raises:
-        ValueError: an unknown sampler or placement, a step count < 1, or a negative ω.
+        ValueError: an unknown sampler or placement, a step count < 1, a negative ω, or an unavailable device.
     """
     bad = [s for s in cfg.samplers if s not in ("ddim", "ddpm")]
     bad += [p for p in cfg.placements if p not in ("pre", "post")]
     if bad or min(cfg.steps) < 1 or min(cfg.omegas) < 0:
         raise ValueError(f"bad few-step settings: samplers {cfg.samplers} (ddim, ddpm), placements {cfg.placements} "
                          f"(pre, post), steps {cfg.steps} (>= 1), omegas {cfg.omegas} (>= 0)")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
+    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
     cache = RunCache(out_dir, resume)
     results: dict[str, Any] = {"runs": {}}
     for sampler in cfg.samplers:

@@ -79,8 +79,9 @@ _NUM_PREVIEW = 8
 
 @dataclass(frozen=True)
 class InverseConfig(ExperimentConfig):
-    """Settings; ``noise_std`` is σ_y in pixel units of the [-1, 1] range. See the module docstring for how the
-    guidance defaults were chosen."""
+    """Settings; ``noise_std`` is σ_y in pixel units of the [-1, 1] range, ``dps_scale`` DPS's guidance scale,
+    ``tfg_rho`` / ``tfg_mu`` / ``tfg_gamma`` TFG's (ρ̄, μ̄, γ̄) and ``omegas`` TAG's ω_0 grid. See the module
+    docstring for how the guidance defaults were chosen."""
 
     operators: tuple[str, ...] = ("sr2", "deblur", "inpaint_box", "inpaint_random", "denoise")
     noise_std: float = 0.05
@@ -102,7 +103,8 @@ def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, pr
         "ground_truth"}}, "config", "paper"}``.
     Raises:
         ValueError: an unknown operator (the valid names are listed), a negative σ_y, ω or guidance strength,
-            fewer than 2 or more than the held-out images, or a sweep seed that is also an evaluation seed.
+            fewer than 2 or more than the held-out images, a sweep seed that is also an evaluation seed, or an
+            unavailable device.
     """
     bad = [name for name in cfg.operators if name not in OPERATORS]
     if bad or not cfg.operators:
@@ -113,7 +115,7 @@ def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, pr
     if min(cfg.omegas, default=0) < 0 or min(cfg.dps_scale, cfg.tfg_rho, cfg.tfg_mu, cfg.tfg_gamma) < 0:
         raise ValueError(f"omegas, dps_scale and tfg_rho/mu/gamma must be >= 0, got {cfg.omegas}, {cfg.dps_scale}, "
                          f"{cfg.tfg_rho}/{cfg.tfg_mu}/{cfg.tfg_gamma}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
+    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
     if not 2 <= cfg.num_images <= len(setup.held_x):
         raise ValueError(f"num_images must be in [2, {len(setup.held_x)}] (the held-out split), got {cfg.num_images}")
     g = torch.Generator().manual_seed(0)
@@ -122,7 +124,7 @@ def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, pr
     results: dict[str, Any] = {"operators": {}}
     for name in cfg.operators:
         A = make_operator(name, tuple(x_true.shape[-2:]), cfg.noise_std)
-        y = A.measure(x_true, generator=torch.Generator().manual_seed(0))
+        y = A.measure(x_true.cpu(), generator=torch.Generator().manual_seed(0)).to(setup.device)  # noise on the CPU
         res: dict[str, Any] = {"gt_consistency": _consistency(A, x_true, y),
                                "measurement": preview(_visualise(y, x_true.shape), _NUM_PREVIEW),
                                "ground_truth": preview(x_true, _NUM_PREVIEW)}

@@ -7,21 +7,25 @@ guidance + TAG. Sampler: DDIM(η = 1) over a "trailing" grid (the TFG benchmark'
 feature space of the independent evaluation classifier, that classifier's accuracy on the target, the mean
 Time Gap (learned time predictor) and wall time. All methods share x_T and the sampling noise (common random
 numbers), so their differences are the effect of the guidance and of TAG.
+
+The suite goes through the shared pipeline of :mod:`tagdiff.bench.common` (load the models, build each method's
+terms, draw, metrics, table and figure): every (method, seed) run is a cached run of ``OUT/runs/`` (an interrupted
+or repeated run resumes), its metrics are :func:`~tagdiff.bench.common.sample_metrics`. Names: ``omega`` is TAG's
+ω_0; ``dps_scale`` / ``cg_scale`` are the guidance scales of DPS and of classifier guidance; ``eta`` is DDIM's η.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
-from dataclasses import asdict, dataclass, field
-from importlib import resources
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..checkpoints import load_model
 from ..guidance import (
     ClassifierGuidance,
     DPSGuidance,
@@ -34,27 +38,41 @@ from ..guidance import (
     TimeShift,
     label_loss,
 )
-from ..image_metrics import fid
-from ..recipes import load_checkpoint
+from ..image_metrics import class_histogram, fid
+from .common import (
+    RunCache,
+    Setup,
+    check_classes,
+    draw,
+    fmt_ms,
+    image_grid,
+    load_setup,
+    markdown_table,
+    mean_std,
+    preview,
+    relative_change,
+    sample_metrics,
+    short_hash,
+    write_outputs,
+)
 
-__all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "assets_dir", "load_label_models", "run_label", "run_label_seeds"]
+__all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "method_terms", "label_run",
+           "run_label", "run_label_seeds"]
 
 METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")  # the demo's suite
 BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift")  # TAG.md §7, on top of DPS as in Tables 2/8
 ALL_METHODS = (*METHODS, "tfg", "tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "TAG.md Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
-
-
-def assets_dir(dataset: str) -> Path:
-    """Folder of the shipped checkpoints for ``dataset`` (``unet/``, ``time_predictor/``, ``clf_*``)."""
-    return Path(str(resources.files("tagdiff") / "assets" / dataset))
+PREVIEW_PER_TARGET = 8  # samples per target class kept for the figure
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     """Settings of the label-guidance suite. The digits defaults (DPS scale 16, CG scale 4, ω_0 = 1) were chosen by
-    ``benchmarks/label_sweep.py`` on other targets (1, 4, 8) and another seed (100) than the demo reports."""
+    ``benchmarks/label_sweep.py`` on other targets (1, 4, 8) and another seed (100) than the demo reports.
+    ``dps_scale`` / ``cg_scale`` are the guidance scales of DPS and classifier guidance, ``omega`` TAG's ω_0,
+    ``eta`` DDIM's η; ``device`` is ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda`` or ``mps``."""
 
     dataset: str = "digits"
     targets: tuple[int, ...] = (0, 3, 7)
@@ -68,6 +86,7 @@ class LabelConfig:
     seed: int = 0
     data_dir: str | None = None
     checkpoints: str | None = None
+    device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
     # TFG (Ye et al. 2024; TAG.md §6.3): ρ̄, μ̄, γ̄ and recurrence, "increase" schedules, N_iter = 4. ρ̄ and μ̄ chosen
     # by benchmarks/tfg_sweep.py on validation targets/seed; γ̄ = 0.001 as TFG's CIFAR-10 label settings.
@@ -81,35 +100,6 @@ class LabelConfig:
     langevin_snr: float = 0.16
     timeshift_window: int = 20
     timeshift_cutoff: int = 300
-
-
-def load_label_models(checkpoints: str | Path) -> dict[str, Any]:
-    """Load ``unet`` (+ schedule), ``time_predictor``, ``clf_noisy``, ``clf_clean``, ``clf_eval`` from a folder."""
-    root = Path(checkpoints)
-    eps_model, schedule = load_checkpoint(root / "unet")
-    models = {"eps_model": eps_model, "schedule": schedule}
-    from ..classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
-    from ..time_predictor import TimePredictor
-
-    kinds = {"time_predictor": ((TimePredictor,), "a time predictor (train time-predictor)"),
-             "clf_noisy": ((NoisyClassifier,), "a noisy classifier (train classifier --kind noisy)"),
-             "clf_clean": ((CleanClassifier, EvalClassifier), "a clean classifier (train classifier --kind clean)"),
-             "clf_eval": ((EvalClassifier,), "an evaluation classifier (train classifier --kind eval)")}
-    for name, (classes, what) in kinds.items():
-        models[name] = load_model(root / name)
-        if not isinstance(models[name], classes):
-            raise ValueError(f"{root / name} holds {type(models[name]).__name__}; {name} must be {what}")
-    T = schedule.num_train_timesteps
-    for name in ("time_predictor", "clf_noisy"):
-        if getattr(models[name], "num_train_timesteps", T) != T:
-            raise ValueError(f"{root / name} was trained with T={models[name].num_train_timesteps} timesteps but the "
-                             f"diffusion model has T={T}")
-    for name in ("time_predictor", "clf_noisy", "clf_clean", "clf_eval"):
-        shape = tuple(getattr(models[name], "sample_shape", eps_model.sample_shape))
-        if shape != tuple(eps_model.sample_shape):
-            raise ValueError(f"{root / name} expects images of shape {shape} but the diffusion model makes "
-                             f"{tuple(eps_model.sample_shape)}")
-    return models
 
 
 def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: LabelConfig) -> list[Term]:
@@ -136,74 +126,89 @@ def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: Label
     return terms
 
 
+def label_run(setup: Setup, cfg: LabelConfig, method: str, *, progress: bool = False) -> dict[str, Any]:
+    """One method at ``cfg.seed``: ``cfg.num_per_target`` samples per target class (targets in order).
+
+    Returns:
+        :func:`~tagdiff.bench.common.sample_metrics` (``fid``, ``accuracy``, ``confidence``, ``is``, ``per_target``)
+        and ``time_gap``, ``time_gap_per_step``, ``seconds``, ``preview`` (the first :data:`PREVIEW_PER_TARGET`
+        samples of every target, flattened) and, for ``unguided``, ``sanity`` (base-model checks).
+    """
+    target = torch.tensor(cfg.targets).repeat_interleave(cfg.num_per_target).to(setup.device)
+    out = draw(setup, method_terms(method, setup.models, target, cfg), n=target.numel(), seed=cfg.seed,
+               num_steps=cfg.num_steps, eta=cfg.eta, progress=progress)
+    x0 = out["x0"]
+    per = min(PREVIEW_PER_TARGET, cfg.num_per_target)
+    shown = x0.reshape(len(cfg.targets), cfg.num_per_target, *x0.shape[1:])[:, :per].reshape(-1, *x0.shape[1:])
+    result = {**sample_metrics(setup, x0, target), "time_gap": out["time_gap"],
+              "time_gap_per_step": out["time_gap_per_step"], "seconds": out["seconds"],
+              "preview": preview(shown, len(shown))}
+    if method == "unguided":
+        result["sanity"] = _sanity(x0, setup.held_x, setup.models["clf_eval"], cfg.seed)
+    return result
+
+
 def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress: bool = True,
-              methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
-    """Run the suite; write ``out_dir/results.json`` and ``out_dir/label.png``; return the results.
+              methods: tuple[str, ...] = METHODS, resume: bool = True) -> dict[str, Any]:
+    """Run the suite at ``cfg.seed``; write ``results.json``, ``table.md`` and ``label.png`` in ``out_dir`` (and
+    each method's run in ``out_dir/runs/``, reused when ``resume``); return the results
+    ``{"methods": {m: {"fid", "accuracy", "confidence", "is", "time_gap", "seconds"}}, "per_target": {m: {y: {"fid",
+    "accuracy"}}}, "time_gap_per_step": {m: [...]}, "sanity", "config", "paper", "seconds"}``.
 
     Raises:
-        ValueError: an unknown method or a target class the classifiers do not have.
+        ValueError: an unknown method, a target class the classifiers do not have, or an unavailable device.
         CheckpointError: missing or corrupt checkpoints.
     """
     t_start = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected some of {', '.join(ALL_METHODS)}")
-    from .common import draw, load_setup
-
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
-    models, held_x, held_y = setup.models, setup.held_x, setup.held_y
-    K = models["clf_eval"].num_classes
-    if not cfg.targets or min(cfg.targets) < 0 or max(cfg.targets) >= K:
-        raise ValueError(f"target classes {list(cfg.targets)} out of range; the classifiers have classes 0..{K - 1}")
-    target = torch.tensor(cfg.targets).repeat_interleave(cfg.num_per_target)
+    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
+    check_classes(cfg.targets, setup)
+    cache = RunCache(out_dir, resume)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "device")}
+    base = {"exp": "label", "dataset": cfg.dataset, "targets": ",".join(map(str, cfg.targets)),
+            "n": cfg.num_per_target, "steps": cfg.num_steps, "eta": cfg.eta,
+            "settings": short_hash(json.dumps({**settings, "checkpoints": setup.checkpoints}, sort_keys=True))}
     results: dict[str, Any] = {"methods": {}, "per_target": {}, "time_gap_per_step": {}}
-    samples: dict[str, Tensor] = {}
+    runs: dict[str, dict[str, Any]] = {}
     for method in methods:
-        out = draw(setup, method_terms(method, models, target, cfg), n=target.numel(), seed=cfg.seed,
-                   num_steps=cfg.num_steps, eta=cfg.eta, progress=progress)
-        x0, seconds = out["x0"], out["seconds"]
-        with torch.no_grad():
-            pred = models["clf_eval"](x0).argmax(-1)
-        per_target = {}
-        for y in cfg.targets:
-            sel = target == y
-            per_target[str(y)] = {"fid": fid(held_x[held_y == y], x0[sel], models["clf_eval"]),
-                                  "accuracy": float((pred[sel] == y).float().mean())}
-        results["per_target"][method] = per_target
-        results["methods"][method] = {
-            "fid": sum(v["fid"] for v in per_target.values()) / len(per_target),
-            "accuracy": float((pred == target).float().mean()),
-            "time_gap": out["time_gap"], "seconds": seconds}
-        results["time_gap_per_step"][method] = out["time_gap_per_step"]
-        samples[method] = x0
+        runs[method] = r = cache.get({**base, "method": method, "seed": cfg.seed},
+                                     lambda method=method: label_run(setup, cfg, method, progress=progress))
+        results["methods"][method] = {k: r[k] for k in ("fid", "accuracy", "confidence", "is", "time_gap", "seconds")}
+        results["per_target"][method] = r["per_target"]
+        results["time_gap_per_step"][method] = r["time_gap_per_step"]
         if progress:
-            m = results["methods"][method]
-            print(f"  {method:9s} FID {m['fid']:7.2f}  acc {m['accuracy']:.3f}  time gap {m['time_gap']:6.1f}  "
-                  f"{seconds:5.1f} s", flush=True)
-    if "unguided" in samples:
-        results["sanity"] = _sanity(samples["unguided"], held_x, models["clf_eval"], cfg.seed)
-    n_ref = {str(y): int((held_y == y).sum()) for y in cfg.targets}
+            print(f"  {method:9s} FID {r['fid']:7.2f}  acc {r['accuracy']:.3f}  time gap {r['time_gap']:6.1f}  "
+                  f"{r['seconds']:5.1f} s", flush=True)
+    if "unguided" in runs:
+        results["sanity"] = runs["unguided"]["sanity"]
+    n_ref = {str(y): int((setup.held_y == y).sum()) for y in cfg.targets}
     results["config"] = {**asdict(cfg), "sampler": "ddim", "timestep_spacing": "trailing", "clip_x0": 1.0,
                          "reference_images_per_target": n_ref, "fid_features": "EvalClassifier.features (128-d)",
                          "checkpoints": setup.checkpoints, "torch": torch.__version__}
     results["paper"] = PAPER_TABLE2
     results["seconds"] = time.time() - t_start
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _figure(out_dir / "label.png", samples, results, cfg)
+    write_outputs(out_dir, results, _table(results, cfg))
+    _figure(Path(out_dir) / "label.png", {m: r["preview"] for m, r in runs.items()}, results, cfg,
+            tuple(setup.eps_model.sample_shape))
     return results
+
+
+def _table(results: dict[str, Any], cfg: LabelConfig) -> str:
+    rows = [[m, f"{r['fid']:.2f}", f"{r['accuracy']:.3f}", f"{r['time_gap']:.1f}", f"{r['seconds']:.1f}"]
+            for m, r in results["methods"].items()]
+    head = (f"Label guidance, {cfg.dataset}: targets {list(cfg.targets)}, {cfg.num_per_target} samples per target, "
+            f"seed {cfg.seed}; DDIM(η={cfg.eta}) {cfg.num_steps} steps. FID per target class against its held-out "
+            "images in the evaluation classifier's feature space, averaged over targets.\n\n")
+    return head + markdown_table(["method", "FID", "accuracy", "Time Gap", "seconds"], rows)
 
 
 def _sanity(unguided: Tensor, held_x: Tensor, clf_eval: Any, seed: int) -> dict[str, Any]:
     """Base-model checks: FID of unguided samples vs held-out data next to FID between two real halves (same
     feature network; FID is biased upward at small n, so compare the two at similar n), and the class histogram of
     unguided samples under the evaluation classifier (entropy close to log 10 = 2.303 for a balanced model)."""
-    import math
-
-    from ..image_metrics import class_histogram
-
-    perm = torch.randperm(held_x.shape[0], generator=torch.Generator().manual_seed(seed))
+    perm = torch.randperm(held_x.shape[0], generator=torch.Generator().manual_seed(seed)).to(held_x.device)
     half = held_x.shape[0] // 2
     n = min(unguided.shape[0], half)
     counts, entropy = class_histogram(clf_eval, unguided)
@@ -213,60 +218,67 @@ def _sanity(unguided: Tensor, held_x: Tensor, clf_eval: Any, seed: int) -> dict[
             "max_entropy": math.log(len(counts))}
 
 
-def _figure(path: Path, samples: dict[str, Tensor], results: dict[str, Any], cfg: LabelConfig) -> None:
+def _figure(path: Path, previews: dict[str, list], results: dict[str, Any], cfg: LabelConfig,
+            shape: tuple[int, ...]) -> None:
+    """Samples of every method (rows: the target classes; tiles separated by a white border) above the Time Gap
+    per reverse step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = list(samples)
-    per = min(8, cfg.num_per_target)
-    fig = plt.figure(figsize=(2.6 * len(methods) + 4.5, 0.5 * len(cfg.targets) + 2.0))
-    gs = fig.add_gridspec(1, len(methods) + 1, width_ratios=[1] * len(methods) + [1.4])
-    for j, method in enumerate(methods):
-        x = samples[method].reshape(len(cfg.targets), cfg.num_per_target, *samples[method].shape[1:])[:, :per]
-        c, h, w = x.shape[2:]
-        grid = x.permute(0, 3, 1, 4, 2).reshape(len(cfg.targets) * h, per * w, c)  # rows: targets
-        ax = fig.add_subplot(gs[0, j])
-        ax.imshow(((grid + 1) / 2).clamp(0, 1).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1)
+    methods = list(previews)
+    rows, per = len(cfg.targets), min(PREVIEW_PER_TARGET, cfg.num_per_target)
+    pad = 1
+    tile_h, tile_w = shape[-2] + 2 * pad, shape[-1] + 2 * pad
+    cols = min(len(methods), 5)
+    panel_w = 2.9
+    panel_h = panel_w * rows * tile_h / (per * tile_w) + 0.55
+    grid_rows = -(-len(methods) // cols)
+    fig = plt.figure(figsize=(cols * panel_w + 0.6, grid_rows * panel_h + 2.9), layout="constrained")
+    sub = fig.subfigures(2, 1, height_ratios=[grid_rows * panel_h, 2.6])
+    axes = sub[0].subplots(grid_rows, cols, squeeze=False)
+    for ax in axes.flat[len(methods):]:
+        ax.set_axis_off()
+    for ax, method in zip(axes.flat, methods):
+        x = torch.tensor(previews[method]).reshape(-1, *shape)
+        ax.imshow(image_grid(x, rows, per, pad=pad), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         m = results["methods"][method]
         ax.set_title(f"{method}\nFID {m['fid']:.1f}  acc {m['accuracy']:.2f}", fontsize=9)
         ax.set_xticks([])
-        ax.set_yticks([(i + 0.5) * h for i in range(len(cfg.targets))], [str(y) for y in cfg.targets])
-    ax = fig.add_subplot(gs[0, -1])
+        ax.set_yticks([(i + 0.5) * tile_h - 0.5 for i in range(rows)], [str(y) for y in cfg.targets], fontsize=8)
+        ax.tick_params(length=0)
+        for side in ax.spines.values():
+            side.set_visible(False)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("target class", fontsize=9)
+    sub[0].suptitle(f"Label guidance on {cfg.dataset}: each row is one target class ({per} of "
+                    f"{cfg.num_per_target} samples, seed {cfg.seed}). FID per target class in the evaluation "
+                    "classifier's feature space; acc = its accuracy on the target", fontsize=9)
+    ax = sub[1].subplots()
     for method in methods:
         ax.plot(results["time_gap_per_step"][method], label=method)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("reverse step")
-    ax.set_ylabel("time gap")
-    ax.legend(fontsize=7)
-    ax.set_title("Time Gap per step", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    ax.set_ylabel("Time Gap")
+    ax.legend(fontsize=7, ncols=min(len(methods), 5))
+    ax.set_title("Time Gap per reverse step (learned time predictor)", fontsize=9)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...], *,
                     methods: tuple[str, ...] = ALL_METHODS, progress: bool = True,
                     resume: bool = True) -> dict[str, Any]:
-    """The suite over several seeds: ``out_dir/seed_<s>/`` holds each seed's run (reused when ``resume`` and its
-    config matches, so an interrupted run resumes by seed); ``out_dir/results.json`` and ``table.md`` hold
-    ``{"methods": {m: {metric: mean_std}}, "seeds": [...], "config": {...}}``.
+    """The suite over several seeds: ``out_dir/seed_<s>/`` holds each seed's :func:`run_label` (its runs are
+    reused when ``resume``); ``out_dir/results.json`` and ``table.md`` hold ``{"methods": {m: {metric: mean_std}},
+    "seeds": [...], "config": {...}}``.
+
+    Raises:
+        ValueError / CheckpointError: as :func:`run_label`.
     """
-    from dataclasses import replace
-
-    from .common import fmt_ms, markdown_table, mean_std, relative_change, write_outputs
-
-    per_seed = []
-    for seed in seeds:
-        c, sub = replace(cfg, seed=seed), Path(out_dir) / f"seed_{seed}"
-        prev = sub / "results.json"
-        done = None
-        if resume and prev.exists():
-            old = json.loads(prev.read_text())
-            if old["config"].get("seed") == seed and set(old["methods"]) == set(methods) and all(
-                    old["config"].get(k) == v for k, v in asdict(c).items() if k not in ("checkpoints", "targets")):
-                done = old
-        per_seed.append(done or run_label(sub, c, progress=progress, methods=methods))
+    per_seed = [run_label(Path(out_dir) / f"seed_{seed}", replace(cfg, seed=seed), progress=progress,
+                          methods=methods, resume=resume) for seed in seeds]
     agg = {m: {k: mean_std([r["methods"][m][k] for r in per_seed]) for k in ("fid", "accuracy", "time_gap", "seconds")}
            for m in methods}
     results = {"methods": agg, "seeds": list(seeds), "config": {**per_seed[0]["config"], "seed": list(seeds)},

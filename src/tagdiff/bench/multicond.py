@@ -50,12 +50,15 @@ Methods (TAG.md Table 5 rows; TAG is applied before each reverse step, Alg. 1, �
 * **unconditional** (option c, Prop. B.2): the shipped unconditional predictor at x″ (reparameterised by ℓ_1 = class,
   then ℓ_2; the paper does not fix the order).
 
-η_t² = η_0² (1 − ᾱ_t) (:mod:`tagdiff.guidance.multicond`). The paper gives no η; η_0 is swept over ``etas``. With
+η_t² = η_0² (1 − ᾱ_t) (:mod:`tagdiff.guidance.multicond`, its ``eta``). Here η_0 is called the *reparameterisation
+scale* (``reparam_scale``; DDIM's η is ``ddim_eta``, a different thing). The paper gives no η_0; it is swept over
+``reparam_scales``. With
 η_0² = ``dps_scale`` (η_0 = 4 at the default scale 16) the reparameterisation moves x_t by about as much as the DPS
 term does in one step (TAG.md §3.4 [INFERRED]: "reuse the guidance step"), so the default grid {0, 1, 2, 4} spans
 "no reparameterisation" to "the DPS step". η_0 = 0 evaluates the predictor at x itself.
 
-Protocol: every setting (ω_0 ∈ ``omegas`` for each variant, and η_0 ∈ ``etas`` for single/unconditional) is run on
+Protocol: every setting (ω_0 ∈ ``omegas`` for each variant, and η_0 ∈ ``reparam_scales`` for single/unconditional)
+is run on
 the validation seed ``sweep_seed``; the best is the one with the highest joint success, ties broken by lower FID, then
 by smaller ω_0/η_0. The reported numbers are mean ± std over ``seeds`` at the chosen settings: DPS, joint at its ω_0*,
 and single/unconditional at every η_0 (each at its own best ω_0) with the chosen η_0* marked. All runs share x_T and
@@ -89,8 +92,10 @@ from .common import (
     mean_std,
     preview,
     sample_metrics,
+    short_hash,
     write_outputs,
 )
+from .multicond_report import PREVIEW_PER_TARGET, cell_name, figure, table
 
 __all__ = ["MultiCondConfig", "Targets", "run_multicond", "ink_mass", "ink_loss", "ink_bins", "ink_quantiles",
            "joint_condition", "parse_targets", "make_targets", "multicond_terms", "evaluate", "load_predictors",
@@ -103,9 +108,6 @@ PAPER = {"source": "TAG.md Table 5 (CelebA-HQ, accuracy % = all target attribute
          "log_kid": {"dps": [-2.75, -3.16], "joint": [-2.85, -3.19], "single": [-2.86, -3.27],
                      "unconditional": [-2.87, -3.08]},
          "pairs": ["Gender+Age", "Gender+Hair"]}
-_NAMES = {"dps": "DPS (baseline)", "joint": "DPS + TAG, joint φ(x, c₁, c₂)", "single": "DPS + TAG, single φ(x′, c)",
-          "unconditional": "DPS + TAG, uncond. φ(x″)"}
-_PREVIEW_PER_TARGET = 4
 DEFAULT_TARGETS = {"ink": ("0:thick", "1:thin", "7:thick", "8:thin"),
                    "slant": ("0:right", "1:left", "7:right", "8:left")}
 
@@ -113,7 +115,8 @@ DEFAULT_TARGETS = {"ink": ("0:thick", "1:thin", "7:thick", "8:thin"),
 # ---------------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
 class MultiCondConfig(ExperimentConfig):
-    """Settings (see the module docstring). ``ddim_eta`` is the sampler's η; ``etas`` are the η_0 of Prop. B.1/B.2.
+    """Settings (see the module docstring). ``ddim_eta`` is the sampler's (DDIM's) η; ``reparam_scales`` are the
+    reparameterisation scales η_0 of Prop. B.1/B.2; ``omegas`` TAG's ω_0; ``dps_scale`` the DPS guidance scale.
     ``checkpoints`` is a folder like the shipped assets (``unet/``, ``time_predictor/``, ``clf_*``, and
     ``time_predictor_class/``, ``time_predictor_class_<attribute>/`` and, for slant, ``clf_slant/``);
     ``class_predictor`` / ``joint_predictor`` / ``attribute_classifier`` override them. ``attribute`` is the second
@@ -133,7 +136,7 @@ class MultiCondConfig(ExperimentConfig):
     ink_scale: float = 0.025
     thick_quantile: float = 0.75
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
-    etas: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    reparam_scales: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
     class_predictor: str | None = None
     joint_predictor: str | None = None
     attribute_classifier: str | None = None
@@ -159,8 +162,9 @@ def resolve_targets(cfg: MultiCondConfig) -> tuple[str, ...]:
 
 def _validate(cfg: MultiCondConfig) -> None:
     resolve_targets(cfg)
-    if cfg.ddim_eta < 0 or any(e < 0 for e in cfg.etas) or not cfg.etas:
-        raise ValueError(f"η must be >= 0: got ddim_eta={cfg.ddim_eta} and etas={list(cfg.etas)}")
+    if cfg.ddim_eta < 0 or any(e < 0 for e in cfg.reparam_scales) or not cfg.reparam_scales:
+        raise ValueError(f"ddim_eta and reparam_scales must be >= 0: got ddim_eta={cfg.ddim_eta} and "
+                         f"reparam_scales={list(cfg.reparam_scales)}")
     if any(w <= 0 for w in cfg.omegas) or not cfg.omegas:
         raise ValueError(f"omegas must be positive TAG strengths (ω = 0 is the DPS row), got {list(cfg.omegas)}")
     if cfg.dps_scale < 0:
@@ -186,8 +190,8 @@ def load_predictors(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
     root = Path(setup.checkpoints)
     K = setup.models["clf_eval"].num_classes
     joint = f"class_{cfg.attribute}"
-    preds = {"joint": load_model(cfg.joint_predictor or root / f"time_predictor_{joint}"),
-             "single": load_model(cfg.class_predictor or root / "time_predictor_class"),
+    preds = {"joint": load_model(cfg.joint_predictor or root / f"time_predictor_{joint}", setup.device),
+             "single": load_model(cfg.class_predictor or root / "time_predictor_class", setup.device),
              "unconditional": setup.models["time_predictor"]}
     for name, want, how in (("joint", 2 * K, joint), ("single", K, "class")):
         n = getattr(preds[name], "num_classes", None)
@@ -202,13 +206,14 @@ def load_predictors(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
         if trained_for != cfg.attribute:
             raise ValueError(f"{path} is not a {cfg.attribute} classifier (train classifier --kind clean --attribute "
                              f"{cfg.attribute}); its config.json records attribute={trained_for!r}")
-        preds["attribute"] = load_model(path).eval()
+        preds["attribute"] = load_model(path, setup.device).eval()
     return preds
 
 
 def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Targets, cfg: MultiCondConfig,
-                    omega: float = 0.0, eta: float = 0.0) -> list[Term]:
-    """``[MultiConditionTAG (if method != "dps"), DPSGuidance(ℓ_class + ℓ_attr)]`` for per-sample targets ``tg``.
+                    omega: float = 0.0, reparam_scale: float = 0.0) -> list[Term]:
+    """``[MultiConditionTAG (if method != "dps"), DPSGuidance(ℓ_class + ℓ_attr)]`` for per-sample targets ``tg``;
+    ``reparam_scale`` is η_0 of x′ / x″ (MultiConditionTAG's ``eta``), ``omega`` TAG's ω_0.
 
     ℓ_attr is ``(m(x̂_0) − m*)² / ink_scale²`` for ink and ``−log p(b | x̂_0)`` of the attribute classifier
     (``preds["attribute"]``) for slant.
@@ -225,10 +230,10 @@ def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Target
         terms.append(MultiConditionTAG(preds["joint"], omega, "joint", condition=joint_condition(tg.classes, tg.bins)))
     elif method == "single":  # c_1 = the attribute, reflected in x′ (Prop. B.1); c_2 = class, given to the predictor
         terms.append(MultiConditionTAG(preds["single"], omega, "single", condition=tg.classes, losses=[l_attr],
-                                       eta=eta))
+                                       eta=reparam_scale))
     elif method == "unconditional":  # x″: class, then the attribute (Prop. B.2)
         terms.append(MultiConditionTAG(preds["unconditional"], omega, "unconditional", losses=[l_class, l_attr],
-                                       eta=eta))
+                                       eta=reparam_scale))
     terms.append(DPSGuidance(combined_loss(l_class, l_attr), cfg.dps_scale))
     return terms
 
@@ -241,19 +246,20 @@ def make_targets(setup: Setup, cfg: MultiCondConfig, n: int) -> tuple[Targets, d
     q = attribute_quantiles(cfg.attribute, setup.held_x, setup.held_y, K,
                             (1 - cfg.thick_quantile, 0.5, cfg.thick_quantile)).float()
     value = torch.where(bins == 1, q[classes, 2], q[classes, 0])
-    tg = Targets(classes.repeat_interleave(n), bins.repeat_interleave(n), value.repeat_interleave(n),
-                  q[classes, 1].repeat_interleave(n))
+    dev = setup.device
+    tg = Targets(classes.repeat_interleave(n).to(dev), bins.repeat_interleave(n).to(dev),
+                 value.repeat_interleave(n).to(dev), q[classes, 1].repeat_interleave(n).to(dev))
     lo, hi = attr.levels
     stats = {str(c): {f"{lo}_target": float(q[c, 0]), "median": float(q[c, 1]), f"{hi}_target": float(q[c, 2]),
                       "n_held_out": int((setup.held_y == c).sum())} for c in sorted(set(classes.tolist()))}
     return tg, stats
 
 
-def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str, omega: float, eta: float,
-         seed: int, n: int) -> dict[str, Any]:
+def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str, omega: float,
+         reparam_scale: float, seed: int, n: int) -> dict[str, Any]:
     tg, _ = make_targets(setup, cfg, n)
-    out = draw(setup, multicond_terms(method, setup, preds, tg, cfg, omega, eta), n=tg.classes.numel(), seed=seed,
-               num_steps=cfg.num_steps, eta=cfg.ddim_eta)
+    out = draw(setup, multicond_terms(method, setup, preds, tg, cfg, omega, reparam_scale), n=tg.classes.numel(),
+               seed=seed, num_steps=cfg.num_steps, eta=cfg.ddim_eta)
     return {**evaluate(setup, out["x0"], tg, cfg.attribute), "time_gap": out["time_gap"], "seconds": out["seconds"],
             "preview": _preview(out["x0"], n)}
 
@@ -280,20 +286,14 @@ def evaluate(setup: Setup, x0: Tensor, tg: Targets, attribute: str = "ink") -> d
 
 
 def _preview(x0: Tensor, n: int) -> list:
-    k = min(n, _PREVIEW_PER_TARGET)
+    k = min(n, PREVIEW_PER_TARGET)
     x = x0.reshape(-1, n, *x0.shape[1:])[:, :k].reshape(-1, *x0.shape[1:])
     return preview(x, len(x))
 
 
-def _short(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def _rank(m: dict[str, Any], omega: float, eta: float) -> tuple:
+def _rank(m: dict[str, Any], omega: float, reparam_scale: float) -> tuple:
     """Selection order: highest joint success, then lowest FID, then the smallest ω_0 and η_0."""
-    return (-m["joint_success"], m["fid"], omega, eta)
+    return (-m["joint_success"], m["fid"], omega, reparam_scale)
 
 
 def _numeric(attribute: str) -> tuple[str, ...]:
@@ -306,15 +306,15 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
     """Run the experiment; write ``results.json``, ``table.md`` and ``multicond.png`` in ``out_dir``.
 
     Returns:
-        ``{"rows": [{"method", "eta", "omega", "chosen", "metrics": {name: mean_std}, "per_target"}, ...],
+        ``{"rows": [{"method", "reparam_scale", "omega", "chosen", "metrics": {name: mean_std}, "per_target"}, ...],
         "sweep": {"grid": {cell: metrics}, "best": {...}}, "attribute_stats", "config", "paper"}``.
     Raises:
-        ValueError: a bad target (class out of range, unknown level), an unknown attribute, η < 0, ω <= 0, a sweep
+        ValueError: a bad target (class out of range, unknown level), an unknown attribute, η_0 < 0, ω <= 0, a sweep
             seed that is also an evaluation seed, a time predictor with the wrong number of conditions, or a wrong
             attribute classifier. CheckpointError: missing models.
     """
     _validate(cfg)
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
+    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
     attr = get_attribute(cfg.attribute)
     parse_targets(resolve_targets(cfg), setup.models["clf_eval"].num_classes, attr.levels)
     preds = load_predictors(setup, cfg)
@@ -325,20 +325,22 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
     if cfg.attribute != "ink":  # (the ink keys stay as they were, so earlier caches still resume)
         paths += (cfg.attribute, cfg.attribute_classifier)
     ckpt = ",".join(str(p) for p in paths)
-    base = {"exp": "multicond", "dataset": cfg.dataset, "targets": targets if len(targets) <= 40 else _short(targets),
+    base = {"exp": "multicond", "dataset": cfg.dataset,
+            "targets": targets if len(targets) <= 40 else short_hash(targets),
             "steps": cfg.num_steps, "ddim_eta": cfg.ddim_eta, "dps": cfg.dps_scale, "ink_scale": cfg.ink_scale,
-            "q": cfg.thick_quantile, "ckpt": _short(ckpt)}
+            "q": cfg.thick_quantile, "ckpt": short_hash(ckpt)}
 
-    def get(method: str, omega: float, eta: float, seed: int, n: int) -> dict[str, Any]:
-        key = {**base, "method": method, "omega": float(omega), "eta": float(eta), "seed": seed, "n": n}
-        return cache.get(key, lambda: _run(setup, preds, cfg, method, omega, eta, seed, n))
+    def get(method: str, omega: float, scale: float, seed: int, n: int) -> dict[str, Any]:
+        # the cache key keeps the earlier name "eta" for η_0, so runs cached before the rename still resume
+        key = {**base, "method": method, "omega": float(omega), "eta": float(scale), "seed": seed, "n": n}
+        return cache.get(key, lambda: _run(setup, preds, cfg, method, omega, scale, seed, n))
 
     # --- validation seed: every cell of the grid
     grid: dict[str, dict[str, Any]] = {}
     cells: dict[str, tuple[str, float, float]] = {"dps": ("dps", 0.0, 0.0)}
-    cells.update({f"joint:ω={w}": ("joint", w, 0.0) for w in cfg.omegas})
+    cells.update({cell_name("joint", w): ("joint", w, 0.0) for w in cfg.omegas})
     for method in ("single", "unconditional"):
-        cells.update({f"{method}:η={e}:ω={w}": (method, w, e) for e in cfg.etas for w in cfg.omegas})
+        cells.update({cell_name(method, w, e): (method, w, e) for e in cfg.reparam_scales for w in cfg.omegas})
     for name, (method, w, e) in cells.items():
         r = get(method, w, e, cfg.sweep_seed, cfg.sweep_per_target)
         grid[name] = {k: r[k] for k in numeric}
@@ -346,24 +348,24 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
             print(f"  sweep {name:<28} joint {r['joint_success']:.3f}  class {r['class_accuracy']:.3f}  "
                   f"{cfg.attribute} {r[numeric[2]]:.3f}  FID {r['fid']:7.2f}  TG {r['time_gap']:6.1f}", flush=True)
 
-    def best(method: str, eta: float | None) -> tuple[float, float]:
-        cand = [(w, e) for (m, w, e) in cells.values() if m == method and (eta is None or e == eta)]
+    def best(method: str, scale: float | None) -> tuple[float, float]:
+        cand = [(w, e) for (m, w, e) in cells.values() if m == method and (scale is None or e == scale)]
         name = {(w, e): n for n, (m, w, e) in cells.items() if m == method}
         return min(cand, key=lambda we: _rank(grid[name[we]], *we))
 
     chosen = {"joint": best("joint", 0.0), "single": best("single", None),
               "unconditional": best("unconditional", None)}
 
-    # --- evaluation seeds: DPS, joint at ω*, single/unconditional at every η (each at its best ω), η* marked
+    # --- evaluation seeds: DPS, joint at ω*, single/unconditional at every η_0 (each at its best ω), η_0* marked
     plan = [("dps", 0.0, 0.0, True), ("joint", *chosen["joint"], True)]
     for method in ("single", "unconditional"):
-        for e in cfg.etas:
+        for e in cfg.reparam_scales:
             w, _ = best(method, e)
             plan.append((method, w, e, (w, e) == chosen[method]))
     rows, previews = [], {}
     for method, w, e, is_chosen in plan:
         runs = [get(method, w, e, s, cfg.num_per_target) for s in cfg.seeds]
-        row = {"method": method, "eta": e if method in ("single", "unconditional") else None, "omega": w,
+        row = {"method": method, "reparam_scale": e if method in ("single", "unconditional") else None, "omega": w,
                "chosen": is_chosen, "metrics": {k: mean_std([r[k] for r in runs]) for k in numeric},
                "per_target": {p: mean_std([r["per_target"][p] for r in runs])["mean"] for p in runs[0]["per_target"]}}
         rows.append(row)
@@ -379,12 +381,13 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
     l_attr = "(m(x0_hat) - m*)^2 / ink_scale^2" if cfg.attribute == "ink" else "-log p_clf_slant(b | x0_hat)"
     results = {"rows": rows,
                "sweep": {"grid": grid, "seed": cfg.sweep_seed, "criterion": "max joint_success, then min fid, then "
-                         "smallest ω_0, η_0", "best": {m: {"omega": w, "eta": e} for m, (w, e) in chosen.items()}},
+                         "smallest ω_0, η_0",
+                         "best": {m: {"omega": w, "reparam_scale": e} for m, (w, e) in chosen.items()}},
                "attribute_stats": attribute_stats, "preview": previews,
                "config": {**asdict(cfg), "targets": list(resolve_targets(cfg)), "checkpoints": setup.checkpoints,
                           "sampler": "ddim", "clip_x0": 1.0,
                           "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
-                          "eta_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
+                          "reparam_scale_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
                           "losses": f"-log p_clf_clean(y | x0_hat) + {l_attr}",
                           "joint_condition": f"2 * class + {cfg.attribute}_bin (1 = {hi})",
                           "measure": f"{cfg.attribute}: {attr.description}",
@@ -392,8 +395,6 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
                           "fid_reference": "held-out images of the target class (clf_eval features)",
                           "time_gap_predictor": "unconditional time_predictor", "torch": torch.__version__},
                "paper": PAPER}
-    from .multicond_report import figure, table
-
     write_outputs(out_dir, results, table(results, cfg))
     figure(Path(out_dir) / "multicond.png", results, cfg, tuple(setup.eps_model.sample_shape))
     return results

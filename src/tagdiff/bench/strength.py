@@ -1,11 +1,11 @@
 """Rising DPS strength with and without TAG (TAG.md §9.3, Table 3 analogue).
 
 Table 3's strengths 1, 1.5, 2.5 and 5 multiply the tuned DPS strength (its 1.0 row equals Table 2's DPS). Here they
-multiply the suite's tuned DPS scale (``LabelConfig.dps_scale``, 16 on digits). DPS is the score-space label
-guidance of the label suite (``-log p(y | x0_hat)`` of the clean classifier, through the ε-model), sampled with
-DDIM(η = 1), 50 trailing steps, x0_hat clipped to [-1, 1]. For each strength, ω_0 is chosen on a validation seed by
-FID; the table reports mean ± std over the evaluation seeds of FID (against held-out images of the target class,
-in the evaluation classifier's features), accuracy and Time Gap.
+multiply the suite's tuned DPS guidance scale (``dps_scale``, by default ``LabelConfig.dps_scale``, 16 on digits).
+DPS is the score-space label guidance of the label suite (``-log p(y | x0_hat)`` of the clean classifier, through
+the ε-model), sampled with DDIM(η = 1), 50 trailing steps, x0_hat clipped to [-1, 1]. For each strength, ω_0 is
+chosen on a validation seed by FID; the table reports mean ± std over the evaluation seeds of FID (against held-out
+images of the target class, in the evaluation classifier's features), accuracy and Time Gap.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..guidance import DPSGuidance, TemporalAlignment, Term, label_loss
 from .common import (
     ExperimentConfig,
     RunCache,
+    check_classes,
     draw,
     fmt_ms,
     load_setup,
@@ -42,8 +43,10 @@ PAPER = {"source": "TAG.md Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy %)",
 
 @dataclass(frozen=True)
 class StrengthConfig(ExperimentConfig):
+    """Settings: ``strengths`` multiply ``dps_scale`` (the tuned DPS guidance scale); ``omegas`` is the TAG ω_0 grid."""
+
     strengths: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
-    base_scale: float = LabelConfig.dps_scale
+    dps_scale: float = LabelConfig.dps_scale
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     targets: tuple[int, ...] = tuple(range(10))
     num_per_target: int = 32
@@ -56,27 +59,26 @@ def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *,
     """Run the experiment; write ``results.json`` and ``table.md`` (and ``strength.png``) in ``out_dir``.
 
     Raises:
-        ValueError: a non-positive strength, a negative ω, or a target class the classifiers do not have.
+        ValueError: a non-positive strength, a negative ω, a target class the classifiers do not have, or an
+            unavailable device.
     """
     if min(cfg.strengths) <= 0 or min(cfg.omegas) < 0:
         raise ValueError(f"strengths must be > 0 and omegas >= 0, got {cfg.strengths} and {cfg.omegas}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir)
-    K = setup.models["clf_eval"].num_classes
-    if not cfg.targets or min(cfg.targets) < 0 or max(cfg.targets) >= K:
-        raise ValueError(f"target classes {list(cfg.targets)} out of range; the classifiers have classes 0..{K - 1}")
+    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
+    check_classes(cfg.targets, setup)
     cache = RunCache(out_dir, resume)
     results: dict[str, Any] = {"strength": {}}
     for strength in cfg.strengths:
         def run(omega: float, seed: int, n: int, strength: float = strength) -> dict[str, Any]:
-            target = torch.tensor(cfg.targets).repeat_interleave(n // len(cfg.targets))
+            target = torch.tensor(cfg.targets).repeat_interleave(n // len(cfg.targets)).to(setup.device)
             terms: list[Term] = [DPSGuidance(label_loss(setup.models["clf_clean"], target),
-                                             strength * cfg.base_scale)]
+                                             strength * cfg.dps_scale)]
             if omega > 0:
                 terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
             out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=cfg.num_steps)
             return {**sample_metrics(setup, out["x0"], target), "time_gap": out["time_gap"], "seconds": out["seconds"]}
 
-        key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.base_scale, "steps": cfg.num_steps,
+        key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.dps_scale, "steps": cfg.num_steps,
                "targets": ",".join(map(str, cfg.targets))}
         r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
                            n=cfg.num_per_target * len(cfg.targets), sweep_n=cfg.sweep_per_target * len(cfg.targets))
@@ -98,7 +100,7 @@ def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
     for s, r in results["strength"].items():
         a, b = r["without"], r["with"]
         p = PAPER.get(s)
-        rows.append([s, f"{float(s) * cfg.base_scale:g}", r["best_omega"], fmt_ms(a["fid"]), fmt_ms(b["fid"]),
+        rows.append([s, f"{float(s) * cfg.dps_scale:g}", r["best_omega"], fmt_ms(a["fid"]), fmt_ms(b["fid"]),
                      f"{100 * relative_change(a['fid']['mean'], b['fid']['mean']):+.1f}%",
                      fmt_ms(a["accuracy"], 3), fmt_ms(b["accuracy"], 3),
                      f"{a['time_gap']['mean']:.1f} → {b['time_gap']['mean']:.1f}",

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import json
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..assets import assets_dir
 from ..checkpoints import load_model
 from ..data.gmm import toy_mixture
 from ..guidance import LinearDrift, TemporalAlignment, Term, tls
@@ -28,18 +28,13 @@ from ..metrics import TimeGapRecorder, evaluate_time_predictor, wasserstein1
 from ..samplers import StepInfo, sample_ddpm
 from ..schedules import VPSchedule
 
-__all__ = ["DEFAULT_OMEGA", "toy_assets_dir", "run_toy"]
+__all__ = ["DEFAULT_OMEGA", "run_toy", "time_gap_axis_label"]
 
 DEFAULT_OMEGA = 2.0  # chosen by benchmarks/toy_omega_sweep.py on a validation seed (docs/RESULTS.md)
 DRIFT_COEF = -0.01
 RUNS = ("no_drift", "drift", "drift_tag_learned", "drift_tag_exact")
 PAPER = {"w1": {"drift": 6.458, "drift_tag_learned": 1.716}, "source": "TAG.md Table 9 (1-layer predictor 1.716; "
          "depths 1-6 give 1.68-1.98)"}
-
-
-def toy_assets_dir() -> Path:
-    """Folder of the shipped toy checkpoints (``score/`` and ``time_predictor/``)."""
-    return Path(str(resources.files("tagdiff") / "assets" / "toy"))
 
 
 class _TLSCosine:
@@ -70,8 +65,8 @@ def run_toy(out_dir: str | Path, *, num_samples: int = 10_000, seed: int = 0, om
     out_dir.mkdir(parents=True, exist_ok=True)
     schedule = VPSchedule.linear(1000)
     gmm = toy_mixture()
-    score_dir = Path(score_checkpoint) if score_checkpoint else toy_assets_dir() / "score"
-    pred_dir = Path(predictor_checkpoint) if predictor_checkpoint else toy_assets_dir() / "time_predictor"
+    score_dir = Path(score_checkpoint) if score_checkpoint else assets_dir("toy") / "score"
+    pred_dir = Path(predictor_checkpoint) if predictor_checkpoint else assets_dir("toy") / "time_predictor"
     learned_eps, learned_tp = load_model(score_dir), load_model(pred_dir)
     exact_eps, exact_tp = gmm.eps_model(schedule), gmm.time_posterior(schedule)
     timesteps = schedule.timesteps(num_steps)
@@ -128,7 +123,7 @@ def run_toy(out_dir: str | Path, *, num_samples: int = 10_000, seed: int = 0, om
                          "predictor_checkpoint": str(pred_dir), "torch": torch.__version__}
     results["seconds"] = time.time() - t_start
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _figure(out_dir / "toy.png", reference, samples, results)
+    _figure(out_dir / "toy.png", reference, samples, results, time_gap_axis_label(timesteps))
     return results
 
 
@@ -144,7 +139,14 @@ def _spread(x: torch.Tensor) -> dict[str, float]:
             "upper_mode_fraction": float(upper.float().mean())}
 
 
-def _figure(path: Path, reference: torch.Tensor, samples: dict[str, torch.Tensor], results: dict[str, Any]) -> None:
+def time_gap_axis_label(timesteps: torch.Tensor) -> str:
+    """The x-axis label of a per-step plot over the reverse grid ``timesteps`` (decreasing, shape ``(N,)``)."""
+    first, last = int(timesteps[0]), int(timesteps[-1])
+    return f"reverse step i (t from {first} down to {last})" if len(timesteps) > 1 else f"reverse step (t = {first})"
+
+
+def _figure(path: Path, reference: torch.Tensor, samples: dict[str, torch.Tensor], results: dict[str, Any],
+            xlabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +163,7 @@ def _figure(path: Path, reference: torch.Tensor, samples: dict[str, torch.Tensor
         ax.legend(loc="upper left", markerscale=4)
     for run in RUNS:
         axes[2].plot(results["time_gap_per_step"][run], label=f"{run} (mean {results['time_gap'][run]:.1f})")
-    axes[2].set_xlabel("reverse step i (t from 999 down to 9)")
+    axes[2].set_xlabel(xlabel)
     axes[2].set_ylabel("time gap |argmax p(t|x) - t|")
     axes[2].set_title("Time Gap per step (learned predictor)")
     axes[2].legend(fontsize=8)

@@ -49,9 +49,9 @@ def _unknown(name: object) -> ValueError:
 
 def _image_shape(shape: tuple[int, int, int], image_size: int | Sequence[int] | None,
                  channels: int | None) -> tuple[int, int, int]:
-    from .images import _check_channels, _check_image_size
+    from .images import check_channels, check_image_size
 
-    size, channels = _check_image_size(image_size), _check_channels(channels)
+    size, channels = check_image_size(image_size), check_channels(channels)
     return (channels or shape[0], *(size or shape[1:]))
 
 

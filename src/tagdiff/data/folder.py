@@ -211,7 +211,7 @@ def _npz_labels(y: np.ndarray | None, n: int, path: Path) -> Tensor:
 
 
 def _load_npz(path: Path, size: tuple[int, int] | None, channels: int | None) -> tuple[Tensor, Tensor]:
-    from .images import _finish
+    from .images import finish_images
 
     raw, y = _npz_arrays(path)
     layout = _npz_layout(tuple(raw.shape), path)
@@ -219,7 +219,7 @@ def _load_npz(path: Path, size: tuple[int, int] | None, channels: int | None) ->
         raise ValueError(f"{path}: image array has no images (shape {raw.shape})")
     x = torch.from_numpy(np.ascontiguousarray(_npz_scale(raw, path)))
     x = {"NHW": lambda t: t.unsqueeze(1), "NHWC": lambda t: t.permute(0, 3, 1, 2), "NCHW": lambda t: t}[layout](x)
-    return _finish(x, size, channels), _npz_labels(y, raw.shape[0], path)
+    return finish_images(x, size, channels), _npz_labels(y, raw.shape[0], path)
 
 
 def _check_path(path: str | os.PathLike | None) -> Path:
@@ -266,14 +266,14 @@ def load_folder(path: str | os.PathLike, split: str = "train", *, image_size: in
             without ``image_size``, an ``.npz`` with unknown keys / bad shape / dtype / range / labels, a file that
             is not an ``.npz``, fewer than 2 images for a train/held-out split, or a bad split / option.
     """
-    from .images import _check_channels, _check_image_size, _check_split, _select, train_held_out_split
+    from .images import check_channels, check_image_size, check_split, select_split, train_held_out_split
 
-    _check_split(split)
-    size, channels = _check_image_size(image_size), _check_channels(channels)
+    check_split(split)
+    size, channels = check_image_size(image_size), check_channels(channels)
     root = _check_path(path)
     if root.is_file():
         x, labels = _load_npz(root, size, channels)
-        return _select(x, labels, split, held_out_fraction, split_seed, str(root))
+        return select_split(x, labels, split, held_out_fraction, split_seed, str(root))
     files, all_labels, _, channels, size = _plan_directory(root, size, channels)
     labels = torch.tensor(all_labels, dtype=torch.int64)
     if split != "all":
@@ -294,9 +294,9 @@ def folder_info(path: str | os.PathLike, *, image_size: int | Sequence[int] | No
     Raises:
         The errors of :func:`load_folder` that do not need decoded pixels.
     """
-    from .images import _check_channels, _check_image_size
+    from .images import check_channels, check_image_size
 
-    size, channels = _check_image_size(image_size), _check_channels(channels)
+    size, channels = check_image_size(image_size), check_channels(channels)
     root = _check_path(path)
     if root.is_file():
         raw, y = _npz_arrays(root)

@@ -61,6 +61,12 @@ __all__ = [
     "load_mnist",
     "read_idx",
     "train_held_out_split",
+    # helpers shared by the loaders (mnist.py, folder.py, dataset_info)
+    "check_channels",
+    "check_image_size",
+    "check_split",
+    "finish_images",
+    "select_split",
 ]
 
 SPLITS = ("train", "held_out", "test", "all")
@@ -93,13 +99,19 @@ def train_held_out_split(n: int, held_out_fraction: float = 0.2, seed: int = 0) 
     return train, held
 
 
-def _check_split(split: str) -> str:
+def check_split(split: str) -> str:
+    """``split`` itself if it is one of :data:`SPLITS`; raises ValueError otherwise (used by every loader)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     return split
 
 
-def _check_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+def check_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    """``image_size`` (an int or a (height, width) pair) as ``(H, W)``, or None (keep the data's size).
+
+    Raises:
+        ValueError: anything but a positive int or a pair of positive ints.
+    """
     if image_size is None:
         return None
     size = (image_size, image_size) if isinstance(image_size, (int, np.integer)) else tuple(image_size)
@@ -109,14 +121,21 @@ def _check_image_size(image_size: int | Sequence[int] | None) -> tuple[int, int]
     return int(size[0]), int(size[1])
 
 
-def _check_channels(channels: int | None) -> int | None:
+def check_channels(channels: int | None) -> int | None:
+    """``channels`` if it is 1, 3 or None (keep the data's); raises ValueError otherwise."""
     if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
         raise ValueError(f"channels must be 1 (grey-scale), 3 (RGB) or None (keep the data's), got {channels!r}")
     return channels
 
 
-def _select(x: Tensor, labels: Tensor, split: str, held_out_fraction: float, split_seed: int,
-            source: str) -> tuple[Tensor, Tensor]:
+def select_split(x: Tensor, labels: Tensor, split: str, held_out_fraction: float, split_seed: int,
+                 source: str) -> tuple[Tensor, Tensor]:
+    """The ``split`` (``train`` / ``held_out`` / ``test`` / ``all``) of ``x`` ``(N, ...)`` and ``labels`` ``(N,)``
+    by :func:`train_held_out_split`.
+
+    Raises:
+        ValueError: fewer than 2 samples for a train/held-out split (``source`` names the data in the message).
+    """
     if split == "all":
         return x, labels
     if x.shape[0] < 2:
@@ -145,7 +164,9 @@ def _resize(x: Tensor, size: tuple[int, int] | None) -> Tensor:
     return out.clamp_(-1.0, 1.0)
 
 
-def _finish(x: Tensor, image_size: tuple[int, int] | None, channels: int | None) -> Tensor:
+def finish_images(x: Tensor, image_size: tuple[int, int] | None, channels: int | None) -> Tensor:
+    """``(N, C, H, W)`` in [-1, 1] with C in {1, 3} -> ``channels`` channels (luma for grey), resized to
+    ``image_size`` (bilinear, antialiased), float32 and contiguous; None keeps the data's channels / size."""
     return _resize(_set_channels(x, channels), image_size).float().contiguous()
 
 
@@ -166,10 +187,10 @@ def load_digits(split: str = "train", *, image_size: int | Sequence[int] | None 
     """
     from sklearn.datasets import load_digits as _sk_load_digits
 
-    _check_split(split)
-    size, channels = _check_image_size(image_size), _check_channels(channels)
+    check_split(split)
+    size, channels = check_image_size(image_size), check_channels(channels)
     bunch = _sk_load_digits()
     x = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32)).reshape(-1, *DIGITS_SHAPE) / 8.0 - 1.0
     labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
-    x, labels = _select(x, labels, split, held_out_fraction, split_seed, "digits")
-    return _finish(x, size, channels), labels
+    x, labels = select_split(x, labels, split, held_out_fraction, split_seed, "digits")
+    return finish_images(x, size, channels), labels

@@ -195,10 +195,10 @@ def load_mnist(split: str = "train", *, data_dir: str | os.PathLike | None = Non
         ValueError: naming the file, for an md5 mismatch or a malformed IDX file / content; for a bad split,
             ``image_size`` or ``channels``.
     """
-    from .images import MNIST_SHAPE, _check_channels, _check_image_size, _check_split, _finish
+    from .images import MNIST_SHAPE, check_channels, check_image_size, check_split, finish_images
 
-    _check_split(split)
-    size, channels = _check_image_size(image_size), _check_channels(channels)
+    check_split(split)
+    size, channels = check_image_size(image_size), check_channels(channels)
     folder = _mnist_dir(data_dir)
     if download:
         download_mnist(folder)
@@ -227,4 +227,4 @@ def load_mnist(split: str = "train", *, data_dir: str | os.PathLike | None = Non
         xs.append(torch.from_numpy(images))
         ys.append(torch.from_numpy(labels.astype(np.int64)))
     x = torch.cat(xs).unsqueeze(1).float() / 127.5 - 1.0
-    return _finish(x, size, channels), torch.cat(ys)
+    return finish_images(x, size, channels), torch.cat(ys)
