@@ -176,13 +176,15 @@ def test_missing_scheduler_config(tmp_path):
         load_checkpoint(tmp_path / "m")
 
 
-def test_corrupt_weights_and_unsupported_scheduler(tmp_path):
+def test_corrupt_weights_and_prediction_types(tmp_path):
     from diffusers import DDPMScheduler
 
     path = save_unet(_unet(), VPSchedule.linear(1000), tmp_path / "m")
     DDPMScheduler(prediction_type="v_prediction").save_pretrained(tmp_path / "v")
     _unet().unet.save_pretrained(tmp_path / "v")
-    with pytest.raises(CheckpointError, match="v_prediction"):
+    assert load_unet(tmp_path / "v")[0].prediction_type == "v_prediction"   # v-models load; the loops convert
+    DDPMScheduler(prediction_type="flow").save_pretrained(tmp_path / "v")
+    with pytest.raises(CheckpointError, match="'flow'"):
         load_unet(tmp_path / "v")
     (path / "diffusion_pytorch_model.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -73,7 +74,7 @@ def test_alpha_bar_invariants(kind, T):
     assert (s.alpha_bar_at(torch.full((3,), -1), x) == 1).all()
 
 
-@pytest.mark.parametrize("betas", [[0.1, 0.0], [0.1, 1.0], [-0.1], [[0.1, 0.2]], []])
+@pytest.mark.parametrize("betas", [[0.1, 0.0], [1.0, 0.1], [0.1, 1.1], [-0.1], [[0.1, 0.2]], []])
 def test_bad_betas_raise(betas):
     with pytest.raises(ValueError, match="betas"):
         VPSchedule(torch.tensor(betas, dtype=torch.float64))
@@ -88,10 +89,10 @@ def test_bad_num_train_timesteps_raise(T):
 def test_unknown_schedule_name_raises_naming_it():
     with pytest.raises(ValueError, match="'sqrt_cosine_v9'"):
         VPSchedule.from_name("sqrt_cosine_v9")
-    with pytest.raises(ValueError, match="'sigmoid'"):
-        VPSchedule.from_diffusers(DDPMScheduler(beta_schedule="sigmoid"))
-    with pytest.raises(ValueError, match="'v_prediction'"):
-        VPSchedule.from_diffusers(DDPMScheduler(prediction_type="v_prediction"))
+    with pytest.raises(ValueError, match="'sqrt_cosine_v9'"):
+        VPSchedule.from_diffusers({"beta_schedule": "sqrt_cosine_v9"})
+    with pytest.raises(ValueError, match="field.*beta_magic.*alpha_bar"):  # an unknown field is refused by name
+        VPSchedule.from_diffusers({"beta_schedule": "linear", "beta_magic": 2.0})
     with pytest.raises(ValueError, match="kind"):
         VPSchedule.from_dict({"num_train_timesteps": 10})
 
@@ -377,3 +378,21 @@ def test_sigma_and_t_from_sigma_roundtrip(schedule):
     assert schedule.sigma(torch.tensor(-1)).item() == 0.0
     # beyond the grid: clamps to the ends
     assert schedule.t_from_sigma(torch.tensor([1e-9, 1e9])).tolist() == [0, T - 1]
+
+
+@pytest.mark.parametrize("kw", [dict(rescale_betas_zero_snr=True), dict(beta_schedule="sigmoid"),
+                                dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+                                dict(beta_schedule="squaredcos_cap_v2", rescale_betas_zero_snr=True),
+                                dict(trained_betas=np.linspace(1e-4, 0.02, 1000).tolist(), rescale_betas_zero_snr=True),
+                                dict(timestep_spacing="trailing", steps_offset=1, prediction_type="v_prediction")])
+def test_from_diffusers_reads_every_field_that_changes_alpha_bar(kw):
+    """ᾱ equals diffusers' own (float32) ``alphas_cumprod``; zero-SNR rescaling gives ᾱ_{T-1} = 0 exactly; grid and
+    prediction fields leave ᾱ alone; the schedule round-trips through its dict and its diffusers config."""
+    sched = DDPMScheduler(**kw)
+    s = VPSchedule.from_diffusers(sched)
+    torch.testing.assert_close(s.alpha_bar, sched.alphas_cumprod.double(), rtol=0, atol=2e-6)
+    if kw.get("rescale_betas_zero_snr"):
+        assert float(s.alpha_bar[-1]) == 0.0 and float(s.betas[-1]) == 1.0
+        assert "zero terminal SNR" in s.describe()
+    assert VPSchedule.from_dict(s.to_dict()) == s
+    assert VPSchedule.from_diffusers(DDPMScheduler(**s.to_diffusers_config())) == s

@@ -1,7 +1,8 @@
 """tagdiff: Temporal Alignment Guidance (TAG) for diffusion models.
 
-Conventions: VP space, integer training timesteps ``t in {0..T-1}``, ε-prediction models
-``eps_model(x, t, **cond) -> eps_hat``. See the README and ``docs/`` for the method and results.
+Conventions: VP space, integer training timesteps ``t in {0..T-1}``, models ``eps_model(x, t, **cond)`` predicting ε
+(or v / x0, declared by a ``prediction_type`` attribute). Samplers: tagdiff's own DDPM/DDIM (:func:`sample_ddpm`,
+:func:`sample_ddim`) and every diffusers scheduler (:func:`sample_scheduler`), through one loop (:func:`run_loop`). See the README and ``docs/`` for the method and results.
 """
 
 from ._utils import NonFiniteError as NonFiniteError
@@ -32,10 +33,15 @@ from .samplers import StepInfo as StepInfo
 from .samplers import ddim_step as ddim_step
 from .samplers import ddpm_step as ddpm_step
 from .samplers import get_sampler as get_sampler
+from .samplers import run_loop as run_loop
 from .samplers import sample as sample
 from .samplers import sample_ddim as sample_ddim
 from .samplers import sample_ddpm as sample_ddpm
+from .scheduler_loop import sample_scheduler as sample_scheduler
 from .schedules import VPSchedule as VPSchedule
+from .terms import Corrector as Corrector
+from .terms import ScoreTerm as ScoreTerm
+from .terms import StepTerm as StepTerm
 from .time_predictor import MLPTimePredictor as MLPTimePredictor
 from .time_predictor import SimpleCNNTimePredictor as SimpleCNNTimePredictor
 from .time_predictor import TimePredictor as TimePredictor
@@ -43,7 +49,7 @@ from .time_predictor import TimePredictor as TimePredictor
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "EpsilonScaling", "GaussianMixture",
+    "ClassifierGuidance", "Corrector", "Corruption", "ScoreTerm", "StepTerm", "run_loop", "sample_scheduler", "DPSGuidance", "DPSNormalized", "Drift", "EpsilonScaling", "GaussianMixture",
     "LangevinCorrector", "TFGGuidance", "TimeCorrection", "TimeShift", "LinearDrift", "MLPEpsModel",
     "MLPTimePredictor", "NonFiniteError", "SimpleCNNTimePredictor", "StackedRandomGenerator", "StepContext",
     "StepInfo", "Strength", "TemporalAlignment", "Term", "TimeGapRecorder", "TimePredictor", "VPSchedule",

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoints import CheckpointError
+from .predictions import check_prediction_type
 from .schedules import VPSchedule
 
 __all__ = ["UNetEpsModel", "is_diffusers_folder", "load_unet", "make_unet", "save_unet"]
@@ -49,16 +50,19 @@ class UNetEpsModel(nn.Module):
     """tagdiff's model contract around a diffusers ``UNet2DModel``: ``model(x, t, y=None) -> eps_hat``.
 
     Args:
-        unet: an ε-prediction ``UNet2DModel``.
+        unet: a ``UNet2DModel``.
         num_train_timesteps: T of the schedule the UNet was trained on.
+        prediction_type: what the UNet predicts (``"epsilon"``, ``"v_prediction"``, ``"sample"``; from its scheduler
+            config); tagdiff's loops convert (:mod:`tagdiff.predictions`).
 
     Shapes: x ``(B, C, H, W)`` in VP space, t ``(B,)`` int64 training timesteps, y ``(B,)`` class labels (only for
     class-conditional UNets). Raises ``ValueError`` for an x of the wrong shape.
     """
 
-    def __init__(self, unet: Any, num_train_timesteps: int = 1000):
+    def __init__(self, unet: Any, num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
         super().__init__()
         self.unet = unet
+        self.prediction_type = check_prediction_type(prediction_type)
         cfg = unet.config
         self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
         self.num_train_timesteps = int(num_train_timesteps)
@@ -98,7 +102,8 @@ def save_unet(model: UNetEpsModel, schedule: VPSchedule, directory: str | Path, 
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
     try:
         model.unet.save_pretrained(tmp, safe_serialization=True)
-        DDPMScheduler(**schedule.to_diffusers_config()).save_pretrained(tmp)
+        DDPMScheduler(**{**schedule.to_diffusers_config(),
+                         "prediction_type": getattr(model, "prediction_type", "epsilon")}).save_pretrained(tmp)
         (tmp / "tagdiff.json").write_text(json.dumps({"schedule": schedule.to_dict(), **extra}, indent=2) + "\n")
         if directory.exists():
             keep = [p for p in directory.iterdir() if p.name not in {x.name for x in tmp.iterdir()}]
@@ -123,7 +128,7 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNe
     ``path/unet`` + ``path/scheduler`` is accepted too).
 
     Raises:
-        CheckpointError: missing folder/files, a corrupt model, or a non-ε-prediction scheduler.
+        CheckpointError: missing folder/files, a corrupt model, or an unsupported prediction type.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -137,7 +142,9 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNe
         raise CheckpointError(f"no scheduler_config.json next to {unet_dir}; tagdiff needs the noise schedule")
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
-        schedule = VPSchedule.from_diffusers(DDPMScheduler.from_pretrained(sched_dir))
+        scheduler = DDPMScheduler.from_pretrained(sched_dir)
+        schedule = VPSchedule.from_diffusers(scheduler)
+        kind = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"could not load {unet_dir}: {str(e).splitlines()[0]}") from None
-    return UNetEpsModel(unet, schedule.num_train_timesteps).to(device).eval(), schedule
+    return UNetEpsModel(unet, schedule.num_train_timesteps, kind).to(device).eval(), schedule

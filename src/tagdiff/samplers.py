@@ -175,8 +175,8 @@ class Driver(Protocol):
 
     def plan(self) -> list[Stage]: ...
 
-    def model_input(self, x: Tensor, stage: Stage) -> Tensor:
-        """VP-space x of the stage (the model's input), from the driver's state."""
+    def model_input(self, x: Tensor, stage: Stage, k: int) -> Tensor:
+        """VP-space x of stage ``k`` (the model's input), from the driver's state."""
 
     def vp_scale(self, k: int, after: bool) -> float:
         """x_driver / x_VP at stage ``k`` (``after``: once its update ran), 1.0 in VP space."""
@@ -224,7 +224,7 @@ class GridDriver:
         N = len(self.ts)
         return [Stage(i, t, self.ts[i + 1] if i + 1 < N else -1, t) for i, t in enumerate(self.ts)]
 
-    def model_input(self, x: Tensor, stage: Stage) -> Tensor:
+    def model_input(self, x: Tensor, stage: Stage, k: int) -> Tensor:
         return x
 
     def vp_scale(self, k: int, after: bool) -> float:
@@ -294,7 +294,7 @@ def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Ter
         else:
             ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
                               driver.stateful, True, ctx.shared)
-        x_vp = driver.model_input(x, stage)
+        x_vp = driver.model_input(x, stage, k)
         if stage.first:
             x_in = x_vp
             for c in correctors:

@@ -28,7 +28,18 @@ from ._utils import append_dims
 
 __all__ = ["VPSchedule", "SCHEDULE_KINDS", "TIMESTEP_SPACINGS"]
 
-SCHEDULE_KINDS = ("linear", "cosine", "scaled_linear")
+SCHEDULE_KINDS = ("linear", "cosine", "scaled_linear", "sigmoid")
+# diffusers scheduler-config fields that do not change alpha_bar (they shape the sampling grid or the step rule)
+_GRID_OR_STEP_FIELDS = {"timestep_spacing", "steps_offset", "set_alpha_to_one", "final_alpha_cumprod", "clip_sample",
+                        "clip_sample_range", "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
+                        "variance_type", "prediction_type", "use_karras_sigmas", "use_exponential_sigmas",
+                        "use_beta_sigmas", "timestep_type", "interpolation_type", "sigma_min", "sigma_max",
+                        "final_sigmas_type", "solver_order", "algorithm_type", "solver_type", "lower_order_final",
+                        "euler_at_final", "use_lu_lambdas", "lambda_min_clipped", "predict_x0",
+                        "solver_p", "disable_corrector", "skip_prk_steps", "noise_sampler_seed", "use_dynamic_shifting",
+                        "time_shift_type", "flow_shift", "use_flow_sigmas", "shift", "base_shift", "max_shift",
+                        "base_image_seq_len", "max_image_seq_len", "invert_sigmas", "shift_terminal", "sigma_data",
+                        "rho", "s_noise", "s_churn", "s_tmin", "s_tmax"}
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 
 
@@ -43,6 +54,17 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> Tensor:
     return torch.tensor(betas, dtype=torch.float64)
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Rescale ``betas`` so that ᾱ_{T-1} = 0 exactly, keeping ᾱ_0 (Lin et al. 2024, Alg. 1; diffusers'
+    ``rescale_zero_terminal_snr``, here in float64): sqrt(ᾱ) is shifted and scaled linearly."""
+    ab_sqrt = torch.cumprod(1 - betas, 0).sqrt()
+    a0, aT = ab_sqrt[0].clone(), ab_sqrt[-1].clone()
+    ab_sqrt = (ab_sqrt - aT) * (a0 / (a0 - aT))
+    ab = ab_sqrt**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
 @dataclass(frozen=True, eq=False)
 class VPSchedule:
     """A discrete VP schedule: ``betas`` and ``alpha_bar = cumprod(1 - betas)``, both shape ``(T,)`` float64.
@@ -51,11 +73,11 @@ class VPSchedule:
     :meth:`from_dict`. Frozen: it holds no per-step state.
 
     Args:
-        betas: shape ``(T,)``, values in (0, 1).
+        betas: shape ``(T,)``, values in (0, 1); the last may be exactly 1 (zero terminal SNR, ᾱ_{T-1} = 0).
         spec: JSON-able description used by :meth:`to_dict` (filled in by the constructors).
 
     Raises:
-        ValueError: if ``betas`` is not 1-D or leaves (0, 1).
+        ValueError: if ``betas`` is not 1-D or leaves (0, 1) (or (0, 1] at the last timestep).
     """
 
     betas: Tensor
@@ -67,8 +89,11 @@ class VPSchedule:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu()
         if betas.ndim != 1 or betas.numel() < 1:
             raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
-        if not ((betas > 0) & (betas < 1)).all():
-            raise ValueError(f"betas must lie in (0, 1); got min {betas.min().item()}, max {betas.max().item()}")
+        ok = (betas > 0) & (betas < 1)
+        ok[-1] = (betas[-1] > 0) & (betas[-1] <= 1)
+        if not ok.all():
+            raise ValueError(f"betas must lie in (0, 1) (the last in (0, 1]); got min {betas.min().item()}, "
+                             f"max {betas.max().item()}")
         alpha_bar = torch.cumprod(1.0 - betas, dim=0)
         object.__setattr__(self, "betas", betas)
         object.__setattr__(self, "alpha_bar", alpha_bar)
@@ -96,51 +121,76 @@ class VPSchedule:
         return cls(betas, spec)
 
     @classmethod
+    def sigmoid(cls, num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> VPSchedule:
+        """β = sigmoid(linspace(-6, 6, T)) (beta_end - beta_start) + beta_start (GeoDiff; diffusers ``"sigmoid"``)."""
+        _check_T(num_train_timesteps)
+        betas = torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps, dtype=torch.float64))
+        betas = betas * (beta_end - beta_start) + beta_start
+        spec = {"kind": "sigmoid", "num_train_timesteps": num_train_timesteps, "beta_start": beta_start,
+                "beta_end": beta_end}
+        return cls(betas, spec)
+
+    @classmethod
     def cosine(cls, num_train_timesteps: int = 1000) -> VPSchedule:
         """Cosine schedule of Nichol & Dhariwal (2021) with β capped at 0.999 (diffusers ``"squaredcos_cap_v2"``)."""
         _check_T(num_train_timesteps)
         return cls(_cosine_betas(num_train_timesteps), {"kind": "cosine", "num_train_timesteps": num_train_timesteps})
 
     @classmethod
-    def from_name(cls, name: str, num_train_timesteps: int = 1000, **kwargs: Any) -> VPSchedule:
-        """Build a schedule by name: ``"linear"``, ``"cosine"`` (alias ``"squaredcos_cap_v2"``) or ``"scaled_linear"``.
+    def from_name(cls, name: str, num_train_timesteps: int = 1000, rescale_zero_snr: bool = False,
+                  **kwargs: Any) -> VPSchedule:
+        """Build a schedule by name: ``"linear"``, ``"cosine"`` (alias ``"squaredcos_cap_v2"``), ``"scaled_linear"`` or
+        ``"sigmoid"``; ``rescale_zero_snr`` applies :func:`rescale_zero_terminal_snr` (ᾱ_{T-1} = 0).
 
         Raises:
             ValueError: for an unknown name (the message lists the known ones).
         """
         key = {"squaredcos_cap_v2": "cosine"}.get(name, name)
-        if key == "linear":
-            return cls.linear(num_train_timesteps, **kwargs)
         if key == "cosine":
-            return cls.cosine(num_train_timesteps)
-        if key == "scaled_linear":
-            return cls.scaled_linear(num_train_timesteps, **kwargs)
-        raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULE_KINDS)}")
+            out = cls.cosine(num_train_timesteps)
+        elif key in ("linear", "scaled_linear", "sigmoid"):
+            out = getattr(cls, key)(num_train_timesteps, **kwargs)
+        else:
+            raise ValueError(f"unknown schedule {name!r}; expected one of {', '.join(SCHEDULE_KINDS)}")
+        if rescale_zero_snr:
+            out = cls(rescale_zero_terminal_snr(out.betas), {**out.spec, "rescale_zero_snr": True})
+        return out
 
     @classmethod
     def from_diffusers(cls, scheduler_or_config: Any) -> VPSchedule:
-        """Build from a diffusers scheduler (``DDPMScheduler``, ``DDIMScheduler``, ...) or its config dict.
+        """Build from a diffusers scheduler (``DDPMScheduler``, ``EulerDiscreteScheduler``, ...) or its config dict.
 
-        Only ε-prediction VP schedulers are supported; ``trained_betas`` is honoured.
+        Reads every field that changes ᾱ: ``num_train_timesteps``, ``beta_schedule`` (``linear``, ``scaled_linear``,
+        ``squaredcos_cap_v2``, ``sigmoid``), ``beta_start``/``beta_end``, ``trained_betas`` and
+        ``rescale_betas_zero_snr`` (ᾱ_{T-1} = 0 exactly). Grid and step fields (``timestep_spacing``,
+        ``steps_offset``, ``prediction_type``, ``set_alpha_to_one``, Karras σs, ...) do not change ᾱ and are left to
+        the scheduler (:func:`tagdiff.sample_scheduler` uses them as diffusers does). The prediction type belongs to
+        the model (:mod:`tagdiff.predictions`), not to the schedule.
 
         Raises:
-            ValueError: for a ``beta_schedule`` or ``prediction_type`` tagdiff does not support.
+            ValueError: for an unknown ``beta_schedule`` or a field tagdiff does not know (named), since it might
+                change ᾱ.
         """
-        config = getattr(scheduler_or_config, "config", scheduler_or_config)
-        config = dict(config)
-        pred = config.get("prediction_type", "epsilon")
-        if pred != "epsilon":
-            raise ValueError(f"prediction_type {pred!r} is not supported; tagdiff models predict 'epsilon'")
+        config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
+        known = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                 "rescale_betas_zero_snr", "_class_name", "_diffusers_version", "_use_default_values"}
+        unknown = sorted(k for k in config if k not in known and k not in _GRID_OR_STEP_FIELDS and not k.startswith("_"))
+        if unknown:
+            raise ValueError(f"scheduler config field(s) {', '.join(unknown)} are not understood by tagdiff and might "
+                             "change alpha_bar; remove them or build the VPSchedule from its betas")
         T = int(config.get("num_train_timesteps", 1000))
+        rescale = bool(config.get("rescale_betas_zero_snr", False))
         if config.get("trained_betas") is not None:
             betas = torch.as_tensor(config["trained_betas"], dtype=torch.float64)
+            if rescale:
+                betas = rescale_zero_terminal_snr(betas)
             return cls(betas, {"kind": "trained", "num_train_timesteps": T, "betas": betas.tolist()})
         kind = config.get("beta_schedule", "linear")
         kwargs = {}
-        if kind in ("linear", "scaled_linear"):
+        if kind in ("linear", "scaled_linear", "sigmoid"):
             kwargs = {"beta_start": float(config.get("beta_start", 1e-4)),
                       "beta_end": float(config.get("beta_end", 0.02))}
-        return cls.from_name(kind, T, **kwargs)
+        return cls.from_name(kind, T, rescale_zero_snr=rescale, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description; ``VPSchedule.from_dict(s.to_dict())`` rebuilds an equal schedule."""
@@ -156,18 +206,20 @@ class VPSchedule:
         if kind is None:
             raise ValueError(f"schedule dict has no 'kind': {d}")
         T = int(d.pop("num_train_timesteps", 1000))
-        return cls.from_name(kind, T, **d)
+        return cls.from_name(kind, T, rescale_zero_snr=bool(d.pop("rescale_zero_snr", False)), **d)
 
     def to_diffusers_config(self) -> dict[str, Any]:
         """A diffusers scheduler config describing the same schedule (for ``DDPMScheduler.from_config``)."""
         kind = self.spec.get("kind")
         cfg: dict[str, Any] = {"num_train_timesteps": self.num_train_timesteps, "prediction_type": "epsilon"}
-        if kind in ("linear", "scaled_linear"):
+        if kind in ("linear", "scaled_linear", "sigmoid"):
             cfg.update(beta_schedule=kind, beta_start=self.spec["beta_start"], beta_end=self.spec["beta_end"])
         elif kind == "cosine":
             cfg.update(beta_schedule="squaredcos_cap_v2")
         else:
             cfg.update(trained_betas=self.betas.tolist())
+        if self.spec.get("rescale_zero_snr") and kind != "trained":
+            cfg.update(rescale_betas_zero_snr=True)
         return cfg
 
     # ------------------------------------------------------------------ basic queries
@@ -257,7 +309,7 @@ class VPSchedule:
 
     def t_from_sigma(self, sigma: Tensor) -> Tensor:
         """Nearest training timestep (in log-sigma) for each sigma; inverse of :meth:`sigma` on the grid."""
-        log_sig = self.sigma(torch.arange(self.num_train_timesteps)).log()
+        log_sig = self.sigma(torch.arange(self.num_train_timesteps)).log().clamp(max=torch.finfo(torch.float64).max)
         d = (torch.as_tensor(sigma, dtype=torch.float64).log().reshape(-1, 1) - log_sig).abs()
         return d.argmin(-1).reshape(torch.as_tensor(sigma).shape)
 
