@@ -2,7 +2,8 @@
 
 Conventions: VP space, integer training timesteps ``t in {0..T-1}``, models ``eps_model(x, t, **cond)`` predicting ε
 (or v / x0, declared by a ``prediction_type`` attribute). Samplers: tagdiff's own DDPM/DDIM (:func:`sample_ddpm`,
-:func:`sample_ddim`) and every diffusers scheduler (:func:`sample_scheduler`), through one loop (:func:`run_loop`). See the README and ``docs/`` for the method and results.
+:func:`sample_ddim`) and every diffusers scheduler (:func:`sample_scheduler`), through one loop (:func:`run_loop`).
+See the README and ``docs/`` for the method and results.
 """
 
 from ._utils import NonFiniteError as NonFiniteError
@@ -49,10 +50,11 @@ from .time_predictor import TimePredictor as TimePredictor
 __version__ = "0.1.0"
 
 __all__ = [
-    "ClassifierGuidance", "Corrector", "Corruption", "ScoreTerm", "StepTerm", "run_loop", "sample_scheduler", "DPSGuidance", "DPSNormalized", "Drift", "EpsilonScaling", "GaussianMixture",
-    "LangevinCorrector", "TFGGuidance", "TimeCorrection", "TimeShift", "LinearDrift", "MLPEpsModel",
-    "MLPTimePredictor", "NonFiniteError", "SimpleCNNTimePredictor", "StackedRandomGenerator", "StepContext",
-    "StepInfo", "Strength", "TemporalAlignment", "Term", "TimeGapRecorder", "TimePredictor", "VPSchedule",
-    "ddim_step", "ddpm_step", "evaluate_time_predictor", "get_sampler", "guided_eps", "sample", "sample_ddim",
-    "sample_ddpm", "tls", "wasserstein1",
+    "ClassifierGuidance", "Corrector", "Corruption", "ddim_step", "ddpm_step", "DPSGuidance", "DPSNormalized",
+    "Drift", "EpsilonScaling", "evaluate_time_predictor", "GaussianMixture", "get_sampler", "guided_eps",
+    "LangevinCorrector", "LinearDrift", "MLPEpsModel", "MLPTimePredictor", "NonFiniteError", "run_loop", "sample",
+    "sample_ddim", "sample_ddpm", "sample_scheduler", "ScoreTerm", "SimpleCNNTimePredictor",
+    "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment", "Term",
+    "TFGGuidance", "TimeCorrection", "TimeGapRecorder", "TimePredictor", "TimeShift", "tls", "VPSchedule",
+    "wasserstein1",
 ]

@@ -174,7 +174,8 @@ class VPSchedule:
         config = dict(getattr(scheduler_or_config, "config", scheduler_or_config))
         known = {"num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
                  "rescale_betas_zero_snr", "_class_name", "_diffusers_version", "_use_default_values"}
-        unknown = sorted(k for k in config if k not in known and k not in _GRID_OR_STEP_FIELDS and not k.startswith("_"))
+        unknown = sorted(k for k in config
+                         if k not in known and k not in _GRID_OR_STEP_FIELDS and not k.startswith("_"))
         if unknown:
             raise ValueError(f"scheduler config field(s) {', '.join(unknown)} are not understood by tagdiff and might "
                              "change alpha_bar; remove them or build the VPSchedule from its betas")
