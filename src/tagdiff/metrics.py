@@ -24,12 +24,18 @@ def time_gap(time_predictor: Any, x: Tensor, t: Tensor, c: Tensor | None = None)
 class TimeGapRecorder:
     """Sampling callback recording the per-step Time Gap ``|argmax p_φ(· | x_t) - t|`` (TAG.md Def. F.1, Eq. 128).
 
-    Measured on the state x_t entering each step (after the previous step's ``post`` hooks, before this
-    step's ``pre`` hooks), i.e. on the sampler's trajectory. Pass it as ``callback=`` to any sampler.
+    Measured on the state x_t entering each step (after the previous step's ``post`` correctors, before this
+    step's ``pre`` correctors), i.e. on the sampler's trajectory. Pass it as ``callback=`` to any sampler.
+
+    No work is done twice: where a TAG corrector of the same step already evaluated this predictor at this very x_t
+    (``info.shared["time_logits"]``, same tensor, t and condition), its logits are reused instead of a second
+    forward pass. Gaps stay on the samples' device until read (no host synchronisation in the loop).
 
     Attributes:
         timesteps: list of the N training timesteps visited.
         gaps: list of N per-sample tensors ``(B,)``.
+        tls_norm_per_step: ``(N,)`` mean per-sample ‖ω_t · TLS‖ of the TAG corrections made in each step (0 where
+            none acted), from ``info.shared["tls_norm"]``: where TAG acts along the trajectory.
     """
 
     def __init__(self, time_predictor: Any, c: Tensor | None = None):
@@ -37,15 +43,31 @@ class TimeGapRecorder:
         self.c = c
         self.timesteps: list[int] = []
         self.gaps: list[Tensor] = []
+        self._shared: list[dict[str, Any]] = []
 
     def __call__(self, info: StepInfo) -> None:
-        self.timesteps.append(int(info.t[0]))
-        self.gaps.append(time_gap(self.time_predictor, info.x, info.t, self.c).cpu())
+        self.timesteps.append(info.timestep if info.timestep is not None else int(info.t.reshape(-1)[0]))
+        logits = None
+        seen = info.shared.get("time_logits")
+        if seen is not None and seen[0] is info.x and seen[1] is info.t and seen[2] is None and self.c is None \
+                and seen[3].shape[0] == info.x.shape[0]:
+            logits = seen[3]
+        if logits is None:
+            self.gaps.append(time_gap(self.time_predictor, info.x, info.t, self.c))
+        else:
+            self.gaps.append((logits.argmax(-1) - info.t).abs().float())
+        self._shared.append(info.shared)
+
+    @property
+    def tls_norm_per_step(self) -> Tensor:
+        """``(N,)`` float64: mean ‖ω_t · TLS‖ over samples of the TAG corrections in each step (0 if none)."""
+        out = [sum(float(v.double().mean()) for v in d.get("tls_norm", [])) for d in self._shared]
+        return torch.tensor(out, dtype=torch.float64)
 
     @property
     def per_sample(self) -> Tensor:
-        """``(N, B)`` gaps."""
-        return torch.stack(self.gaps)
+        """``(N, B)`` gaps (on the CPU)."""
+        return torch.stack(self.gaps).cpu()
 
     @property
     def per_step(self) -> Tensor:

@@ -129,6 +129,7 @@ class StepInfo:
         shared: the step's scratch dict (see :mod:`tagdiff.terms`): ``"time_logits"`` = ``(x, t, c, logits)``
             when a TAG corrector already evaluated the time predictor at this ``x``; ``"tls_norm"`` = list of
             per-sample ``‖ω_t TLS‖`` of the TAG corrections of this step (filled in as the step runs).
+        timestep: ``t`` as a python int (read without touching the device).
     """
 
     i: int
@@ -137,6 +138,7 @@ class StepInfo:
     t_prev: Tensor
     x: Tensor
     shared: dict[str, Any] = field(default_factory=dict)
+    timestep: int | None = None
 
 
 Callback = Callable[[StepInfo], None]
@@ -300,7 +302,7 @@ def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Ter
             for c in correctors:
                 x_vp = c.pre(x_vp, t, ctx)
             for cb in callbacks:
-                cb(StepInfo(stage.i, N, t, t_prev, x_in, ctx.shared))
+                cb(StepInfo(stage.i, N, t, t_prev, x_in, ctx.shared, stage.t))
             if x_vp is not x_in:
                 x = _moved(x, x_vp, x_in, driver.vp_scale(k, after=False))
 

@@ -21,7 +21,12 @@ What the schedulers differ in, and how each is handled:
   states. They remain predictions of the same clean image (TAG moves x by O(ω) along the TLS), so the solver's
   extrapolation stays consistent to first order; what is lost is exactly the higher-order accuracy across the
   jump. Nothing in the scheduler's bookkeeping (step index, buffers) is touched, so nothing breaks (tested).
-  Step terms that update twice per step (TFG recurrence) are refused on these.
+  Step terms that update twice per step (TFG recurrence) are refused on these. **UniPC** is the exception that
+  breaks this: its corrector (UniC) recomputes the current state from the *previous* one inside ``step``, so any
+  change made to x between steps (TAG, drift, corruption) is discarded and only moves the point where the model was
+  evaluated (measured on the toy: drift W1 0.41 instead of 1.44, and TAG made it worse, 0.84). Correctors with
+  UniPC are therefore refused unless its corrector is disabled (``disable_corrector=list(range(N))``: UniP, a
+  plain multistep predictor), which restores the expected behaviour.
 * **Second-order schedulers** (Heun, KDPM2) call the model twice per step (their ``timesteps`` repeat): score
   terms act at every model call, correctors once per step (before its first and after its last call), and the
   Time-Gap callback once per step. Step terms are refused there.
@@ -43,10 +48,10 @@ import torch
 from torch import Tensor
 
 from ._utils import RandnLike
-from .predictions import check_prediction_type, from_eps, model_prediction_type
+from .predictions import check_grid_prediction, check_prediction_type, from_eps, model_prediction_type
 from .samplers import Callback, Stage, run_loop
 from .schedules import VPSchedule
-from .terms import EpsModel, Prediction, Term
+from .terms import Corrector, EpsModel, Prediction, Term
 
 __all__ = ["SIGMA_SPACE_SCHEDULERS", "SUPPORTED_SCHEDULERS", "SchedulerDriver", "check_scheduler", "sample_scheduler",
            "state_alpha_bar", "vp_scale"]
@@ -139,6 +144,8 @@ class SchedulerDriver:
     def plan(self) -> list[Stage]:
         if self._plan is None:
             self._plan = self._dry_run()
+            abs_ = [s.alpha_bar if s.alpha_bar is not None else self.schedule.alpha_bar_host(s.t) for s in self._plan]
+            check_grid_prediction(abs_, self.kind, False)  # the scheduler's own step must form x0 as well
         return self._plan
 
     def _dry_run(self) -> list[Stage]:
@@ -165,6 +172,7 @@ class SchedulerDriver:
                 later = [int(round(float(v))) for v in ts[k + 1:] if int(round(float(v))) != t_int]
                 t_prev = later[0] if later else -1
             model_t = int(model_t) if not sigma_space and float(model_t).is_integer() else model_t
+            last = last or k == len(raw) - 1  # a second-order scheduler's final step is a single Euler stage
             stages.append(Stage(i, t_int, t_prev, model_t, ab, first, last))
             i += int(last)
         return stages
@@ -209,6 +217,18 @@ class SchedulerDriver:
         return x_prev / self.vp_scale(k, after=True)
 
 
+def _check_unipc(scheduler: Any, terms: Sequence[Term], num_steps: int) -> None:
+    """Refuse correctors under UniPC's corrector, which discards state changes made between steps (module doc)."""
+    if type(scheduler).__name__ != "UniPCMultistepScheduler":
+        return
+    correctors = [type(term).__name__ for term in terms if isinstance(term, Corrector) and term.active]
+    disabled = set(scheduler.config.get("disable_corrector") or [])
+    if correctors and not set(range(num_steps)) <= disabled:
+        raise ValueError(f"UniPCMultistepScheduler's corrector recomputes each state from the previous one and "
+                         f"discards the changes {', '.join(correctors)} make between steps; build it with "
+                         f"disable_corrector=list(range({num_steps})) or use DPMSolverMultistepScheduler")
+
+
 def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_inference_steps: int | None = None,
                      timesteps: Sequence[int] | None = None, terms: Sequence[Term] = (),
                      cond: Mapping[str, Any] | None = None, randn_like: RandnLike = torch.randn_like,
@@ -244,6 +264,7 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
     """
     if num_inference_steps is None and timesteps is None:
         raise ValueError("give num_inference_steps or timesteps")
+    _check_unipc(scheduler, terms, num_inference_steps if timesteps is None else len(timesteps))
     schedule = VPSchedule.from_diffusers(scheduler)
     kind = model_prediction_type(eps_model)
     kw = dict(step_kwargs or {})

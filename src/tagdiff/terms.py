@@ -205,6 +205,11 @@ class Corrector(Term):
 
     placement: str = "pre"
 
+    @property
+    def active(self) -> bool:
+        """False when the corrector provably never changes x (e.g. TAG with ω_0 = 0)."""
+        return True
+
     def correct(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         return x
 

@@ -83,7 +83,17 @@ class GaussianMixture:
             raise ValueError(f"x has shape {tuple(x.shape)}, expected (B, {self.dim}) for this {self.dim}-D mixture")
 
     def _ab(self, t: Tensor, schedule: VPSchedule, B: int) -> Tensor:
-        t = schedule.check_timesteps(torch.as_tensor(t).reshape(-1), allow_clean=True).expand(B)
+        """ᾱ at training timesteps ``t``; a float ``t`` (diffusers' σ-space schedulers) gets the ᾱ of the σ that
+        diffusers assigns to it: σ linearly interpolated in t between training timesteps (``np.interp`` in
+        ``EulerDiscreteScheduler.set_timesteps``), ᾱ = 1 / (1 + σ²)."""
+        t = torch.as_tensor(t).reshape(-1)
+        if t.is_floating_point():
+            tt = t.detach().cpu().to(torch.float64).clamp(0, schedule.num_train_timesteps - 1)
+            table = schedule.sigma(torch.arange(schedule.num_train_timesteps))
+            lo = tt.floor().long().clamp(max=schedule.num_train_timesteps - 2)
+            sigma = table[lo] + (tt - lo) * (table[lo + 1] - table[lo])
+            return (1 / (1 + sigma**2)).expand(B)
+        t = schedule.check_timesteps(t, allow_clean=True).expand(B)
         return schedule._alpha_bar_ext[t.cpu()].to(torch.float64)
 
     def component_log_probs(self, x: Tensor, ab: Tensor) -> Tensor:
@@ -128,7 +138,10 @@ class GaussianMixture:
         return (r[..., None] * (-diff / v)).sum(1).to(x.dtype)
 
     def eps(self, x: Tensor, t: Tensor, schedule: VPSchedule) -> Tensor:
-        """Exact ``ε = -sqrt(1 - ᾱ_t) · score``, shape ``(B, D)``; requires ``t >= 0``."""
+        """Exact ``ε = -sqrt(1 - ᾱ_t) · score``, shape ``(B, D)``; requires ``t >= 0``. Float ``t`` as in ``_ab``."""
+        if torch.as_tensor(t).is_floating_point():
+            ab = self._ab(t, schedule, x.shape[0]).to(device=x.device, dtype=x.dtype)[:, None]
+            return -(1 - ab).sqrt() * self.score(x, t, schedule)
         return schedule.eps_from_score(x, torch.as_tensor(t).reshape(-1).expand(x.shape[0]), self.score(x, t, schedule))
 
     def x0_hat(self, x: Tensor, t: Tensor, schedule: VPSchedule) -> Tensor:

@@ -128,6 +128,10 @@ class TemporalAlignment(Corrector):
     def omega(self) -> float:
         return self.strength.scale
 
+    @property
+    def active(self) -> bool:
+        return not self.strength.is_zero
+
     def check(self, x: Tensor, schedule: VPSchedule) -> None:
         check_time_predictor(self.time_predictor, x, schedule)
 
