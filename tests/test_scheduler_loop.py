@@ -58,7 +58,8 @@ def test_with_omega_zero_the_loop_is_the_plain_diffusers_loop_bit_for_bit(unet, 
     scheduler = getattr(diffusers, name)(**schedule.to_diffusers_config())
     noise = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     tp = load_model(f"{ASSETS}/time_predictor")
-    before = (None if scheduler.timesteps is None else scheduler.timesteps.clone(), getattr(scheduler, "step_index", None))
+    ts = scheduler.timesteps
+    before = (None if ts is None else ts.clone(), getattr(scheduler, "step_index", None))
     ours = sample_scheduler(scheduler, model, noise, num_inference_steps=20, terms=[TemporalAlignment(tp, 0.0)],
                             generator=StackedRandomGenerator(range(3)).generators)
     ref = _plain_loop(scheduler, lambda x, t: model.unet(x, t).sample, noise, 20,
@@ -160,7 +161,8 @@ def test_multistep_solvers_with_tag_run_and_tag_acts(unet):
     tp = load_model(f"{ASSETS}/time_predictor")
     noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(4))
     for sched in (diffusers.DPMSolverMultistepScheduler(**schedule.to_diffusers_config()),
-                  diffusers.UniPCMultistepScheduler(**schedule.to_diffusers_config(), disable_corrector=list(range(10)))):
+                  diffusers.UniPCMultistepScheduler(**schedule.to_diffusers_config(),
+                                                    disable_corrector=list(range(10)))):
         plain = sample_scheduler(sched, model, noise, num_inference_steps=10)
         tag = sample_scheduler(sched, model, noise, num_inference_steps=10, terms=[TemporalAlignment(tp, 1.0)])
         assert torch.isfinite(tag).all()
