@@ -12,6 +12,7 @@ from torch import Tensor
 
 __all__ = [
     "NonFiniteError",
+    "deferred_finite_checks",
     "StackedRandomGenerator",
     "append_dims",
     "atomic_write_bytes",
@@ -42,15 +43,54 @@ def append_dims(v: Tensor, ndim: int) -> Tensor:
     return v.reshape(*v.shape, *([1] * extra))
 
 
-def check_finite(value: Tensor, what: str) -> Tensor:
-    """Return ``value`` unchanged, or raise :class:`NonFiniteError` naming ``what`` if it has NaN/Inf."""
+_DEFERRED: list[list[tuple[Tensor, Tensor, str | Callable[[], str]]]] = []
+
+
+def _raise_nonfinite(value: Tensor, what: str | Callable[[], str]) -> None:
+    bad = (~torch.isfinite(value)).reshape(value.shape[0], -1).any(-1).nonzero().flatten()
+    raise NonFiniteError(
+        f"{what() if callable(what) else what} is not finite for samples {bad[:8].tolist()}"
+        f"{' (and more)' if bad.numel() > 8 else ''}; lower the strength or check the model"
+    )
+
+
+def check_finite(value: Tensor, what: str | Callable[[], str]) -> Tensor:
+    """Return ``value`` unchanged, or raise :class:`NonFiniteError` naming ``what`` if it has NaN/Inf.
+
+    ``what`` may be a zero-argument callable (formatted only on failure). Inside :func:`deferred_finite_checks`
+    the check is recorded on the device instead (no host synchronisation) and raised when the block ends.
+    """
+    if _DEFERRED:
+        _DEFERRED[-1].append((torch.isfinite(value).all(), value.detach(), what))
+        return value
     if not torch.isfinite(value).all():
-        bad = (~torch.isfinite(value)).reshape(value.shape[0], -1).any(-1).nonzero().flatten()
-        raise NonFiniteError(
-            f"{what} is not finite for samples {bad[:8].tolist()}"
-            f"{' (and more)' if bad.numel() > 8 else ''}; lower the strength or check the model"
-        )
+        _raise_nonfinite(value, what)
     return value
+
+
+class deferred_finite_checks:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Context manager: :func:`check_finite` calls inside record a device-side flag instead of reading it on the host
+    (a GPU sync per check); on exit the flags are read once and the *first* failing check raises, with its message.
+    ``enabled=False`` makes it a no-op (immediate checks). Memory: the checked tensors are kept until the exit."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def __enter__(self) -> deferred_finite_checks:
+        if self.enabled:
+            _DEFERRED.append([])
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if not self.enabled:
+            return
+        checks = _DEFERRED.pop()
+        if exc_type is not None or not checks:
+            return
+        ok = torch.stack([flag for flag, _, _ in checks]).cpu()  # the one host read of the block
+        if not bool(ok.all()):
+            _, value, what = checks[int((~ok).nonzero()[0])]
+            _raise_nonfinite(value, what)
 
 
 class StackedRandomGenerator:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ._utils import RandnLike, append_dims, check_finite
+from ._utils import RandnLike, append_dims, check_finite, deferred_finite_checks
 from .predictions import check_grid_prediction, model_prediction_type
 from .schedules import VPSchedule
 from .terms import EpsModel, Prediction, StepContext, Term, guided_prediction, split_terms
@@ -232,16 +232,16 @@ class GridDriver:
     def vp_scale(self, k: int, after: bool) -> float:
         return 1.0
 
-    def step_vp(self, x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor) -> Tensor:
-        noise = self.randn_like(x) if self.needs_noise and int(t_prev.reshape(-1)[0]) >= 0 else None
+    def step_vp(self, x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, final: bool) -> Tensor:
+        noise = self.randn_like(x) if self.needs_noise and not final else None
         return self.step_fn(x, eps_hat, t, t_prev, self.schedule, noise=noise, clip_x0=self.clip_x0)[0]
 
     def update(self, x: Tensor, pred: Prediction, stage: Stage, k: int) -> Tensor:
         t, t_prev = _full(stage.t, x), _full(stage.t_prev, x)
-        return self.step_vp(x, pred.eps_hat, t, t_prev)
+        return self.step_vp(x, pred.eps_hat, t, t_prev, stage.t_prev < 0)
 
     def update_vp(self, x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, stage: Stage, k: int) -> Tensor:
-        return self.step_vp(x, eps_hat, t, t_prev)
+        return self.step_vp(x, eps_hat, t, t_prev, stage.t_prev < 0)
 
 
 def _moved(x: Tensor, x_vp: Tensor, x_vp_before: Tensor, scale: float) -> Tensor:
@@ -284,18 +284,23 @@ def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Ter
         from tqdm.auto import tqdm
 
         stages = tqdm(stages, total=len(plan), desc="sampling", leave=False)
-    ctx = None
+    with deferred_finite_checks(enabled=x.device.type != "cpu"):  # on accelerators: one host read per run
+        x = _run_stages(driver, eps_model, x, stages, scores, correctors, step_term, callbacks, cond, randn_like,
+                        grid, N)
+    scale = driver.vp_scale(len(plan) - 1, after=True)
+    return x / scale if scale != 1.0 else x
+
+
+def _run_stages(driver: Any, eps_model: EpsModel, x: Tensor, stages: Any, scores: list, correctors: list,
+                step_term: Any, callbacks: list, cond: dict, randn_like: RandnLike, grid: Tensor, N: int) -> Tensor:
+    ctx: StepContext | None = None
     for k, stage in stages:
         t, t_prev = _full(stage.t, x), _full(stage.t_prev, x)
         ab = None if stage.alpha_bar is None else torch.tensor(stage.alpha_bar, dtype=torch.float64)
         same_t = isinstance(stage.model_t, int) and stage.model_t == stage.t
         model_t = t if same_t else torch.full((x.shape[0],), float(stage.model_t), device=x.device)
-        if stage.first:
-            ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
-                              driver.stateful, True, {})
-        else:
-            ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
-                              driver.stateful, True, ctx.shared)
+        ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
+                          driver.stateful, True, {} if stage.first else ctx.shared, stage.t_prev < 0)
         x_vp = driver.model_input(x, stage, k)
         if stage.first:
             x_in = x_vp
@@ -309,7 +314,7 @@ def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Ter
         def evaluate(z: Tensor, t_eval: Tensor, keep_graph: bool = False, _ctx: StepContext = ctx) -> Prediction:
             if t_eval is not _ctx.t:  # a retimed step (Time-Shift): the model and terms see t_eval
                 _ctx = StepContext(_ctx.schedule, eps_model, cond, randn_like, t_eval, _ctx.t_prev, _ctx.i, N, grid,
-                                   t_eval, None, _ctx.stateful_update, True, _ctx.shared)
+                                   t_eval, None, _ctx.stateful_update, True, _ctx.shared, _ctx.final)
             return guided_prediction(z, t_eval, _ctx, scores, keep_graph=keep_graph)
 
         if step_term is None:
@@ -329,8 +334,7 @@ def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Ter
             if x_vp is not x_in:
                 x = _moved(x, x_vp, x_in, scale)
         x = check_finite(x.detach(), f"sample after step {stage.i} (t={stage.t})")
-    scale = driver.vp_scale(len(plan) - 1, after=True)
-    return x / scale if scale != 1.0 else x
+    return x
 
 
 def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, *,

@@ -62,6 +62,8 @@ SIGMA_SPACE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteSched
 VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMultistepScheduler",
                  "DPMSolverSinglestepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler")
 SUPPORTED_SCHEDULERS = VP_SCHEDULERS + SIGMA_SPACE_SCHEDULERS
+_SECOND_ORDER = ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                 "DPMSolverSDEScheduler")
 _STATEFUL = ("PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
              "UniPCMultistepScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
              "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler")
@@ -119,9 +121,9 @@ def _fresh(scheduler: Any, num_inference_steps: int | None, timesteps: Sequence[
 class SchedulerDriver:
     """:func:`run_loop`'s driver for a diffusers scheduler (see the module docstring for the conventions).
 
-    The scheduler object passed in is never mutated: :meth:`plan` dry-runs a fresh copy (zero model outputs on a
-    1-element sample) to learn each model call's timestep, σ and step boundaries, and the sampling run uses another
-    fresh copy with ``set_timesteps`` called again.
+    The scheduler object passed in is never mutated: the run uses a fresh copy with ``set_timesteps`` called again.
+    :meth:`plan` reads each model call's timestep and σ from it; for second-order schedulers it dry-runs another
+    copy (zero model outputs on a 1-element sample) to learn where their steps begin and end.
     """
 
     def __init__(self, scheduler: Any, schedule: VPSchedule, num_inference_steps: int | None,
@@ -149,6 +151,8 @@ class SchedulerDriver:
         return self._plan
 
     def _dry_run(self) -> list[Stage]:
+        if self.name not in _SECOND_ORDER:  # one model call per step: the plan follows from timesteps and σs
+            return self._first_order_plan()
         sched = _fresh(*self._args)
         z = torch.zeros(1, 1, device=self._args[3])
         sigma_space = self.name in SIGMA_SPACE_SCHEDULERS
@@ -175,6 +179,22 @@ class SchedulerDriver:
             last = last or k == len(raw) - 1  # a second-order scheduler's final step is a single Euler stage
             stages.append(Stage(i, t_int, t_prev, model_t, ab, first, last))
             i += int(last)
+        return stages
+
+    def _first_order_plan(self) -> list[Stage]:
+        ts = [v.item() for v in self.scheduler.timesteps]
+        sigma_space = self.name in SIGMA_SPACE_SCHEDULERS
+        sigmas = [float(v) for v in self.scheduler.sigmas] if sigma_space else []
+        stages = []
+        for k, model_t in enumerate(ts):
+            if sigma_space:
+                ab, ab_after = 1 / (1 + sigmas[k] ** 2), 1 / (1 + sigmas[k + 1] ** 2)
+                t_int, t_prev = self._t_of(ab), (-1 if ab_after >= 1.0 else self._t_of(ab_after))
+            else:
+                ab, t_int = None, int(round(float(model_t)))
+                t_prev = int(round(float(ts[k + 1]))) if k + 1 < len(ts) else -1
+                model_t = int(model_t) if float(model_t).is_integer() else model_t
+            stages.append(Stage(k, t_int, t_prev, model_t, ab, True, True))
         return stages
 
     def _t_of(self, alpha_bar: float) -> int:

@@ -84,6 +84,7 @@ class VPSchedule:
     spec: Mapping[str, Any] = field(default_factory=dict)
     alpha_bar: Tensor = field(init=False, repr=False)
     _alpha_bar_ext: Tensor = field(init=False, repr=False)
+    _tables: dict = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).detach().cpu()
@@ -99,6 +100,7 @@ class VPSchedule:
         object.__setattr__(self, "alpha_bar", alpha_bar)
         # index -1 -> alpha_bar = 1 (clean data), so t_prev = -1 needs no special case
         object.__setattr__(self, "_alpha_bar_ext", torch.cat([alpha_bar, torch.ones(1, dtype=torch.float64)]))
+        object.__setattr__(self, "_tables", {torch.device("cpu"): self._alpha_bar_ext})
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -234,6 +236,15 @@ class VPSchedule:
     def __hash__(self) -> int:
         return hash(tuple(self.betas[:: max(1, self.num_train_timesteps // 16)].tolist()))
 
+    def alpha_bar_table(self, device: torch.device | str) -> Tensor:
+        """``alpha_bar`` with the clean entry appended (index ``-1`` → 1), float64, on ``device`` (cached per device):
+        index it with device-side timesteps without a host synchronisation."""
+        device = torch.device(device)
+        cache = self._tables  # a cache of a frozen object's own values, not state
+        if device not in cache:
+            cache[device] = self._alpha_bar_ext.to(device)
+        return cache[device]
+
     def alpha_bar_host(self, t: int) -> float:
         """``alpha_bar[t]`` as a python float (``t = -1`` gives 1): for loops that plan on the host."""
         return 1.0 if t < 0 else float(self.alpha_bar[t])
@@ -272,9 +283,14 @@ class VPSchedule:
         Raises:
             ValueError: if ``t`` is not integral or leaves ``[-1, T-1]`` (see :meth:`check_timesteps`).
         """
-        # validated: t = T would silently read the appended clean entry (alpha_bar = 1), t < -1 would wrap around
-        t = self.check_timesteps(torch.as_tensor(t, device="cpu"), allow_clean=True)
-        ab = self._alpha_bar_ext[t.reshape(-1)]
+        t = torch.as_tensor(t)
+        if t.device.type == "cpu":
+            # validated: t = T would silently read the appended clean entry (alpha_bar = 1), t < -1 would wrap around
+            ab = self._alpha_bar_ext[self.check_timesteps(t, allow_clean=True).reshape(-1)]
+        else:  # on an accelerator: a device-side lookup, no range check (that would be a host synchronisation)
+            if t.is_floating_point():
+                raise ValueError(f"timesteps must be integer training timesteps, got dtype {t.dtype}")
+            ab = self.alpha_bar_table(t.device)[t.long().reshape(-1)]
         if ab.numel() == 1 and like.ndim > 0:
             ab = ab.expand(like.shape[0])
         return append_dims(ab.to(device=like.device, dtype=like.dtype), like.ndim)

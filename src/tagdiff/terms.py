@@ -44,7 +44,7 @@ from ._utils import RandnLike, append_dims, check_finite
 from .predictions import eps_and_x0, model_prediction_type
 from .schedules import VPSchedule
 
-__all__ = ["Corrector", "Prediction", "ScoreTerm", "StepContext", "StepTerm", "Strength", "Term", "guided_eps",
+__all__ = ["Corrector", "is_clean", "Prediction", "ScoreTerm", "StepContext", "StepTerm", "Strength", "Term", "guided_eps",
            "guided_eps_and_x0", "guided_prediction", "split_terms", "STRENGTH_SCHEDULES"]
 
 EpsModel = Callable[..., Tensor]
@@ -76,6 +76,8 @@ class StepContext:
         retain_graph: whether a score term's ``autograd.grad`` must keep the model graph for a later user (set by
             :func:`guided_prediction`; a term never needs to decide this itself).
         shared: per-step scratch dict (see the module docstring).
+        final: whether ``t_prev`` is -1 (the step ends at clean data), known to the loop without reading the device;
+            ``None`` outside a loop.
     """
 
     schedule: VPSchedule
@@ -92,6 +94,7 @@ class StepContext:
     stateful_update: bool = False
     retain_graph: bool = True
     shared: dict[str, Any] = field(default_factory=dict)
+    final: bool | None = None
 
     def ab_t(self, x: Tensor) -> Tensor:
         """ᾱ of the state entering this step, shape ``(B, 1, ..., 1)`` in x's dtype/device: the loop's exact
@@ -141,17 +144,17 @@ class Strength:
     def __call__(self, t: Tensor, schedule: VPSchedule, like: Tensor) -> Tensor:
         """Per-sample strength broadcast against ``like``: shape ``(B, 1, ..., 1)``, dtype of ``like``."""
         t = torch.as_tensor(t).long().reshape(-1)
-        if isinstance(self.schedule, str):
-            ab = schedule._alpha_bar_ext[t.cpu()]
+        if isinstance(self.schedule, str):  # looked up on t's device: no host synchronisation
+            ab = schedule.alpha_bar_table(t.device)[t]
             w = {"constant": torch.ones_like(ab), "one_minus_alpha_bar": 1 - ab,
                  "sqrt_one_minus_alpha_bar": (1 - ab).sqrt()}[self.schedule]
         else:
-            w = torch.as_tensor(self.schedule(t, schedule), dtype=torch.float64).reshape(-1).cpu()
+            w = torch.as_tensor(self.schedule(t, schedule), dtype=torch.float64).reshape(-1).to(t.device)
             if w.numel() == 1:
                 w = w.expand(t.numel())
         w = self.scale * w
         if self.window is not None:
-            inside = (t.cpu() >= self.window[0]) & (t.cpu() <= self.window[1])
+            inside = (t >= self.window[0]) & (t <= self.window[1])
             w = torch.where(inside, w, torch.zeros_like(w))
         if w.numel() == 1 and like.shape[0] != 1:
             w = w.expand(like.shape[0])
@@ -165,6 +168,14 @@ class Strength:
             return True
         t = torch.as_tensor(t)
         return bool(((t >= self.window[0]) & (t <= self.window[1])).any())
+
+
+def is_clean(t: Tensor, ctx: StepContext | None) -> bool:
+    """Whether every entry of ``t`` is -1 (clean data). Where ``t`` is the loop's own ``ctx.t_prev`` the answer comes
+    from the loop's plan (``ctx.final``: no device read, no GPU synchronisation), else from the tensor."""
+    if ctx is not None and ctx.final is not None and t is ctx.t_prev:
+        return ctx.final
+    return bool((t < 0).all())
 
 
 class Term:
@@ -299,13 +310,15 @@ def guided_prediction(x: Tensor, t: Tensor, ctx: StepContext, terms: Sequence[Sc
     """
     graph_users = [i for i, term in enumerate(terms) if term.needs_model_grad]
     needs_grad = keep_graph or bool(graph_users)
-    where = f"t={int(t.reshape(-1)[0])}"
+    def where() -> str:
+        return f"t={int(t.reshape(-1)[0])}"
+
     model_t = t if ctx.model_t is None else ctx.model_t
     kind = model_prediction_type(ctx.eps_model)
     with torch.enable_grad() if needs_grad else torch.no_grad():
         x_in = x.detach().requires_grad_(needs_grad)
         raw = ctx.eps_model(x_in, model_t, **ctx.cond)
-        check_finite(raw.detach(), f"model output at {where}")
+        check_finite(raw.detach(), lambda: f"model output at {where()}")
         ab = ctx.ab_t(x)
         eps_g, x0_g = eps_and_x0(raw, x_in, ab, kind)
         delta = None
@@ -315,7 +328,7 @@ def guided_prediction(x: Tensor, t: Tensor, ctx: StepContext, terms: Sequence[Sc
             term_ctx = ctx if ctx.retain_graph == retain else dataclasses.replace(ctx, retain_graph=retain)
             d = term.delta_score(x_in, t, x0_g, term_ctx)
             if d is not None:
-                d = check_finite(d.detach(), f"{type(term).__name__} Δs at {where}")
+                d = check_finite(d.detach(), lambda term=term: f"{type(term).__name__} Δs at {where()}")
                 delta = d if delta is None else delta + d
     eps_hat, x0_hat = eps_g.detach(), x0_g.detach()
     if delta is not None:

@@ -1,4 +1,4 @@
-"""Command-line wiring of the reproduction experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond``).
+"""Command-line wiring of the reproduction experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond|solvers``).
 
 Each experiment is a frozen config dataclass plus a ``run_*(out_dir, cfg, progress=, resume=)`` function; its CLI
 options are generated from the dataclass fields (``num_samples`` -> ``--num-samples``; tuples take comma-separated
@@ -22,6 +22,7 @@ def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]], str]]:
     from .fewstep import FewStepConfig, run_fewstep
     from .inverse import InverseConfig, run_inverse
     from .multicond import MultiCondConfig, run_multicond
+    from .solvers import SolversConfig, run_solvers
     from .strength import StrengthConfig, run_strength
 
     return {"corrupted": (CorruptedConfig, run_corrupted, "corrupted reverse process σ × ω (Tables 1, 10-12)"),
@@ -31,10 +32,12 @@ def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]], str]]:
                         "SR/deblur/inpainting/denoising with DPS and TFG, with/without TAG (Table 2)"),
             "multicond": (MultiCondConfig, run_multicond,
                           "class + stroke thickness (or slant) guided together; joint/single/unconditional TAG "
-                          "(Table 5)")}
+                          "(Table 5)"),
+            "solvers": (SolversConfig, run_solvers,
+                        "label guidance through DDIM / DPM-Solver++ / UniPC / Euler schedulers, with/without TAG")}
 
 
-EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse", "multicond")
+EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse", "multicond", "solvers")
 
 
 def _tuple_parser(kind: type) -> Callable[[str], tuple]:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ..terms import Corrector, StepContext, Strength
+from ..terms import Corrector, StepContext, Strength, is_clean
 
 __all__ = ["Corruption", "Drift", "LinearDrift"]
 
@@ -79,7 +79,7 @@ class Corruption(Corrector):
         self.placement = _check_placement(placement)
 
     def correct(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
-        if self.std == 0.0 or bool((t < 0).all()):
+        if self.std == 0.0 or is_clean(t, ctx):
             return x
         return x + self.std * ctx.randn_like(x)
 

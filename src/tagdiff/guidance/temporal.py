@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._utils import check_finite
 from ..schedules import VPSchedule
-from ..terms import Corrector, StepContext, Strength
+from ..terms import Corrector, StepContext, Strength, is_clean
 from ..time_predictor import TimePredictor
 
 __all__ = ["TemporalAlignment", "check_time_predictor", "log_prob_from_logits", "tls"]
@@ -150,7 +150,7 @@ class TemporalAlignment(Corrector):
         grad = _grad_log_prob_t(self.time_predictor, point, t, c, shared)
         ok = torch.isfinite(grad).reshape(x.shape[0], -1).all(-1)
         if self.on_nonfinite == "raise":
-            check_finite(grad, f"{type(self).__name__} TLS at t={int(t.reshape(-1)[0])}")
+            check_finite(grad, lambda: f"{type(self).__name__} TLS at t={int(t.reshape(-1)[0])}")
         else:
             grad = torch.where(ok.reshape(-1, *([1] * (x.ndim - 1))), grad, torch.zeros_like(grad))
         return self.strength(t, schedule, x) * grad
@@ -159,7 +159,7 @@ class TemporalAlignment(Corrector):
                 schedule: VPSchedule | None = None) -> Tensor:
         """Apply ``x + ω_t · TLS(x, t)`` at timesteps ``t`` (shape ``(B,)``); identity where ω_t = 0 and after the
         last step (``t = -1``). ``schedule`` may be passed instead of ``ctx`` outside a sampler loop."""
-        if not self.strength.active(t) or bool((t < 0).all()):
+        if not self.strength.active(t) or is_clean(t, ctx):
             return x
         schedule = ctx.schedule if schedule is None else schedule
         step = self.tls_step(x, t, schedule, ctx)

@@ -181,7 +181,7 @@ class TFGGuidance(StepTerm):
             shift = self.shift(pred.x_in, t, pred.x0_graph, replace(ctx, retain_graph=False)) if active else None
             x_prev = update(x, pred.eps_hat, t, t_prev)
             if shift is not None:
-                x_prev = x_prev + check_finite(shift.detach(), f"TFG shift at t={int(t.reshape(-1)[0])}")
+                x_prev = x_prev + check_finite(shift.detach(), lambda: f"TFG shift at t={int(t.reshape(-1)[0])}")
         return x_prev
 
     def shift(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
@@ -257,7 +257,7 @@ class DPSNormalized(StepTerm):
             return update(x, evaluate(x, t).eps_hat, t, t_prev)
         pred = evaluate(x, t, keep_graph=True)
         shift = self.shift(pred.x_in, t, pred.x0_graph, replace(ctx, retain_graph=False))
-        return update(x, pred.eps_hat, t, t_prev) + check_finite(shift.detach(), f"DPSNormalized shift at "
+        return update(x, pred.eps_hat, t, t_prev) + check_finite(shift.detach(), lambda: f"DPSNormalized shift at "
                                                                  f"t={int(t.reshape(-1)[0])}")
 
     def shift(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
