@@ -123,6 +123,10 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.
     if cls is None:
         raise CheckpointError(f"{directory}: unknown model class {config['class']!r}; "
                               f"known: {', '.join(MODEL_CLASSES)}")
+    for key in ("num_train_timesteps", "num_classes", "dim", "hidden", "layers", "in_channels", "image_size"):
+        v = config["config"].get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise CheckpointError(f"{directory / 'config.json'}: {key} must be a positive integer, got {v!r}")
     try:
         model = cls(**config["config"])
     except Exception as e:  # a bad value (e.g. num_train_timesteps: -5) fails in the constructor in many ways

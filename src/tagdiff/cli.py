@@ -20,6 +20,7 @@ from .cli_args import (
     add_label_args,
     add_sample_args,
     add_train_args,
+    check_model_memory,
     error_message,
     finite_float,
     positive_int,
@@ -126,6 +127,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     data, labels, info = _load_data(args, "train", seed=args.seed)
     T = args.num_train_timesteps
     key, cond, meta = args.what, (labels if args.what == "classifier" else None), {}
+    check_model_memory(args, tuple(info.sample_shape))
     with torch.random.fork_rng(devices=[]):  # the model's initialisation depends on --seed only
         torch.manual_seed(args.seed)
         model, loss, cond, meta, info = _make_model(args, data, labels, info, T, cond, meta)

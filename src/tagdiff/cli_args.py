@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["DATASETS", "Parser", "add_data_args", "add_device_arg", "add_label_args", "add_sample_args",
-           "add_train_args", "clip_value", "error_message", "finite_float", "int_list", "int_tuple", "nonneg_float",
+           "add_train_args", "check_model_memory", "clip_value", "error_message", "finite_float", "int_list", "int_tuple", "nonneg_float",
            "positive_float", "positive_int", "print_models", "unit_interval"]
 
 DATASETS = ("toy", "digits", "mnist", "folder")
@@ -222,6 +222,30 @@ def print_models() -> dict[str, Any]:
         alias = f" (= {name}/{SHIPPED_DEFAULTS[name]})" if name in SHIPPED_DEFAULTS else ""
         print(f"{name + alias:34s} {model_kind(path):24s} {path}")
     return {name: str(path) for name, path in models.items()}
+
+
+def check_model_memory(args: argparse.Namespace, sample_shape: tuple[int, ...]) -> None:
+    """Refuse model sizes whose weights alone (with gradients and Adam moments) exceed this machine's memory,
+    before allocating them (a 10^7-wide MLP would otherwise fill the memory for minutes before failing).
+
+    Raises:
+        ValueError: naming ``--hidden`` or ``--widths`` and the memory needed.
+    """
+    import os
+
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    if len(sample_shape) == 1:
+        h, n = args.hidden, max(2, args.layers or 5)
+        params, option = h * (sample_shape[0] + 64 + 1000) + h * h * (n - 2), f"--hidden {args.hidden}"
+    else:
+        params, option = 50 * sum(w * w for w in args.widths), f"--widths {','.join(map(str, args.widths))}"
+    need = 16 * params  # fp32 weights, gradients and two Adam moments
+    if need > ram:
+        raise ValueError(f"out of memory: {option} needs about {need / 2**30:.0f} GiB for the weights and Adam "
+                         f"state, more than this machine's {ram / 2**30:.0f} GiB; lower {option.split()[0]}")
 
 
 _SIZE_OPTIONS = ("batch_size", "hidden", "num_samples", "widths", "num_per_target", "image_size")

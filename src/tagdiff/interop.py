@@ -159,7 +159,14 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", *,
     try:
         unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, use_safetensors=not allow_pickle or None)
     except Exception as e:  # diffusers raises many types (OSError, ValueError, TypeError, ...) for a bad folder
-        raise CheckpointError(f"could not load {unet_dir / 'config.json'}: {_first_line(e)}") from None
+        raise CheckpointError(f"could not load the UNet in {unet_dir}: {_first_line(e)}") from None
+    sched_file = sched_dir / "scheduler_config.json"
+    try:
+        T = json.loads(sched_file.read_bytes().decode("utf-8")).get("num_train_timesteps", 1000)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{sched_file} is not a JSON object (not UTF-8 JSON, or malformed)") from None
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise CheckpointError(f"{sched_file}: num_train_timesteps must be a positive integer, got {T!r}")
     try:
         schedule = VPSchedule.from_diffusers(DDPMScheduler.from_pretrained(sched_dir))
     except Exception as e:

@@ -149,7 +149,8 @@ def load_checkpoint(path: Any, device: Any = "cpu", *, allow_pickle: bool = Fals
     try:
         schedule = VPSchedule.from_dict(config["schedule"])
     except Exception as e:  # e.g. "schedule": "linear" instead of an object
-        raise CheckpointError(f"{path}/config.json: malformed 'schedule' entry {config['schedule']!r} "
+        raise CheckpointError(f"{path}/config.json: malformed 'schedule' entry {config['schedule']!r}; expected an "
+                              "object like {\"kind\": \"linear\", \"num_train_timesteps\": 1000} "
                               f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     return load_model(path, device), schedule
 

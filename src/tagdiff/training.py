@@ -283,8 +283,11 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
     if ema is not None:
         model.load_state_dict(ema)
     extra = {"schedule": schedule.to_dict(), "train": asdict(config), **(export_extra or {})}
-    (export or save_model)(model.eval(), out_dir, **extra)
-    (out_dir / "history.json").write_text(json.dumps(history))
+    try:
+        (export or save_model)(model.eval(), out_dir, **extra)
+        (out_dir / "history.json").write_text(json.dumps(history))
+    except KeyboardInterrupt:  # a second Ctrl-C: the state is saved; rerunning the command redoes the export
+        raise TrainingInterrupted(config.steps, True, state_path) from None
     if intr.pending:
         raise TrainingInterrupted(config.steps, True, state_path, finished=True)
     return {"steps": config.steps, "final_loss": loss_avg, "seconds": time.time() - t0, "history": history}
