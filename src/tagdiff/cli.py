@@ -356,7 +356,10 @@ def _interrupted(e: KeyboardInterrupt) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except KeyboardInterrupt as e:
+        return _interrupted(e)
     try:
         _check_out(args)
         if args.command == "models":
