@@ -42,6 +42,10 @@ SAMPLE = ("sample", "--num-samples", "2", "--num-steps", "2", "--quiet")
 DIGITS_SAMPLE = (*SAMPLE, "--checkpoint", "digits", "--out", "{root}/s")
 
 
+# a device this machine lacks: "cuda" without a GPU, else an index past the last GPU
+MISSING_DEVICE = "cuda:99" if torch.cuda.is_available() else "cuda"
+
+
 def _cases() -> list[Case]:
     cases: list[Case] = []
     add = cases.append
@@ -81,7 +85,7 @@ def _cases() -> list[Case]:
                  "{root}/o", *TINY_TRAIN), ("eval", "time-predictor", "--checkpoint", "toy/time_predictor"),
                  DIGITS_SAMPLE, ("bench", "toy", "--out", "{root}/b"), ("bench", "label", "--out", "{root}/b"),
                  ("bench", "speed", "--out", "{root}/b"), ("demo", "--out", "{root}/b")):
-        for dev in ("cuda", "tpu"):
+        for dev in (MISSING_DEVICE, "tpu"):
             add(Case("device", (*argv, "--device", dev), dev))
     # ---- outputs: a file, an unwritable place, a folder where a file is wanted
     for argv in (("train", "diffusion", *TINY_TRAIN), ("train", "time-predictor", *TINY_TRAIN), SAMPLE[:1] + (

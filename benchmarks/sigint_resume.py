@@ -3,8 +3,10 @@ one folder collide?
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/sigint_resume.py [--tries 20] [--seed 0]
 
-Each try starts ``tagdiff train diffusion`` (toy MLP, EMA on) in a fresh folder as a subprocess, sends SIGINT after a
-random delay drawn uniformly between 0.8 × the start-up time and the reference run's wall time, reruns the same command to completion, and compares
+Each try starts ``tagdiff train diffusion`` (toy MLP, EMA on) in a fresh folder as a subprocess and sends SIGINT at a
+random moment: in 3 tries of 20 uniformly during the start-up (before training), otherwise uniformly over the
+training, timed from the moment the run takes its lock file (when its training begins). It then reruns the same
+command to completion and compares
 ``train_state.safetensors`` (weights, EMA, Adam moments) and ``model.safetensors`` with an uninterrupted reference
 run. Then two identical trainings are started into one folder at once: one must train, the other refuse (lock).
 """
@@ -60,9 +62,15 @@ def main() -> int:
         equal, where = 0, []
         for i in range(opts.tries):
             out = root / f"try{i}"
-            delay = rng.uniform(0.8 * startup, wall)  # mostly during training, some before it or after it
             proc = _run(out)
-            time.sleep(delay)
+            t_start = time.time()
+            if rng.random() < 0.15:  # during start-up
+                time.sleep(rng.uniform(0.0, startup))
+            else:  # during training: from the moment it holds the lock
+                while not (out / ".lock").exists() and proc.poll() is None:
+                    time.sleep(0.01)
+                time.sleep(rng.uniform(0.0, max(0.1, wall - startup)))
+            delay = time.time() - t_start
             proc.send_signal(signal.SIGINT)
             _, err = proc.communicate()
             msg = (err.strip().splitlines() or ["(no message)"])[-1]

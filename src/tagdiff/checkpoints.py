@@ -98,7 +98,8 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     try:
         config = json.loads(cfg_path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError:
-        raise CheckpointError(f"{cfg_path} is not a text file (not UTF-8 JSON); expected a tagdiff config.json") from None
+        raise CheckpointError(f"{cfg_path} is not a text file (not UTF-8 JSON); expected a tagdiff "
+                              "config.json") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or "class" not in config or "config" not in config:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .bench.experiments import EXPERIMENTS, add_experiment_parsers, run_experiment
 from .cli_args import (
+    OnDevice,
     Parser,
     add_data_args,
     add_device_arg,
@@ -23,9 +24,11 @@ from .cli_args import (
     check_model_memory,
     error_message,
     finite_float,
+    interrupted,
     positive_int,
     print_models,
     unit_interval,
+    with_device,
 )
 
 __all__ = ["build_parser", "main"]
@@ -42,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--condition", choices=("none", "class", "class_ink", "class_slant"), default="none",
                     help="c: none; class (y); class_ink / class_slant (2y + attribute above its class median; bench "
                          "multicond)")
-    tp.add_argument("--cond-drop", type=unit_interval, default=0.1, help="conditional: P(c = null) in training (default 0.1)")
+    tp.add_argument("--cond-drop", type=unit_interval, default=0.1,
+                    help="conditional: P(c = null) in training (default 0.1)")
     clf = tsub.add_parser("classifier", help="label classifier: noisy (guidance), clean (DPS) or eval (metrics)")
     add_train_args(clf)
     clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
@@ -211,25 +215,8 @@ def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
     if not all(bool(p.isfinite().all()) for p in predictor.parameters()):
         raise ValueError(f"--checkpoint {args.checkpoint} has non-finite (NaN/Inf) weights")
     if device.type != "cpu":  # the held-out data and the noise stay on the CPU; the network runs on the device
-        predictor = _OnDevice(predictor, device)
+        predictor = OnDevice(predictor, device)
     return _time_predictor_report(predictor, schedule, args, args.out, num_samples=args.num_samples, seed=args.seed)
-
-
-class _OnDevice:
-    """A time predictor on ``device`` called with CPU tensors: inputs are moved there, logits come back."""
-
-    def __init__(self, model: Any, device: Any):
-        self.model, self.device = model, device
-
-    def __call__(self, x: Any, c: Any = None) -> Any:
-        return self.model(x.to(self.device), None if c is None else c.to(self.device)).cpu()
-
-    def check_input(self, x: Any) -> Any:
-        return self.model.check_input(x)
-
-    def eval(self) -> _OnDevice:
-        self.model.eval()
-        return self
 
 
 def _bench_toy(out: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
@@ -241,7 +228,7 @@ def _bench_toy(out: Path, args: argparse.Namespace | None = None) -> dict[str, A
               "omega": DEFAULT_OMEGA if args.omega is None else args.omega,
               "score_checkpoint": args.score_checkpoint, "predictor_checkpoint": args.predictor_checkpoint,
               "progress": not args.quiet}
-    res = _with_device(run_toy, args, out, **kw)
+    res = with_device(run_toy, args, out, **kw)
     print(f"\n{'run':20s} {'W1 (learned score)':>19s} {'W1 (exact score)':>17s} {'time gap':>9s}")
     for run in res["w1"]:
         print(f"{run:20s} {res['w1'][run]:19.3f} {res['w1_exact_score'][run]:17.3f} {res['time_gap'][run]:9.1f}")
@@ -274,7 +261,7 @@ def _bench_speed(args: argparse.Namespace) -> dict[str, Any]:
     bad = [d for d in names if d not in ("digits", "mnist")]
     if bad:
         raise ValueError(f"bench speed supports the image datasets digits and mnist, got {bad}")
-    res = _with_device(run_speed, args, args.out, datasets=names, batch_size=args.batch_size,
+    res = with_device(run_speed, args, args.out, datasets=names, batch_size=args.batch_size,
                        num_steps=args.num_steps, progress=not args.quiet)
     print(f"\n{'dataset':8s} {'config':12s} {'ms/step':>9s} {'TAG overhead':>13s}")
     for name, per in res["seconds_per_step"].items():
@@ -304,31 +291,16 @@ def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
     methods = METHODS if args.command == "demo" or not args.methods else (
         ALL_METHODS if args.methods == "all" else tuple(args.methods.split(",")))
     if args.command == "bench" and args.seeds:
-        res = _with_device(run_label_seeds, args, args.out, cfg, args.seeds, methods=methods,
+        res = with_device(run_label_seeds, args, args.out, cfg, args.seeds, methods=methods,
                            progress=not args.quiet, resume=not args.no_resume)
         print("\n" + (args.out / "table.md").read_text())
         return res
-    res = _with_device(run_label, args, args.out, cfg, progress=not args.quiet, methods=methods)
+    res = with_device(run_label, args, args.out, cfg, progress=not args.quiet, methods=methods)
     print(f"\n{'method':10s} {'FID':>8s} {'accuracy':>9s} {'time gap':>9s} {'seconds':>8s}")
     for method, m in res["methods"].items():
         print(f"{method:10s} {m['fid']:8.2f} {m['accuracy']:9.3f} {m['time_gap']:9.1f} {m['seconds']:8.1f}")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'label.png'} ({res['seconds']:.0f} s)")
     return res
-
-
-def _with_device(fn: Any, args: argparse.Namespace | None, *a: Any, **kw: Any) -> Any:
-    """Call a bench runner, passing ``device=`` if it takes one (else it runs where it runs: the CPU)."""
-    import inspect
-
-    from ._utils import resolve_device
-
-    device = resolve_device(getattr(args, "device", "cpu") or "cpu")
-    if "device" in inspect.signature(fn).parameters:
-        kw["device"] = device
-    elif device.type != "cpu" and getattr(args, "device", "auto") != "auto":
-        print(f"tagdiff: note: this command runs on the CPU (--device {args.device} is not supported by it yet)",
-              file=sys.stderr)
-    return fn(*a, **kw)
 
 
 def _check_out(args: argparse.Namespace) -> None:
@@ -339,27 +311,12 @@ def _check_out(args: argparse.Namespace) -> None:
         ensure_output_dir(args.out)
 
 
-def _interrupted(e: KeyboardInterrupt) -> int:
-    from .training import TrainingInterrupted
-
-    if isinstance(e, TrainingInterrupted) and e.finished:
-        msg = f"interrupted after training finished; the model and its state are saved in {e.path.parent}"
-    elif isinstance(e, TrainingInterrupted) and e.saved:
-        msg = f"interrupted; training state at step {e.step} saved to {e.path}; rerun the same command to resume"
-    elif isinstance(e, TrainingInterrupted) and e.path.exists():
-        msg = f"interrupted; the training state at step {e.step} in {e.path} is kept; rerun the same command to resume"
-    else:
-        msg = "interrupted; nothing was saved"
-    print(f"tagdiff: {msg}", file=sys.stderr)
-    return 130
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
     except KeyboardInterrupt as e:
-        return _interrupted(e)
+        return interrupted(e)
     try:
         _check_out(args)
         if args.command == "models":
@@ -379,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("bench", "demo"):
             _bench_label(args)
     except KeyboardInterrupt as e:
-        return _interrupted(e)
+        return interrupted(e)
     except Exception as e:
         msg = error_message(e, args)
         if msg is None:

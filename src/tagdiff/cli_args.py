@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATASETS", "Parser", "add_data_args", "add_device_arg", "add_label_args", "add_sample_args",
-           "add_train_args", "check_model_memory", "clip_value", "error_message", "finite_float", "int_list", "int_tuple", "nonneg_float",
-           "positive_float", "positive_int", "print_models", "unit_interval"]
+__all__ = ["DATASETS", "OnDevice", "Parser", "add_data_args", "add_device_arg", "add_label_args", "add_sample_args",
+           "add_train_args", "check_model_memory", "clip_value", "error_message", "finite_float", "int_list",
+           "int_tuple", "interrupted", "nonneg_float", "positive_float", "positive_int", "print_models",
+           "unit_interval", "with_device"]
 
 DATASETS = ("toy", "digits", "mnist", "folder")
 
@@ -273,3 +274,50 @@ def error_message(e: BaseException, args: argparse.Namespace | None = None) -> s
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         return f"{e.strerror or text}{where}"
     return None
+
+
+class OnDevice:
+    """A time predictor on ``device`` called with CPU tensors: inputs are moved there, logits come back."""
+
+    def __init__(self, model: Any, device: Any):
+        self.model, self.device = model, device
+
+    def __call__(self, x: Any, c: Any = None) -> Any:
+        return self.model(x.to(self.device), None if c is None else c.to(self.device)).cpu()
+
+    def check_input(self, x: Any) -> Any:
+        return self.model.check_input(x)
+
+    def eval(self) -> OnDevice:
+        self.model.eval()
+        return self
+
+
+def with_device(fn: Any, args: argparse.Namespace | None, *a: Any, **kw: Any) -> Any:
+    """Call a bench runner, passing ``device=`` if it takes one (else it runs where it runs: the CPU)."""
+    import inspect
+
+    from ._utils import resolve_device
+
+    device = resolve_device(getattr(args, "device", "cpu") or "cpu")
+    if "device" in inspect.signature(fn).parameters:
+        kw["device"] = device
+    elif device.type != "cpu" and getattr(args, "device", "auto") != "auto":
+        print(f"tagdiff: note: this command runs on the CPU (--device {args.device} is not supported by it yet)",
+              file=sys.stderr)
+    return fn(*a, **kw)
+
+
+def interrupted(e: KeyboardInterrupt) -> int:
+    from .training import TrainingInterrupted
+
+    if isinstance(e, TrainingInterrupted) and e.finished:
+        msg = f"interrupted after training finished; the model and its state are saved in {e.path.parent}"
+    elif isinstance(e, TrainingInterrupted) and e.saved:
+        msg = f"interrupted; training state at step {e.step} saved to {e.path}; rerun the same command to resume"
+    elif isinstance(e, TrainingInterrupted) and e.path.exists():
+        msg = f"interrupted; the training state at step {e.step} in {e.path} is kept; rerun the same command to resume"
+    else:
+        msg = "interrupted; nothing was saved"
+    print(f"tagdiff: {msg}", file=sys.stderr)
+    return 130

@@ -101,7 +101,8 @@ def save_unet(model: UNetEpsModel, schedule: VPSchedule, directory: str | Path, 
 
     Written into a temporary folder inside ``directory`` first and moved into place file by file, ``config.json``
     last, so an interrupted save never leaves a loadable half-written model, and other files of ``directory``
-    (a training state) are never moved. ``extra`` (JSON-able) goes to ``tagdiff.json`` (e.g. the command that trained it).
+    (a training state) are never moved. ``extra`` (JSON-able) goes to ``tagdiff.json`` (e.g. the command that
+    trained it).
     """
     from diffusers import DDPMScheduler
 

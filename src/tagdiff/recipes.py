@@ -247,7 +247,8 @@ def conditional_report(predictor: TimePredictor, schedule: VPSchedule, condition
 
 def classifier_report(model: nn.Module, kind: str, x: Tensor, y: Tensor, out_dir: Path | None = None) -> dict[str, Any]:
     """Held-out accuracy of a classifier on ``x`` (``(N, C, H, W)``) with labels ``y`` (``(N,)`` int64); a noisy
-    classifier (``kind="noisy"``) at training timesteps t = 0, 0.1 T, 0.3 T, 0.5 T (0, 100, 300, 500 for T = 1000). Printed, and written to
+    classifier (``kind="noisy"``) at training timesteps t = 0, 0.1 T, 0.3 T, 0.5 T
+    (0, 100, 300, 500 for T = 1000). Printed, and written to
     ``out_dir/metrics.json`` if given.
 
     Raises:

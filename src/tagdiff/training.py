@@ -122,7 +122,8 @@ def _check_same_run(state_path: Path, meta: dict[str, Any], config: TrainConfig,
     if not isinstance(saved, dict):
         return  # a state written before train_config was recorded
     now = asdict(config)
-    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
+            if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
     if meta.get("data_shape") not in (None, data_shape):
         diff.append(f"data shape {meta['data_shape']} -> {data_shape}")
     if diff:
