@@ -173,7 +173,7 @@ def test_guidance_adds_the_classifier_gradient(ck, tmp_path, guidance, clf):
     """One deterministic DDIM step from t = T-1 to clean data returns x0_hat of the guided ε, so the guided minus the
     unguided sample is (1 - ᾱ) / sqrt(ᾱ) · s · ∇_x log p(y | ·): ∇ log p(y | x_t, t) for cg, ∇ log p(y | x0_hat(x_t))
     (through the UNet) for dps. The gradient is computed here with autograd, independently of tagdiff's terms."""
-    one = ["--num-steps", "1", "--eta", "0", "--seed", "5"]
+    one = ["--num-steps", "1", "--eta", "0", "--seed", "5", "--clip-x0", "none"]  # x0_hat unclamped
     assert _sample(ck, tmp_path / "plain", *one, n=3) == 0
     assert _sample(ck, tmp_path / "g", *one, "--guidance", guidance, "--classifier", str(ck / clf), "--target", "7",
                    "--guidance-scale", "3", n=3) == 0
@@ -222,7 +222,10 @@ def test_option_errors(ck, tmp_path, capsys):
     assert "--classifier" in _one_line_error(capsys, _sample(ck, tmp_path, "--guidance", "cg", "--target", "1"))
     assert "--target" in _one_line_error(capsys, _sample(ck, tmp_path, "--guidance", "dps", "--classifier",
                                                           str(ck / "clean")))
-    assert "euler" in _one_line_error(capsys, _sample(ck, tmp_path, "--sampler", "euler"))
+    with pytest.raises(SystemExit) as e:  # a usage error now: --sampler has choices
+        _sample(ck, tmp_path, "--sampler", "euler")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "euler" in err[0]
     assert "missing" in _one_line_error(capsys, main(["sample", "--checkpoint", str(tmp_path / "missing"),
                                                       "--out", str(tmp_path / "o")]))
     assert not (tmp_path / "samples.npz").exists()

@@ -20,8 +20,8 @@ from .classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
 from .nets import MLPEpsModel
 from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor
 
-__all__ = ["CheckpointError", "MODEL_CLASSES", "load_model", "load_tensors", "read_config", "save_model",
-           "save_tensors"]
+__all__ = ["CheckpointError", "MODEL_CLASSES", "SHIPPED_DEFAULTS", "load_model", "load_tensors", "read_config",
+           "resolve_checkpoint", "save_model", "save_tensors", "shipped_models"]
 
 # The model classes a tagdiff checkpoint may name (a closed list, so loading never imports arbitrary code).
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
@@ -96,33 +96,100 @@ def read_config(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"no config.json in {directory}; expected a tagdiff checkpoint (model.safetensors + "
                               "config.json)")
     try:
-        config = json.loads(cfg_path.read_text())
+        config = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{cfg_path} is not a text file (not UTF-8 JSON); expected a tagdiff "
+                              "config.json") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or "class" not in config or "config" not in config:
         raise CheckpointError(f"{cfg_path} lacks the 'class'/'config' entries of a tagdiff checkpoint")
+    if not isinstance(config["config"], dict):
+        raise CheckpointError(f"{cfg_path}: 'config' must be an object of constructor arguments, got "
+                              f"{config['config']!r}")
     return config
 
 
 def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by :func:`save_model`, in ``eval()`` mode.
+    """Rebuild a model saved by :func:`save_model`, in ``eval()`` mode, on ``device``.
+
+    ``directory`` is a folder or a shipped name (:func:`resolve_checkpoint`, e.g. ``"digits/clf_clean"``).
 
     Raises:
         CheckpointError: missing/corrupt files, an unknown class, or weights that do not fit the config.
     """
-    directory = Path(directory)
+    directory = resolve_checkpoint(directory)
     config = read_config(directory)
     cls = MODEL_CLASSES.get(config["class"])
     if cls is None:
         raise CheckpointError(f"{directory}: unknown model class {config['class']!r}; "
                               f"known: {', '.join(MODEL_CLASSES)}")
+    for key in ("num_train_timesteps", "num_classes", "dim", "hidden", "layers", "in_channels", "image_size"):
+        v = config["config"].get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise CheckpointError(f"{directory / 'config.json'}: {key} must be a positive integer, got {v!r}")
     try:
         model = cls(**config["config"])
-    except TypeError as e:
-        raise CheckpointError(f"{directory}: config does not fit {cls.__name__} ({e})") from None
+    except Exception as e:  # a bad value (e.g. num_train_timesteps: -5) fails in the constructor in many ways
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{directory / 'config.json'}: config does not fit {cls.__name__} ({msg})") from None
     tensors, _ = load_tensors(directory / "model.safetensors")
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:
         raise CheckpointError(f"{directory}: weights do not match the config ({str(e).splitlines()[0]})") from None
     return model.to(device).eval()
+
+
+# Shipped models: ``<dataset>/<name>`` is the folder ``tagdiff/assets/<dataset>/<name>``; a bare dataset name is
+# that dataset's ε-model.
+SHIPPED_DEFAULTS = {"digits": "unet", "toy": "score"}
+
+
+def _assets_root() -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("tagdiff") / "assets"))
+
+
+def shipped_models() -> dict[str, Path]:
+    """The shipped checkpoints by name (``"digits/unet"``, ``"toy/time_predictor"``, ...), sorted; plus the bare
+    dataset names (``"digits"``, ``"toy"``) for the ε-models."""
+    root = _assets_root()
+    names = {f"{d.name}/{m.name}": m for d in sorted(root.iterdir()) if d.is_dir()
+             for m in sorted(d.iterdir()) if (m / "config.json").is_file()}
+    for dataset, name in SHIPPED_DEFAULTS.items():
+        if f"{dataset}/{name}" in names:
+            names[dataset] = names[f"{dataset}/{name}"]
+    return dict(sorted(names.items()))
+
+
+def model_kind(directory: str | Path) -> str:
+    """A short description of what the checkpoint folder holds (its model class), e.g. ``"UNet2DModel"``."""
+    cfg = Path(directory) / "config.json"
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return str(config.get("class") or config.get("_class_name") or "unknown")
+
+
+def resolve_checkpoint(name: str | Path) -> Path:
+    """The folder of a checkpoint given as a path or as a shipped name (``tagdiff models`` lists them).
+
+    An existing folder wins over a shipped name of the same spelling.
+
+    Raises:
+        CheckpointError: neither an existing folder nor a shipped name (the message lists the shipped names).
+    """
+    path = Path(name)
+    if path.is_dir():
+        return path
+    shipped = shipped_models()
+    key = str(name).strip().strip("/")
+    if key in shipped:
+        return shipped[key]
+    if path.exists():
+        raise CheckpointError(f"checkpoint {str(name)!r} is a file, expected a checkpoint folder or a shipped name")
+    raise CheckpointError(f"checkpoint folder not found: {name} (not a folder, nor a shipped model name; "
+                          f"known names: {', '.join(shipped)})")

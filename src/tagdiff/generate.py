@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._utils import StackedRandomGenerator
+from ._utils import StackedRandomGenerator, ensure_output_dir, resolve_device
 from .checkpoints import load_model
 from .guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from .metrics import TimeGapRecorder
@@ -24,12 +24,22 @@ from .recipes import load_checkpoint
 from .samplers import get_sampler
 from .schedules import VPSchedule
 
-__all__ = ["SampleConfig", "generate", "save_grid"]
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "SampleConfig", "generate", "resolved_clip", "resolved_scale", "save_grid"]
+
+# The demo's scales (tagdiff.bench.label.LabelConfig: dps_scale 16, cg_scale 4), used when guidance_scale is None.
+DEFAULT_GUIDANCE_SCALE = {"dps": 16.0, "cg": 4.0, "none": 0.0}
 
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """What ``tagdiff sample`` does. Guidance ``cg`` needs a noisy classifier, ``dps`` a clean one."""
+    """What ``tagdiff sample`` does. Guidance ``cg`` needs a noisy classifier, ``dps`` a clean one.
+
+    ``guidance_scale=None`` takes the demo's scale for the guidance (:data:`DEFAULT_GUIDANCE_SCALE`: DPS 16, CG 4).
+    ``clip_x0="auto"`` clamps x0_hat to [-1, 1] for image models (the demo's setting; unclipped DPS on images
+    diverges to pure noise) and does not clip vector models; ``None`` never clips. ``device``: ``auto | cpu | cuda
+    | mps``; x_T and the noise are drawn on the CPU from the seed and moved, so a seed gives the same noise on
+    every device. ``allow_pickle`` lets a diffusers folder with only pickle weights load.
+    """
 
     checkpoint: str
     num_samples: int = 64
@@ -40,15 +50,38 @@ class SampleConfig:
     guidance: str = "none"            # none | cg | dps
     classifier: str | None = None
     target: int | None = None
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None
     time_predictor: str | None = None
     omega: float = 0.0                 # TAG ω_0; 0 disables TAG (the predictor still records the Time Gap)
     omega_schedule: str = "one_minus_alpha_bar"
     placement: str = "pre"
     corruption_std: float = 0.0
-    clip_x0: float | None = None
+    clip_x0: float | str | None = "auto"
     bf16: bool = False
     per_sample_seeds: bool = False
+    device: str = "cpu"
+    allow_pickle: bool = False
+
+
+def resolved_scale(cfg: SampleConfig) -> float:
+    """The guidance scale ``cfg`` uses (its own, or the demo's default for its guidance)."""
+    return DEFAULT_GUIDANCE_SCALE.get(cfg.guidance, 0.0) if cfg.guidance_scale is None else float(cfg.guidance_scale)
+
+
+def resolved_clip(cfg: SampleConfig, sample_shape: tuple[int, ...]) -> float | None:
+    """The x0_hat clamp ``cfg`` uses for a model making samples of ``sample_shape``.
+
+    Raises:
+        ValueError: a zero, negative or non-finite ``clip_x0``.
+    """
+    if cfg.clip_x0 == "auto":
+        return 1.0 if len(sample_shape) == 3 else None
+    if cfg.clip_x0 is None:
+        return None
+    v = float(cfg.clip_x0)
+    if not (v > 0 and v < float("inf")):
+        raise ValueError(f"clip_x0 must be a positive number, 'auto' or None, got {cfg.clip_x0!r}")
+    return v
 
 
 def _check_classifier(guidance: str, clf: Any, path: str, schedule: VPSchedule, sample_shape: tuple[int, ...]) -> None:
@@ -84,7 +117,7 @@ def _check_predictor(predictor: Any, path: str, schedule: VPSchedule, sample_sha
 
 
 def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, schedule: VPSchedule,
-           sample_shape: tuple[int, ...]) -> tuple[list[Term], torch.Tensor | None]:
+           sample_shape: tuple[int, ...], device: torch.device) -> tuple[list[Term], torch.Tensor | None]:
     terms: list[Term] = []
     target = None
     if cfg.corruption_std > 0:
@@ -94,16 +127,17 @@ def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, sche
     if cfg.guidance != "none":
         if cfg.classifier is None or cfg.target is None:
             raise ValueError(f"--guidance {cfg.guidance} needs --classifier and --target")
-        clf = load_model(cfg.classifier)
+        clf = load_model(cfg.classifier, device)
         _check_classifier(cfg.guidance, clf, cfg.classifier, schedule, sample_shape)
         K = getattr(clf, "num_classes", num_classes_hint)
         if K is not None and not 0 <= cfg.target < K:
             raise ValueError(f"target class {cfg.target} out of range; the classifier has classes 0..{K - 1}")
-        target = torch.full((cfg.num_samples,), cfg.target, dtype=torch.long)
+        target = torch.full((cfg.num_samples,), cfg.target, dtype=torch.long, device=device)
+        scale = resolved_scale(cfg)
         if cfg.guidance == "cg":
-            terms.append(ClassifierGuidance(clf, target, cfg.guidance_scale))
+            terms.append(ClassifierGuidance(clf, target, scale))
         else:
-            terms.append(DPSGuidance(label_loss(clf, target), cfg.guidance_scale))
+            terms.append(DPSGuidance(label_loss(clf, target), scale))
     if cfg.omega != 0:
         if predictor is None:
             raise ValueError("--omega needs --time-predictor")
@@ -114,41 +148,60 @@ def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, sche
 def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
     """Sample according to ``cfg`` and write the outputs into ``out_dir``. Returns the summary dict.
 
+    Checkpoints are folders or shipped names (``"digits"``, ``"digits/clf_clean"``; ``tagdiff models``).
+
     Raises:
-        ValueError / CheckpointError: bad options or checkpoints (T or shape mismatches included).
+        ValueError / CheckpointError: bad options or checkpoints (T or shape mismatches, a checkpoint of the wrong
+            kind, an unwritable ``out_dir``, a device this machine lacks).
     """
+    from .interop import UNetEpsModel
+    from .nets import MLPEpsModel
+    from .time_predictor import TimePredictor
+
     t0 = time.time()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    eps_model, schedule = load_checkpoint(cfg.checkpoint)
+    device = resolve_device(cfg.device)
+    if not (cfg.eta >= 0 and cfg.eta < float("inf")):
+        raise ValueError(f"eta must be a finite number >= 0, got {cfg.eta!r}")
+    if not (cfg.corruption_std >= 0 and cfg.corruption_std < float("inf")):
+        raise ValueError(f"corruption_std must be a finite number >= 0, got {cfg.corruption_std!r}")
+    out_dir = ensure_output_dir(out_dir)
+    eps_model, schedule = load_checkpoint(cfg.checkpoint, device, allow_pickle=cfg.allow_pickle)
+    if not isinstance(eps_model, MLPEpsModel | UNetEpsModel):
+        raise ValueError(f"--checkpoint {cfg.checkpoint} holds a {type(eps_model).__name__}, not an ε-model (a "
+                         "tagdiff MLPEpsModel or a diffusers UNet2DModel, e.g. --checkpoint digits)")
     sampler = get_sampler(cfg.sampler)
-    predictor = load_model(cfg.time_predictor) if cfg.time_predictor else None
+    predictor = load_model(cfg.time_predictor, device) if cfg.time_predictor else None
     if predictor is not None:
+        if not isinstance(predictor, TimePredictor):
+            raise ValueError(f"--time-predictor {cfg.time_predictor} holds a {type(predictor).__name__}, not a time "
+                             "predictor (e.g. --time-predictor digits/time_predictor)")
         _check_predictor(predictor, cfg.time_predictor, schedule, eps_model.sample_shape)
-    terms, target = _terms(cfg, predictor, None, schedule, eps_model.sample_shape)
+    terms, target = _terms(cfg, predictor, None, schedule, eps_model.sample_shape, device)
+    clip_x0 = resolved_clip(cfg, eps_model.sample_shape)
     shape = (cfg.num_samples, *eps_model.sample_shape)
     if cfg.per_sample_seeds:
         rng = StackedRandomGenerator(range(cfg.seed, cfg.seed + cfg.num_samples))
-        x_T, randn_like = rng.randn(shape), rng.randn_like
+        x_T, randn_like = rng.randn(shape).to(device), rng.randn_like
     else:
         g = torch.Generator().manual_seed(cfg.seed)
-        x_T = torch.randn(shape, generator=g)
+        x_T = torch.randn(shape, generator=g).to(device)
 
         def randn_like(z: torch.Tensor) -> torch.Tensor:
-            return torch.randn(z.shape, generator=g, dtype=z.dtype)
+            return torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
 
     recorder = TimeGapRecorder(predictor) if predictor is not None else None
     kwargs: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     with autocast:
         x0 = sampler(eps_model, x_T, schedule.timesteps(cfg.num_steps), schedule, terms=terms, randn_like=randn_like,
-                     callback=recorder, clip_x0=cfg.clip_x0, progress=progress, **kwargs)
-    x0 = x0.float()
+                     callback=recorder, clip_x0=clip_x0, progress=progress, **kwargs)
+    x0 = x0.float().cpu()
     arrays = {"x": x0.numpy()}
     if target is not None:
-        arrays["target"] = target.numpy()
+        arrays["target"] = target.cpu().numpy()
     np.savez_compressed(out_dir / "samples.npz", **arrays)
-    summary = {"config": asdict(cfg), "num_samples": cfg.num_samples, "seconds": time.time() - t0,
+    summary = {"config": asdict(cfg), "guidance_scale": resolved_scale(cfg), "clip_x0": clip_x0,
+               "device": str(device), "num_samples": cfg.num_samples, "seconds": time.time() - t0,
                "time_gap": None if recorder is None else recorder.mean,
                "time_gap_per_step": None if recorder is None else recorder.per_step.tolist()}
     if x0.ndim == 4:

@@ -64,7 +64,18 @@ class UNetEpsModel(nn.Module):
         self.unet = unet
         self.prediction_type = check_prediction_type(prediction_type)
         cfg = unet.config
-        self.sample_shape = (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+        size = cfg.sample_size
+        if isinstance(size, list | tuple):
+            if len(size) != 2 or size[0] != size[1]:
+                raise ValueError(f"sample_size must be one integer (square images), got {list(size)}")
+            size = size[0]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"sample_size must be a positive integer, got {size!r}")
+        if not isinstance(cfg.in_channels, int) or cfg.in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {cfg.in_channels!r}")
+        if int(num_train_timesteps) < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
+        self.sample_shape = (int(cfg.in_channels), size, size)
         self.num_train_timesteps = int(num_train_timesteps)
         # diffusers' private keys (e.g. ``_use_default_values``, built from a set) vary between identical models
         self.config: dict[str, Any] = {k: v for k, v in json.loads(json.dumps(dict(cfg), default=str)).items()
@@ -84,51 +95,54 @@ def is_diffusers_folder(path: str | Path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return json.loads(cfg.read_text()).get("_class_name") == "UNet2DModel"
-    except (json.JSONDecodeError, AttributeError):
+        return json.loads(cfg.read_bytes().decode("utf-8")).get("_class_name") == "UNet2DModel"
+    except (ValueError, AttributeError):  # not UTF-8, not JSON, or not an object
         return False
 
 
 def save_unet(model: UNetEpsModel, schedule: VPSchedule, directory: str | Path, **extra: Any) -> Path:
     """Save the UNet (``save_pretrained``) and its schedule (``scheduler_config.json``) into ``directory``.
 
-    Written into a temporary sibling folder first and moved into place, so an interrupted save never leaves a
-    half-written model. ``extra`` (JSON-able) goes to ``tagdiff.json`` (e.g. the command that trained it).
+    Written into a temporary folder inside ``directory`` first and moved into place file by file, ``config.json``
+    last, so an interrupted save never leaves a loadable half-written model, and other files of ``directory``
+    (a training state) are never moved. ``extra`` (JSON-able) goes to ``tagdiff.json`` (e.g. the command that
+    trained it).
     """
     from diffusers import DDPMScheduler
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".unet."))
     try:
         model.unet.save_pretrained(tmp, safe_serialization=True)
         DDPMScheduler(**{**schedule.to_diffusers_config(),
                          "prediction_type": getattr(model, "prediction_type", "epsilon")}).save_pretrained(tmp)
         (tmp / "tagdiff.json").write_text(json.dumps({"schedule": schedule.to_dict(), **extra}, indent=2) + "\n")
-        if directory.exists():
-            keep = [p for p in directory.iterdir() if p.name not in {x.name for x in tmp.iterdir()}]
-            for p in keep:  # e.g. train_state.safetensors, history.json live next to the model
-                os.replace(p, tmp / p.name)
-            old = directory.with_name(f".{directory.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        # Move file by file (each os.replace is atomic), config.json last and removed first: an interruption leaves
+        # either the old or the new model loadable, or none (never a mix), and never touches the other files of
+        # ``directory`` (train_state.safetensors, history.json).
+        (directory / "config.json").unlink(missing_ok=True)
+        files = sorted((p for p in tmp.iterdir() if p.name != "config.json"), key=lambda p: p.name)
+        for p in [*files, tmp / "config.json"]:
+            os.replace(p, directory / p.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
-def load_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNetEpsModel, VPSchedule]:
+def load_unet(path: str | Path, device: str | torch.device = "cpu", *,
+              allow_pickle: bool = False) -> tuple[UNetEpsModel, VPSchedule]:
     """Load a diffusers ``UNet2DModel`` folder and its scheduler config as ``(eps_model, schedule)``.
 
     The scheduler config is read from ``path/scheduler_config.json`` or ``path/scheduler/`` (pipeline layout
     ``path/unet`` + ``path/scheduler`` is accepted too).
 
+    Weights must be ``diffusion_pytorch_model.safetensors``; a folder with only a pickle ``.bin`` is refused unless
+    ``allow_pickle`` (unpickling can run arbitrary code).
+
     Raises:
-        CheckpointError: missing folder/files, a corrupt model, or an unsupported prediction type.
+        CheckpointError: missing folder/files, pickle-only weights without ``allow_pickle``, a corrupt model or
+            config (the message names the file), or an unsupported prediction type.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -140,11 +154,37 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNe
     sched_dir = next((d for d in (unet_dir, path / "scheduler", path) if (d / "scheduler_config.json").is_file()), None)
     if sched_dir is None:
         raise CheckpointError(f"no scheduler_config.json next to {unet_dir}; tagdiff needs the noise schedule")
+    if not (unet_dir / "diffusion_pytorch_model.safetensors").is_file():
+        pickles = sorted(p.name for p in unet_dir.glob("*.bin"))
+        if not pickles:
+            raise CheckpointError(f"no diffusion_pytorch_model.safetensors in {unet_dir}")
+        if not allow_pickle:
+            raise CheckpointError(f"{unet_dir} holds only pickle weights ({', '.join(pickles)}), which can run "
+                                  "arbitrary code when loaded; convert them to safetensors, or pass --allow-pickle "
+                                  "if you trust the file")
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, use_safetensors=not allow_pickle or None)
+    except Exception as e:  # diffusers raises many types (OSError, ValueError, TypeError, ...) for a bad folder
+        raise CheckpointError(f"could not load the UNet in {unet_dir}: {_first_line(e)}") from None
+    sched_file = sched_dir / "scheduler_config.json"
+    try:
+        T = json.loads(sched_file.read_bytes().decode("utf-8")).get("num_train_timesteps", 1000)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{sched_file} is not a JSON object (not UTF-8 JSON, or malformed)") from None
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise CheckpointError(f"{sched_file}: num_train_timesteps must be a positive integer, got {T!r}")
+    try:
         scheduler = DDPMScheduler.from_pretrained(sched_dir)
         schedule = VPSchedule.from_diffusers(scheduler)
         kind = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"could not load {unet_dir}: {str(e).splitlines()[0]}") from None
-    return UNetEpsModel(unet, schedule.num_train_timesteps, kind).to(device).eval(), schedule
+    except Exception as e:
+        raise CheckpointError(f"could not load {sched_dir / 'scheduler_config.json'}: {_first_line(e)}") from None
+    try:
+        eps_model = UNetEpsModel(unet, schedule.num_train_timesteps, kind)
+    except ValueError as e:
+        raise CheckpointError(f"{unet_dir / 'config.json'}: {e}") from None
+    return eps_model.to(device).eval(), schedule
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -16,8 +16,22 @@ __all__ = ["TimeGapRecorder", "evaluate_time_predictor", "plot_time_predictor_re
 
 @torch.no_grad()
 def time_gap(time_predictor: Any, x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
-    """Per-sample ``|argmax_s p_φ(s | x) - t|`` in training-timestep units, shape ``(B,)`` float32."""
-    t_pred = time_predictor(x, c).argmax(-1)
+    """Per-sample ``|argmax_s p_φ(s | x) - t|`` in training-timestep units, shape ``(B,)`` float32.
+
+    Raises:
+        NonFiniteError: the predictor's logits ``(B, T)`` hold NaN/Inf (e.g. NaN weights): the argmax of such
+            logits is meaningless, so no Time Gap is reported.
+    """
+    from ._utils import NonFiniteError
+
+    logits = time_predictor(x, c)
+    finite = torch.isfinite(logits).reshape(logits.shape[0], -1).all(-1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise NonFiniteError(f"time predictor logits are not finite for samples {bad[:8].tolist()}"
+                             f"{' (and more)' if bad.numel() > 8 else ''}; the Time Gap is undefined (check the "
+                             "predictor's weights)")
+    t_pred = logits.argmax(-1)
     return (t_pred - torch.as_tensor(t, device=t_pred.device)).abs().float()
 
 

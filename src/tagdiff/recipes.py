@@ -127,21 +127,32 @@ def _export_unet(model: UNetEpsModel, out_dir: Any, *, vp_schedule: VPSchedule, 
     return save_unet(model, vp_schedule, out_dir, **extra)
 
 
-def load_checkpoint(path: Any, device: str = "cpu") -> tuple[nn.Module, VPSchedule]:
+def load_checkpoint(path: Any, device: Any = "cpu", *, allow_pickle: bool = False) -> tuple[nn.Module, VPSchedule]:
     """Load any tagdiff model folder, or a diffusers ``UNet2DModel`` folder, with the schedule it was trained on.
 
+    ``path`` is a folder or a shipped name (``"digits"``, ``"toy/time_predictor"``; ``tagdiff models`` lists them).
+    ``allow_pickle`` lets a diffusers folder with only pickle weights load (:func:`~tagdiff.interop.load_unet`).
+
     Raises:
-        CheckpointError: missing/corrupt checkpoint, or no schedule recorded with it.
+        CheckpointError: missing/corrupt checkpoint, or no (or a malformed) schedule recorded with it; the message
+            names the file.
     """
-    from .checkpoints import CheckpointError, load_model, read_config
+    from .checkpoints import CheckpointError, load_model, read_config, resolve_checkpoint
     from .interop import is_diffusers_folder, load_unet
 
+    path = resolve_checkpoint(path)
     if is_diffusers_folder(path) or is_diffusers_folder(f"{path}/unet"):
-        return load_unet(path, device)
+        return load_unet(path, device, allow_pickle=allow_pickle)
     config = read_config(path)
     if "schedule" not in config:
         raise CheckpointError(f"{path}/config.json records no noise schedule; retrain with tagdiff or add one")
-    return load_model(path, device), VPSchedule.from_dict(config["schedule"])
+    try:
+        schedule = VPSchedule.from_dict(config["schedule"])
+    except Exception as e:  # e.g. "schedule": "linear" instead of an object
+        raise CheckpointError(f"{path}/config.json: malformed 'schedule' entry {config['schedule']!r}; expected an "
+                              "object like {\"kind\": \"linear\", \"num_train_timesteps\": 1000} "
+                              f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    return load_model(path, device), schedule
 
 
 def condition_labels(condition: str, x: Tensor, y: Tensor, info: DatasetInfo,
@@ -236,7 +247,8 @@ def conditional_report(predictor: TimePredictor, schedule: VPSchedule, condition
 
 def classifier_report(model: nn.Module, kind: str, x: Tensor, y: Tensor, out_dir: Path | None = None) -> dict[str, Any]:
     """Held-out accuracy of a classifier on ``x`` (``(N, C, H, W)``) with labels ``y`` (``(N,)`` int64); a noisy
-    classifier (``kind="noisy"``) at training timesteps t = 0, 100, 300, 500. Printed, and written to
+    classifier (``kind="noisy"``) at training timesteps t = 0, 0.1 T, 0.3 T, 0.5 T
+    (0, 100, 300, 500 for T = 1000). Printed, and written to
     ``out_dir/metrics.json`` if given.
 
     Raises:
@@ -246,7 +258,8 @@ def classifier_report(model: nn.Module, kind: str, x: Tensor, y: Tensor, out_dir
 
     from .classifiers import accuracy
 
-    ts = (0, 100, 300, 500) if kind == "noisy" else (None,)
+    T = int(getattr(model, "num_train_timesteps", 1000))
+    ts = tuple(sorted({round(f * T) for f in (0, 0.1, 0.3, 0.5)})) if kind == "noisy" else (None,)
     report: dict[str, Any] = {f"accuracy_t{t}" if t is not None else "accuracy": accuracy(model, x, y, t=t)
                               for t in ts}
     report["num_held_out"] = int(x.shape[0])

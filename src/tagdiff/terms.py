@@ -44,7 +44,8 @@ from ._utils import RandnLike, append_dims, check_finite
 from .predictions import eps_and_x0, model_prediction_type
 from .schedules import VPSchedule
 
-__all__ = ["Corrector", "is_clean", "Prediction", "ScoreTerm", "StepContext", "StepTerm", "Strength", "Term", "guided_eps",
+__all__ = ["Corrector", "is_clean", "Prediction", "ScoreTerm", "StepContext", "StepTerm", "Strength", "Term",
+           "guided_eps",
            "guided_eps_and_x0", "guided_prediction", "split_terms", "STRENGTH_SCHEDULES"]
 
 EpsModel = Callable[..., Tensor]

@@ -24,10 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._utils import DeferInterrupt, dir_lock
 from .checkpoints import CheckpointError, load_tensors, save_model, save_tensors
 from .schedules import VPSchedule
 
-__all__ = ["TrainConfig", "eps_loss", "time_loss", "train"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "eps_loss", "time_loss", "train"]
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor, VPSchedule, "Tensor | None"], Tensor]
 
@@ -98,6 +99,38 @@ def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: 
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: ``step`` updates are done; ``saved`` says whether ``path`` holds them now.
+
+    Attributes:
+        step: number of completed optimiser updates (the weights, Adam moments and EMA all belong to this step).
+        saved: True if the training state at ``step`` was written to ``path``.
+        path: the training-state file.
+    """
+
+    def __init__(self, step: int, saved: bool, path: Path, finished: bool = False):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.saved, self.path, self.finished = step, saved, path, finished
+
+
+# Train-config fields that may change when a run is resumed (more steps extend it; the save cadence is free).
+_RESUMABLE_CHANGES = ("steps", "save_every")
+
+
+def _check_same_run(state_path: Path, meta: dict[str, Any], config: TrainConfig, data_shape: list[int]) -> None:
+    saved = meta.get("train_config")
+    if not isinstance(saved, dict):
+        return  # a state written before train_config was recorded
+    now = asdict(config)
+    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
+            if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    if meta.get("data_shape") not in (None, data_shape):
+        diff.append(f"data shape {meta['data_shape']} -> {data_shape}")
+    if diff:
+        raise CheckpointError(f"{state_path.parent} holds a training state of another run ({'; '.join(diff)}); "
+                              "rerun with the same options to resume it, or use another --out, or --no-resume")
+
+
 def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
           out_dir: str | Path, *, labels: Tensor | None = None, resume: bool = True, progress: bool = True,
           export_extra: dict[str, Any] | None = None, device: str | torch.device = "cpu",
@@ -108,9 +141,15 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     checkpoint ``out_dir/model.safetensors`` + ``config.json`` (EMA weights when ``ema_decay`` is set) with the
     schedule, the training config and ``export_extra``; plus ``out_dir/history.json`` (loss per logged step).
 
+    While it runs, ``out_dir/.lock`` (holding the pid) keeps a second training out of the folder. Ctrl-C stops at
+    the next step boundary and saves a consistent state (the step counter matches weights, Adam moments and EMA),
+    so the resumed run equals an uninterrupted one bit for bit; a second Ctrl-C stops at once.
+
     Args:
         labels: optional ``(N,)`` class labels, passed to the loss as ``c`` (conditional models).
-        resume: continue from ``train_state.safetensors`` if present (its model config must match).
+        resume: continue from ``train_state.safetensors`` if present (its model and train config must match, except
+            ``steps`` and ``save_every``).
+        device: where the model and batches live (batches are drawn on the CPU from ``(seed, step)`` and moved).
         export: ``(model, out_dir, **extra) -> ...`` writing the final model; default
             :func:`~tagdiff.checkpoints.save_model` (diffusers UNets use :func:`~tagdiff.interop.save_unet`).
 
@@ -119,7 +158,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
 
     Raises:
         ValueError: empty data, label/data length mismatch, or a model whose T differs from the schedule's.
-        CheckpointError: an existing training state that does not match this model.
+        LockError: another live process trains into ``out_dir``.
+        CheckpointError: an existing training state that does not match this model or run, or is malformed.
+        TrainingInterrupted: on Ctrl-C (a ``KeyboardInterrupt``), after saving the state.
     """
     if data.ndim < 2 or data.shape[0] == 0:
         raise ValueError(f"data must be a non-empty (N, *D) tensor, got shape {tuple(data.shape)}")
@@ -130,23 +171,43 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
         raise ValueError(f"model has T={T_model} but the schedule has T={schedule.num_train_timesteps}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    with dir_lock(out_dir), DeferInterrupt() as intr:
+        return _train_locked(model, loss_fn, data, schedule, config, out_dir, labels, resume, progress,
+                             export_extra, torch.device(device), export, intr)
+
+
+def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
+                  out_dir: Path, labels: Tensor | None, resume: bool, progress: bool,
+                  export_extra: dict[str, Any] | None, device: torch.device, export: Callable[..., Any] | None,
+                  intr: DeferInterrupt) -> dict[str, Any]:
+    state_path = out_dir / "train_state.safetensors"
+    data_shape = list(data.shape)
     model = model.to(device).train()
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.ema_decay else None
-    state_path = out_dir / "train_state.safetensors"
-    start, history = 0, []
+    start, history, loss_avg = 0, [], None
     model_config = json.loads(json.dumps(getattr(model, "config", {})))
     if resume and state_path.exists():
         tensors, meta = load_tensors(state_path)
         saved_config = {k: v for k, v in (meta.get("model_config") or {}).items() if not str(k).startswith("_")}
         if meta.get("model_class") != type(model).__name__ or saved_config != model_config:
             raise CheckpointError(f"{state_path} was written for a different model ({meta.get('model_class')} "
-                                  f"{meta.get('model_config')}); use another output folder or resume=False")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        if ema is not None:
-            ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")} or ema
-        _load_optim(opt, tensors, meta["param_groups"])
-        start, history = int(meta["step"]), list(meta.get("history", []))
+                                  f"{meta.get('model_config')}); use another output folder or --no-resume")
+        _check_same_run(state_path, meta, config, data_shape)
+        if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("step"), int):
+            raise CheckpointError(f"{state_path} is malformed (no 'param_groups' or 'step' in its metadata); "
+                                  "delete it or use --no-resume")
+        try:
+            model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            if ema is not None:
+                ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")} or ema
+            _load_optim(opt, tensors, meta["param_groups"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{state_path} does not fit this model or optimiser "
+                                  f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        start, history, loss_avg = int(meta["step"]), list(meta.get("history", [])), meta.get("loss_avg")
+        if loss_avg is None and history:  # a state written before loss_avg was recorded
+            loss_avg = history[-1][1]
 
     def save_state(step: int) -> None:
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
@@ -155,8 +216,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
         opt_tensors, groups = _optim_tensors(opt)
         tensors.update(opt_tensors)
         save_tensors(state_path, tensors, {"step": step, "param_groups": groups, "history": history,
-                                           "model_class": type(model).__name__, "model_config": model_config,
-                                           "train_config": asdict(config)})
+                                           "loss_avg": loss_avg, "model_class": type(model).__name__,
+                                           "model_config": model_config, "train_config": asdict(config),
+                                           "data_shape": data_shape})
 
     data = data.to(device)
     labels = None if labels is None else labels.to(device)
@@ -166,9 +228,11 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=f"train {type(model).__name__}", dynamic_ncols=True)
-    t0, loss_avg, step = time.time(), None, start
+    t0, done, in_update = time.time(), start, False
+    last_saved = start if state_path.exists() and resume else 0
     try:
         for step in range(start, config.steps):
+            intr.check()
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             idx = torch.randint(0, N, (config.batch_size,), generator=g)
             t = torch.randint(0, T, (config.batch_size,), generator=g).to(device)
@@ -179,12 +243,16 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
                 if config.cond_drop > 0:
                     drop = torch.rand(config.batch_size, generator=g).to(device) < config.cond_drop
                     c = torch.where(drop, torch.full_like(c, -1), c)  # -1: "no condition" (null embedding)
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=config.bf16):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = loss_fn(model, data[idx.to(device)], t, noise, schedule, c)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            lv = loss.item()
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"training loss became {lv} at step {step}; lower the learning rate")
             if config.grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            in_update = True  # from here to `done = step + 1` the state is between two steps
             opt.step()
             if ema is not None:
                 with torch.no_grad():
@@ -193,21 +261,22 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
                             ema[k].lerp_(v, 1 - config.ema_decay)
                         else:
                             ema[k].copy_(v)
-            lv = loss.item()
-            if not math.isfinite(lv):
-                raise FloatingPointError(f"training loss became {lv} at step {step}; lower the learning rate")
             loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
+            if (step + 1) % max(1, config.steps // 100) == 0:
+                history.append([step + 1, loss_avg])
+            done, in_update = step + 1, False
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_avg:.4f}")
-            if (step + 1) % max(1, config.steps // 100) == 0:
-                history.append([step + 1, loss_avg])
-            if (step + 1) % config.save_every == 0:
-                save_state(step + 1)
-        step = config.steps
+            if done % config.save_every == 0:
+                save_state(done)
+                last_saved = done
+        intr.check()
     except KeyboardInterrupt:
-        save_state(step)
-        raise
+        if in_update or done == last_saved:  # mid-update (a second Ctrl-C) or nothing new: keep the saved state
+            raise TrainingInterrupted(last_saved, False, state_path) from None
+        save_state(done)
+        raise TrainingInterrupted(done, True, state_path) from None
     finally:
         if bar is not None:
             bar.close()
@@ -215,8 +284,11 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     if ema is not None:
         model.load_state_dict(ema)
     extra = {"schedule": schedule.to_dict(), "train": asdict(config), **(export_extra or {})}
-    (export or save_model)(model.eval(), out_dir, **extra)
-    (out_dir / "history.json").write_text(json.dumps(history))
-    if loss_avg is None and history:  # resumed a finished run: nothing to train, report the recorded loss
-        loss_avg = history[-1][1]
+    try:
+        (export or save_model)(model.eval(), out_dir, **extra)
+        (out_dir / "history.json").write_text(json.dumps(history))
+    except KeyboardInterrupt:  # a second Ctrl-C: the state is saved; rerunning the command redoes the export
+        raise TrainingInterrupted(config.steps, True, state_path) from None
+    if intr.pending:
+        raise TrainingInterrupted(config.steps, True, state_path, finished=True)
     return {"steps": config.steps, "final_loss": loss_avg, "seconds": time.time() - t0, "history": history}

@@ -1,4 +1,4 @@
-"""Command-line wiring of the reproduction experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond|solvers``).
+"""Command-line wiring of the experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond|solvers``).
 
 Each experiment is a frozen config dataclass plus a ``run_*(out_dir, cfg, progress=, resume=)`` function; its CLI
 options are generated from the dataclass fields (``num_samples`` -> ``--num-samples``; tuples take comma-separated
