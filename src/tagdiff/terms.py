@@ -174,8 +174,11 @@ class Strength:
 def is_clean(t: Tensor, ctx: StepContext | None) -> bool:
     """Whether every entry of ``t`` is -1 (clean data). Where ``t`` is the loop's own ``ctx.t_prev`` the answer comes
     from the loop's plan (``ctx.final``: no device read, no GPU synchronisation), else from the tensor."""
-    if ctx is not None and ctx.final is not None and t is ctx.t_prev:
-        return ctx.final
+    if ctx is not None and ctx.final is not None:
+        if t is ctx.t_prev:
+            return ctx.final
+        if t is ctx.t:  # a step always starts at a noisy timestep
+            return False
     return bool((t < 0).all())
 
 

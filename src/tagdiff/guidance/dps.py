@@ -7,6 +7,7 @@ the score as in the paper's composite score (TAG.md §3.3, with the sign correct
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -59,15 +60,22 @@ def label_loss(classifier: Callable[[Tensor], Tensor], target: Tensor | int) -> 
     ``target`` is a class index or a ``(B,)`` tensor of indices; returns a function ``(B, *D) -> (B,)``.
 
     Raises:
-        ValueError: (when called) if a target is outside the classifier's classes.
+        ValueError: (when called) if a target is outside the classifier's classes. The range is read from the
+            target itself, on the host, once per distinct (targets, class count) pair (targets are small), so guided
+            sampling on an accelerator does not synchronise at every step.
     """
+    y_host = torch.as_tensor(target).detach().long().reshape(-1).cpu()
+    on_device: dict[Any, Tensor] = {}
 
     def loss(x0_hat: Tensor) -> Tensor:
         logits = classifier(x0_hat)
-        y = torch.as_tensor(target, device=logits.device).long().reshape(-1).expand(logits.shape[0])
-        if y.min() < 0 or y.max() >= logits.shape[1]:
-            raise ValueError(f"target class {y.unique().tolist()} out of range; the classifier has classes "
-                             f"0..{logits.shape[1] - 1}")
+        K = logits.shape[1]
+        if (logits.device, K) not in on_device:
+            if y_host.min() < 0 or y_host.max() >= K:
+                raise ValueError(f"target class {y_host.unique().tolist()} out of range; the classifier has classes "
+                                 f"0..{K - 1}")
+            on_device[(logits.device, K)] = y_host.to(logits.device)
+        y = on_device[(logits.device, K)].expand(logits.shape[0])
         return -torch.log_softmax(logits, -1).gather(1, y[:, None]).squeeze(1)
 
     return loss
