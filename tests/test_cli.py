@@ -93,3 +93,28 @@ def test_unet_training_resumes_across_processes(tmp_path):
         assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "history.json").read_text()) is not None
     assert (out / "diffusion_pytorch_model.safetensors").is_file() and (out / "scheduler_config.json").is_file()
+
+
+def test_a_time_predictor_is_tied_to_its_diffusion_model(tmp_path, capsys):
+    """``train time-predictor --checkpoint DIR`` takes the model's schedule (here cosine, against the default linear
+    flag) and shape; sampling refuses a predictor whose ᾱ differs from the model's, naming both schedules."""
+    from tagdiff.interop import load_unet, save_unet
+    from tagdiff.schedules import VPSchedule
+
+    unet, _ = load_unet("src/tagdiff/assets/digits/unet")
+    save_unet(unet, VPSchedule.cosine(1000), tmp_path / "cosine_unet")
+    out = tmp_path / "tp"
+    assert main(["train", "time-predictor", "--dataset", "digits", "--checkpoint", str(tmp_path / "cosine_unet"),
+                 "--out", str(out), "--steps", "2", "--batch-size", "8", "--quiet"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["schedule"]["kind"] == "cosine"
+    capsys.readouterr()
+    code = main(["sample", "--checkpoint", "digits", "--time-predictor", str(out), "--out", str(tmp_path / "s"),
+                 "--num-samples", "2", "--num-steps", "2", "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "trained on schedule cosine(T=1000" in err[0] and "uses linear(T=1000, beta 0.0001..0.02)" in err[0]
+    # a model of another sample shape is refused before training
+    assert main(["train", "time-predictor", "--dataset", "toy", "--checkpoint", "digits", "--out", str(tmp_path / "x"),
+                 "--steps", "1", "--quiet"]) == 2
+    assert "makes samples of shape (1, 8, 8) but the data has (2,)" in capsys.readouterr().err

@@ -138,6 +138,14 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.
         model.load_state_dict(tensors)
     except RuntimeError as e:
         raise CheckpointError(f"{directory}: weights do not match the config ({str(e).splitlines()[0]})") from None
+    if "schedule" in config and getattr(model, "num_train_timesteps", None) is not None:
+        from .schedules import VPSchedule
+
+        try:  # time predictors and noisy classifiers carry their schedule: samplers refuse a mismatched one
+            model.schedule = VPSchedule.from_dict(config["schedule"])
+        except Exception as e:
+            raise CheckpointError(f"{directory / 'config.json'}: malformed 'schedule' entry {config['schedule']!r} "
+                                  f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     return model.to(device).eval()
 
 

@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_args(tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)"))
     tp = tsub.add_parser("time-predictor", help="time predictor p(t | x_t) or p(t | x_t, c) (MLP or SimpleCNN)")
     add_train_args(tp)
+    tp.add_argument("--checkpoint", default=None,
+                    help="the diffusion model the predictor serves (folder or shipped name): its schedule replaces "
+                         "--schedule / --num-train-timesteps, and its sample shape must match the data")
     tp.add_argument("--condition", choices=("none", "class", "class_ink", "class_slant"), default="none",
                     help="c: none; class (y); class_ink / class_slant (2y + attribute above its class median; bench "
                          "multicond)")
@@ -129,6 +132,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     ensure_output_dir(args.out)
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
     data, labels, info = _load_data(args, "train", seed=args.seed)
+    if getattr(args, "checkpoint", None) is not None:  # tie the predictor to its diffusion model's schedule
+        schedule = _model_schedule(args.checkpoint, tuple(info.sample_shape))
+        args.num_train_timesteps = schedule.num_train_timesteps
     T = args.num_train_timesteps
     key, cond, meta = args.what, (labels if args.what == "classifier" else None), {}
     check_model_memory(args, tuple(info.sample_shape))
@@ -156,6 +162,17 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             result["held_out_conditional"] = rc.conditional_report(model, schedule, args.condition, meta, hx, hy,
                                                                    info, args.out / "report_conditional.json")
     return result
+
+
+def _model_schedule(checkpoint: Any, sample_shape: tuple[int, ...]) -> Any:
+    """The schedule of the diffusion model at ``checkpoint``; its samples must have the data's shape."""
+    from .recipes import load_checkpoint
+
+    model, schedule = load_checkpoint(checkpoint)
+    shape = tuple(getattr(model, "sample_shape", sample_shape))
+    if shape != sample_shape:
+        raise ValueError(f"--checkpoint {checkpoint} makes samples of shape {shape} but the data has {sample_shape}")
+    return schedule
 
 
 def _make_model(args: argparse.Namespace, data: Any, labels: Any, info: Any, T: int, cond: Any,

@@ -105,11 +105,11 @@ def _check_classifier(guidance: str, clf: Any, path: str, schedule: VPSchedule, 
 
 def _check_predictor(predictor: Any, path: str, schedule: VPSchedule, sample_shape: tuple[int, ...]) -> None:
     """The time predictor must classify the model's T timesteps on the model's sample shape (also for ω = 0, where
-    it only records the Time Gap: a mismatched predictor would record a meaningless one)."""
-    T = getattr(predictor, "num_train_timesteps", None)
-    if T is not None and T != schedule.num_train_timesteps:
-        raise ValueError(f"time predictor {path} has T={T} timestep classes but the diffusion model has "
-                         f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
+    it only records the Time Gap: a mismatched predictor would record a meaningless one); its recorded schedule's
+    ᾱ must be the model's, not only its T."""
+    from .guidance.temporal import check_predictor_schedule
+
+    check_predictor_schedule(predictor, schedule, f"time predictor {path}")
     shape = getattr(predictor, "sample_shape", None)
     if shape is not None and tuple(shape) != tuple(sample_shape):
         raise ValueError(f"time predictor {path} expects x of shape (B, {', '.join(map(str, shape))}) but the "

@@ -23,7 +23,7 @@ from ..schedules import VPSchedule
 from ..terms import Corrector, StepContext, Strength, is_clean
 from ..time_predictor import TimePredictor
 
-__all__ = ["TemporalAlignment", "check_time_predictor", "log_prob_from_logits", "tls"]
+__all__ = ["TemporalAlignment", "check_predictor_schedule", "check_time_predictor", "log_prob_from_logits", "tls"]
 
 
 def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None,
@@ -64,6 +64,21 @@ def tls(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor |
                         f"TLS at t={int(torch.as_tensor(t).reshape(-1)[0])}")
 
 
+def check_predictor_schedule(time_predictor: Any, schedule: VPSchedule, what: str = "time predictor") -> None:
+    """Raise ``ValueError`` (naming both schedules) if the predictor's T, or its recorded schedule's ᾱ (attribute
+    ``schedule``, set by :func:`tagdiff.checkpoints.load_model` from the checkpoint's config), differ from
+    ``schedule``'s."""
+    T = getattr(time_predictor, "num_train_timesteps", None)
+    if T is not None and T != schedule.num_train_timesteps:
+        raise ValueError(f"{what} has T={T} timestep classes but the schedule has "
+                         f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
+    own = getattr(time_predictor, "schedule", None)
+    if isinstance(own, VPSchedule) and own != schedule:
+        raise ValueError(f"{what} was trained on schedule {own.describe()} but the diffusion model uses "
+                         f"{schedule.describe()}; train the predictor on the model's schedule "
+                         "(tagdiff train time-predictor --checkpoint MODEL_DIR)")
+
+
 def check_time_predictor(time_predictor: Any, x: Tensor, schedule: VPSchedule) -> None:
     """Raise ``ValueError`` if the predictor's schedule differs from ``schedule`` or it rejects x's shape.
 
@@ -71,15 +86,7 @@ def check_time_predictor(time_predictor: Any, x: Tensor, schedule: VPSchedule) -
     trained by tagdiff does) must have the model's ᾱ, not only its T: a predictor trained on a cosine schedule
     classifies noise levels that a linear-schedule sampler never visits at the same t.
     """
-    T = getattr(time_predictor, "num_train_timesteps", None)
-    if T is not None and T != schedule.num_train_timesteps:
-        raise ValueError(f"time predictor has T={T} timestep classes but the schedule has "
-                         f"T={schedule.num_train_timesteps}; train the predictor on the model's schedule")
-    own = getattr(time_predictor, "schedule", None)
-    if isinstance(own, VPSchedule) and own != schedule:
-        raise ValueError(f"time predictor was trained on schedule {own.describe()} but the diffusion model uses "
-                         f"{schedule.describe()}; train the predictor on the model's schedule "
-                         "(tagdiff train time-predictor --checkpoint MODEL_DIR)")
+    check_predictor_schedule(time_predictor, schedule)
     check_input = getattr(time_predictor, "check_input", None)
     if check_input is not None:
         check_input(x)
