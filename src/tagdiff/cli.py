@@ -261,7 +261,7 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
 
     opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
                                          "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
-                                         "clip_x0", "bf16", "per_sample_seeds", "device", "allow_pickle",
+                                         "clip_x0", "bf16", "per_sample_seeds", "compile", "device", "allow_pickle",
                                          "checkpoint", "classifier", "time_predictor")}
     summary = generate(SampleConfig(**opt), args.out, progress=not args.quiet)
     tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
@@ -288,6 +288,11 @@ def _bench_speed(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{name:8s} {config:12s} {sec * 1e3:9.1f} {over:>13s}")
         tput = res["time_predictor_train_images_per_s"][name]
         print(f"{name:8s} time-predictor training: {tput['fp32']:.0f} images/s fp32, {tput['bf16']:.0f} bf16")
+        ov = res["overheads"][name]
+        loops = ", ".join(f"{k.replace('Scheduler', '')} {v:.3f}x" for k, v in ov["loop_vs_diffusers"].items())
+        print(f"{name:8s} tagdiff loop / plain diffusers loop (no terms): {loops}")
+        print(f"{name:8s} DPS+TAG step with the Time-Gap recorder / (DPS step + one predictor forward+backward): "
+              f"{ov['tag_vs_floor']:.3f}x ({ov['tag_vs_floor_without_sharing']:.3f}x without sharing the logits)")
     print(f"wrote {args.out / 'results.json'}")
     return res
 
