@@ -118,3 +118,37 @@ def test_a_time_predictor_is_tied_to_its_diffusion_model(tmp_path, capsys):
     assert main(["train", "time-predictor", "--dataset", "toy", "--checkpoint", "digits", "--out", str(tmp_path / "x"),
                  "--steps", "1", "--quiet"]) == 2
     assert "makes samples of shape (1, 8, 8) but the data has (2,)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--sampler", "EDMEulerScheduler"], "EDMEulerScheduler is not supported"),
+    (["--sampler", "fancy"], "unknown scheduler 'fancy'"),
+    (["--sampler", "unipc", "--time-predictor", "digits/time_predictor", "--omega", "1"], "UniPCMultistepScheduler"),
+])
+def test_sample_with_a_diffusers_scheduler_refuses_bad_ones_in_one_line(tmp_path, capsys, argv, needle):
+    code = main(["sample", "--checkpoint", "digits", "--out", str(tmp_path / "s"), "--num-samples", "2",
+                 "--num-steps", "3", "--quiet", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_sample_through_diffusers_schedulers(tmp_path, capsys):
+    for sampler in ("dpmpp2m", "euler"):
+        assert main(["sample", "--checkpoint", "digits", "--out", str(tmp_path / sampler), "--num-samples", "4",
+                     "--num-steps", "5", "--sampler", sampler, "--time-predictor", "digits/time_predictor",
+                     "--omega", "0.5", "--per-sample-seeds", "--quiet"]) == 0
+        summary = json.loads((tmp_path / sampler / "summary.json").read_text())
+        assert summary["time_gap"] is not None and len(summary["time_gap_per_step"]) == 5
+
+
+def test_a_model_of_an_unsupported_prediction_type_is_refused(tmp_path, capsys):
+    from diffusers import DDPMScheduler
+
+    from tagdiff.interop import load_unet
+
+    unet, _ = load_unet("src/tagdiff/assets/digits/unet")
+    unet.unet.save_pretrained(tmp_path / "m")
+    DDPMScheduler(prediction_type="flow").save_pretrained(tmp_path / "m")
+    assert main(["sample", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prediction_type 'flow' is not supported" in err[0]

@@ -21,7 +21,8 @@ from .checkpoints import load_model
 from .guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from .metrics import TimeGapRecorder
 from .recipes import load_checkpoint
-from .samplers import get_sampler
+from .samplers import SAMPLERS, get_sampler
+from .scheduler_loop import make_scheduler, sample_scheduler
 from .schedules import VPSchedule
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "SampleConfig", "generate", "resolved_clip", "resolved_scale", "save_grid"]
@@ -172,7 +173,8 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
                          "tagdiff MLPEpsModel or a diffusers UNet2DModel, e.g. --checkpoint digits)")
     if cfg.compile:  # the wrapper keeps its attributes (sample_shape, prediction_type); only forward is compiled
         eps_model.forward = torch.compile(eps_model.forward)
-    sampler = get_sampler(cfg.sampler)
+    scheduler = None if cfg.sampler in SAMPLERS else make_scheduler(cfg.sampler, schedule.to_diffusers_config())
+    sampler = None if scheduler is not None else get_sampler(cfg.sampler)
     predictor = load_model(cfg.time_predictor, device) if cfg.time_predictor else None
     if predictor is not None:
         if not isinstance(predictor, TimePredictor):
@@ -196,8 +198,15 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     kwargs: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     with autocast:
-        x0 = sampler(eps_model, x_T, schedule.timesteps(cfg.num_steps), schedule, terms=terms, randn_like=randn_like,
-                     callback=recorder, clip_x0=clip_x0, progress=progress, **kwargs)
+        if scheduler is not None:  # a diffusers scheduler (its own grid, clipping through clip_x0)
+            x0 = sample_scheduler(scheduler, eps_model, x_T, num_inference_steps=cfg.num_steps, terms=terms,
+                                  randn_like=randn_like, callback=recorder, clip_x0=clip_x0, progress=progress,
+                                  generator=rng.generators if cfg.per_sample_seeds else g,
+                                  step_kwargs={"eta": cfg.eta} if scheduler.__class__.__name__ == "DDIMScheduler"
+                                  else None)
+        else:
+            x0 = sampler(eps_model, x_T, schedule.timesteps(cfg.num_steps), schedule, terms=terms,
+                         randn_like=randn_like, callback=recorder, clip_x0=clip_x0, progress=progress, **kwargs)
     x0 = x0.float().cpu()
     arrays = {"x": x0.numpy()}
     if target is not None:

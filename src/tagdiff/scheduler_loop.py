@@ -53,8 +53,8 @@ from .samplers import Callback, Stage, run_loop
 from .schedules import VPSchedule
 from .terms import Corrector, EpsModel, Prediction, Term
 
-__all__ = ["SIGMA_SPACE_SCHEDULERS", "SUPPORTED_SCHEDULERS", "SchedulerDriver", "check_scheduler", "sample_scheduler",
-           "state_alpha_bar", "vp_scale"]
+__all__ = ["SCHEDULER_ALIASES", "SIGMA_SPACE_SCHEDULERS", "SUPPORTED_SCHEDULERS", "SchedulerDriver", "check_scheduler",
+           "make_scheduler", "sample_scheduler", "state_alpha_bar", "vp_scale"]
 
 SIGMA_SPACE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
                           "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
@@ -69,19 +69,50 @@ _STATEFUL = ("PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSingleste
              "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler")
 
 
+SCHEDULER_ALIASES = {"dpmpp2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
+                     "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
+                     "heun": "HeunDiscreteScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
+                     "deis": "DEISMultistepScheduler", "ddim_diffusers": "DDIMScheduler",
+                     "ddpm_diffusers": "DDPMScheduler"}
+
+
+def make_scheduler(name: str, schedule_config: dict[str, Any], **kwargs: Any) -> Any:
+    """A diffusers scheduler by alias (:data:`SCHEDULER_ALIASES`, e.g. ``"dpmpp2m"``) or class name, on a tagdiff
+    schedule's diffusers config (``VPSchedule.to_diffusers_config()``), with extra config ``kwargs``.
+
+    Raises:
+        ValueError: an unknown or unsupported name (listing the aliases and supported classes).
+    """
+    import diffusers
+
+    cls_name = SCHEDULER_ALIASES.get(name, name)
+    cls = getattr(diffusers, cls_name, None) if cls_name.endswith("Scheduler") else None
+    if cls is None:
+        raise ValueError(f"unknown scheduler {name!r}; expected ddim, ddpm (tagdiff's own steps), one of "
+                         f"{', '.join(SCHEDULER_ALIASES)}, or a diffusers class name ({', '.join(SUPPORTED_SCHEDULERS)})")
+    _check_name(cls_name)
+    scheduler = cls(**schedule_config, **kwargs)
+    check_scheduler(scheduler)
+    return scheduler
+
+
 def check_scheduler(scheduler: Any) -> str:
     """Return the scheduler's class name if tagdiff can drive it (:data:`SUPPORTED_SCHEDULERS`).
 
     Raises:
         ValueError: naming the scheduler (EDM schedulers with the reason) and listing the supported ones.
     """
-    name = type(scheduler).__name__
+    name = _check_name(type(scheduler).__name__)
+    check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
+    return name
+
+
+def _check_name(name: str) -> str:
     if name.startswith("EDM"):
         raise ValueError(f"{name} is not supported: EDM schedulers precondition the model input (c_in, c_skip) "
                          "instead of the VP contract tagdiff's terms use; use EulerDiscreteScheduler")
     if name not in SUPPORTED_SCHEDULERS:
         raise ValueError(f"scheduler {name} is not supported; expected one of {', '.join(SUPPORTED_SCHEDULERS)}")
-    check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
     return name
 
 
