@@ -155,8 +155,8 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--out", required=True, type=Path, help="output folder (samples.npz, grid.png, summary.json)")
     smp.add_argument("--num-samples", type=positive_int, default=64, help="samples to draw (default: 64)")
     smp.add_argument("--sampler", default="ddim",
-                     help="ddim | ddpm (tagdiff's steps), or a diffusers scheduler: dpmpp2m | unipc | euler | euler_a | "
-                          "heun | pndm | lms | deis | any supported class name (default: ddim)")
+                     help="ddim | ddpm (tagdiff's steps), or a diffusers scheduler: dpmpp2m | unipc | euler | "
+                          "euler_a | heun | pndm | lms | deis | any supported class name (default: ddim)")
     smp.add_argument("--num-steps", type=positive_int, default=50, help="sampling steps (default: 50)")
     smp.add_argument("--eta", type=nonneg_float, default=1.0, help="DDIM η >= 0 (default: 1)")
     smp.add_argument("--seed", type=int, default=0, help="seed of x_T and the sampling noise (default: 0)")

@@ -89,7 +89,8 @@ def make_scheduler(name: str, schedule_config: dict[str, Any], **kwargs: Any) ->
     cls = getattr(diffusers, cls_name, None) if cls_name.endswith("Scheduler") else None
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}; expected ddim, ddpm (tagdiff's own steps), one of "
-                         f"{', '.join(SCHEDULER_ALIASES)}, or a diffusers class name ({', '.join(SUPPORTED_SCHEDULERS)})")
+                         f"{', '.join(SCHEDULER_ALIASES)}, or a diffusers class name "
+                         f"({', '.join(SUPPORTED_SCHEDULERS)})")
     _check_name(cls_name)
     scheduler = cls(**schedule_config, **kwargs)
     check_scheduler(scheduler)
