@@ -2,6 +2,8 @@
 sample_pipeline as the DDIMPipeline / DDPMPipeline equivalent on the shipped digits UNet."""
 
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +196,32 @@ def test_sample_pipeline_output_types_and_errors(digits):
         sample_pipeline(pipe, output_type="latent")
     with pytest.raises(ValueError, match="generators"):
         sample_pipeline(pipe, batch_size=2, generator=[torch.Generator()])
+
+
+# --------------------------------------------------------------------------- README
+
+
+def readme_snippets():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text.split("## TAG in your diffusers pipeline", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, re.S)
+
+
+def test_readme_section_snippets_run(sd_pipe, latent_predictor, monkeypatch):
+    """The README's snippets, as written; the Stable Diffusion one with the tiny pipeline and a random latent
+    predictor in place of the hub model and a trained predictor (no downloads)."""
+    import tagdiff.checkpoints
+
+    sd, digits, cfg = readme_snippets()
+    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda *a, **k: sd_pipe)
+    monkeypatch.setattr(tagdiff.checkpoints, "load_model", lambda *a, **k: latent_predictor)
+    ns = {}
+    exec(compile(sd, "README:sd", "exec"), ns)
+    assert ns["image"].size == (LATENT, LATENT) and len(ns["tag"].history) == 29
+    monkeypatch.undo()
+    ns = {}
+    exec(compile(digits, "README:digits", "exec"), ns)
+    assert ns["tagged"].shape == (4, 8, 8, 1) and not np.array_equal(ns["own"], ns["tagged"])
+    ns = {}
+    exec(compile(cfg, "README:cfg", "exec"), ns)
+    assert all(torch.isfinite(ns[k]).all() for k in ("cfg", "apg", "cfgpp"))
