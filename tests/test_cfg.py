@@ -222,3 +222,26 @@ def test_cfg_family_composes_with_tag_and_each_other(model, schedule):
                   [ClassifierFreeGuidance(2.0, NULL, window=(500, 999)), CFGZeroStar(2.0, NULL, window=(0, 499))]):
         out = sample_ddim(model, x, ts, schedule, terms=terms, cond={"y": y})
         assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+def test_null_class_label_minus_one_and_its_round_trip(tmp_path, schedule):
+    """y = -1 (training's dropped label) selects the UNet's null class; the folder records it for load_unet."""
+    from tagdiff.interop import load_unet, save_unet
+
+    torch.manual_seed(0)
+    unet = make_unet(8, 1, widths=(8, 16), num_classes=K + 1)
+    m = UNetEpsModel(unet, 1000, null_class=K).eval()
+    x, t, y = setup()
+    with torch.no_grad():
+        assert torch.equal(m(x, t, torch.full_like(y, -1)), m(x, t, torch.full_like(y, K)))
+    x0 = sample_ddim(m, x, schedule.timesteps(3), schedule, cond={"y": y},
+                     terms=[ClassifierFreeGuidance(3.0, {"y": -1})])
+    assert torch.equal(x0, sample_ddim(m, x, schedule.timesteps(3), schedule, cond={"y": y},
+                                       terms=[ClassifierFreeGuidance(3.0, NULL)]))
+    save_unet(m, schedule, tmp_path / "u", null_class=K)
+    loaded, _ = load_unet(tmp_path / "u")
+    assert loaded.null_class == K
+    with pytest.raises(ValueError, match="null_class"):
+        UNetEpsModel(unet, 1000)(x, t, torch.full_like(y, -1))
+    with pytest.raises(ValueError, match="null_class=11"):
+        UNetEpsModel(unet, 1000, null_class=K + 1)
