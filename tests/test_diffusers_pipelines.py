@@ -98,15 +98,18 @@ class Recorder(PipelineCallback):
         return callback_kwargs
 
 
-@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler])
-def test_sd_pipeline_omega_zero_is_bit_identical_and_omega_changes(sd_pipe, latent_predictor, scheduler_cls):
+@pytest.mark.parametrize("scheduler_cls, corrected", [
+    (DDIMScheduler, [0, 1, 2]), (DPMSolverMultistepScheduler, [0, 1, 2]), (EulerDiscreteScheduler, [0, 1, 2]),
+    (HeunDiscreteScheduler, [1, 3, 5])])  # Heun: 7 calls for 4 steps, TAG at the 3 inner step boundaries
+def test_sd_pipeline_omega_zero_is_bit_identical_and_omega_changes(sd_pipe, latent_predictor, scheduler_cls,
+                                                                   corrected):
     plain = run_sd(sd_pipe, scheduler_cls)
     zero = run_sd(sd_pipe, scheduler_cls, TAGCallback(latent_predictor, omega=0.0))
     assert torch.equal(plain, zero)
     cb = TAGCallback(latent_predictor, omega=50.0)
     tagged = run_sd(sd_pipe, scheduler_cls, cb)
     assert torch.isfinite(tagged).all() and not torch.equal(plain, tagged)
-    assert [h[0] for h in cb.history] == [0, 1, 2]  # no target after the last step
+    assert [h[0] for h in cb.history] == corrected  # no target after the last step
 
 
 def test_sd_euler_correction_is_the_vp_correction_mapped_to_sigma_space(sd_pipe, latent_predictor):

@@ -8,6 +8,9 @@ placement (TAG.md App. E.2) with target the timestep the step moved to::
     pipe(prompt, callback_on_step_end=TAGCallback(time_predictor, omega=0.5))
 
 * VP schedulers (DDIM, DDPM, PNDM, DPM-Solver(++), UniPC, DEIS): the target is ``scheduler.timesteps[i + 1]``.
+  Two diffusers details carry over unchanged: DDIM with ``timestep_spacing="linspace"`` steps to ``t - T // N``,
+  which is not always the next grid point; PNDM's PLMS re-does its first step from the saved x_T at step 1, so the
+  state correction after step 0 only reaches the model input of step 1.
 * σ-space schedulers (Euler, Euler-Ancestral, Heun, KDPM2, LMS, DPM-SDE; their state is x_σ = x_VP sqrt(1 + σ²),
   the initial σ ≈ 14.6 for SD, float timesteps): σ is the state's, ``scheduler.sigmas[scheduler.step_index]`` after
   the step (:func:`tagdiff.scheduler_loop.vp_scale`); the time predictor sees x_VP = x_σ / sqrt(1 + σ²), the target
