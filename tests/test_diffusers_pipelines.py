@@ -228,3 +228,17 @@ def test_readme_section_snippets_run(sd_pipe, latent_predictor, monkeypatch):
     ns = {}
     exec(compile(cfg, "README:cfg", "exec"), ns)
     assert all(torch.isfinite(ns[k]).all() for k in ("cfg", "apg", "cfgpp"))
+
+
+def test_callback_keeps_the_pipelines_dtype_and_skips_outside_window(latent_predictor):
+    from types import SimpleNamespace
+
+    sched = DDIMScheduler(**SD_SCHEDULER)
+    sched.set_timesteps(4)
+    pipe = SimpleNamespace(scheduler=sched)
+    latents = torch.randn(2, 4, LATENT, LATENT).to(torch.bfloat16)
+    out = TAGCallback(latent_predictor, omega=50.0)(pipe, 0, sched.timesteps[0], {"latents": latents})["latents"]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all() and not torch.equal(out, latents)
+    t_next = int(sched.timesteps[1])
+    outside = TAGCallback(latent_predictor, omega=50.0, window=(0, t_next - 1))
+    assert outside(pipe, 0, sched.timesteps[0], {"latents": latents})["latents"] is latents

@@ -141,6 +141,10 @@ class TAGCallback(_CallbackBase):
         if not self.tag.strength.active(t):
             return callback_kwargs
         x_vp = latents.detach() / scale
+        params = getattr(self.tag.time_predictor, "parameters", None)
+        first = next(iter(params()), None) if callable(params) else None
+        if first is not None and first.dtype != x_vp.dtype:  # e.g. a float32 predictor in a float16 pipeline
+            x_vp = x_vp.to(first.dtype)
         shape = tuple(x_vp.shape[1:])
         if self._checked != shape:
             check_time_predictor(self.tag.time_predictor, x_vp, schedule)
@@ -161,8 +165,8 @@ class TAGCallback(_CallbackBase):
 def sample_pipeline(pipeline: Any, *, terms: Sequence[Term] = (), batch_size: int = 1,
                     num_inference_steps: int = 50, generator: torch.Generator | list[torch.Generator] | None = None,
                     eta: float = 0.0, use_clipped_model_output: bool | None = None, clip_x0: float | None = None,
-                    cond: dict[str, Any] | None = None, output_type: str = "pil", return_dict: bool = True,
-                    progress: bool = False) -> Any:
+                    cond: dict[str, Any] | None = None, null_class: int | None = None, output_type: str = "pil",
+                    return_dict: bool = True, progress: bool = False) -> Any:
     """``DDPMPipeline`` / ``DDIMPipeline.__call__`` with tagdiff terms: the pipeline's own UNet and scheduler.
 
     Draws x_T exactly as the pipeline does (``randn_tensor`` of the UNet's sample shape with ``generator``), runs
@@ -178,6 +182,8 @@ def sample_pipeline(pipeline: Any, *, terms: Sequence[Term] = (), batch_size: in
         eta, use_clipped_model_output: DDIM's (passed to ``scheduler.step`` where it takes them, as the pipeline).
         clip_x0: as in :func:`tagdiff.sample_scheduler` (``None``: diffusers' behaviour).
         cond: keyword conditioning for the UNet (``{"y": labels}`` for a class-conditional ``UNet2DModel``).
+        null_class: the UNet's null class index if it was trained with label dropout (``y = -1`` then selects it;
+            :class:`tagdiff.interop.UNetEpsModel`), so that CFG terms can use ``null_cond={"y": -1}``.
         output_type: ``"pil"``, ``"np"`` (``(B, H, W, C)`` in [0, 1]) or ``"pt"`` (``(B, C, H, W)``).
         return_dict: return an ``ImagePipelineOutput`` (else a 1-tuple), as the pipeline.
 
@@ -198,7 +204,7 @@ def sample_pipeline(pipeline: Any, *, terms: Sequence[Term] = (), batch_size: in
     device = getattr(pipeline, "_execution_device", unet.device)
     noise = randn_tensor(shape, generator=generator, device=device, dtype=unet.dtype)
     kind = scheduler.config.get("prediction_type", "epsilon")
-    model = UNetEpsModel(unet, scheduler.config.num_train_timesteps, kind)
+    model = UNetEpsModel(unet, scheduler.config.num_train_timesteps, kind, null_class)
     step_kwargs: dict[str, Any] = {}
     accepted = set(inspect.signature(scheduler.step).parameters)
     if "eta" in accepted:
