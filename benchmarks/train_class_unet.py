@@ -9,7 +9,10 @@ tagdiff, :class:`tagdiff.interop.UNetEpsModel` ``null_class``), trained by :func
 After training it samples ``--num-per-class`` images per class with DDIM and classifier-free guidance at each
 ``--scales`` and reports the accuracy of the shipped evaluation classifier (and of unconditional samples, y = -1)::
 
-    python benchmarks/train_class_unet.py --out runs/digits/unet_class --steps 6000
+    python benchmarks/train_class_unet.py --out runs/digits/unet_class --steps 2500 --widths 16,32,32 --bf16
+
+made the shipped ``assets/digits/unet_class`` (16 min on one contended CPU core; its ``metrics.json``: accuracy
+0.89 / 0.997 / 1.0 at CFG scale 1 / 2 / 4, 0.12 unconditional).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def evaluate(model: UNetEpsModel, schedule: VPSchedule, scales: list[float], num
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/digits/unet_class")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=2500)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--cond-drop", type=float, default=0.1, help="label dropout probability (Ho & Salimans: 0.1-0.2)")
@@ -60,6 +63,9 @@ def main() -> None:
     p.add_argument("--num-per-class", type=int, default=32)
     p.add_argument("--sample-steps", type=int, default=25)
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--widths", default="16,32,32", help="UNet block widths (the unconditional digits UNet: 32,64,64)")
+    p.add_argument("--save-every", type=int, default=500, help="steps between resumable states; rerun with a "
+                   "smaller --steps to export the last state")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true")
@@ -70,8 +76,10 @@ def main() -> None:
     schedule = VPSchedule.linear(1000)
     out = Path(args.out)
     if not args.eval_only:
-        model = UNetEpsModel(make_unet(8, 1, num_classes=K + 1), 1000, null_class=K)
+        widths = tuple(int(w) for w in args.widths.split(","))
+        model = UNetEpsModel(make_unet(8, 1, widths=widths, num_classes=K + 1), 1000, null_class=K)
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, ema_decay=0.999,
+                             save_every=args.save_every,
                              bf16=args.bf16, cond_drop=args.cond_drop)
         flags = [f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in vars(args).items()
                  if v not in (False, None) and k not in ("quiet", "device")]

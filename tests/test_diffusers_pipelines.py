@@ -227,7 +227,7 @@ def test_readme_section_snippets_run(sd_pipe, latent_predictor, monkeypatch):
     assert ns["tagged"].shape == (4, 8, 8, 1) and not np.array_equal(ns["own"], ns["tagged"])
     ns = {}
     exec(compile(cfg, "README:cfg", "exec"), ns)
-    assert all(torch.isfinite(ns[k]).all() for k in ("cfg", "apg", "cfgpp"))
+    assert all(torch.isfinite(ns[k]).all() for k in ("cfg", "interval", "apg", "cfgpp"))
 
 
 def test_callback_keeps_the_pipelines_dtype_and_skips_outside_window(latent_predictor):
@@ -242,3 +242,35 @@ def test_callback_keeps_the_pipelines_dtype_and_skips_outside_window(latent_pred
     t_next = int(sched.timesteps[1])
     outside = TAGCallback(latent_predictor, omega=50.0, window=(0, t_next - 1))
     assert outside(pipe, 0, sched.timesteps[0], {"latents": latents})["latents"] is latents
+
+
+# --------------------------------------------------------------------------- the shipped class-conditional UNet
+
+
+def test_shipped_class_conditional_unet_with_cfg_and_tag_in_ddim_pipeline(digits):
+    """unet_class (label dropout, null class 10 = y -1): CFG scale 1 is the conditional model bit for bit, CFG makes
+    the requested digits, and CFG + TAG composes in the DDIMPipeline equivalent."""
+    from tagdiff import ClassifierFreeGuidance
+    from tagdiff.interop import load_unet
+
+    path = assets_dir("digits") / "unet_class"
+    model, _ = load_unet(path)
+    assert model.null_class == 10
+    pipe = DDIMPipeline(model.unet, DDIMScheduler.from_pretrained(path))
+    pipe.set_progress_bar_config(disable=True)
+    y = torch.arange(10).repeat(2)
+    run = dict(batch_size=20, num_inference_steps=10, output_type="pt", cond={"y": y}, null_class=10)
+    cond = sample_pipeline(pipe, generator=torch.Generator().manual_seed(0), **run).images
+    one = sample_pipeline(pipe, terms=[ClassifierFreeGuidance(1.0, {"y": -1})],
+                          generator=torch.Generator().manual_seed(0), **run).images
+    assert torch.equal(cond, one)
+    cfg = sample_pipeline(pipe, terms=[ClassifierFreeGuidance(3.0, {"y": -1})],
+                          generator=torch.Generator().manual_seed(0), **run).images
+    clf = load_model(assets_dir("digits") / "clf_eval")
+    with torch.no_grad():
+        acc = float((clf(cfg * 2 - 1).argmax(-1) == y).float().mean())
+    assert acc >= 0.8, acc
+    _, _, predictor = digits
+    both = sample_pipeline(pipe, terms=[ClassifierFreeGuidance(3.0, {"y": -1}), TemporalAlignment(predictor, 0.5)],
+                           generator=torch.Generator().manual_seed(0), **run).images
+    assert torch.isfinite(both).all() and not torch.equal(both, cfg)
