@@ -2,8 +2,8 @@
 
 A precursor of ``tagdiff bench cfg`` (issue 13, item 5), standalone until the CLI wires it. On the shipped
 class-conditional UNet (``assets/digits/unet_class``) it samples ``--per-class`` images of each digit with DDIM
-(η = 0, x̂_0 clipped to [-1, 1]; CFG++ runs on ``DDIMScheduler(clip_sample=False)``, its only valid update, next to
-CFG on the same path, ``cfg@ddim``) for every
+(η = 0, x̂_0 clipped to [-1, 1]; CFG++ runs on ``DDIMScheduler(clip_sample=False)``, its only valid update, with its
+own x̂_0^λ clipping (``cfg++noclip``: the paper's unclipped update; ``cfg@ddim``: CFG on that unclipped path) for every
 guidance scale, and reports the evaluation classifier's accuracy, the per-class FID in its feature space
 (:func:`tagdiff.bench.common.sample_metrics`), the Time Gap of the unconditional time predictor, and a saturation
 measure (fraction of pixels at the clip bound, |x| > 0.98). TAG's ω_0 is chosen on ``--sweep-seed`` (never
@@ -42,7 +42,8 @@ def terms_for(method: str, scale: float, omega: float, setup, window) -> list:
     base = {"cfg": lambda: ClassifierFreeGuidance(scale, NULL),
             "apg": lambda: AdaptiveProjectedGuidance(scale, NULL, eta=0.0, norm_threshold=2.0),
             "interval": lambda: ClassifierFreeGuidance(scale, NULL, window=window),
-            "cfg++": lambda: CFGPlusPlus(scale, NULL)}[method.removesuffix("+tag").removesuffix("@ddim")]()
+            "cfg++": lambda: CFGPlusPlus(scale, NULL, clip_x0=1.0),
+            "cfg++noclip": lambda: CFGPlusPlus(scale, NULL)}[method.removesuffix("+tag").removesuffix("@ddim")]()
     tag = [TemporalAlignment(setup.models["time_predictor"], omega)] if method.endswith("+tag") else []
     return [base, *tag]
 
@@ -70,7 +71,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scales", default="1,2,4,8,16,32")
     p.add_argument("--lambdas", default="0.2,0.4,0.6,0.8,1.0", help="CFG++ λ (its own axis, in [0, 1])")
-    p.add_argument("--methods", default="cfg,cfg+tag,apg,apg+tag,interval,interval+tag,cfg@ddim,cfg++,cfg+++tag",
+    p.add_argument("--methods", default="cfg,cfg+tag,apg,apg+tag,interval,interval+tag,cfg++,cfg+++tag,"
+                   "cfg@ddim,cfg++noclip,cfg++noclip+tag",
                    help="cfg@ddim: CFG on CFG++'s unclipped DDIMScheduler path, its reference")
     p.add_argument("--omegas", default="0.25,1,4")
     p.add_argument("--omega-scale", type=float, default=8.0)

@@ -169,7 +169,7 @@ def test_cfg_errors(model, schedule):
         guided_eps(model, schedule, [ClassifierFreeGuidance(2.0, NULL, steps=(0.0, 0.5))])(x, t, y=y)
 
 
-def cfgpp_by_hand(model, schedule, x, ts, y, lam):
+def cfgpp_by_hand(model, schedule, x, ts, y, lam, clip=None):
     ts = ts.tolist()
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t)
@@ -178,6 +178,7 @@ def cfgpp_by_hand(model, schedule, x, ts, y, lam):
         ab_prev = float(schedule.alpha_bar[ts[i + 1]]) if i + 1 < len(ts) else 1.0
         eps_lam = eps_u + lam * (eps_c - eps_u)
         x0 = (x - (1 - ab) ** 0.5 * eps_lam) / ab**0.5
+        x0 = x0 if clip is None else x0.clamp(-clip, clip)
         x = ab_prev**0.5 * x0 + (1 - ab_prev) ** 0.5 * eps_u
     return x
 
@@ -193,6 +194,16 @@ def test_cfgpp_equals_the_papers_ddim_update_on_tagdiff_and_diffusers_ddim(model
     torch.testing.assert_close(got_d, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, sample_ddim(model, x, ts, schedule, terms=[ClassifierFreeGuidance(0.6, NULL)],
                                                cond={"y": y}), atol=1e-3)
+
+
+def test_cfgpp_with_its_own_x0_clipping(model, schedule):
+    x, _, y = setup()
+    x = 3 * x  # large states: the clamp is active
+    ts = schedule.timesteps(4)
+    expected = cfgpp_by_hand(model, schedule, x, ts, y, 0.8, clip=1.0)
+    got = sample_ddim(model, x, ts, schedule, terms=[CFGPlusPlus(0.8, NULL, clip_x0=1.0)], cond={"y": y})
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # float32 rounding through ε_eff
+    assert not torch.allclose(got, cfgpp_by_hand(model, schedule, x, ts, y, 0.8), atol=1e-2)
 
 
 def test_cfgpp_refuses_updates_it_cannot_express(model, schedule):

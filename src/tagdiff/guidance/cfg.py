@@ -295,13 +295,15 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
     ε_c is the loop's guided ε̂ (the conditional model with every score term folded in), so CFG++ composes with
     score terms and with TAG. Runs on a deterministic first-order DDIM update (η = 0, no x̂_0 clipping): tagdiff's
     ``sample_ddim(eta=0)`` and ``DDIMScheduler`` (``eta=0``) through :func:`tagdiff.sample_scheduler`. That update is
-    affine in ε, ``x_prev = A x + B ε``: CFG++ hands it the ε_eff with ``B ε_eff = sqrt(1 - ᾱ_prev) ε_u -
-    A sqrt(1 - ᾱ_t) ε^λ``, where A (hence ᾱ_prev = A² ᾱ_t, DDIM's ``set_alpha_to_one`` included) is read from the
-    update itself with ε = 0. Any other update is refused, not approximated.
+    affine in ε, ``x_prev = A x + B ε`` with ``B = sqrt(1 - ᾱ_prev) - A sqrt(1 - ᾱ_t)``: CFG++ hands it the ε_eff with
+    ``B ε_eff = x_prev^{CFG++} - A x``, where A (hence ᾱ_prev = A² ᾱ_t, DDIM's ``set_alpha_to_one`` included) is
+    read from the update itself with ε = 0. Any other update is refused, not approximated.
 
     Args:
         scale: λ (the paper uses λ in [0, 1], e.g. 0.6; λ = 0 is the unconditional DDIM). Must be >= 0.
         null_cond, window, steps: as :class:`ClassifierFreeGuidance`; outside the interval the plain step runs.
+        clip_x0: clamp x̂_0^λ to ``[-clip_x0, clip_x0]`` before renoising (the sampler itself must not clip; images
+            often need it, see INTEGRATION.md); ``None`` (default) is the paper's update.
 
     Raises:
         ValueError: a negative λ; at sampling time, a σ-space or multistep scheduler, or an update that is not a
@@ -309,10 +311,13 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
     """
 
     def __init__(self, scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
-                 steps: tuple[float, float] | None = None):
+                 steps: tuple[float, float] | None = None, clip_x0: float | None = None):
         if not scale >= 0:
             raise ValueError(f"CFG++ scale lambda must be >= 0, got {scale}")
+        if clip_x0 is not None and not clip_x0 > 0:
+            raise ValueError(f"clip_x0 must be None or > 0, got {clip_x0}")
         super().__init__(scale, null_cond, window, steps)
+        self.clip_x0 = clip_x0
 
     def step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: StepContext, evaluate: Any, update: Any) -> Tensor:
         pred = evaluate(x, t)
@@ -333,6 +338,9 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
         ab_prev = (A**2 * ab).clamp(max=1.0)
         eps_u, _ = self.uncond(x, t, ctx)
         eps_lam = eps_u + self.scale * (pred.eps_hat - eps_u)
-        c_dir, c_x0 = (1 - ab_prev).sqrt(), A * (1 - ab).sqrt()
-        eps_eff = (c_dir * eps_u - c_x0 * eps_lam) / (c_dir - c_x0)
+        x0_lam = (x - (1 - ab).sqrt() * eps_lam) / ab.sqrt()
+        if self.clip_x0 is not None:
+            x0_lam = x0_lam.clamp(-self.clip_x0, self.clip_x0)
+        target = ab_prev.sqrt() * x0_lam + (1 - ab_prev).sqrt() * eps_u  # the CFG++ x_prev
+        eps_eff = (target - A * x) / ((1 - ab_prev).sqrt() - A * (1 - ab).sqrt())
         return update(x, eps_eff, t, t_prev)
