@@ -9,6 +9,11 @@ See the README and ``docs/`` for the method and results.
 from ._utils import NonFiniteError as NonFiniteError
 from ._utils import StackedRandomGenerator as StackedRandomGenerator
 from .data.gmm import GaussianMixture as GaussianMixture
+from .guidance import AdaptiveProjectedGuidance as AdaptiveProjectedGuidance
+from .guidance import APGMomentum as APGMomentum
+from .guidance import CFGPlusPlus as CFGPlusPlus
+from .guidance import CFGZeroStar as CFGZeroStar
+from .guidance import ClassifierFreeGuidance as ClassifierFreeGuidance
 from .guidance import ClassifierGuidance as ClassifierGuidance
 from .guidance import Corruption as Corruption
 from .guidance import DPSGuidance as DPSGuidance
@@ -50,6 +55,7 @@ from .time_predictor import TimePredictor as TimePredictor
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
     "ClassifierGuidance", "Corrector", "Corruption", "ddim_step", "ddpm_step", "DPSGuidance", "DPSNormalized",
     "Drift", "EpsilonScaling", "evaluate_time_predictor", "GaussianMixture", "get_sampler", "guided_eps",
     "LangevinCorrector", "LinearDrift", "MLPEpsModel", "MLPTimePredictor", "NonFiniteError", "run_loop", "sample",

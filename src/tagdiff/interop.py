@@ -55,14 +55,25 @@ class UNetEpsModel(nn.Module):
         prediction_type: what the UNet predicts (``"epsilon"``, ``"v_prediction"``, ``"sample"``; from its scheduler
             config); tagdiff's loops convert (:mod:`tagdiff.predictions`).
 
+        null_class: for a class-conditional UNet trained with label dropout, the class index of "no label" (the
+            extra embedding, e.g. 10 for ``num_class_embeds = 11`` on ten digits); ``y = -1`` selects it, as
+            :func:`tagdiff.training.train`'s ``cond_drop`` writes dropped labels. Recorded in ``tagdiff.json`` and
+            read back by :func:`load_unet`.
+
     Shapes: x ``(B, C, H, W)`` in VP space, t ``(B,)`` int64 training timesteps, y ``(B,)`` class labels (only for
-    class-conditional UNets). Raises ``ValueError`` for an x of the wrong shape.
+    class-conditional UNets). Raises ``ValueError`` for an x of the wrong shape, or a label -1 on a UNet without
+    ``null_class``.
     """
 
-    def __init__(self, unet: Any, num_train_timesteps: int = 1000, prediction_type: str = "epsilon"):
+    def __init__(self, unet: Any, num_train_timesteps: int = 1000, prediction_type: str = "epsilon",
+                 null_class: int | None = None):
         super().__init__()
         self.unet = unet
         self.prediction_type = check_prediction_type(prediction_type)
+        n = unet.config.get("num_class_embeds")
+        if null_class is not None and (n is None or not 0 <= int(null_class) < n):
+            raise ValueError(f"null_class={null_class} is not a class embedding of this UNet (num_class_embeds={n})")
+        self.null_class = None if null_class is None else int(null_class)
         cfg = unet.config
         size = cfg.sample_size
         if isinstance(size, list | tuple):
@@ -86,6 +97,11 @@ class UNetEpsModel(nn.Module):
             raise ValueError(f"x has shape {tuple(x.shape)}, but the UNet expects (B, "
                              f"{', '.join(map(str, self.sample_shape))})")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        if isinstance(y, Tensor) and bool((y < 0).any()):
+            if self.null_class is None:
+                raise ValueError("class label -1 (no label) needs a UNet trained with label dropout and its "
+                                 "null_class; this one has none")
+            y = torch.where(y < 0, torch.full_like(y, self.null_class), y)
         return self.unet(x, t, class_labels=y).sample
 
 
@@ -179,8 +195,15 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", *,
         kind = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
     except Exception as e:
         raise CheckpointError(f"could not load {sched_dir / 'scheduler_config.json'}: {_first_line(e)}") from None
+    null_class = None
+    meta = unet_dir / "tagdiff.json"
+    if meta.is_file():
+        try:
+            null_class = json.loads(meta.read_text()).get("null_class")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            raise CheckpointError(f"{meta} is not valid JSON") from None
     try:
-        eps_model = UNetEpsModel(unet, schedule.num_train_timesteps, kind)
+        eps_model = UNetEpsModel(unet, schedule.num_train_timesteps, kind, null_class)
     except ValueError as e:
         raise CheckpointError(f"{unet_dir / 'config.json'}: {e}") from None
     return eps_model.to(device).eval(), schedule

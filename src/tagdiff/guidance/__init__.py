@@ -12,6 +12,12 @@ from .baselines import EpsilonScaling as EpsilonScaling
 from .baselines import LangevinCorrector as LangevinCorrector
 from .baselines import TimeCorrection as TimeCorrection
 from .baselines import TimeShift as TimeShift
+from .cfg import AdaptiveProjectedGuidance as AdaptiveProjectedGuidance
+from .cfg import APGMomentum as APGMomentum
+from .cfg import CFGPlusPlus as CFGPlusPlus
+from .cfg import CFGZeroStar as CFGZeroStar
+from .cfg import ClassifierFreeGuidance as ClassifierFreeGuidance
+from .cfg import interval_from_sigma as interval_from_sigma
 from .classifier import ClassifierGuidance as ClassifierGuidance
 from .dps import DPSGuidance as DPSGuidance
 from .dps import label_loss as label_loss
@@ -35,4 +41,6 @@ __all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorr
            "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "LinearDrift",
            "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
-           "ETA_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]
+           "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
+           "interval_from_sigma", "ETA_SCHEDULES", "MULTICOND_VARIANTS",
+           "MultiConditionTAG", "combined_loss", "reparameterize"]
