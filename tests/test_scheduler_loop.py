@@ -250,3 +250,13 @@ def test_the_readme_scheduler_snippet_runs(capsys):
     exec(compile(code, "README.md", "exec"), {})
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split(":")[0] for line in lines] == ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
+
+
+def test_pndm_refuses_correctors_but_guides(unet):
+    model, schedule = unet
+    pndm = diffusers.PNDMScheduler(**schedule.to_diffusers_config())
+    with pytest.raises(ValueError, match="PNDMScheduler restarts"):
+        sample_scheduler(pndm, model, torch.randn(1, 1, 8, 8), num_inference_steps=5, terms=[LinearDrift(-0.01)])
+    out = sample_scheduler(pndm, model, torch.randn(2, 1, 8, 8), num_inference_steps=5, clip_x0=1.0,
+                           terms=[DPSGuidance(lambda x0: (x0**2).flatten(1).sum(-1), 0.1)])
+    assert torch.isfinite(out).all()

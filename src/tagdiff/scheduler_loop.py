@@ -21,7 +21,9 @@ What the schedulers differ in, and how each is handled:
   states. They remain predictions of the same clean image (TAG moves x by O(ω) along the TLS), so the solver's
   extrapolation stays consistent to first order; what is lost is exactly the higher-order accuracy across the
   jump. Nothing in the scheduler's bookkeeping (step index, buffers) is touched, so nothing breaks (tested).
-  Step terms that update twice per step (TFG recurrence) are refused on these. **UniPC** is the exception that
+  Step terms that update twice per step (TFG recurrence) are refused on every diffusers scheduler but DDIM and DDPM
+  (the others advance a step index in ``step``). **PNDM**'s Runge-Kutta warm-up repeats timesteps and restarts from saved states, so
+  correctors are refused there. **UniPC** is the exception that
   breaks this: its corrector (UniC) recomputes the current state from the *previous* one inside ``step``, so any
   change made to x between steps (TAG, drift, corruption) is discarded and only moves the point where the model was
   evaluated (measured on the toy: drift W1 0.41 instead of 1.44, and TAG made it worse, 0.84). Correctors with
@@ -64,9 +66,6 @@ VP_SCHEDULERS = ("DDPMScheduler", "DDIMScheduler", "PNDMScheduler", "DPMSolverMu
 SUPPORTED_SCHEDULERS = VP_SCHEDULERS + SIGMA_SPACE_SCHEDULERS
 _SECOND_ORDER = ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
                  "DPMSolverSDEScheduler")
-_STATEFUL = ("PNDMScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DEISMultistepScheduler",
-             "UniPCMultistepScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-             "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler")
 
 
 SCHEDULER_ALIASES = {"dpmpp2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler",
@@ -164,7 +163,9 @@ class SchedulerDriver:
         self.name = check_scheduler(scheduler)
         self.schedule, self.clip_x0, self.model_kind = schedule, clip_x0, model_kind
         self.kind = scheduler.config.get("prediction_type", "epsilon")
-        self.stateful = self.name in _STATEFUL
+        # DDIM and DDPM step on timestep values alone; every other scheduler advances a step index (and some keep
+        # histories) in step, so a second update in the same step would corrupt it
+        self.stateful = self.name not in ("DDIMScheduler", "DDPMScheduler")
         self._args = (scheduler, num_inference_steps, timesteps, device)
         self.scheduler = _fresh(*self._args)
         accepted = set(inspect.signature(self.scheduler.step).parameters)
@@ -270,12 +271,18 @@ class SchedulerDriver:
 
 
 def _check_unipc(scheduler: Any, terms: Sequence[Term], num_steps: int) -> None:
-    """Refuse correctors under UniPC's corrector, which discards state changes made between steps (module doc)."""
-    if type(scheduler).__name__ != "UniPCMultistepScheduler":
-        return
+    """Refuse correctors where the scheduler discards state changes made between steps (module doc): UniPC's
+    corrector, and PNDM, whose Runge-Kutta warm-up restarts from saved states and repeats timesteps."""
+    name = type(scheduler).__name__
     correctors = [type(term).__name__ for term in terms if isinstance(term, Corrector) and term.active]
+    if not correctors:
+        return
+    if name == "PNDMScheduler":
+        raise ValueError(f"PNDMScheduler restarts its warm-up steps from saved states, discarding the changes "
+                         f"{', '.join(correctors)} make between steps; use DPMSolverMultistepScheduler or "
+                         "DDIMScheduler")
     disabled = set(scheduler.config.get("disable_corrector") or [])
-    if correctors and not set(range(num_steps)) <= disabled:
+    if name == "UniPCMultistepScheduler" and not set(range(num_steps)) <= disabled:
         raise ValueError(f"UniPCMultistepScheduler's corrector recomputes each state from the previous one and "
                          f"discards the changes {', '.join(correctors)} make between steps; build it with "
                          f"disable_corrector=list(range({num_steps})) or use DPMSolverMultistepScheduler")
