@@ -152,3 +152,25 @@ def test_a_model_of_an_unsupported_prediction_type_is_refused(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "m"), "--out", str(tmp_path / "s"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "prediction_type 'flow' is not supported" in err[0]
+
+
+def test_sample_with_classifier_free_guidance_on_the_class_conditional_unet(tmp_path, capsys):
+    """``--cfg-scale`` on the shipped class-conditional UNet gives digits of the target class (evaluation
+    classifier); CFG on an unconditional model, or a class-conditional model without --target, is refused."""
+    import numpy as np
+    import torch
+
+    from tagdiff.checkpoints import load_model
+
+    out = tmp_path / "cfg"
+    assert main(["sample", "--checkpoint", "digits/unet_class", "--target", "3", "--cfg-scale", "2",
+                 "--out", str(out), "--num-samples", "32", "--num-steps", "20", "--quiet"]) == 0
+    x = torch.from_numpy(np.load(out / "samples.npz")["x"])
+    acc = float((load_model("digits/clf_eval")(x).argmax(-1) == 3).float().mean())
+    assert acc > 0.8, acc
+    for argv, needle in ((["--checkpoint", "digits", "--target", "3", "--cfg-scale", "2"], "class-conditional UNet"),
+                         (["--checkpoint", "digits/unet_class"], "give --target")):
+        capsys.readouterr()
+        assert main(["sample", *argv, "--out", str(tmp_path / "bad"), "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], err

@@ -182,6 +182,9 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
                      help="clamp x0_hat to [-v, v]: a number > 0, none (or 0) to disable, auto = 1 for image models "
                           "and none for vectors (default: auto, the demo's setting)")
     smp.add_argument("--bf16", action="store_true", help="bf16 autocast while sampling")
+    smp.add_argument("--cfg-scale", type=nonneg_float, default=None,
+                     help="classifier-free guidance scale for a class-conditional UNet (e.g. --checkpoint "
+                          "digits/unet_class --target 3 --cfg-scale 2); 1 = the conditional model (default: off)")
     smp.add_argument("--compile", action="store_true",
                      help="torch.compile the ε-model (faster steps after a one-off compilation; default: off)")
     smp.add_argument("--allow-pickle", action="store_true",

@@ -60,6 +60,7 @@ class SampleConfig:
     clip_x0: float | str | None = "auto"
     bf16: bool = False
     per_sample_seeds: bool = False
+    cfg_scale: float | None = None     # classifier-free guidance scale for class-conditional UNets (with --target)
     compile: bool = False              # torch.compile the ε-model's forward (first call compiles: seconds to minutes)
     device: str = "cpu"
     allow_pickle: bool = False
@@ -140,11 +141,38 @@ def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, sche
             terms.append(ClassifierGuidance(clf, target, scale))
         else:
             terms.append(DPSGuidance(label_loss(clf, target), scale))
+    if cfg.cfg_scale is not None:
+        if cfg.target is None:
+            raise ValueError("--cfg-scale needs --target (the class to guide towards)")
+        if not (cfg.cfg_scale >= 0 and cfg.cfg_scale < float("inf")):
+            raise ValueError(f"--cfg-scale must be a finite number >= 0, got {cfg.cfg_scale!r}")
+        from .guidance.cfg import ClassifierFreeGuidance
+
+        terms.append(ClassifierFreeGuidance(cfg.cfg_scale, {"y": -1}))  # y = -1: the UNet's null class
+        target = torch.full((cfg.num_samples,), cfg.target, dtype=torch.long, device=device)
     if cfg.omega != 0:
         if predictor is None:
             raise ValueError("--omega needs --time-predictor")
         terms.append(TemporalAlignment(predictor, cfg.omega, cfg.omega_schedule, cfg.placement))
     return terms, target
+
+
+def _conditioning(cfg: SampleConfig, eps_model: Any, target: torch.Tensor | None) -> dict[str, Any]:
+    """``{"y": target}`` for a class-conditional UNet (it needs labels), else nothing; a label the UNet does not have,
+    or --cfg-scale on an unconditional model, is refused."""
+    n = getattr(getattr(eps_model, "unet", None), "config", {}).get("num_class_embeds")
+    if cfg.cfg_scale is not None and getattr(eps_model, "null_class", None) is None:
+        raise ValueError(f"--cfg-scale needs a class-conditional UNet trained with label dropout (e.g. --checkpoint "
+                         f"digits/unet_class); {cfg.checkpoint} has none")
+    if n is None:
+        return {}
+    if target is None:
+        raise ValueError(f"{cfg.checkpoint} is class-conditional: give --target Y (and --cfg-scale S for CFG)")
+    null = getattr(eps_model, "null_class", None)
+    if not 0 <= cfg.target < n or cfg.target == null:
+        raise ValueError(f"--target {cfg.target} is not a class of {cfg.checkpoint} (classes 0..{n - 1}"
+                         f"{f', {null} = no label' if null is not None else ''})")
+    return {"y": target}
 
 
 def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
@@ -182,6 +210,7 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
                              "predictor (e.g. --time-predictor digits/time_predictor)")
         _check_predictor(predictor, cfg.time_predictor, schedule, eps_model.sample_shape)
     terms, target = _terms(cfg, predictor, None, schedule, eps_model.sample_shape, device)
+    cond = _conditioning(cfg, eps_model, target)
     clip_x0 = resolved_clip(cfg, eps_model.sample_shape)
     shape = (cfg.num_samples, *eps_model.sample_shape)
     if cfg.per_sample_seeds:
@@ -199,13 +228,13 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     with autocast:
         if scheduler is not None:  # a diffusers scheduler (its own grid, clipping through clip_x0)
-            x0 = sample_scheduler(scheduler, eps_model, x_T, num_inference_steps=cfg.num_steps, terms=terms,
+            x0 = sample_scheduler(scheduler, eps_model, x_T, num_inference_steps=cfg.num_steps, terms=terms, cond=cond,
                                   randn_like=randn_like, callback=recorder, clip_x0=clip_x0, progress=progress,
                                   generator=rng.generators if cfg.per_sample_seeds else g,
                                   step_kwargs={"eta": cfg.eta} if scheduler.__class__.__name__ == "DDIMScheduler"
                                   else None)
         else:
-            x0 = sampler(eps_model, x_T, schedule.timesteps(cfg.num_steps), schedule, terms=terms,
+            x0 = sampler(eps_model, x_T, schedule.timesteps(cfg.num_steps), schedule, terms=terms, cond=cond,
                          randn_like=randn_like, callback=recorder, clip_x0=clip_x0, progress=progress, **kwargs)
     x0 = x0.float().cpu()
     arrays = {"x": x0.numpy()}
