@@ -114,7 +114,7 @@ class SimpleCNNTimePredictor(TimePredictor):
     (10 classes + the null row) and 64 head inputs, so the head is (1024 + 64)·1000 + 1000 = 1 089 000. Total
     **1 478 120** ≈ 1.48 M (unconditional: 1 413 416 ≈ 1.41 M). The paper does not state flatten vs. global pooling,
     the padding, or the conditioning; this reading (flatten, "same" padding, 1000 logits, a 64-d embedding
-    concatenated before the linear layer) is the one that reproduces 1.48 M. Global pooling would give ≈ 0.66 M.
+    concatenated before the linear layer) is the one that reproduces 1.48 M; global pooling would give 0.71 M.
 
     Args:
         in_channels, image_size: input is ``(B, in_channels, image_size, image_size)``.
