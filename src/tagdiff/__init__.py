@@ -51,6 +51,7 @@ from .terms import StepTerm as StepTerm
 from .time_predictor import MLPTimePredictor as MLPTimePredictor
 from .time_predictor import SimpleCNNTimePredictor as SimpleCNNTimePredictor
 from .time_predictor import TimePredictor as TimePredictor
+from .time_predictor import UNetEncoderTimePredictor as UNetEncoderTimePredictor
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,7 @@ __all__ = [
     "LangevinCorrector", "LinearDrift", "MLPEpsModel", "MLPTimePredictor", "NonFiniteError", "run_loop", "sample",
     "sample_ddim", "sample_ddpm", "sample_scheduler", "ScoreTerm", "SimpleCNNTimePredictor",
     "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment", "Term",
-    "TFGGuidance", "TimeCorrection", "TimeGapRecorder", "TimePredictor", "TimeShift", "tls", "VPSchedule",
+    "TFGGuidance", "TimeCorrection", "TimeGapRecorder", "TimePredictor", "TimeShift", "tls", "UNetEncoderTimePredictor",
+    "VPSchedule",
     "wasserstein1",
 ]

@@ -18,15 +18,15 @@ from torch import nn
 from ._utils import atomic_write_bytes
 from .classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
 from .nets import MLPEpsModel
-from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor
+from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor, UNetEncoderTimePredictor
 
 __all__ = ["CheckpointError", "MODEL_CLASSES", "SHIPPED_DEFAULTS", "load_model", "load_tensors", "read_config",
            "resolve_checkpoint", "save_model", "save_tensors", "shipped_models"]
 
 # The model classes a tagdiff checkpoint may name (a closed list, so loading never imports arbitrary code).
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (MLPEpsModel, MLPTimePredictor, SimpleCNNTimePredictor, NoisyClassifier,
-                                  CleanClassifier, EvalClassifier)
+    cls.__name__: cls for cls in (MLPEpsModel, MLPTimePredictor, SimpleCNNTimePredictor, UNetEncoderTimePredictor,
+                                  NoisyClassifier, CleanClassifier, EvalClassifier)
 }
 
 

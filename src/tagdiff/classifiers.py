@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .hub import HubMixin
 from .nets import timestep_embedding
 
 if TYPE_CHECKING:
@@ -53,8 +54,9 @@ def _check_widths(widths: Any) -> list[int]:
     return widths
 
 
-class _ImageClassifier(nn.Module):
-    """Shared input validation: ``x`` must be ``(B, *sample_shape)``."""
+class _ImageClassifier(HubMixin, nn.Module):
+    """Shared input validation: ``x`` must be ``(B, *sample_shape)``. ``save_pretrained`` / ``from_pretrained``
+    (:class:`~tagdiff.hub.HubMixin`) write and read tagdiff's checkpoint folder."""
 
     sample_shape: tuple[int, int, int]
     num_classes: int

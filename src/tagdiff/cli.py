@@ -40,8 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an ε-model or a time predictor")
     tsub = train.add_subparsers(dest="what", required=True, metavar="WHAT")
     add_train_args(tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)"))
-    tp = tsub.add_parser("time-predictor", help="time predictor p(t | x_t) or p(t | x_t, c) (MLP or SimpleCNN)")
+    tp = tsub.add_parser("time-predictor",
+                         help="time predictor p(t | x_t) or p(t | x_t, c) (MLP, SimpleCNN or UNet encoder)")
     add_train_args(tp)
+    tp.add_argument("--arch", choices=("simplecnn", "unet-encoder", "mlp"), default=None,
+                    help="simplecnn: the paper's SimpleCNN (images); unet-encoder: the encoder half of a diffusers "
+                         "UNet (channels --widths) + linear head (images); mlp: vector data (default: mlp for "
+                         "vectors, simplecnn for images)")
     tp.add_argument("--checkpoint", default=None,
                     help="the diffusion model the predictor serves (folder or shipped name): its schedule replaces "
                          "--schedule / --num-train-timesteps, and its sample shape must match the data")
@@ -190,7 +195,8 @@ def _make_model(args: argparse.Namespace, data: Any, labels: Any, info: Any, T: 
     else:
         cond, meta = rc.condition_labels(args.condition, data, labels, info)
         model, loss = rc.make_time_predictor(info, T, hidden=args.hidden, layers=args.layers or 5,
-                                             num_classes=meta["num_conditions"]), time_loss
+                                             num_classes=meta["num_conditions"], arch=args.arch,
+                                             widths=args.widths), time_loss
     return model, loss, cond, meta, info
 
 

@@ -135,7 +135,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="seed of the model initialisation, batches, timesteps and noise (default: 0)")
     p.add_argument("--hidden", type=positive_int, default=256, help="MLP width, vector data (default: 256)")
     p.add_argument("--layers", type=positive_int, default=None, help="MLP linear layers (default: 3 / 5)")
-    p.add_argument("--widths", type=int_tuple, default=(32, 64, 64), help="UNet channels (default: 32,64,64)")
+    p.add_argument("--widths", type=int_tuple, default=(32, 64, 64),
+                   help="UNet channels, also of --arch unet-encoder (default: 32,64,64)")
     p.add_argument("--num-train-timesteps", type=positive_int, default=1000, help="T (default: 1000)")
     p.add_argument("--schedule", default="linear", help="noise schedule: linear | cosine (default: linear)")
     p.add_argument("--save-every", type=positive_int, default=1000,

@@ -21,11 +21,11 @@ from .data.attributes import ATTRIBUTES, attribute_bins, attribute_quantiles, ge
 from .interop import UNetEpsModel, make_unet, save_unet
 from .nets import MLPEpsModel
 from .schedules import VPSchedule
-from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor, TimePredictor
+from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor, TimePredictor, UNetEncoderTimePredictor
 
 __all__ = ["CONDITIONS", "RECIPES", "Recipe", "attribute_labels", "classifier_report", "condition_labels",
            "conditional_report", "exporter", "load_checkpoint", "make_classifier", "make_eps_model",
-           "make_time_predictor", "recipe_for", "time_predictor_report"]
+           "make_time_predictor", "recipe_for", "TIME_PREDICTOR_ARCHS", "time_predictor_report"]
 
 CONDITIONS = ("none", "class", *(f"class_{name}" for name in ATTRIBUTES))
 
@@ -75,14 +75,39 @@ def make_eps_model(info: DatasetInfo, num_train_timesteps: int, *, hidden: int =
     return UNetEpsModel(make_unet(h, c, widths=widths), num_train_timesteps)
 
 
+TIME_PREDICTOR_ARCHS = ("simplecnn", "unet-encoder", "mlp")
+
+
 def make_time_predictor(info: DatasetInfo, num_train_timesteps: int, *, hidden: int = 256, layers: int = 5,
-                        num_classes: int | None = None) -> TimePredictor:
-    """A time predictor for the dataset: an MLP for vectors, the SimpleCNN for images."""
-    if _kind(info) == "vector":
+                        num_classes: int | None = None, arch: str | None = None,
+                        widths: tuple[int, ...] = (32, 64, 64)) -> TimePredictor:
+    """A time predictor for the dataset.
+
+    ``arch`` (:data:`TIME_PREDICTOR_ARCHS`): ``"mlp"`` (:class:`MLPTimePredictor`, ``hidden``/``layers``; vector
+    data), ``"simplecnn"`` (the paper's SimpleCNN, TAG.md §5.2; images), ``"unet-encoder"``
+    (:class:`UNetEncoderTimePredictor` with the UNet ``widths``, the paper's Table 18 comparison; images).
+    ``None`` chooses by the data's shape: the MLP for vectors, the SimpleCNN for images.
+
+    Raises:
+        ValueError: an unknown ``arch``, an image architecture for vector data or ``"mlp"`` for images, or
+            non-square images.
+    """
+    kind = _kind(info)
+    if arch is None:
+        arch = "mlp" if kind == "vector" else "simplecnn"
+    if arch not in TIME_PREDICTOR_ARCHS:
+        raise ValueError(f"unknown time predictor architecture {arch!r}; choose from {', '.join(TIME_PREDICTOR_ARCHS)}")
+    if (arch == "mlp") != (kind == "vector"):
+        raise ValueError(f"--arch {arch} is for {'vector data' if arch == 'mlp' else 'images'}, but the data has "
+                         f"shape {tuple(info.sample_shape)}; use " + ("--arch simplecnn or unet-encoder" if
+                                                                        arch == "mlp" else "--arch mlp"))
+    if arch == "mlp":
         return MLPTimePredictor(info.sample_shape[0], num_train_timesteps, hidden, layers, num_classes=num_classes)
     c, h, w = info.sample_shape
     if h != w:
         raise ValueError(f"image models need square images, got {h}×{w}; pass --image-size")
+    if arch == "unet-encoder":
+        return UNetEncoderTimePredictor(c, h, num_train_timesteps, widths=tuple(widths), num_classes=num_classes)
     return SimpleCNNTimePredictor(c, h, num_train_timesteps, num_classes=num_classes)
 
 
