@@ -267,7 +267,8 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
 
     opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
                                          "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
-                                         "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale", "device", "allow_pickle",
+                                         "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
+                                         "device", "allow_pickle",
                                          "checkpoint", "classifier", "time_predictor")}
     summary = generate(SampleConfig(**opt), args.out, progress=not args.quiet)
     tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
