@@ -23,7 +23,8 @@ What the schedulers differ in, and how each is handled:
   jump. Nothing in the scheduler's bookkeeping (step index, buffers) is touched, so nothing breaks (tested).
   Step terms that update twice per step (TFG recurrence) are refused on every diffusers scheduler but DDIM and
   DDPM (the others advance a step index in ``step``). **PNDM**'s Runge-Kutta warm-up repeats timesteps and
-  restarts from saved states, so correctors are refused there. **UniPC** is another exception: its corrector (UniC) recomputes the current state from the *previous* one inside ``step``, so any
+  restarts from saved states, so correctors are refused there. **UniPC** is another exception: its corrector (UniC)
+  recomputes the current state from the *previous* one inside ``step``, so any
   change made to x between steps (TAG, drift, corruption) is discarded and only moves the point where the model was
   evaluated (measured on the toy: drift W1 0.41 instead of 1.44, and TAG made it worse, 0.84). Correctors with
   UniPC are therefore refused unless its corrector is disabled (``disable_corrector=list(range(N))``: UniP, a
