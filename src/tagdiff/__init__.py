@@ -31,15 +31,15 @@ from .guidance import TimeCorrection as TimeCorrection
 from .guidance import TimeShift as TimeShift
 from .guidance import guided_eps as guided_eps
 from .guidance import tls as tls
+from .loop import StepInfo as StepInfo
+from .loop import run_loop as run_loop
 from .metrics import TimeGapRecorder as TimeGapRecorder
 from .metrics import evaluate_time_predictor as evaluate_time_predictor
 from .metrics import wasserstein1 as wasserstein1
 from .nets import MLPEpsModel as MLPEpsModel
-from .samplers import StepInfo as StepInfo
 from .samplers import ddim_step as ddim_step
 from .samplers import ddpm_step as ddpm_step
 from .samplers import get_sampler as get_sampler
-from .samplers import run_loop as run_loop
 from .samplers import sample as sample
 from .samplers import sample_ddim as sample_ddim
 from .samplers import sample_ddpm as sample_ddpm

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .samplers import StepInfo
+from .loop import StepInfo
 from .schedules import VPSchedule
 
 __all__ = ["TimeGapRecorder", "evaluate_time_predictor", "plot_time_predictor_report", "time_gap", "wasserstein1"]

@@ -1,10 +1,9 @@
-r"""DDPM and DDIM reverse steps over any strided grid of training timesteps, and the one sampling loop.
+r"""DDPM and DDIM reverse steps over any strided grid of training timesteps, and their driver for the loop.
 
-Samplers know nothing of guidance: :func:`run_loop` applies the terms of :mod:`tagdiff.terms` (correctors before
-and after the step, score terms folded into ε̂, at most one step term) around an update that a *driver* provides:
-tagdiff's own :func:`ddpm_step` / :func:`ddim_step` over a grid (:func:`sample`), or a diffusers scheduler
-(:func:`tagdiff.scheduler_loop.sample_scheduler`). Convention: VP space, integer training timesteps,
-``t_prev = -1`` after the last step (``alpha_bar = 1``).
+Samplers know nothing of guidance: :func:`tagdiff.loop.run_loop` applies the terms of :mod:`tagdiff.terms` around
+the update that :class:`GridDriver` provides with tagdiff's own :func:`ddpm_step` / :func:`ddim_step`
+(:func:`sample`); :func:`tagdiff.scheduler_loop.sample_scheduler` does the same with a diffusers scheduler.
+Convention: VP space, integer training timesteps, ``t_prev = -1`` after the last step (``alpha_bar = 1``).
 
 Notation (variable -> paper symbol)::
 
@@ -16,17 +15,16 @@ Notation (variable -> paper symbol)::
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._utils import RandnLike, append_dims, check_finite, deferred_finite_checks
-from .predictions import check_grid_prediction, model_prediction_type
+from ._utils import RandnLike, append_dims
+from .loop import Callback, Stage, StepInfo, full_timesteps, run_loop
 from .schedules import VPSchedule
-from .terms import EpsModel, Prediction, StepContext, Term, guided_prediction, split_terms
+from .terms import EpsModel, Prediction, Term
 
 __all__ = ["Stage", "StepInfo", "ddim_step", "ddpm_step", "run_loop", "sample", "sample_ddim", "sample_ddpm",
            "get_sampler", "SAMPLERS"]
@@ -118,75 +116,6 @@ def ddim_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
 StepFn = Callable[..., tuple[Tensor, Tensor]]
 
 
-@dataclass(frozen=True)
-class StepInfo:
-    """Passed to sampling callbacks once per reverse step (after the step's ``pre`` correctors ran).
-
-    Attributes:
-        i: step index; num_steps: total steps.
-        t, t_prev: training timesteps, shape ``(B,)``; ``t_prev = -1`` at the last step.
-        x: the state x_t entering the step (VP space, before any ``pre`` corrector), shape ``(B, *D)``.
-        shared: the step's scratch dict (see :mod:`tagdiff.terms`): ``"time_logits"`` = ``(x, t, c, logits)``
-            when a TAG corrector already evaluated the time predictor at this ``x``; ``"tls_norm"`` = list of
-            per-sample ``‖ω_t TLS‖`` of the TAG corrections of this step (filled in as the step runs).
-        timestep: ``t`` as a python int (read without touching the device).
-    """
-
-    i: int
-    num_steps: int
-    t: Tensor
-    t_prev: Tensor
-    x: Tensor
-    shared: dict[str, Any] = field(default_factory=dict)
-    timestep: int | None = None
-
-
-Callback = Callable[[StepInfo], None]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One model call of a driver's plan (see :class:`Driver`).
-
-    Attributes:
-        i: index of the reverse step it belongs to; t, t_prev: its integer training timesteps (python ints;
-            ``t_prev = -1`` after the last step). model_t: what the model is called with (int or float).
-        alpha_bar: ᾱ of the state the model sees, or ``None`` for ``schedule.alpha_bar[t]`` (exact on integer
-            grids). first / last: whether the stage opens / closes its reverse step (a second-order scheduler
-            makes two stages per step; correctors run at step boundaries only).
-    """
-
-    i: int
-    t: int
-    t_prev: int
-    model_t: Any
-    alpha_bar: float | None = None
-    first: bool = True
-    last: bool = True
-
-
-class Driver(Protocol):
-    """What :func:`run_loop` needs from an update rule. Implementations: :class:`GridDriver` (tagdiff's steps)
-    and :class:`tagdiff.scheduler_loop.SchedulerDriver` (diffusers schedulers).
-
-    The driver's state ``x`` may live in its own space (σ-space: x_σ = x_VP · sqrt(1 + σ²)); every term sees VP x.
-    """
-
-    schedule: VPSchedule
-    stateful: bool
-
-    def plan(self) -> list[Stage]: ...
-
-    def model_input(self, x: Tensor, stage: Stage, k: int) -> Tensor:
-        """VP-space x of stage ``k`` (the model's input), from the driver's state."""
-
-    def vp_scale(self, k: int, after: bool) -> float:
-        """x_driver / x_VP at stage ``k`` (``after``: once its update ran), 1.0 in VP space."""
-
-    def update(self, x: Tensor, pred: Prediction, stage: Stage, k: int) -> Tensor:
-        """The step from the driver's state ``x`` with the (guided) prediction; returns the driver's state."""
-
-
 def _check_grid(timesteps: Tensor, schedule: VPSchedule) -> list[int]:
     ts = schedule.check_timesteps(torch.as_tensor(timesteps).reshape(-1))
     if ts.numel() == 0:
@@ -194,20 +123,6 @@ def _check_grid(timesteps: Tensor, schedule: VPSchedule) -> list[int]:
     if ts.numel() > 1 and not (ts[1:] < ts[:-1]).all():
         raise ValueError(f"timesteps must be strictly decreasing, got {ts.tolist()[:10]}...")
     return ts.tolist()
-
-
-def _check_x(x: Tensor, eps_model: Any, terms: Sequence[Term], schedule: VPSchedule) -> None:
-    if not isinstance(x, Tensor) or x.ndim < 2:
-        raise ValueError(f"x must be a tensor of shape (B, *D) with a batch dimension, got {getattr(x, 'shape', x)!r}")
-    expected = getattr(eps_model, "sample_shape", None)
-    if expected is not None and tuple(x.shape[1:]) != tuple(expected):
-        raise ValueError(f"x has shape {tuple(x.shape)}, but the model expects (B, {', '.join(map(str, expected))})")
-    model_T = getattr(eps_model, "num_train_timesteps", None)
-    if model_T is not None and model_T != schedule.num_train_timesteps:
-        raise ValueError(f"the model was trained with T={model_T} timesteps but the schedule has "
-                         f"T={schedule.num_train_timesteps}")
-    for term in terms:
-        term.check(x, schedule)
 
 
 class GridDriver:
@@ -237,104 +152,11 @@ class GridDriver:
         return self.step_fn(x, eps_hat, t, t_prev, self.schedule, noise=noise, clip_x0=self.clip_x0)[0]
 
     def update(self, x: Tensor, pred: Prediction, stage: Stage, k: int) -> Tensor:
-        t, t_prev = _full(stage.t, x), _full(stage.t_prev, x)
+        t, t_prev = full_timesteps(stage.t, x), full_timesteps(stage.t_prev, x)
         return self.step_vp(x, pred.eps_hat, t, t_prev, stage.t_prev < 0)
 
     def update_vp(self, x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, stage: Stage, k: int) -> Tensor:
         return self.step_vp(x, eps_hat, t, t_prev, stage.t_prev < 0)
-
-
-def _moved(x: Tensor, x_vp: Tensor, x_vp_before: Tensor, scale: float) -> Tensor:
-    """The driver's state after a VP-space correction ``x_vp_before -> x_vp``: Δx_σ = sqrt(1 + σ²) Δx_VP."""
-    return x_vp if scale == 1.0 else x + scale * (x_vp - x_vp_before)
-
-
-def _full(t: int, x: Tensor) -> Tensor:
-    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-
-
-def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Term] = (),
-             cond: Mapping[str, Any] | None = None, randn_like: RandnLike = torch.randn_like,
-             callback: Callback | Sequence[Callback] | None = None, progress: bool = False) -> Tensor:
-    """The sampling loop shared by every driver: correctors, score terms, one step term, callbacks.
-
-    Per reverse step ``i`` (one or more driver stages)::
-
-        x_vp <- c.pre(x_vp, t)  for every corrector          # at the step's first stage
-        callbacks(StepInfo(i, ..., x entering))
-        pred  = guided_prediction(x_vp, t)                   # every stage: model + score terms
-        x     = driver.update(x, pred)                       # or step_term.step(...) in VP space
-        x_vp <- c.post(x_vp, t_prev) for every corrector     # at the step's last stage
-
-    Returns the final state x_0 in VP space (detached). Raises as :func:`sample`.
-    """
-    scores, correctors, step_term = split_terms(terms)
-    _check_x(x, eps_model, terms, driver.schedule)
-    plan = driver.plan()
-    kind = model_prediction_type(eps_model)
-    check_grid_prediction([driver.schedule.alpha_bar_host(s.t) if s.alpha_bar is None else s.alpha_bar
-                           for s in plan], kind, bool(scores) or step_term is not None)
-    callbacks = [] if callback is None else [callback] if callable(callback) else list(callback)
-    cond = dict(cond or {})
-    grid = torch.tensor([s.t for s in plan if s.first], dtype=torch.long)
-    N = int(grid.numel())
-    x = x.detach()
-    stages = enumerate(plan)
-    if progress:
-        from tqdm.auto import tqdm
-
-        stages = tqdm(stages, total=len(plan), desc="sampling", leave=False)
-    with deferred_finite_checks(enabled=x.device.type != "cpu"):  # on accelerators: one host read per run
-        x = _run_stages(driver, eps_model, x, stages, scores, correctors, step_term, callbacks, cond, randn_like,
-                        grid, N)
-    scale = driver.vp_scale(len(plan) - 1, after=True)
-    return x / scale if scale != 1.0 else x
-
-
-def _run_stages(driver: Any, eps_model: EpsModel, x: Tensor, stages: Any, scores: list, correctors: list,
-                step_term: Any, callbacks: list, cond: dict, randn_like: RandnLike, grid: Tensor, N: int) -> Tensor:
-    ctx: StepContext | None = None
-    for k, stage in stages:
-        t, t_prev = _full(stage.t, x), _full(stage.t_prev, x)
-        ab = None if stage.alpha_bar is None else torch.tensor(stage.alpha_bar, dtype=torch.float64)
-        same_t = isinstance(stage.model_t, int) and stage.model_t == stage.t
-        model_t = t if same_t else torch.full((x.shape[0],), float(stage.model_t), device=x.device)
-        ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
-                          driver.stateful, True, {} if stage.first else ctx.shared, stage.t_prev < 0)
-        x_vp = driver.model_input(x, stage, k)
-        if stage.first:
-            x_in = x_vp
-            for c in correctors:
-                x_vp = c.pre(x_vp, t, ctx)
-            for cb in callbacks:
-                cb(StepInfo(stage.i, N, t, t_prev, x_in, ctx.shared, stage.t))
-            if x_vp is not x_in:
-                x = _moved(x, x_vp, x_in, driver.vp_scale(k, after=False))
-
-        def evaluate(z: Tensor, t_eval: Tensor, keep_graph: bool = False, _ctx: StepContext = ctx) -> Prediction:
-            if t_eval is not _ctx.t:  # a retimed step (Time-Shift): the model and terms see t_eval
-                _ctx = StepContext(_ctx.schedule, eps_model, cond, randn_like, t_eval, _ctx.t_prev, _ctx.i, N, grid,
-                                   t_eval, None, _ctx.stateful_update, True, _ctx.shared, _ctx.final)
-            return guided_prediction(z, t_eval, _ctx, scores, keep_graph=keep_graph)
-
-        if step_term is None:
-            x = driver.update(x, evaluate(x_vp, t), stage, k)
-        else:
-            def update(z: Tensor, eps_hat: Tensor, t_u: Tensor, tp_u: Tensor, _k: int = k, _s: Stage = stage) -> Tensor:
-                return driver.update_vp(z, eps_hat, t_u, tp_u, _s, _k)
-
-            x_prev_vp = step_term.step(x_vp, t, t_prev, ctx, evaluate, update)
-            x = x_prev_vp * driver.vp_scale(k, after=True)
-        if stage.last and correctors:
-            scale = driver.vp_scale(k, after=True)
-            x_vp = x / scale if scale != 1.0 else x
-            x_in = x_vp
-            for c in correctors:
-                x_vp = c.post(x_vp, t_prev, ctx)
-            if x_vp is not x_in:
-                x = _moved(x, x_vp, x_in, scale)
-        x = check_finite(x.detach(), f"sample after step {stage.i} (t={stage.t})")
-    return x
 
 
 def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, *,

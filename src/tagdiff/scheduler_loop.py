@@ -50,8 +50,8 @@ import torch
 from torch import Tensor
 
 from ._utils import RandnLike
+from .loop import Callback, Stage, run_loop
 from .predictions import check_grid_prediction, check_prediction_type, from_eps, model_prediction_type
-from .samplers import Callback, Stage, run_loop
 from .schedules import VPSchedule
 from .terms import Corrector, EpsModel, Prediction, Term
 
