@@ -79,13 +79,13 @@ def test_results_layout_and_files(results, ck):
 
 
 def test_metrics_against_independent_computation(results, ck):
-    """Unguided: the samples of DDIM(η=1) from the seed's x_T; accuracy and per-target FID of those samples under the
-    evaluation classifier; Time Gap at step 0 measured on x_T at t = T-1 (shared by every method)."""
+    """Unguided: the samples of DDIM(η=1) over the default (benchmark, linspace) grid from the seed's x_T; accuracy
+    and per-target FID of those samples under the evaluation classifier; Time Gap at step 0 measured on x_T at t = T-1 (shared by every method)."""
     res, _ = results[1.0]
     models = load_label_models(ck)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn((8, 1, 8, 8), generator=g)
-    x0 = sample_ddim(models["eps_model"], x_T, models["schedule"].timesteps(3), models["schedule"], eta=1.0,
+    x0 = sample_ddim(models["eps_model"], x_T, models["schedule"].timesteps(3, "linspace"), models["schedule"], eta=1.0,
                      randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype), clip_x0=1.0).clamp(-1, 1)
     target = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     with torch.no_grad():

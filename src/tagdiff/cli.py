@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.experiments import EXPERIMENTS, add_experiment_parsers, run_experiment
+from .schedules import TIMESTEP_SPACINGS
 
 __all__ = ["build_parser", "main"]
 
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--num-samples", type=_positive_int, default=64)
     smp.add_argument("--sampler", default="ddim", help="ddim | ddpm (default: ddim)")
     smp.add_argument("--num-steps", type=_positive_int, default=50)
+    _add_grid_args(smp, "trailing")
     smp.add_argument("--eta", type=float, default=1.0, help="DDIM η (default: 1)")
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--per-sample-seeds", action="store_true", help="sample i uses seed+i (batch independent)")
@@ -161,10 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_grid_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=default, help=f"grid (default: {default}; "
+                   "linspace = the TFG benchmark's space_timesteps: one step is [0])")
+    p.add_argument("--steps-offset", type=int, default=0, help="diffusers' steps_offset (leading grid only)")
+
+
 def _add_label_args(p: argparse.ArgumentParser) -> None:
     from .bench.label import LabelConfig
 
     d = LabelConfig()
+    _add_grid_args(p, d.timestep_spacing)
+    p.add_argument("--tfg-clip-x0", type=float, default=d.tfg_clip_x0, help="TFG: clamp x0_hat in the loss (0: off)")
+    p.add_argument("--dps-tfg-scale", type=float, default=d.dps_tfg_scale, help="dps_tfg: the benchmark's strength")
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and label.png")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     p.add_argument("--data-dir", type=Path, default=None, help="mnist: folder of the IDX files")
@@ -304,7 +315,7 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
 
     opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
                                          "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
-                                         "clip_x0", "bf16", "per_sample_seeds")}
+                                         "clip_x0", "bf16", "per_sample_seeds", "timestep_spacing", "steps_offset")}
     cfg = SampleConfig(checkpoint=str(args.checkpoint), classifier=None if args.classifier is None else
                        str(args.classifier), time_predictor=None if args.time_predictor is None else
                        str(args.time_predictor), **opt)
@@ -338,12 +349,14 @@ def _bench_speed(args: argparse.Namespace) -> dict[str, Any]:
 def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
     from .bench.label import LabelConfig, run_label
 
-    if args.command == "demo":
-        cfg = LabelConfig()
+    if args.command == "demo":  # the demo's published numbers (README, RESULTS §2) ran on the trailing grid
+        cfg = LabelConfig(timestep_spacing="trailing", tfg_clip_x0=0.0)
     else:
         cfg = LabelConfig(dataset=args.dataset, targets=args.targets, num_per_target=args.num_per_target,
                           num_steps=args.num_steps, eta=args.eta, dps_scale=args.dps_scale, cg_scale=args.cg_scale,
                           omega=args.omega, placement=args.placement, seed=args.seed,
+                          **{k: getattr(args, k) for k in ("timestep_spacing", "steps_offset", "tfg_clip_x0",
+                                                           "dps_tfg_scale")},
                           data_dir=None if args.data_dir is None else str(args.data_dir),
                           checkpoints=None if args.checkpoints is None else str(args.checkpoints))
     from .bench.label import ALL_METHODS, METHODS, run_label_seeds

@@ -49,6 +49,8 @@ class SampleConfig:
     clip_x0: float | None = None
     bf16: bool = False
     per_sample_seeds: bool = False
+    timestep_spacing: str = "trailing"  # VPSchedule.timesteps; "linspace" is the TFG benchmark's grid (1 step: [0])
+    steps_offset: int = 0
 
 
 def _check_classifier(guidance: str, clf: Any, path: str, schedule: VPSchedule, sample_shape: tuple[int, ...]) -> None:
@@ -141,14 +143,16 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     kwargs: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
     with autocast:
-        x0 = sampler(eps_model, x_T, schedule.timesteps(cfg.num_steps), schedule, terms=terms, randn_like=randn_like,
+        grid = schedule.timesteps(cfg.num_steps, cfg.timestep_spacing, cfg.steps_offset)
+        x0 = sampler(eps_model, x_T, grid, schedule, terms=terms, randn_like=randn_like,
                      callback=recorder, clip_x0=cfg.clip_x0, progress=progress, **kwargs)
     x0 = x0.float()
     arrays = {"x": x0.numpy()}
     if target is not None:
         arrays["target"] = target.numpy()
     np.savez_compressed(out_dir / "samples.npz", **arrays)
-    summary = {"config": asdict(cfg), "num_samples": cfg.num_samples, "seconds": time.time() - t0,
+    summary = {"config": asdict(cfg), "num_samples": cfg.num_samples, "timesteps": grid.tolist(),
+               "seconds": time.time() - t0,
                "time_gap": None if recorder is None else recorder.mean,
                "time_gap_per_step": None if recorder is None else recorder.per_step.tolist()}
     if x0.ndim == 4:

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +26,34 @@ from ..guidance import Term
 from ..image_metrics import fid
 from ..metrics import TimeGapRecorder
 from ..samplers import get_sampler
+from ..schedules import TIMESTEP_SPACINGS
 
-__all__ = ["ExperimentConfig", "Setup", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std",
+__all__ = ["ExperimentConfig", "Setup", "grid_key", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std",
            "markdown_table", "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview", "relative_change"]
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Fields every experiment shares: the dataset and its checkpoints/data, the evaluation seeds (reported as
-    mean ± std) and the validation seed on which ω_0 and other knobs are chosen (never reported)."""
+    mean ± std), the validation seed on which ω_0 and other knobs are chosen (never reported), and the sampling
+    grid (``VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset)``). The default grid is the TFG
+    benchmark's ``space_timesteps`` (``"linspace"``), which the paper's experiments ran on; ``"trailing"`` is the
+    grid of the runs made before issue 12."""
 
     dataset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep_seed: int = 100
     checkpoints: str | None = None
     data_dir: str | None = None
+    timestep_spacing: str = field(default="linspace", metadata={
+        "choices": TIMESTEP_SPACINGS, "help": "sampling grid (default: linspace = the TFG benchmark's "
+                                              "space_timesteps; trailing = the runs before issue 12)"})
+    steps_offset: int = 0
 
     def __post_init__(self) -> None:
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of "
+                             f"{', '.join(TIMESTEP_SPACINGS)}")
         if self.sweep_seed in self.seeds:
             raise ValueError(f"sweep_seed {self.sweep_seed} is also an evaluation seed; choose settings on a seed "
                              "that is not reported")
@@ -81,24 +92,38 @@ def load_setup(dataset: str, checkpoints: str | Path | None = None, data_dir: st
     return Setup(dataset, models, held_x, held_y, str(root))
 
 
+def grid_key(cfg: Any) -> dict[str, Any]:
+    """The grid's part of a run-cache key: empty for the trailing grid without offset (the runs before issue 12,
+    whose cached results therefore still resume), else ``{"spacing": ..., ["offset": ...]}``."""
+    spacing, offset = getattr(cfg, "timestep_spacing", "trailing"), getattr(cfg, "steps_offset", 0)
+    if spacing == "trailing" and not offset:
+        return {}
+    return {"spacing": spacing, **({"offset": offset} if offset else {})}
+
+
 def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: int, sampler: str = "ddim",
-         eta: float = 1.0, clip_x0: float | None = 1.0,
+         eta: float = 1.0, clip_x0: float | None = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
          progress: bool = False) -> dict[str, Any]:
-    """One seeded sampling run: x_T and the step noise come from one generator seeded with ``seed``.
+    """One seeded sampling run: x_T and the step noise come from one generator seeded with ``seed``, over the
+    grid ``schedule.timesteps(num_steps, timestep_spacing, steps_offset)``.
 
     Returns:
-        ``{"x0": (n, C, H, W) in [-1, 1], "time_gap": mean Time Gap, "time_gap_per_step": list, "seconds": float}``.
+        ``{"x0": (n, C, H, W) in [-1, 1], "time_gap": mean Time Gap, "time_gap_per_step": list,
+        "tls_norm_per_step": list (mean ‖ω_t·TLS‖ of the TAG corrections per step; 0 where TAG did not act),
+        "timesteps": the grid, "seconds": float}``.
     """
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g)
     recorder = TimeGapRecorder(setup.models["time_predictor"])
     kwargs: dict[str, Any] = {"eta": eta} if sampler == "ddim" else {}
     t0 = time.time()
-    x0 = get_sampler(sampler)(setup.eps_model, x_T, setup.schedule.timesteps(num_steps), setup.schedule,
+    grid = setup.schedule.timesteps(num_steps, timestep_spacing, steps_offset)
+    x0 = get_sampler(sampler)(setup.eps_model, x_T, grid, setup.schedule,
                               terms=list(terms), randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype),
                               callback=recorder, clip_x0=clip_x0,
                               progress=progress, **kwargs)
     return {"x0": x0.clamp(-1, 1), "time_gap": recorder.mean, "time_gap_per_step": recorder.per_step.tolist(),
+            "tls_norm_per_step": recorder.tls_norm_per_step.tolist(), "timesteps": grid.tolist(),
             "seconds": time.time() - t0}
 
 

@@ -2,8 +2,11 @@
 
 For each target class: unguided sampling; DPS label guidance (loss -log p(y | x0_hat) of the clean classifier,
 gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aware classifier; classifier
-guidance + TAG. Sampler: DDIM(η = 1) over a "trailing" grid (the TFG benchmark's DDIM η = 1), x0_hat clipped to
-[-1, 1]. Metrics, as the TFG benchmark computes them: FID against the held-out images of the target class in the
+guidance + TAG; TFG (x̂_0 clipped in its loss, as the benchmark) and the benchmark's own DPS (``dps_tfg``:
+:class:`~tagdiff.guidance.DPSNormalized`, ∇log p / |log p|, no clipping in its loss or its step, as
+``methods/dps.py``). Sampler: DDIM(η = 1), as the TFG benchmark, over its ``space_timesteps`` grid by default
+(``timestep_spacing="linspace"``; the runs before issue 12 used ``"trailing"``), x0_hat clipped to [-1, 1] inside
+the step except for ``dps_tfg``. Metrics, as the TFG benchmark computes them: FID against the held-out images of the target class in the
 feature space of the independent evaluation classifier, that classifier's accuracy on the target, the mean
 Time Gap (learned time predictor) and wall time. All methods share x_T and the sampling noise (common random
 numbers), so their differences are the effect of the guidance and of TAG.
@@ -25,6 +28,7 @@ from ..checkpoints import load_model
 from ..guidance import (
     ClassifierGuidance,
     DPSGuidance,
+    DPSNormalized,
     EpsilonScaling,
     LangevinCorrector,
     TemporalAlignment,
@@ -41,7 +45,7 @@ __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "assets_dir", "load_label_mo
 
 METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")  # the demo's suite
 BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift")  # TAG.md §7, on top of DPS as in Tables 2/8
-ALL_METHODS = (*METHODS, "tfg", "tfg+tag", *BASELINES)
+ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "TAG.md Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
 
@@ -69,12 +73,17 @@ class LabelConfig:
     data_dir: str | None = None
     checkpoints: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The grid: VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset); "linspace" is the TFG benchmark's.
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
     # TFG (Ye et al. 2024; TAG.md §6.3): ρ̄, μ̄, γ̄ and recurrence, "increase" schedules, N_iter = 4. ρ̄ and μ̄ chosen
     # by benchmarks/tfg_sweep.py on validation targets/seed; γ̄ = 0.001 as TFG's CIFAR-10 label settings.
     tfg_rho: float = 0.1
     tfg_mu: float = 0.5
     tfg_gamma: float = 0.001
     tfg_recur: int = 1
+    tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss (the benchmark's clip_x0 = True); 0 = off (the runs before 12)
+    dps_tfg_scale: float = 1.0  # the benchmark's DPS strength (``guidance_strength``)
     # Baselines (TAG.md §7; the paper does not report their settings): ES λ (ADM-ES/ComfyUI default 1.005),
     # Langevin snr (score_sde's 0.16), Time-Shift window and cutoff (training timesteps).
     es_lambda: float = 1.005
@@ -115,13 +124,15 @@ def load_label_models(checkpoints: str | Path) -> dict[str, Any]:
 def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: LabelConfig) -> list[Term]:
     """The guidance terms of one method (``ALL_METHODS``) for per-sample targets ``target`` (B,)."""
     terms: list[Term] = []
-    if method.startswith("dps"):
+    if method.startswith("dps_tfg"):
+        terms.append(DPSNormalized(label_loss(models["clf_clean"], target), cfg.dps_tfg_scale))
+    elif method.startswith("dps"):
         terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_scale))
     elif method.startswith("cg"):
         terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_scale))
     elif method.startswith("tfg"):
         terms.append(TFGGuidance(label_loss(models["clf_clean"], target), rho=cfg.tfg_rho, mu=cfg.tfg_mu,
-                                 gamma=cfg.tfg_gamma, num_recur=cfg.tfg_recur))
+                                 gamma=cfg.tfg_gamma, num_recur=cfg.tfg_recur, clip_x0=cfg.tfg_clip_x0 or None))
     corrector = method.partition("+")[2]
     if corrector == "tag":
         terms.append(TemporalAlignment(models["time_predictor"], cfg.omega, placement=cfg.placement))
@@ -162,7 +173,9 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
     samples: dict[str, Tensor] = {}
     for method in methods:
         out = draw(setup, method_terms(method, models, target, cfg), n=target.numel(), seed=cfg.seed,
-                   num_steps=cfg.num_steps, eta=cfg.eta, progress=progress)
+                   num_steps=cfg.num_steps, eta=cfg.eta, timestep_spacing=cfg.timestep_spacing,
+                   steps_offset=cfg.steps_offset, clip_x0=None if method.startswith("dps_tfg") else 1.0,
+                   progress=progress)
         x0, seconds = out["x0"], out["seconds"]
         with torch.no_grad():
             pred = models["clf_eval"](x0).argmax(-1)
@@ -185,7 +198,7 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
     if "unguided" in samples:
         results["sanity"] = _sanity(samples["unguided"], held_x, models["clf_eval"], cfg.seed)
     n_ref = {str(y): int((held_y == y).sum()) for y in cfg.targets}
-    results["config"] = {**asdict(cfg), "sampler": "ddim", "timestep_spacing": "trailing", "clip_x0": 1.0,
+    results["config"] = {**asdict(cfg), "sampler": "ddim", "clip_x0": "1.0 (dps_tfg: none)",
                          "reference_images_per_target": n_ref, "fid_features": "EvalClassifier.features (128-d)",
                          "checkpoints": setup.checkpoints, "torch": torch.__version__}
     results["paper"] = PAPER_TABLE2

@@ -85,6 +85,7 @@ from .common import (
     Setup,
     draw,
     fmt_ms,
+    grid_key,
     load_setup,
     mean_std,
     preview,
@@ -253,7 +254,7 @@ def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str,
          seed: int, n: int) -> dict[str, Any]:
     tg, _ = make_targets(setup, cfg, n)
     out = draw(setup, multicond_terms(method, setup, preds, tg, cfg, omega, eta), n=tg.classes.numel(), seed=seed,
-               num_steps=cfg.num_steps, eta=cfg.ddim_eta)
+               num_steps=cfg.num_steps, eta=cfg.ddim_eta, timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
     return {**evaluate(setup, out["x0"], tg, cfg.attribute), "time_gap": out["time_gap"], "seconds": out["seconds"],
             "preview": _preview(out["x0"], n)}
 
@@ -327,7 +328,7 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
     ckpt = ",".join(str(p) for p in paths)
     base = {"exp": "multicond", "dataset": cfg.dataset, "targets": targets if len(targets) <= 40 else _short(targets),
             "steps": cfg.num_steps, "ddim_eta": cfg.ddim_eta, "dps": cfg.dps_scale, "ink_scale": cfg.ink_scale,
-            "q": cfg.thick_quantile, "ckpt": _short(ckpt)}
+            "q": cfg.thick_quantile, "ckpt": _short(ckpt), **grid_key(cfg)}
 
     def get(method: str, omega: float, eta: float, seed: int, n: int) -> dict[str, Any]:
         key = {**base, "method": method, "omega": float(omega), "eta": float(eta), "seed": seed, "n": n}
