@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .bench.experiments import EXPERIMENTS, add_experiment_parsers, run_experiment
-from .schedules import TIMESTEP_SPACINGS
+from .schedules import GRID_SPACINGS
 
 __all__ = ["build_parser", "main"]
 
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_grid_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--timestep-spacing", choices=TIMESTEP_SPACINGS, default=default, help=f"grid (default: {default}; "
+    p.add_argument("--timestep-spacing", choices=GRID_SPACINGS, default=default, help=f"grid (default: {default}; "
                    "linspace = the TFG benchmark's space_timesteps: one step is [0])")
     p.add_argument("--steps-offset", type=int, default=0, help="diffusers' steps_offset (leading grid only)")
 

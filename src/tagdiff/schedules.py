@@ -26,10 +26,24 @@ from torch import Tensor
 
 from ._utils import append_dims
 
-__all__ = ["VPSchedule", "SCHEDULE_KINDS", "TIMESTEP_SPACINGS"]
+__all__ = ["VPSchedule", "SCHEDULE_KINDS", "TIMESTEP_SPACINGS", "GRID_SPACINGS", "space_timesteps"]
 
 SCHEDULE_KINDS = ("linear", "cosine", "scaled_linear")
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # diffusers' timestep_spacing
+GRID_SPACINGS = (*TIMESTEP_SPACINGS, "space_timesteps")  # + the TFG benchmark's own grid
+
+
+def space_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """The TFG benchmark's grid: ``space_timesteps(T, N)`` of ``YWolfeee/Training-Free-Guidance``,
+    ``diffusion/unet/openai.py`` (one section), decreasing. Stride ``(T-1)/(N-1)`` accumulated in floats and
+    rounded with Python's ``round``; 1 step is ``[0]``. It equals ``"linspace"`` for every N in 1..20 and for the
+    paper's step counts (1, 3, 5, 10, 50, 100), but not everywhere (e.g. T = 1000, N = 21: 499 against 500)."""
+    stride = 1 if num_steps <= 1 else (num_train_timesteps - 1) / (num_steps - 1)
+    cur, steps = 0.0, []
+    for _ in range(num_steps):
+        steps.append(round(cur))
+        cur += stride
+    return sorted(set(steps), reverse=True)
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> Tensor:
@@ -271,10 +285,12 @@ class VPSchedule:
           sampling starts from pure noise.
         * ``"leading"``: ``arange(N) * (T // N) + steps_offset`` reversed (diffusers' DDPM/DDIM default; starts below
           ``T-1``; one step is ``[steps_offset]``).
-        * ``"linspace"``: ``round(linspace(0, T-1, N))`` reversed. This is exactly the TFG benchmark's grid
-          (``space_timesteps(T, N)`` in ``YWolfeee/Training-Free-Guidance``, ``diffusion/unet/openai.py``), which the
-          TAG paper's experiments ran on: 1 step is ``[0]``, 2 steps ``[T-1, 0]``, 3 steps ``[T-1, T//2, 0]``. So a
-          one-step sampler on this grid calls ε_θ(x_T, t = 0), and TAG's Alg. 1 corrects x_T toward class 0.
+        * ``"linspace"``: ``round(linspace(0, T-1, N))`` reversed: 1 step is ``[0]``, 2 steps ``[T-1, 0]``, 3 steps
+          ``[T-1, T//2, 0]``. So a one-step sampler on this grid calls ε_θ(x_T, t = 0), and TAG's Alg. 1 corrects
+          x_T toward class 0.
+        * ``"space_timesteps"``: the TFG benchmark's grid (:func:`space_timesteps`), which the TAG paper's
+          experiments ran on. Equal to ``"linspace"`` for the paper's step counts; it differs by one timestep at
+          ties for some N (278 of the 1000 values at T = 1000, none below 21).
 
         ``steps_offset`` is diffusers' ``steps_offset``: like diffusers' DDIM/DDPM schedulers it shifts the
         ``"leading"`` grid only (``"trailing"`` and ``"linspace"`` ignore it there, and must be given 0 here).
@@ -302,8 +318,10 @@ class VPSchedule:
                                  f"t={int(ts[0])} > T-1={T - 1}")
         elif spacing == "linspace":
             ts = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+        elif spacing == "space_timesteps":
+            ts = np.asarray(space_timesteps(T, num_steps), dtype=np.int64)
         else:
-            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(TIMESTEP_SPACINGS)}")
+            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(GRID_SPACINGS)}")
         # diffusers' "trailing" arange can overshoot by one element (-1, e.g. T=1000, N=61): keep N
         return torch.from_numpy(ts[:num_steps].astype(np.int64, order="C", copy=True))
 

@@ -26,7 +26,7 @@ from ..guidance import Term
 from ..image_metrics import fid
 from ..metrics import TimeGapRecorder
 from ..samplers import get_sampler
-from ..schedules import TIMESTEP_SPACINGS
+from ..schedules import GRID_SPACINGS
 
 __all__ = ["ExperimentConfig", "Setup", "grid_key", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std",
            "markdown_table", "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview", "relative_change"]
@@ -45,15 +45,15 @@ class ExperimentConfig:
     sweep_seed: int = 100
     checkpoints: str | None = None
     data_dir: str | None = None
-    timestep_spacing: str = field(default="linspace", metadata={
-        "choices": TIMESTEP_SPACINGS, "help": "sampling grid (default: linspace = the TFG benchmark's "
-                                              "space_timesteps; trailing = the runs before issue 12)"})
+    timestep_spacing: str = field(default="linspace", metadata={"choices": GRID_SPACINGS, "help": (
+        "sampling grid (default: linspace, the TFG benchmark's space_timesteps at the paper's step counts; "
+        "trailing: the runs before issue 12)")})
     steps_offset: int = 0
 
     def __post_init__(self) -> None:
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+        if self.timestep_spacing not in GRID_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of "
-                             f"{', '.join(TIMESTEP_SPACINGS)}")
+                             f"{', '.join(GRID_SPACINGS)}")
         if self.sweep_seed in self.seeds:
             raise ValueError(f"sweep_seed {self.sweep_seed} is also an evaluation seed; choose settings on a seed "
                              "that is not reported")
