@@ -13,7 +13,7 @@ from tagdiff.bench.label import METHODS, LabelConfig, load_label_models, method_
 from tagdiff.checkpoints import CheckpointError
 from tagdiff.cli import main
 from tagdiff.data import load_dataset
-from tagdiff.guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment
+from tagdiff.guidance import ClassifierGuidance, DPSGuidance, DPSNormalized, TemporalAlignment, TFGGuidance
 from tagdiff.image_metrics import fid
 from tagdiff.samplers import sample_ddim
 
@@ -129,6 +129,29 @@ def test_method_terms(ck):
     cg, tag = method_terms("cg+tag", models, target, cfg)
     assert cg.strength.scale == 3.0 and cg.classifier is models["clf_noisy"] and torch.equal(cg.target, target)
     assert tag.strength.scale == 0.5 and tag.time_predictor is models["time_predictor"]
+
+
+def test_benchmark_dps_and_clipped_tfg_terms(ck):
+    """dps_tfg is the benchmark's DPS (DPSNormalized, strength 1 by default); TFG clips x̂_0 in its loss by default."""
+    models = load_label_models(ck)
+    target = torch.tensor([0, 1])
+    (dps, tag) = method_terms("dps_tfg+tag", models, target, LabelConfig())
+    assert isinstance(dps, DPSNormalized) and dps.guidance_scale == 1.0 and isinstance(tag, TemporalAlignment)
+    (tfg,) = method_terms("tfg", models, target, LabelConfig())
+    assert isinstance(tfg, TFGGuidance) and tfg.clip_x0 == 1.0
+    assert method_terms("tfg", models, target, LabelConfig(tfg_clip_x0=0.0))[0].clip_x0 is None
+
+
+def test_grid_options_are_used_and_recorded(ck, tmp_path):
+    """The default grid is the benchmark's (linspace: 2 steps = [999, 0]); --timestep-spacing trailing is recorded
+    and changes the samples; dps_tfg runs unclipped and stays finite."""
+    runs = {sp: run_label(tmp_path / sp, _cfg(ck, targets=(1,), num_per_target=2, num_steps=2, timestep_spacing=sp),
+                          progress=False, methods=("unguided", "dps_tfg")) for sp in ("linspace", "trailing")}
+    assert LabelConfig().timestep_spacing == "linspace"
+    for sp, res in runs.items():
+        assert res["config"]["timestep_spacing"] == sp
+        assert all(math.isfinite(m["fid"]) for m in res["methods"].values())
+    assert runs["linspace"]["methods"]["unguided"]["fid"] != runs["trailing"]["methods"]["unguided"]["fid"]
 
 
 def test_subset_of_methods(ck, tmp_path):
