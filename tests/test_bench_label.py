@@ -80,7 +80,8 @@ def test_results_layout_and_files(results, ck):
 
 def test_metrics_against_independent_computation(results, ck):
     """Unguided: the samples of DDIM(η=1) over the default (benchmark, linspace) grid from the seed's x_T; accuracy
-    and per-target FID of those samples under the evaluation classifier; Time Gap at step 0 measured on x_T at t = T-1 (shared by every method)."""
+    and per-target FID of those samples under the evaluation classifier; Time Gap at step 0 measured on x_T at
+    t = T-1 (shared by every method)."""
     res, _ = results[1.0]
     models = load_label_models(ck)
     g = torch.Generator().manual_seed(0)

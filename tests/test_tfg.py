@@ -321,7 +321,7 @@ def test_tfg_outside_a_sampler_loop_raises():
         TFGGuidance(_loss, rho=0.1).shift(x, t, x0_hat, ctx)
 
 
-# ============================================================================================== x̂_0 clipping (benchmark)
+# ============================================================================================ x̂_0 clipping (benchmark)
 
 
 def _ce_loss(x0: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,8 @@ def _run(setup: Setup, cfg: CorruptedConfig, sigma: float, omega: float, seed: i
     terms: list[Term] = [Corruption(sigma)]
     if omega > 0:
         terms.append(TemporalAlignment(setup.models["time_predictor"], omega, placement=cfg.placement))
-    out = draw(setup, terms, n=n, seed=seed, num_steps=cfg.num_steps, eta=cfg.eta, timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+    out = draw(setup, terms, n=n, seed=seed, num_steps=cfg.num_steps, eta=cfg.eta,
+               timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
     return {**sample_metrics(setup, out["x0"]), "time_gap": out["time_gap"], "seconds": out["seconds"],
             "preview": preview(out["x0"])}
 

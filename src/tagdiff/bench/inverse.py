@@ -178,7 +178,8 @@ def _run(setup: Setup, cfg: InverseConfig, base: str, A: Operator, x_true: Tenso
                                      clip_x0=cfg.tfg_clip_x0 or None)]
     if omega > 0:
         terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
-    out = draw(setup, terms, n=len(x_true), seed=seed, num_steps=cfg.num_steps, timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+    out = draw(setup, terms, n=len(x_true), seed=seed, num_steps=cfg.num_steps,
+               timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
     x0 = out["x0"]
     psnr = peak_signal_noise_ratio(x0, x_true, data_range=2.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(x0, x_true, data_range=2.0, **_ssim_kwargs(*x0.shape[-2:]))

@@ -254,7 +254,8 @@ def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str,
          seed: int, n: int) -> dict[str, Any]:
     tg, _ = make_targets(setup, cfg, n)
     out = draw(setup, multicond_terms(method, setup, preds, tg, cfg, omega, eta), n=tg.classes.numel(), seed=seed,
-               num_steps=cfg.num_steps, eta=cfg.ddim_eta, timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+               num_steps=cfg.num_steps, eta=cfg.ddim_eta,
+               timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
     return {**evaluate(setup, out["x0"], tg, cfg.attribute), "time_gap": out["time_gap"], "seconds": out["seconds"],
             "preview": _preview(out["x0"], n)}
 
