@@ -8,8 +8,8 @@ guidance + TAG; TFG (x̂_0 clipped in its loss, as the benchmark) and the benchm
 (``timestep_spacing="linspace"``; the runs before issue 12 used ``"trailing"``), x0_hat clipped to [-1, 1] inside
 the step except for ``dps_tfg``. Metrics, as the TFG benchmark computes them: FID against the held-out images of
 the target class in the feature space of the independent evaluation classifier, that classifier's accuracy on the
-target, the mean Time Gap (learned time predictor) and wall time. All methods share x_T and the sampling noise (common random
-numbers), so their differences are the effect of the guidance and of TAG.
+target, the mean Time Gap (learned time predictor) and wall time. All methods share x_T and the sampling noise
+(common random numbers), so their differences are the effect of the guidance and of TAG.
 """
 
 from __future__ import annotations
