@@ -13,7 +13,15 @@ from tagdiff.bench.label import METHODS, LabelConfig, load_label_models, method_
 from tagdiff.checkpoints import CheckpointError
 from tagdiff.cli import main
 from tagdiff.data import load_dataset
-from tagdiff.guidance import ClassifierGuidance, DPSGuidance, DPSNormalized, TemporalAlignment, TFGGuidance
+from tagdiff.guidance import (
+    ClassifierGuidance,
+    DPSGuidance,
+    DPSNormalized,
+    SelfGuidance,
+    TemporalAlignment,
+    TFGGuidance,
+    TimestepGuidance,
+)
 from tagdiff.image_metrics import fid
 from tagdiff.samplers import sample_ddim
 
@@ -141,6 +149,8 @@ def test_benchmark_dps_and_clipped_tfg_terms(ck):
     (tfg,) = method_terms("tfg", models, target, LabelConfig())
     assert isinstance(tfg, TFGGuidance) and tfg.clip_x0 == 1.0
     assert method_terms("tfg", models, target, LabelConfig(tfg_clip_x0=0.0))[0].clip_x0 is None
+    assert [type(t) for t in method_terms("dps+tsg", models, target, LabelConfig())] == [DPSGuidance, TimestepGuidance]
+    assert [type(t) for t in method_terms("dps+sg", models, target, LabelConfig())] == [DPSGuidance, SelfGuidance]
 
 
 def test_grid_options_are_used_and_recorded(ck, tmp_path):

@@ -31,11 +31,13 @@ from ..guidance import (
     DPSNormalized,
     EpsilonScaling,
     LangevinCorrector,
+    SelfGuidance,
     TemporalAlignment,
     Term,
     TFGGuidance,
     TimeCorrection,
     TimeShift,
+    TimestepGuidance,
     label_loss,
 )
 from ..image_metrics import fid
@@ -44,7 +46,7 @@ from ..recipes import load_checkpoint
 __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "assets_dir", "load_label_models", "run_label", "run_label_seeds"]
 
 METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")  # the demo's suite
-BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift")  # TAG.md §7, on top of DPS as in Tables 2/8
+BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift", "dps+tsg", "dps+sg")  # TAG.md §7, on DPS
 ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "TAG.md Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
@@ -90,6 +92,12 @@ class LabelConfig:
     langevin_snr: float = 0.16
     timeshift_window: int = 20
     timeshift_cutoff: int = 300
+    # Timestep Guidance (Sadat et al. 2024) and Self-Guidance (Li et al. 2024b), TAG.md §7.5: scale w and time
+    # perturbation δ (timesteps). Not reported by the paper and not tuned here: w = 1 with δ = 50 (TSG std) / 20 (SG).
+    tsg_scale: float = 1.0
+    tsg_delta: float = 50.0
+    sg_scale: float = 1.0
+    sg_delta: float = 20.0
 
 
 def load_label_models(checkpoints: str | Path) -> dict[str, Any]:
@@ -144,6 +152,10 @@ def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: Label
         terms.append(LangevinCorrector(cfg.langevin_snr))
     elif corrector == "timeshift":
         terms.append(TimeShift(cfg.timeshift_window, cfg.timeshift_cutoff))
+    elif corrector == "tsg":
+        terms.append(TimestepGuidance(cfg.tsg_scale, cfg.tsg_delta))
+    elif corrector == "sg":
+        terms.append(SelfGuidance(cfg.sg_scale, cfg.sg_delta))
     return terms
 
 

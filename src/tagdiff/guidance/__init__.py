@@ -13,6 +13,8 @@ from .baselines import LangevinCorrector as LangevinCorrector
 from .baselines import TimeCorrection as TimeCorrection
 from .baselines import TimeShift as TimeShift
 from .classifier import ClassifierGuidance as ClassifierGuidance
+from .contrastive import SelfGuidance as SelfGuidance
+from .contrastive import TimestepGuidance as TimestepGuidance
 from .dps import DPSGuidance as DPSGuidance
 from .dps import label_loss as label_loss
 from .multicond import ETA_SCHEDULES as ETA_SCHEDULES
@@ -35,4 +37,4 @@ __all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorr
            "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "LinearDrift",
            "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
-           "ETA_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]
+           "SelfGuidance", "TimestepGuidance", "ETA_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]
