@@ -143,3 +143,20 @@ def test_cli_experiments_run_and_reject_bad_values(tmp_path, capsys):
     assert "euler" in capsys.readouterr().err
     assert main(["bench", "strength", "--out", str(tmp_path / "s"), "--seeds", "0,100"]) == 2
     assert "sweep_seed 100" in capsys.readouterr().err
+
+
+def test_paired_ci_is_a_student_t_interval_of_the_paired_differences():
+    from scipy import stats
+
+    from tagdiff.bench.common import fmt_ci, paired_ci
+
+    before, after = [10.0, 12.0, 11.0, 9.0, 13.0], [8.0, 11.5, 9.0, 8.5, 10.0]
+    d = [b - a for a, b in zip(before, after)]
+    ci = paired_ci(before, after)
+    m = sum(d) / 5
+    half = stats.t.ppf(0.975, 4) * stats.tstd(d) / 5**0.5
+    assert ci["diff"] == pytest.approx(m)
+    assert ci["lo"] == pytest.approx(m - half) and ci["hi"] == pytest.approx(m + half)
+    assert ci["rel"] == pytest.approx(m / 11.0) and not ci["inside_noise"] and "noise" not in fmt_ci(ci)
+    assert paired_ci([1.0, 2.0], [2.0, 1.0])["inside_noise"] and "(noise)" in fmt_ci(paired_ci([1.0, 2.0], [2.0, 1.0]))
+    assert fmt_ci(paired_ci([2.0], [1.0])) == "-50.0%"

@@ -29,7 +29,8 @@ from ..samplers import get_sampler
 from ..schedules import GRID_SPACINGS
 
 __all__ = ["ExperimentConfig", "Setup", "grid_key", "load_setup", "draw", "sample_metrics", "RunCache", "mean_std",
-           "markdown_table", "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview", "relative_change"]
+           "markdown_table", "fmt_ms", "paired_ci", "fmt_ci", "write_outputs", "image_grid", "tag_comparison",
+           "preview", "relative_change"]
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,35 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": m, "std": s, "n": len(v), "values": v}
 
 
+def paired_ci(before: Sequence[float], after: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Paired difference ``after - before`` over seeds (common random numbers: seed ``s`` of both shares x_T and the
+    noise) with a Student-t interval: ``{"diff", "lo", "hi", "rel", "rel_lo", "rel_hi", "n", "inside_noise"}``;
+    ``rel*`` divide by the mean of ``before``; ``inside_noise`` when the interval contains 0. One seed: no interval
+    (``lo = hi = nan``)."""
+    from scipy import stats
+
+    if len(before) != len(after) or not before:
+        raise ValueError(f"need paired values, got {len(before)} and {len(after)}")
+    d = [float(b) - float(a) for a, b in zip(before, after)]
+    n, m = len(d), sum(d) / len(d)
+    base = abs(sum(float(a) for a in before) / n) or float("nan")
+    if n > 1:
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n)
+    else:
+        half = float("nan")
+    lo, hi = m - half, m + half
+    return {"diff": m, "lo": lo, "hi": hi, "rel": m / base, "rel_lo": lo / base, "rel_hi": hi / base, "n": n,
+            "level": level, "inside_noise": not (lo > 0 or hi < 0)}
+
+
+def fmt_ci(ci: dict[str, Any]) -> str:
+    """``-12.3% [-20.1, -4.5]`` (relative change and its interval, in %); ``(noise)`` when the interval holds 0."""
+    if math.isnan(ci["lo"]):
+        return f"{100 * ci['rel']:+.1f}%"
+    tag = " (noise)" if ci["inside_noise"] else ""
+    return f"{100 * ci['rel']:+.1f}% [{100 * ci['rel_lo']:+.1f}, {100 * ci['rel_hi']:+.1f}]{tag}"
+
+
 def fmt_ms(stats: dict[str, Any], digits: int = 1) -> str:
     """``mean ± std`` of a :func:`mean_std` result."""
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
@@ -258,6 +288,8 @@ def tag_comparison(cache: RunCache, key: dict[str, Any], run: RunFn, *, omegas: 
         out["runs"][name] = [_numbers(r) for r in runs]
         out[name] = {k: mean_std([r[k] for r in runs]) for k in _numbers(runs[0])}
         out["preview"][name] = runs[0].get("preview")
+    out["paired"] = {k: paired_ci(out["without"][k]["values"], out["with"][k]["values"]) for k in out["with"]
+                     if k in out["without"]}
     return out
 
 
