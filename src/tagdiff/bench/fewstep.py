@@ -121,12 +121,13 @@ def _table(results: dict[str, Any], cfg: FewStepConfig) -> str:
         a, b = r["without"], r["with"]
         paper = PAPER["fid"].get(steps)
         rows.append([sampler, steps, r["sweep"]["best"], fmt_ms(a["fid"], 2), fmt_ms(b["fid"], 2),
-                     fmt_ci(r["paired"]["fid"]) if "paired" in r else
+                     "TAG off" if not r["best_omega"] else fmt_ci(r["paired"]["fid"]) if "paired" in r else
                      f"{100 * relative_change(a['fid']['mean'], b['fid']['mean']):+.1f}%",
                      f"{a['is']['mean']:.2f} → {b['is']['mean']:.2f}",
                      f"{a['time_gap']['mean']:.1f} → {b['time_gap']['mean']:.1f}",
                      f"{paper[0]} → {paper[1]} ({100 * relative_change(*paper):+.0f}%)" if paper else "–"])
-    trace = ["", f"Per-step mean ‖ω_t·TLS‖ of the chosen TAG setting (seed {cfg.seeds[0]}; grid → norms):", ""]
+    trace = ["", f"Per-step mean ‖ω_t·TLS‖ of the chosen TAG setting (seed {cfg.seeds[0]}; step's t → norm; with "
+             "post placement the correction of the step at t acts on x at the step's t_prev):", ""]
     for name, r in results["runs"].items():
         tr = r.get("trace", {}).get("with", {})
         if tr.get("tls_norm_per_step") is not None and r["best_omega"] > 0:
