@@ -27,9 +27,9 @@ class TimeGapRecorder:
     Measured on the state x_t entering each step (after the previous step's ``post`` hooks, before this
     step's ``pre`` hooks), i.e. on the sampler's trajectory. Pass it as ``callback=`` to any sampler.
 
-    It also keeps each step's ``StepInfo.shared`` dict, into which every TAG correction of the step writes its
-    per-sample ``‖ω_t·TLS‖`` (``"tls_norm"``; see :class:`~tagdiff.guidance.TemporalAlignment`). ``post``
-    corrections write there after this callback ran, so the dicts are read only when
+    It also keeps each step's ``StepInfo.shared["tls_norm"]`` list (created here if absent), to which every TAG
+    correction of the step appends its per-sample ``‖ω_t·TLS‖`` (see :class:`~tagdiff.guidance.TemporalAlignment`).
+    ``post`` corrections append after this callback ran, so the lists are read only when
     :attr:`tls_norm_per_sample` is asked for: that trace shows where along the trajectory TAG acted.
 
     Attributes:
@@ -42,20 +42,19 @@ class TimeGapRecorder:
         self.c = c
         self.timesteps: list[int] = []
         self.gaps: list[Tensor] = []
-        self._shared: list[dict[str, Any]] = []
+        self._tls: list[list[Tensor]] = []
 
     def __call__(self, info: StepInfo) -> None:
         self.timesteps.append(int(info.t[0]))
         self.gaps.append(time_gap(self.time_predictor, info.x, info.t, self.c).cpu())
-        self._shared.append(info.shared)
+        self._tls.append(info.shared.setdefault("tls_norm", []))
 
     @property
     def tls_norm_per_sample(self) -> Tensor:
         """``(N, B)``: per step and sample, the summed ``‖ω_t·TLS‖`` of the step's TAG corrections (0 where TAG
         did not act; with ``post`` placement the correction of step ``i`` targets ``t_prev`` of that step)."""
         rows = []
-        for gap, shared in zip(self.gaps, self._shared):
-            norms = shared.get("tls_norm") or []
+        for gap, norms in zip(self.gaps, self._tls):
             rows.append(sum((n.detach().float().cpu() for n in norms), torch.zeros_like(gap)))
         return torch.stack(rows) if rows else torch.zeros(0, 0)
 
