@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_LABEL_GRID_ARGS = ("timestep_spacing", "steps_offset", "tfg_clip_x0", "dps_tfg_scale")
+
+
 def _add_grid_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--timestep-spacing", choices=GRID_SPACINGS, default=default, help=f"grid (default: {default}; "
                    "linspace = the TFG benchmark's space_timesteps: one step is [0])")
@@ -347,7 +350,7 @@ def _bench_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
-    from .bench.label import LabelConfig, run_label
+    from .bench.label import ALL_METHODS, METHODS, LabelConfig, run_label, run_label_seeds
 
     if args.command == "demo":  # the demo's published numbers (README, RESULTS §2) ran on the trailing grid
         cfg = LabelConfig(timestep_spacing="trailing", tfg_clip_x0=0.0)
@@ -355,11 +358,9 @@ def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
         cfg = LabelConfig(dataset=args.dataset, targets=args.targets, num_per_target=args.num_per_target,
                           num_steps=args.num_steps, eta=args.eta, dps_scale=args.dps_scale, cg_scale=args.cg_scale,
                           omega=args.omega, placement=args.placement, seed=args.seed,
-                          **{k: getattr(args, k) for k in ("timestep_spacing", "steps_offset", "tfg_clip_x0",
-                                                           "dps_tfg_scale")},
+                          **{k: getattr(args, k) for k in _LABEL_GRID_ARGS},
                           data_dir=None if args.data_dir is None else str(args.data_dir),
                           checkpoints=None if args.checkpoints is None else str(args.checkpoints))
-    from .bench.label import ALL_METHODS, METHODS, run_label_seeds
 
     methods = METHODS if args.command == "demo" or not args.methods else (
         ALL_METHODS if args.methods == "all" else tuple(args.methods.split(",")))
