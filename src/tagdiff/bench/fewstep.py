@@ -4,9 +4,9 @@ The discretisation error of a coarse grid acts as the "external noise" TAG corre
 and DDPM) and step count, ω_0 and the placement (Alg. 1 "pre" / Alg. 2 "post") are chosen together on a validation
 seed by FID; ω = 0 and the chosen setting are then compared over the evaluation seeds.
 
-The grid is the TFG benchmark's by default (``timestep_spacing="linspace"`` = ``space_timesteps`` in
-``YWolfeee/Training-Free-Guidance/diffusion/unet/openai.py``; diffusers' ``"leading"`` agrees for one step): one step
-is ``[0]``, three ``[999, 500, 0]``. So the paper's one-step sampler evaluates ε_θ(x_T, t = 0), and Alg. 1 ("pre")
+The grid is the TFG benchmark's by default (``timestep_spacing="linspace"``, equal to ``space_timesteps`` of
+``YWolfeee/Training-Free-Guidance/diffusion/unet/openai.py`` at the paper's step counts; diffusers' ``"leading"``
+agrees for one step): one step is ``[0]``, three ``[999, 500, 0]``. So the paper's one-step sampler evaluates ε_θ(x_T, t = 0), and Alg. 1 ("pre")
 corrects x_T, which is maximally off the t = 0 manifold, toward class 0; Alg. 2 ("post") has no timestep to target
 after the last step. On the ``"trailing"`` grid (the runs before issue 12) one step starts at t = T − 1, where x_T
 is already on the manifold. Each run records the per-step ‖ω_t·TLS‖ (``tls_norm_per_step``) so the tables can show
