@@ -1,15 +1,15 @@
 """Label guidance with and without TAG on real digits (TAG.md §9.3, Tables 2/8 analogue).
 
 For each target class: unguided sampling; DPS label guidance (loss -log p(y | x0_hat) of the clean classifier,
-gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aware classifier; classifier
-guidance + TAG; TFG (x̂_0 clipped in its loss, as the benchmark) and the benchmark's own DPS (``dps_tfg``:
+gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aware classifier; classifier guidance +
+TAG; TFG (x̂_0 clipped in its loss, as the benchmark) and the benchmark's own DPS (``dps_tfg``:
 :class:`~tagdiff.guidance.DPSNormalized`, ∇log p / |log p|, no clipping in its loss or its step, as
 ``methods/dps.py``). Sampler: DDIM(η = 1), as the TFG benchmark, over its ``space_timesteps`` grid by default
 (``timestep_spacing="linspace"``, the same grid at 50 steps; the runs before issue 12 used ``"trailing"``), x0_hat
-clipped to [-1, 1] inside the step except for ``dps_tfg``. Metrics, as the TFG benchmark computes them: FID against the held-out images of
-the target class in the feature space of the independent evaluation classifier, that classifier's accuracy on the
-target, the mean Time Gap (learned time predictor) and wall time. All methods share x_T and the sampling noise
-(common random numbers), so their differences are the effect of the guidance and of TAG.
+clipped to [-1, 1] inside the step except for ``dps_tfg``. Metrics, as the TFG benchmark computes them: FID against
+the held-out images of the target class in the feature space of the independent evaluation classifier, that
+classifier's accuracy on the target, the mean Time Gap (learned time predictor) and wall time. All methods share x_T
+and the sampling noise (common random numbers), so their differences are the effect of the guidance and of TAG.
 """
 
 from __future__ import annotations
