@@ -75,7 +75,7 @@ def _cases() -> list[Case]:
         for v in values:
             add(Case("value", (*prefix, v), v))
     add(Case("value", ("train", "diffusion", "--out", "{root}/o", "--schedule", "zigzag", *TINY_TRAIN), "zigzag"))
-    add(Case("value", ("sample", "--checkpoint", "digits", "--out", "{root}/s", "--sampler", "euler"), "euler"))
+    add(Case("value", ("sample", "--checkpoint", "digits", "--out", "{root}/s", "--sampler", "eulerz"), "eulerz"))
     add(Case("value", (*DIGITS_SAMPLE, "--guidance", "dps", "--classifier", "digits/clf_clean", "--target", "12"),
              "12"))
     add(Case("value", (*DIGITS_SAMPLE, "--omega", "1"), "--time-predictor"))

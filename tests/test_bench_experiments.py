@@ -251,3 +251,18 @@ def test_renamed_fields_and_device_flag(tmp_path, capsys, monkeypatch):
         assert len(err) == 1 and err[0].startswith("tagdiff: error:") and "'cuda'" in err[0]
     assert main(["bench", "fewstep", "--out", str(tmp_path / "x"), "--device", "tpu", "--quiet"]) == 2
     assert "'tpu'" in capsys.readouterr().err
+def test_paired_ci_is_a_student_t_interval_of_the_paired_differences():
+    from scipy import stats
+
+    from tagdiff.bench.common import fmt_ci, paired_ci
+
+    before, after = [10.0, 12.0, 11.0, 9.0, 13.0], [8.0, 11.5, 9.0, 8.5, 10.0]
+    d = [b - a for a, b in zip(before, after)]
+    ci = paired_ci(before, after)
+    m = sum(d) / 5
+    half = stats.t.ppf(0.975, 4) * stats.tstd(d) / 5**0.5
+    assert ci["diff"] == pytest.approx(m)
+    assert ci["lo"] == pytest.approx(m - half) and ci["hi"] == pytest.approx(m + half)
+    assert ci["rel"] == pytest.approx(m / 11.0) and not ci["inside_noise"] and "noise" not in fmt_ci(ci)
+    assert paired_ci([1.0, 2.0], [2.0, 1.0])["inside_noise"] and "(noise)" in fmt_ci(paired_ci([1.0, 2.0], [2.0, 1.0]))
+    assert fmt_ci(paired_ci([2.0], [1.0])) == "-50.0%"

@@ -14,7 +14,15 @@ from tagdiff.bench.label import METHODS, LabelConfig, method_terms, run_label
 from tagdiff.checkpoints import CheckpointError
 from tagdiff.cli import main
 from tagdiff.data import load_dataset
-from tagdiff.guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment
+from tagdiff.guidance import (
+    ClassifierGuidance,
+    DPSGuidance,
+    DPSNormalized,
+    SelfGuidance,
+    TemporalAlignment,
+    TFGGuidance,
+    TimestepGuidance,
+)
 from tagdiff.image_metrics import fid
 from tagdiff.samplers import sample_ddim
 
@@ -83,13 +91,14 @@ def test_results_layout_and_files(results, ck):
 
 
 def test_metrics_against_independent_computation(results, ck):
-    """Unguided: the samples of DDIM(η=1) from the seed's x_T; accuracy and per-target FID of those samples under the
-    evaluation classifier; Time Gap at step 0 measured on x_T at t = T-1 (shared by every method)."""
+    """Unguided: the samples of DDIM(η=1) over the default (benchmark, linspace) grid from the seed's x_T; accuracy
+    and per-target FID of those samples under the evaluation classifier; Time Gap at step 0 measured on x_T at
+    t = T-1 (shared by every method)."""
     res, _ = results[1.0]
     models = load_label_models(ck)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn((8, 1, 8, 8), generator=g)
-    x0 = sample_ddim(models["eps_model"], x_T, models["schedule"].timesteps(3), models["schedule"], eta=1.0,
+    x0 = sample_ddim(models["eps_model"], x_T, models["schedule"].timesteps(3, "linspace"), models["schedule"], eta=1.0,
                      randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype), clip_x0=1.0).clamp(-1, 1)
     target = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     with torch.no_grad():
@@ -133,6 +142,31 @@ def test_method_terms(ck):
     cg, tag = method_terms("cg+tag", models, target, cfg)
     assert cg.strength.scale == 3.0 and cg.classifier is models["clf_noisy"] and torch.equal(cg.target, target)
     assert tag.strength.scale == 0.5 and tag.time_predictor is models["time_predictor"]
+
+
+def test_benchmark_dps_and_clipped_tfg_terms(ck):
+    """dps_tfg is the benchmark's DPS (DPSNormalized, strength 1 by default); TFG clips x̂_0 in its loss by default."""
+    models = load_label_models(ck)
+    target = torch.tensor([0, 1])
+    (dps, tag) = method_terms("dps_tfg+tag", models, target, LabelConfig())
+    assert isinstance(dps, DPSNormalized) and dps.guidance_scale == 1.0 and isinstance(tag, TemporalAlignment)
+    (tfg,) = method_terms("tfg", models, target, LabelConfig())
+    assert isinstance(tfg, TFGGuidance) and tfg.clip_x0 == 1.0
+    assert method_terms("tfg", models, target, LabelConfig(tfg_clip_x0=0.0))[0].clip_x0 is None
+    assert [type(t) for t in method_terms("dps+tsg", models, target, LabelConfig())] == [DPSGuidance, TimestepGuidance]
+    assert [type(t) for t in method_terms("dps+sg", models, target, LabelConfig())] == [DPSGuidance, SelfGuidance]
+
+
+def test_grid_options_are_used_and_recorded(ck, tmp_path):
+    """The default grid is the benchmark's (linspace: 2 steps = [999, 0]); --timestep-spacing trailing is recorded
+    and changes the samples; dps_tfg runs unclipped and stays finite."""
+    runs = {sp: run_label(tmp_path / sp, _cfg(ck, targets=(1,), num_per_target=2, num_steps=2, timestep_spacing=sp),
+                          progress=False, methods=("unguided", "dps_tfg")) for sp in ("linspace", "trailing")}
+    assert LabelConfig().timestep_spacing == "linspace"
+    for sp, res in runs.items():
+        assert res["config"]["timestep_spacing"] == sp
+        assert all(math.isfinite(m["fid"]) for m in res["methods"].values())
+    assert runs["linspace"]["methods"]["unguided"]["fid"] != runs["trailing"]["methods"]["unguided"]["fid"]
 
 
 def test_subset_of_methods(ck, tmp_path):

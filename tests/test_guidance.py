@@ -660,3 +660,27 @@ def test_exact_classifier_guidance_samples_each_component_200_steps(y):
     assert ((out.mean(0) - MIX.means[y]).abs() < 0.05).all()
     torch.testing.assert_close(torch.cov(out.T), s2 * torch.eye(2, dtype=F64), rtol=0, atol=0.1 * s2)
     assert (MIX.class_logits(out, torch.tensor(-1), SCH).argmax(-1) == y).double().mean() > 0.995
+
+
+def test_time_gap_recorder_logs_the_tls_norm_per_step():
+    """TimeGapRecorder.tls_norm_per_step: per step, the mean ‖ω_t·TLS‖ of the step's TAG corrections, read lazily
+    (post corrections write after the callback ran); 0 where TAG does not act (the last post step, ω = 0)."""
+    from tagdiff import sample_ddim
+    from tagdiff.metrics import TimeGapRecorder
+
+    s = VPSchedule.linear()
+    torch.manual_seed(0)
+    predictor = MLPTimePredictor(2, 1000)
+    x_T = torch.randn(5, 2, generator=torch.Generator().manual_seed(1))
+    grid = s.timesteps(4, "linspace")
+    for placement in ("pre", "post"):
+        rec = TimeGapRecorder(predictor)
+        tag = TemporalAlignment(predictor, 2.0, "constant", placement=placement)
+        sample_ddim(lambda x, t: 0.1 * x, x_T, grid, s, terms=[tag], callback=rec)
+        per = rec.tls_norm_per_step
+        assert per.shape == (4,) and (per[:3] > 0).all()
+        assert (per[3] == 0) == (placement == "post")  # post: no target after the last step
+        assert rec.tls_norm_per_sample.shape == (4, 5)
+    rec = TimeGapRecorder(predictor)
+    sample_ddim(lambda x, t: 0.1 * x, x_T, grid, s, callback=rec)
+    assert torch.equal(rec.tls_norm_per_step, torch.zeros(4))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -318,3 +319,151 @@ def test_tfg_outside_a_sampler_loop_raises():
     ctx = StepContext(SCH, MODEL, {}, torch.randn_like, t, torch.full((n,), 400))
     with pytest.raises(ValueError, match="sampler grid"):
         TFGGuidance(_loss, rho=0.1).shift(x, t, x0_hat, ctx)
+
+
+# ============================================================================================ x̂_0 clipping (benchmark)
+
+
+def _ce_loss(x0: torch.Tensor) -> torch.Tensor:
+    """-log softmax(x̂_0)[1]: a two-class "classifier" whose logits are x̂_0 itself."""
+    return -torch.log_softmax(x0, -1)[:, 1]
+
+
+def test_clipped_tfg_one_step_from_t0_matches_the_benchmark():
+    """ε-model = 0, one step on the benchmark's grid [0], x = [1.5, 0.5], ρ = 1, DDIM(η = 1), clip 1.
+
+    x̂_0 = x / sqrt(ᾱ_0) = [1.500075, 0.500025]. The benchmark (``methods/tfg.py`` with ``methods/base.py``
+    ``_predict_x0``, ``clip_x0=True``) clamps x̂_0 to [1.0, 0.500025] before the loss: the gradient flows only into
+    the unclipped pixel, ∂ log p / ∂x̂_0[1] = 1 - softmax([1, 0.500025])[1] = 0.62246, and the step (ᾱ_prev = 1)
+    returns the clamped x̂_0 plus Δ_t / sqrt(α_t): [1.0, 1.123]. Without clipping in the loss (the sampler still
+    clips its step) tagdiff gave [0.269, 1.231].
+    """
+    def zero(x, t):
+        return torch.zeros_like(x)
+    grid = SCH.timesteps(1, "linspace")
+    assert grid.tolist() == [0]
+    x = torch.tensor([[1.5, 0.5]], dtype=F64)
+    run = partial(sample_ddim, zero, x, grid, SCH, eta=1.0, clip_x0=1.0)
+    clipped = run(terms=[TFGGuidance(_ce_loss, rho=1.0, clip_x0=1.0)])
+    a0 = float(AB[0])
+    x0 = 0.5 / math.sqrt(a0)
+    p1 = 1 / (1 + math.exp(1.0 - x0))
+    ref = torch.tensor([[1.0, x0 + (1 - p1) / math.sqrt(a0) / math.sqrt(a0)]], dtype=F64)
+    torch.testing.assert_close(clipped, ref, rtol=1e-12, atol=1e-12)
+    assert clipped.flatten().tolist() == pytest.approx([1.0, 1.123], abs=5e-4)
+    unclipped = run(terms=[TFGGuidance(_ce_loss, rho=1.0)])
+    assert unclipped.flatten().tolist() == pytest.approx([0.269, 1.231], abs=5e-4)
+
+
+class _TinyEps(torch.nn.Module):
+    """A fixed tiny ε-net on (B, 4): tanh MLP with a sinusoidal time feature (seeded weights, float64)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(123)
+        self.w1 = torch.nn.Parameter(0.6 * torch.randn(4, 16, generator=g, dtype=F64), requires_grad=False)
+        self.wt = torch.nn.Parameter(torch.randn(2, 16, generator=g, dtype=F64), requires_grad=False)
+        self.w2 = torch.nn.Parameter(0.4 * torch.randn(16, 4, generator=g, dtype=F64), requires_grad=False)
+
+    def forward(self, x, t):
+        t = torch.as_tensor(t, dtype=F64).reshape(-1).expand(x.shape[0]) / 1000
+        feat = torch.stack([torch.sin(3 * t), torch.cos(3 * t)], -1)
+        return torch.tanh(x @ self.w1 + feat @ self.wt) @ self.w2 + 0.3 * x
+
+
+_W_CLF = torch.randn(4, 3, generator=torch.Generator().manual_seed(7), dtype=F64)
+_TARGET = torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+def _clf_log_p(x0: torch.Tensor) -> torch.Tensor:
+    """log p(c | x0) of a fixed linear 3-class classifier, per sample (the benchmark's ``get_guidance`` logp)."""
+    return torch.log_softmax(2.0 * x0 @ _W_CLF, -1).gather(1, _TARGET[:, None])[:, 0]
+
+
+def _space_timesteps(num_timesteps: int, section_count: int) -> list[int]:
+    """``diffusion/unet/openai.py::space_timesteps`` with one section."""
+    frac_stride = 1 if section_count <= 1 else (num_timesteps - 1) / (section_count - 1)
+    cur, steps = 0.0, []
+    for _ in range(section_count):
+        steps.append(round(cur))
+        cur += frac_stride
+    return sorted(set(steps), reverse=True)
+
+
+def _benchmark_tfg(eps_net, x, num_steps, rho, mu, sigma, iter_steps, noise, renoise, clip=1.0):
+    """The TFG benchmark's sampler, transcribed from ``YWolfeee/Training-Free-Guidance``:
+
+    * grid and ᾱ's (``diffusion/unet/openai.py::get_diffusion``): ts = space_timesteps(1000, N); the respaced
+      betas 1 - ᾱ_t / ᾱ_last over the grid, ᾱ_ts their cumprod reversed, ᾱ_prev = [.., 1];
+    * ``methods/tfg.py::TFGGuidance.guide_step`` with recur_steps = 1 and eps_bsz = 1 (logsumexp over one draw is
+      the identity; ``rescale_grad`` is a no-op for images): ρ/μ = ρ̄·sched[t]·N/Σ sched ("increase": α_t),
+      std = σ̄ sqrt(1 - ᾱ_t) (sigma_schedule "decrease"), x̂_0 = clamp((x - sqrt(1-ᾱ) ε)/sqrt(ᾱ)) (``_predict_x0``),
+      Δ_t = ρ ∇_x log p(c | x̂_0 + mc_eps), new_x0 += μ ∇ log p(c | new_x0 + mc_eps) (iter_steps times),
+      Δ_0 = new_x0 - x̂_0;
+    * ``methods/base.py``: ``_predict_x_prev_from_zero`` (ε re-derived from the clamped x̂_0, DDIM Eq. 12 with
+      σ = η sqrt((1-ᾱ_p)/(1-ᾱ_t)(1-ᾱ_t/ᾱ_p)), noise only where t > 0), then
+      x_prev += Δ_t / sqrt(α_t) + sqrt(ᾱ_p) Δ_0, and ``_predict_xt`` re-noises once more (discarded with
+      recur_steps = 1; drawn from ``renoise`` here so that the other draws line up with tagdiff's stream).
+    """
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=F64)
+    ab_full = torch.cumprod(1 - betas, 0)
+    ts = torch.tensor(_space_timesteps(1000, num_steps))
+    new_betas, last = [], 1.0
+    for i, ab in enumerate(ab_full):
+        if i in set(ts.tolist()):
+            new_betas.append(1 - ab / last)
+            last = ab
+    ab_ts = torch.cumprod(1 - torch.stack(new_betas), 0)
+    ab_prevs = torch.cat([torch.ones(1, dtype=F64), ab_ts[:-1]]).flip(0)
+    ab_ts = ab_ts.flip(0)
+    sched = ab_ts / ab_prevs  # "increase" for both ρ and μ
+    eta = 1.0
+    for k in range(num_steps):
+        a_t, a_p = ab_ts[k], ab_prevs[k]
+        rho_k = rho * sched[k] * len(sched) / sched.sum()
+        mu_k = mu * sched[k] * len(sched) / sched.sum()
+        std = sigma * (1 - a_t) ** 0.5
+        t = ts[k]
+        mc_eps = std * noise(x) if std != 0 else torch.zeros_like(x)
+        x_g = x.clone().detach().requires_grad_()
+        x0 = ((x_g - (1 - a_t) ** 0.5 * eps_net(x_g, t)) / a_t**0.5).clamp(-clip, clip)
+        (delta_t,) = torch.autograd.grad(_clf_log_p(x0 + mc_eps).sum(), x_g)
+        delta_t = delta_t * rho_k
+        x0 = x0.detach()
+        new_x0 = x0.clone()
+        for _ in range(iter_steps):
+            z = new_x0.detach().requires_grad_()
+            (g,) = torch.autograd.grad(_clf_log_p(z + mc_eps).sum(), z)
+            new_x0 = new_x0 + mu_k * g
+        delta_0 = new_x0 - x0
+        alpha_t = a_t / a_p
+        new_eps = (x - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+        sig = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)) ** 0.5
+        prev = a_p**0.5 * (x - (1 - a_t) ** 0.5 * new_eps) / a_t**0.5 + (1 - a_p - sig**2) ** 0.5 * new_eps
+        if eta > 0 and t.item() > 0:
+            prev = sig * noise(prev) + prev
+        x_prev = (prev + delta_t / alpha_t**0.5 + delta_0 * a_p**0.5).detach()
+        _ = alpha_t**0.5 * x_prev + (1 - alpha_t) ** 0.5 * renoise(x_prev)  # _predict_xt: unused at recur_steps = 1
+        x = x_prev  # guide_step returns x_prev
+    return x
+
+
+@pytest.mark.parametrize("num_steps", [50, 1, 3])
+def test_clipped_tfg_loop_equals_a_transcription_of_the_benchmark(num_steps):
+    """50 steps (and the one- and three-step grids) of TFG with the benchmark's CIFAR-10 label settings (ρ̄ = 1,
+    μ̄ = 0.25, γ̄ = 0.001, 4 iterations, recurrence 1, "increase" schedules, DDIM η = 1, clip_x0) on a fixed tiny
+    ε-net: tagdiff (``TFGGuidance(clip_x0=1)`` in ``sample_ddim(clip_x0=1)`` over the benchmark grid) equals the
+    transcription above, fed the same noise by role."""
+    net = _TinyEps()
+    x_T = 1.5 * torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    grid = SCH.timesteps(num_steps, "space_timesteps")
+    term = TFGGuidance(lambda x0: -_clf_log_p(x0), rho=1.0, mu=0.25, gamma=0.001, num_iter=4, clip_x0=1.0)
+    ours = sample_ddim(net, x_T, grid, SCH, eta=1.0, clip_x0=1.0, terms=[term], randn_like=_noise(11))
+    ref = _benchmark_tfg(net, x_T, num_steps, 1.0, 0.25, 0.001, 4, _noise(11), _noise(12))
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    plain = sample_ddim(net, x_T, grid, SCH, eta=1.0, clip_x0=1.0, randn_like=_noise(11))
+    assert (ours - plain).abs().max() > 1e-2  # the guidance acted
+    if num_steps == 50:  # and the clamp mattered: without it in the loss the result differs
+        unclipped = TFGGuidance(lambda x0: -_clf_log_p(x0), rho=1.0, mu=0.25, gamma=0.001, num_iter=4)
+        other = sample_ddim(net, x_T, grid, SCH, eta=1.0, clip_x0=1.0, terms=[unclipped], randn_like=_noise(11))
+        assert (other - ours).abs().max() > 1e-3

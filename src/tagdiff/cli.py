@@ -14,6 +14,7 @@ from typing import Any
 
 from .bench.experiments import EXPERIMENTS, add_experiment_parsers, run_experiment
 from .cli_args import (
+    LABEL_GRID_ARGS,
     OnDevice,
     Parser,
     add_data_args,
@@ -268,7 +269,7 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
     opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
                                          "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
                                          "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
-                                         "device", "allow_pickle",
+                                         "device", "allow_pickle", "timestep_spacing", "steps_offset",
                                          "checkpoint", "classifier", "time_predictor")}
     summary = generate(SampleConfig(**opt), args.out, progress=not args.quiet)
     tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
@@ -305,17 +306,17 @@ def _bench_speed(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _bench_label(args: argparse.Namespace) -> dict[str, Any]:
-    from .bench.label import LabelConfig, run_label
+    from .bench.label import ALL_METHODS, METHODS, LabelConfig, run_label, run_label_seeds
 
-    if args.command == "demo":
-        cfg = LabelConfig(device=args.device)
+    if args.command == "demo":  # the demo's published numbers (README, RESULTS §2) ran on the trailing grid
+        cfg = LabelConfig(device=args.device, timestep_spacing="trailing", tfg_clip_x0=0.0)
     else:
         cfg = LabelConfig(dataset=args.dataset, targets=args.targets, num_per_target=args.num_per_target,
                           num_steps=args.num_steps, eta=args.eta, dps_scale=args.dps_scale, cg_scale=args.cg_scale,
                           omega=args.omega, placement=args.placement, seed=args.seed, device=args.device,
+                          **{k: getattr(args, k) for k in LABEL_GRID_ARGS},
                           data_dir=None if args.data_dir is None else str(args.data_dir),
                           checkpoints=None if args.checkpoints is None else str(args.checkpoints))
-    from .bench.label import ALL_METHODS, METHODS, run_label_seeds
 
     methods = METHODS if args.command == "demo" or not args.methods else (
         ALL_METHODS if args.methods == "all" else tuple(args.methods.split(",")))

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DATASETS", "OnDevice", "Parser", "add_data_args", "add_device_arg", "add_label_args", "add_sample_args",
+__all__ = ["DATASETS", "LABEL_GRID_ARGS", "OnDevice", "Parser", "add_data_args", "add_device_arg", "add_grid_args",
+           "add_label_args", "add_sample_args",
            "add_train_args", "check_model_memory", "clip_value", "error_message", "finite_float", "int_list",
            "int_tuple", "interrupted", "nonneg_float", "positive_float", "positive_int", "print_models",
            "unit_interval", "with_device"]
@@ -155,6 +156,7 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
                           "(tagdiff models lists them)")
     smp.add_argument("--out", required=True, type=Path, help="output folder (samples.npz, grid.png, summary.json)")
     smp.add_argument("--num-samples", type=positive_int, default=64, help="samples to draw (default: 64)")
+    add_grid_args(smp, "trailing")
     smp.add_argument("--sampler", default="ddim",
                      help="ddim | ddpm (tagdiff's steps), or a diffusers scheduler: dpmpp2m | unipc | euler | "
                           "euler_a | heun | pndm | lms | deis | any supported class name (default: ddim)")
@@ -194,10 +196,28 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# options of the label suite that map one to one onto LabelConfig fields (the grid and the benchmark's TFG / DPS)
+LABEL_GRID_ARGS = ("timestep_spacing", "steps_offset", "tfg_clip_x0", "dps_tfg_scale")
+
+
+def add_grid_args(p: argparse.ArgumentParser, default: str) -> None:
+    """``--timestep-spacing`` and ``--steps-offset`` (VPSchedule.timesteps)."""
+    from .schedules import GRID_SPACINGS
+
+    p.add_argument("--timestep-spacing", choices=GRID_SPACINGS, default=default, help=f"grid (default: {default}; "
+                   "linspace = the TFG benchmark's space_timesteps: one step is [0])")
+    p.add_argument("--steps-offset", type=int, default=0, help="diffusers' steps_offset (leading grid only)")
+
+
 def add_label_args(p: argparse.ArgumentParser) -> None:
     from .bench.label import LabelConfig
 
     d = LabelConfig()
+    add_grid_args(p, d.timestep_spacing)
+    p.add_argument("--tfg-clip-x0", type=nonneg_float, default=d.tfg_clip_x0,
+                   help="TFG: clamp x0_hat in its loss, as the benchmark (0: off; default: 1)")
+    p.add_argument("--dps-tfg-scale", type=finite_float, default=d.dps_tfg_scale,
+                   help="dps_tfg: the benchmark's DPS strength (default: 1)")
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and label.png")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     p.add_argument("--data-dir", type=Path, default=None, help="mnist: folder of the IDX files")

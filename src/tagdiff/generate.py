@@ -64,6 +64,8 @@ class SampleConfig:
     compile: bool = False              # torch.compile the ε-model's forward (first call compiles: seconds to minutes)
     device: str = "cpu"
     allow_pickle: bool = False
+    timestep_spacing: str = "trailing"  # VPSchedule.timesteps; "linspace" is the TFG benchmark's grid (1 step: [0])
+    steps_offset: int = 0
 
 
 def resolved_scale(cfg: SampleConfig) -> float:
@@ -233,16 +235,21 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
                                   generator=rng.generators if cfg.per_sample_seeds else g,
                                   step_kwargs={"eta": cfg.eta} if scheduler.__class__.__name__ == "DDIMScheduler"
                                   else None)
+            grid = type(scheduler).from_config(scheduler.config)
+            grid.set_timesteps(cfg.num_steps)
+            grid = grid.timesteps  # the scheduler's own grid (float for σ-space schedulers)
         else:
-            x0 = sampler(eps_model, x_T, schedule.timesteps(cfg.num_steps), schedule, terms=terms, cond=cond,
-                         randn_like=randn_like, callback=recorder, clip_x0=clip_x0, progress=progress, **kwargs)
+            grid = schedule.timesteps(cfg.num_steps, cfg.timestep_spacing, cfg.steps_offset)
+            x0 = sampler(eps_model, x_T, grid, schedule, terms=terms, cond=cond, randn_like=randn_like,
+                         callback=recorder, clip_x0=clip_x0, progress=progress, **kwargs)
     x0 = x0.float().cpu()
     arrays = {"x": x0.numpy()}
     if target is not None:
         arrays["target"] = target.cpu().numpy()
     np.savez_compressed(out_dir / "samples.npz", **arrays)
     summary = {"config": asdict(cfg), "guidance_scale": resolved_scale(cfg), "clip_x0": clip_x0,
-               "device": str(device), "num_samples": cfg.num_samples, "seconds": time.time() - t0,
+               "device": str(device), "num_samples": cfg.num_samples, "timesteps": grid.tolist(),
+               "seconds": time.time() - t0,
                "time_gap": None if recorder is None else recorder.mean,
                "time_gap_per_step": None if recorder is None else recorder.per_step.tolist()}
     if x0.ndim == 4:

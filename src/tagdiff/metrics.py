@@ -45,6 +45,11 @@ class TimeGapRecorder:
     (``info.shared["time_logits"]``, same tensor, t and condition), its logits are reused instead of a second
     forward pass. Gaps stay on the samples' device until read (no host synchronisation in the loop).
 
+    It also keeps each step's ``StepInfo.shared["tls_norm"]`` list (created here if absent), to which every TAG
+    correction of the step appends its per-sample ``‖ω_t·TLS‖`` (see :class:`~tagdiff.guidance.TemporalAlignment`).
+    ``post`` corrections append after this callback ran, so the lists are read only when
+    :attr:`tls_norm_per_sample` is asked for: that trace shows where along the trajectory TAG acted.
+
     Attributes:
         timesteps: list of the N training timesteps visited.
         gaps: list of N per-sample tensors ``(B,)``.
@@ -57,7 +62,7 @@ class TimeGapRecorder:
         self.c = c
         self.timesteps: list[int] = []
         self.gaps: list[Tensor] = []
-        self._shared: list[dict[str, Any]] = []
+        self._tls: list[list[Tensor]] = []
 
     def __call__(self, info: StepInfo) -> None:
         self.timesteps.append(info.timestep if info.timestep is not None else int(info.t.reshape(-1)[0]))
@@ -70,13 +75,22 @@ class TimeGapRecorder:
             self.gaps.append(time_gap(self.time_predictor, info.x, info.t, self.c))
         else:
             self.gaps.append((logits.argmax(-1) - info.t).abs().float())
-        self._shared.append(info.shared)
+        self._tls.append(info.shared.setdefault("tls_norm", []))
+
+    @property
+    def tls_norm_per_sample(self) -> Tensor:
+        """``(N, B)``: per step and sample, the summed ``‖ω_t·TLS‖`` of the step's TAG corrections (0 where TAG
+        did not act; with ``post`` placement the correction of step ``i`` targets ``t_prev`` of that step)."""
+        rows = []
+        for gap, norms in zip(self.gaps, self._tls):
+            rows.append(sum((n.detach().float().cpu() for n in norms), torch.zeros_like(gap).cpu()))
+        return torch.stack(rows) if rows else torch.zeros(0, 0)
 
     @property
     def tls_norm_per_step(self) -> Tensor:
-        """``(N,)`` float64: mean ‖ω_t · TLS‖ over samples of the TAG corrections in each step (0 if none)."""
-        out = [sum(float(v.double().mean()) for v in d.get("tls_norm", [])) for d in self._shared]
-        return torch.tensor(out, dtype=torch.float64)
+        """``(N,)`` mean over samples of :attr:`tls_norm_per_sample`."""
+        per = self.tls_norm_per_sample
+        return per.mean(1) if per.numel() else torch.zeros(len(self.gaps))
 
     @property
     def per_sample(self) -> Tensor:

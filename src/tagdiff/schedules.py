@@ -26,7 +26,7 @@ from torch import Tensor
 
 from ._utils import append_dims
 
-__all__ = ["VPSchedule", "SCHEDULE_KINDS", "TIMESTEP_SPACINGS"]
+__all__ = ["VPSchedule", "SCHEDULE_KINDS", "TIMESTEP_SPACINGS", "GRID_SPACINGS", "space_timesteps"]
 
 SCHEDULE_KINDS = ("linear", "cosine", "scaled_linear", "sigmoid")
 # diffusers scheduler-config fields that do not change alpha_bar (they shape the sampling grid or the step rule)
@@ -40,7 +40,21 @@ _GRID_OR_STEP_FIELDS = {"timestep_spacing", "steps_offset", "set_alpha_to_one", 
                         "time_shift_type", "flow_shift", "use_flow_sigmas", "shift", "base_shift", "max_shift",
                         "base_image_seq_len", "max_image_seq_len", "invert_sigmas", "shift_terminal", "sigma_data",
                         "rho", "s_noise", "s_churn", "s_tmin", "s_tmax"}
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # diffusers' timestep_spacing
+GRID_SPACINGS = (*TIMESTEP_SPACINGS, "space_timesteps")  # + the TFG benchmark's own grid
+
+
+def space_timesteps(num_train_timesteps: int, num_steps: int) -> list[int]:
+    """The TFG benchmark's grid: ``space_timesteps(T, N)`` of ``YWolfeee/Training-Free-Guidance``,
+    ``diffusion/unet/openai.py`` (one section), decreasing. Stride ``(T-1)/(N-1)`` accumulated in floats and
+    rounded with Python's ``round``; 1 step is ``[0]``. It equals ``"linspace"`` for every N in 1..20 and for the
+    paper's step counts (1, 3, 5, 10, 50, 100), but not everywhere (e.g. T = 1000, N = 21: 499 against 500)."""
+    stride = 1 if num_steps <= 1 else (num_train_timesteps - 1) / (num_steps - 1)
+    cur, steps = 0.0, []
+    for _ in range(num_steps):
+        steps.append(round(cur))
+        cur += stride
+    return sorted(set(steps), reverse=True)
 
 
 def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> Tensor:
@@ -331,32 +345,52 @@ class VPSchedule:
         return d.argmin(-1).reshape(torch.as_tensor(sigma).shape)
 
     # ------------------------------------------------------------------ sampling grids
-    def timesteps(self, num_steps: int, spacing: str = "trailing") -> Tensor:
+    def timesteps(self, num_steps: int, spacing: str = "trailing", steps_offset: int = 0) -> Tensor:
         """A strictly decreasing grid of ``num_steps`` training timesteps, int64, shape ``(num_steps,)``.
 
         Spacings follow diffusers' ``timestep_spacing`` (Lin et al. 2024, Table 2):
 
         * ``"trailing"`` (default): ``round(arange(T, 0, -T/N)) - 1``; always starts at ``T-1``, so even one-step
-          sampling starts from pure noise. Chosen as default for that reason.
-        * ``"leading"``: ``arange(N) * (T // N)`` reversed (diffusers' DDPM/DDIM default; starts below ``T-1``).
-        * ``"linspace"``: ``round(linspace(0, T-1, N))`` reversed (guided-diffusion ``space_timesteps``-like).
+          sampling starts from pure noise.
+        * ``"leading"``: ``arange(N) * (T // N) + steps_offset`` reversed (diffusers' DDPM/DDIM default; starts below
+          ``T-1``; one step is ``[steps_offset]``).
+        * ``"linspace"``: ``round(linspace(0, T-1, N))`` reversed: 1 step is ``[0]``, 2 steps ``[T-1, 0]``, 3 steps
+          ``[T-1, T//2, 0]``. So a one-step sampler on this grid calls ε_θ(x_T, t = 0), and TAG's Alg. 1 corrects
+          x_T toward class 0.
+        * ``"space_timesteps"``: the TFG benchmark's grid (:func:`space_timesteps`), which the TAG paper's
+          experiments ran on. Equal to ``"linspace"`` for the paper's step counts; it differs by one timestep at
+          ties for some N (278 of the 1000 values at T = 1000, none below 21).
+
+        ``steps_offset`` is diffusers' ``steps_offset``: like diffusers' DDIM/DDPM schedulers it shifts the
+        ``"leading"`` grid only (``"trailing"`` and ``"linspace"`` ignore it there, and must be given 0 here).
 
         Raises:
-            ValueError: if ``num_steps`` is not in ``[1, T]`` or ``spacing`` is unknown.
+            ValueError: if ``num_steps`` is not in ``[1, T]``, ``spacing`` is unknown, ``steps_offset`` is negative,
+                non-zero for a spacing other than ``"leading"``, or pushes the grid beyond ``T-1``.
         """
         T = self.num_train_timesteps
         if not isinstance(num_steps, int) or not 1 <= num_steps <= T:
             raise ValueError(f"num_steps must be an integer in [1, {T}], got {num_steps!r}")
+        if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+            raise ValueError(f"steps_offset must be an integer >= 0, got {steps_offset!r}")
+        if steps_offset and spacing != "leading":
+            raise ValueError(f"steps_offset={steps_offset} only applies to the 'leading' spacing (as in diffusers' "
+                             f"DDIM/DDPM schedulers), got spacing {spacing!r}")
         # Computed with numpy exactly as diffusers does: torch's float arange/linspace round differently at
         # half-integer ties (e.g. T=1000, N=48 "trailing" or N=27 "linspace" gave grids off by one).
         if spacing == "trailing":
             ts = np.round(np.arange(T, 0, -T / num_steps)).astype(np.int64) - 1
         elif spacing == "leading":
-            ts = (np.arange(num_steps) * (T // num_steps))[::-1]
+            ts = (np.arange(num_steps) * (T // num_steps))[::-1] + steps_offset
+            if ts[0] > T - 1:
+                raise ValueError(f"steps_offset={steps_offset} pushes the 'leading' grid of {num_steps} steps to "
+                                 f"t={int(ts[0])} > T-1={T - 1}")
         elif spacing == "linspace":
             ts = np.linspace(0, T - 1, num_steps).round()[::-1].astype(np.int64)
+        elif spacing == "space_timesteps":
+            ts = np.asarray(space_timesteps(T, num_steps), dtype=np.int64)
         else:
-            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(TIMESTEP_SPACINGS)}")
+            raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(GRID_SPACINGS)}")
         # diffusers' "trailing" arange can overshoot by one element (-1, e.g. T=1000, N=61): keep N
         return torch.from_numpy(ts[:num_steps].astype(np.int64, order="C", copy=True))
 

@@ -33,18 +33,22 @@ from ..guidance import Term
 from ..image_metrics import fid
 from ..metrics import TimeGapRecorder
 from ..samplers import get_sampler
+from ..schedules import GRID_SPACINGS
 
-__all__ = ["ExperimentConfig", "Setup", "load_setup", "check_classes", "draw", "sample_metrics", "RunCache",
-           "mean_std", "markdown_table", "fmt_ms", "write_outputs", "image_grid", "tag_comparison", "preview",
-           "relative_change", "short_hash"]
+__all__ = ["ExperimentConfig", "Setup", "grid_key", "load_setup", "check_classes", "draw", "sample_metrics", "RunCache",
+           "mean_std", "markdown_table", "fmt_ms", "paired_ci", "fmt_ci", "write_outputs", "image_grid",
+           "tag_comparison", "preview", "relative_change", "short_hash"]
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Fields every experiment shares: the dataset and its checkpoints/data, the evaluation seeds (reported as
-    mean ± std), the validation seed on which ω_0 and other knobs are chosen (never reported) and the device the
-    models run on (``auto``: CUDA, else MPS, else CPU; the noise is drawn on the CPU either way, so a CPU run is the
-    same bit for bit whatever device it is later compared with; the run cache does not record the device)."""
+    mean ± std), the validation seed on which ω_0 and other knobs are chosen (never reported), the sampling grid
+    (``VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset)``) and the device the models run on
+    (``auto``: CUDA, else MPS, else CPU; the noise is drawn on the CPU either way, so a CPU run is the same bit for
+    bit whatever device it is later compared with; the run cache does not record the device). The default grid is the
+    TFG benchmark's ``space_timesteps`` (``"linspace"``), which the paper's experiments ran on; ``"trailing"`` is the
+    grid of the runs made before issue 12."""
 
     dataset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -52,8 +56,15 @@ class ExperimentConfig:
     checkpoints: str | None = None
     data_dir: str | None = None
     device: str = field(default="auto", metadata={"help": f"{' | '.join(DEVICES)} (default: auto)"})
+    timestep_spacing: str = field(default="linspace", metadata={"choices": GRID_SPACINGS, "help": (
+        "sampling grid (default: linspace, the TFG benchmark's space_timesteps at the paper's step counts; "
+        "trailing: the runs before issue 12)")})
+    steps_offset: int = 0
 
     def __post_init__(self) -> None:
+        if self.timestep_spacing not in GRID_SPACINGS:
+            raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of "
+                             f"{', '.join(GRID_SPACINGS)}")
         if self.sweep_seed in self.seeds:
             raise ValueError(f"sweep_seed {self.sweep_seed} is also an evaluation seed; choose settings on a seed "
                              "that is not reported")
@@ -103,15 +114,26 @@ def check_classes(targets: Sequence[int], setup: Setup) -> None:
         raise ValueError(f"target classes {list(targets)} out of range; the classifiers have classes 0..{K - 1}")
 
 
+def grid_key(cfg: Any) -> dict[str, Any]:
+    """The grid's part of a run-cache key: empty for the trailing grid without offset (the runs before issue 12,
+    whose cached results therefore still resume), else ``{"spacing": ..., ["offset": ...]}``."""
+    spacing, offset = getattr(cfg, "timestep_spacing", "trailing"), getattr(cfg, "steps_offset", 0)
+    if spacing == "trailing" and not offset:
+        return {}
+    return {"spacing": spacing, **({"offset": offset} if offset else {})}
+
+
 def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: int, sampler: str = "ddim",
-         eta: float = 1.0, clip_x0: float | None = 1.0,
+         eta: float = 1.0, clip_x0: float | None = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
          progress: bool = False) -> dict[str, Any]:
     """One seeded sampling run on ``setup.device``: x_T and the step noise come from one CPU generator seeded with
-    ``seed`` (then moved to the device), so every method of a seed shares them (common random numbers).
+    ``seed`` (then moved to the device), so every method of a seed shares them (common random numbers), over the
+    grid ``schedule.timesteps(num_steps, timestep_spacing, steps_offset)``.
 
     Returns:
         ``{"x0": (n, C, H, W) in [-1, 1] on the device, "time_gap": mean Time Gap, "time_gap_per_step": list,
-        "seconds": float}``.
+        "tls_norm_per_step": list (mean ‖ω_t·TLS‖ of the TAG corrections per step; 0 where TAG did not act),
+        "timesteps": the grid, "seconds": float}``.
     Raises:
         ValueError: an unknown sampler; NonFiniteError: a non-finite guidance step.
     """
@@ -120,11 +142,13 @@ def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: i
     recorder = TimeGapRecorder(setup.models["time_predictor"])
     kwargs: dict[str, Any] = {"eta": eta} if sampler == "ddim" else {}
     t0 = time.time()
-    x0 = get_sampler(sampler)(setup.eps_model, x_T, setup.schedule.timesteps(num_steps), setup.schedule,
+    grid = setup.schedule.timesteps(num_steps, timestep_spacing, steps_offset)
+    x0 = get_sampler(sampler)(setup.eps_model, x_T, grid, setup.schedule,
                               terms=list(terms), callback=recorder, clip_x0=clip_x0,
                               randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device),
                               progress=progress, **kwargs)
     return {"x0": x0.clamp(-1, 1), "time_gap": recorder.mean, "time_gap_per_step": recorder.per_step.tolist(),
+            "tls_norm_per_step": recorder.tls_norm_per_step.tolist(), "timesteps": grid.tolist(),
             "seconds": time.time() - t0}
 
 
@@ -192,6 +216,35 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     m = sum(v) / len(v)
     s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
     return {"mean": m, "std": s, "n": len(v), "values": v}
+
+
+def paired_ci(before: Sequence[float], after: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Paired difference ``after - before`` over seeds (common random numbers: seed ``s`` of both shares x_T and the
+    noise) with a Student-t interval: ``{"diff", "lo", "hi", "rel", "rel_lo", "rel_hi", "n", "inside_noise"}``;
+    ``rel*`` divide by the mean of ``before``; ``inside_noise`` when the interval contains 0. One seed: no interval
+    (``lo = hi = nan``)."""
+    from scipy import stats
+
+    if len(before) != len(after) or not before:
+        raise ValueError(f"need paired values, got {len(before)} and {len(after)}")
+    d = [float(b) - float(a) for a, b in zip(before, after)]
+    n, m = len(d), sum(d) / len(d)
+    base = abs(sum(float(a) for a in before) / n) or float("nan")
+    if n > 1:
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n)
+    else:
+        half = float("nan")
+    lo, hi = m - half, m + half
+    return {"diff": m, "lo": lo, "hi": hi, "rel": m / base, "rel_lo": lo / base, "rel_hi": hi / base, "n": n,
+            "level": level, "inside_noise": not (lo > 0 or hi < 0)}
+
+
+def fmt_ci(ci: dict[str, Any]) -> str:
+    """``-12.3% [-20.1, -4.5]`` (relative change and its interval, in %); ``(noise)`` when the interval holds 0."""
+    if math.isnan(ci["lo"]):
+        return f"{100 * ci['rel']:+.1f}%"
+    tag = " (noise)" if ci["inside_noise"] else ""
+    return f"{100 * ci['rel']:+.1f}% [{100 * ci['rel_lo']:+.1f}, {100 * ci['rel_hi']:+.1f}]{tag}"
 
 
 def fmt_ms(stats: dict[str, Any], digits: int = 1) -> str:
@@ -274,6 +327,8 @@ def tag_comparison(cache: RunCache, key: dict[str, Any], run: RunFn, *, omegas: 
         out["runs"][name] = [_numbers(r) for r in runs]
         out[name] = {k: mean_std([r[k] for r in runs]) for k in _numbers(runs[0])}
         out["preview"][name] = runs[0].get("preview")
+    out["paired"] = {k: paired_ci(out["without"][k]["values"], out["with"][k]["values"]) for k in out["with"]
+                     if k in out["without"]}
     return out
 
 

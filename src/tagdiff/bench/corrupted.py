@@ -23,6 +23,7 @@ from .common import (
     Setup,
     draw,
     fmt_ms,
+    grid_key,
     image_grid,
     load_setup,
     markdown_table,
@@ -75,7 +76,7 @@ def run_corrupted(out_dir: str | Path, cfg: CorruptedConfig = CorruptedConfig(),
 
         # (the cache key keeps its earlier name "sigma", so runs cached before the rename still resume)
         key = {"exp": "corrupted", "dataset": cfg.dataset, "sigma": std, "steps": cfg.num_steps, "eta": cfg.eta,
-               "placement": cfg.placement}
+               "placement": cfg.placement, **grid_key(cfg)}
         results["corruption_std"][str(std)] = r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds,
                                                           sweep_seed=cfg.sweep_seed, n=cfg.num_samples,
                                                           sweep_n=cfg.sweep_samples)
@@ -96,7 +97,8 @@ def _run(setup: Setup, cfg: CorruptedConfig, std: float, omega: float, seed: int
     terms: list[Term] = [Corruption(std)]
     if omega > 0:
         terms.append(TemporalAlignment(setup.models["time_predictor"], omega, placement=cfg.placement))
-    out = draw(setup, terms, n=n, seed=seed, num_steps=cfg.num_steps, eta=cfg.eta)
+    out = draw(setup, terms, n=n, seed=seed, num_steps=cfg.num_steps, eta=cfg.eta,
+               timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
     return {**sample_metrics(setup, out["x0"]), "time_gap": out["time_gap"], "seconds": out["seconds"],
             "preview": preview(out["x0"])}
 

@@ -57,6 +57,7 @@ from .common import (
     Setup,
     draw,
     fmt_ms,
+    grid_key,
     image_grid,
     load_setup,
     markdown_table,
@@ -90,6 +91,7 @@ class InverseConfig(ExperimentConfig):
     tfg_rho: float = 1.0
     tfg_mu: float = 2.0
     tfg_gamma: float = 0.01
+    tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss, as the benchmark's deblur/SR scripts (clip_x0=True); 0: off
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     num_steps: int = 50
 
@@ -133,9 +135,10 @@ def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, pr
                 return _run(setup, cfg, base, A, x_true, y, omega, seed)
 
             params = {"scale": cfg.dps_scale} if base == "dps" else \
-                {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma}
+                {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma,
+                 **({"tfg_clip": cfg.tfg_clip_x0} if cfg.tfg_clip_x0 else {})}
             key = {"exp": "inverse", "dataset": cfg.dataset, "op": name, "sigma_y": cfg.noise_std, "base": base,
-                   **params, "steps": cfg.num_steps}
+                   **params, "steps": cfg.num_steps, **grid_key(cfg)}
             res[base] = r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds,
                                            sweep_seed=cfg.sweep_seed, n=cfg.num_images, sweep_n=cfg.num_images)
             if progress:
@@ -173,10 +176,12 @@ def _run(setup: Setup, cfg: InverseConfig, base: str, A: Operator, x_true: Tenso
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     terms: list[Term] = [DPSGuidance(A.loss(y), cfg.dps_scale) if base == "dps" else
-                         TFGGuidance(A.loss(y), rho=cfg.tfg_rho, mu=cfg.tfg_mu, gamma=cfg.tfg_gamma)]
+                         TFGGuidance(A.loss(y), rho=cfg.tfg_rho, mu=cfg.tfg_mu, gamma=cfg.tfg_gamma,
+                                     clip_x0=cfg.tfg_clip_x0 or None)]
     if omega > 0:
         terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
-    out = draw(setup, terms, n=len(x_true), seed=seed, num_steps=cfg.num_steps)
+    out = draw(setup, terms, n=len(x_true), seed=seed, num_steps=cfg.num_steps,
+               timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
     x0 = out["x0"]
     psnr = peak_signal_noise_ratio(x0, x_true, data_range=2.0, reduction="none", dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(x0, x_true, data_range=2.0, **_ssim_kwargs(*x0.shape[-2:]))

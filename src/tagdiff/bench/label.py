@@ -1,12 +1,15 @@
 """Label guidance with and without TAG on real digits (TAG.md §9.3, Tables 2/8 analogue).
 
 For each target class: unguided sampling; DPS label guidance (loss -log p(y | x0_hat) of the clean classifier,
-gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aware classifier; classifier
-guidance + TAG. Sampler: DDIM(η = 1) over a "trailing" grid (the TFG benchmark's DDIM η = 1), x0_hat clipped to
-[-1, 1]. Metrics, as the TFG benchmark computes them: FID against the held-out images of the target class in the
-feature space of the independent evaluation classifier, that classifier's accuracy on the target, the mean
-Time Gap (learned time predictor) and wall time. All methods share x_T and the sampling noise (common random
-numbers), so their differences are the effect of the guidance and of TAG.
+gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aware classifier; classifier guidance +
+TAG; TFG (x̂_0 clipped in its loss, as the benchmark) and the benchmark's own DPS (``dps_tfg``:
+:class:`~tagdiff.guidance.DPSNormalized`, ∇log p / |log p|, no clipping in its loss or its step, as
+``methods/dps.py``). Sampler: DDIM(η = 1), as the TFG benchmark, over its ``space_timesteps`` grid by default
+(``timestep_spacing="linspace"``, the same grid at 50 steps; the runs before issue 12 used ``"trailing"``), x0_hat
+clipped to [-1, 1] inside the step except for ``dps_tfg``. Metrics, as the TFG benchmark computes them: FID against
+the held-out images of the target class in the feature space of the independent evaluation classifier, that
+classifier's accuracy on the target, the mean Time Gap (learned time predictor) and wall time. All methods share x_T
+and the sampling noise (common random numbers), so their differences are the effect of the guidance and of TAG.
 
 The suite goes through the shared pipeline of :mod:`tagdiff.bench.common` (load the models, build each method's
 terms, draw, metrics, table and figure): every (method, seed) run is a cached run of ``OUT/runs/`` (an interrupted
@@ -29,13 +32,16 @@ from torch import Tensor
 from ..guidance import (
     ClassifierGuidance,
     DPSGuidance,
+    DPSNormalized,
     EpsilonScaling,
     LangevinCorrector,
+    SelfGuidance,
     TemporalAlignment,
     Term,
     TFGGuidance,
     TimeCorrection,
     TimeShift,
+    TimestepGuidance,
     label_loss,
 )
 from ..image_metrics import class_histogram, fid
@@ -50,7 +56,6 @@ from .common import (
     markdown_table,
     mean_std,
     preview,
-    relative_change,
     sample_metrics,
     short_hash,
     write_outputs,
@@ -60,8 +65,8 @@ __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "method_terms", "label_run",
            "run_label", "run_label_seeds"]
 
 METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")  # the demo's suite
-BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift")  # TAG.md §7, on top of DPS as in Tables 2/8
-ALL_METHODS = (*METHODS, "tfg", "tfg+tag", *BASELINES)
+BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift", "dps+tsg", "dps+sg")  # TAG.md §7, on DPS
+ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "TAG.md Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
 PREVIEW_PER_TARGET = 8  # samples per target class kept for the figure
@@ -88,30 +93,43 @@ class LabelConfig:
     checkpoints: str | None = None
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
+    # The grid: VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset); "linspace" is the TFG benchmark's.
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
     # TFG (Ye et al. 2024; TAG.md §6.3): ρ̄, μ̄, γ̄ and recurrence, "increase" schedules, N_iter = 4. ρ̄ and μ̄ chosen
     # by benchmarks/tfg_sweep.py on validation targets/seed; γ̄ = 0.001 as TFG's CIFAR-10 label settings.
     tfg_rho: float = 0.1
     tfg_mu: float = 0.5
     tfg_gamma: float = 0.001
     tfg_recur: int = 1
+    tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss (the benchmark's clip_x0 = True); 0 = off (the runs before 12)
+    dps_tfg_scale: float = 1.0  # the benchmark's DPS strength (``guidance_strength``)
     # Baselines (TAG.md §7; the paper does not report their settings): ES λ (ADM-ES/ComfyUI default 1.005),
     # Langevin snr (score_sde's 0.16), Time-Shift window and cutoff (training timesteps).
     es_lambda: float = 1.005
     langevin_snr: float = 0.16
     timeshift_window: int = 20
     timeshift_cutoff: int = 300
+    # Timestep Guidance (Sadat et al. 2024) and Self-Guidance (Li et al. 2024b), TAG.md §7.5: scale w and time
+    # perturbation δ (timesteps). Not reported by the paper and not tuned here: w = 1 with δ = 50 (TSG std) / 20 (SG).
+    tsg_scale: float = 1.0
+    tsg_delta: float = 50.0
+    sg_scale: float = 1.0
+    sg_delta: float = 20.0
 
 
 def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: LabelConfig) -> list[Term]:
     """The guidance terms of one method (``ALL_METHODS``) for per-sample targets ``target`` (B,)."""
     terms: list[Term] = []
-    if method.startswith("dps"):
+    if method.startswith("dps_tfg"):
+        terms.append(DPSNormalized(label_loss(models["clf_clean"], target), cfg.dps_tfg_scale))
+    elif method.startswith("dps"):
         terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_scale))
     elif method.startswith("cg"):
         terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_scale))
     elif method.startswith("tfg"):
         terms.append(TFGGuidance(label_loss(models["clf_clean"], target), rho=cfg.tfg_rho, mu=cfg.tfg_mu,
-                                 gamma=cfg.tfg_gamma, num_recur=cfg.tfg_recur))
+                                 gamma=cfg.tfg_gamma, num_recur=cfg.tfg_recur, clip_x0=cfg.tfg_clip_x0 or None))
     corrector = method.partition("+")[2]
     if corrector == "tag":
         terms.append(TemporalAlignment(models["time_predictor"], cfg.omega, placement=cfg.placement))
@@ -123,6 +141,10 @@ def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: Label
         terms.append(LangevinCorrector(cfg.langevin_snr))
     elif corrector == "timeshift":
         terms.append(TimeShift(cfg.timeshift_window, cfg.timeshift_cutoff))
+    elif corrector == "tsg":
+        terms.append(TimestepGuidance(cfg.tsg_scale, cfg.tsg_delta))
+    elif corrector == "sg":
+        terms.append(SelfGuidance(cfg.sg_scale, cfg.sg_delta))
     return terms
 
 
@@ -136,7 +158,9 @@ def label_run(setup: Setup, cfg: LabelConfig, method: str, *, progress: bool = F
     """
     target = torch.tensor(cfg.targets).repeat_interleave(cfg.num_per_target).to(setup.device)
     out = draw(setup, method_terms(method, setup.models, target, cfg), n=target.numel(), seed=cfg.seed,
-               num_steps=cfg.num_steps, eta=cfg.eta, progress=progress)
+               num_steps=cfg.num_steps, eta=cfg.eta, timestep_spacing=cfg.timestep_spacing,
+               steps_offset=cfg.steps_offset, clip_x0=None if method.startswith("dps_tfg") else 1.0,
+               progress=progress)
     x0 = out["x0"]
     per = min(PREVIEW_PER_TARGET, cfg.num_per_target)
     shown = x0.reshape(len(cfg.targets), cfg.num_per_target, *x0.shape[1:])[:, :per].reshape(-1, *x0.shape[1:])
@@ -184,7 +208,7 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
     if "unguided" in runs:
         results["sanity"] = runs["unguided"]["sanity"]
     n_ref = {str(y): int((setup.held_y == y).sum()) for y in cfg.targets}
-    results["config"] = {**asdict(cfg), "sampler": "ddim", "timestep_spacing": "trailing", "clip_x0": 1.0,
+    results["config"] = {**asdict(cfg), "sampler": "ddim", "clip_x0": "1.0 (dps_tfg: none)",
                          "reference_images_per_target": n_ref, "fid_features": "EvalClassifier.features (128-d)",
                          "checkpoints": setup.checkpoints, "torch": torch.__version__}
     results["paper"] = PAPER_TABLE2
@@ -277,21 +301,26 @@ def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...
     Raises:
         ValueError / CheckpointError: as :func:`run_label`.
     """
+    from .common import fmt_ci, markdown_table, paired_ci, write_outputs
+
     per_seed = [run_label(Path(out_dir) / f"seed_{seed}", replace(cfg, seed=seed), progress=progress,
                           methods=methods, resume=resume) for seed in seeds]
     agg = {m: {k: mean_std([r["methods"][m][k] for r in per_seed]) for k in ("fid", "accuracy", "time_gap", "seconds")}
            for m in methods}
-    results = {"methods": agg, "seeds": list(seeds), "config": {**per_seed[0]["config"], "seed": list(seeds)},
-               "paper": PAPER_TABLE2}
+    paired = {m: {k: paired_ci(agg[m.partition("+")[0]][k]["values"], agg[m][k]["values"]) for k in ("fid", "accuracy")}
+              for m in methods if "+" in m and m.partition("+")[0] in agg}
+    results = {"methods": agg, "paired": paired, "seeds": list(seeds),
+               "config": {**per_seed[0]["config"], "seed": list(seeds)}, "paper": PAPER_TABLE2}
     rows = []
     for m in methods:
         a = agg[m]
-        base = agg.get(m.partition("+")[0]) if "+" in m else None
-        delta = f"{100 * relative_change(base['fid']['mean'], a['fid']['mean']):+.1f}%" if base else ""
+        delta = fmt_ci(paired[m]["fid"]) if m in paired else ""
         rows.append([m, fmt_ms(a["fid"], 2), delta, fmt_ms(a["accuracy"], 3), fmt_ms(a["time_gap"]),
                      f"{a['seconds']['mean']:.1f}"])
     head = (f"Label guidance, {cfg.dataset}: targets {list(cfg.targets)}, {cfg.num_per_target} samples per target per "
-            f"seed; mean ± std over seeds {list(seeds)}. ΔFID is relative to the method without its corrector.\n\n")
-    write_outputs(out_dir, results, head + markdown_table(["method", "FID", "ΔFID", "accuracy", "Time Gap", "seconds"],
-                                                          rows))
+            f"seed, grid {cfg.timestep_spacing!r}; mean ± std over seeds {list(seeds)}. ΔFID: mean paired change "
+            "against the method without its corrector, with its 95% Student-t interval over seeds; (noise) = the "
+            "interval contains 0.\n\n")
+    write_outputs(out_dir, results, head + markdown_table(["method", "FID", "ΔFID [95% CI]", "accuracy", "Time Gap",
+                                                           "seconds"], rows))
     return results

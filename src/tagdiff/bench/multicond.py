@@ -88,6 +88,7 @@ from .common import (
     Setup,
     draw,
     fmt_ms,
+    grid_key,
     load_setup,
     mean_std,
     preview,
@@ -259,7 +260,8 @@ def _run(setup: Setup, preds: dict[str, Any], cfg: MultiCondConfig, method: str,
          reparam_scale: float, seed: int, n: int) -> dict[str, Any]:
     tg, _ = make_targets(setup, cfg, n)
     out = draw(setup, multicond_terms(method, setup, preds, tg, cfg, omega, reparam_scale), n=tg.classes.numel(),
-               seed=seed, num_steps=cfg.num_steps, eta=cfg.ddim_eta)
+               seed=seed, num_steps=cfg.num_steps, eta=cfg.ddim_eta, timestep_spacing=cfg.timestep_spacing,
+               steps_offset=cfg.steps_offset)
     return {**evaluate(setup, out["x0"], tg, cfg.attribute), "time_gap": out["time_gap"], "seconds": out["seconds"],
             "preview": _preview(out["x0"], n)}
 
@@ -328,7 +330,7 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
     base = {"exp": "multicond", "dataset": cfg.dataset,
             "targets": targets if len(targets) <= 40 else short_hash(targets),
             "steps": cfg.num_steps, "ddim_eta": cfg.ddim_eta, "dps": cfg.dps_scale, "ink_scale": cfg.ink_scale,
-            "q": cfg.thick_quantile, "ckpt": short_hash(ckpt)}
+            "q": cfg.thick_quantile, "ckpt": short_hash(ckpt), **grid_key(cfg)}
 
     def get(method: str, omega: float, scale: float, seed: int, n: int) -> dict[str, Any]:
         # the cache key keeps the earlier name "eta" for η_0, so runs cached before the rename still resume

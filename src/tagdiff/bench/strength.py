@@ -23,6 +23,7 @@ from .common import (
     check_classes,
     draw,
     fmt_ms,
+    grid_key,
     load_setup,
     markdown_table,
     relative_change,
@@ -75,11 +76,12 @@ def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *,
                                              strength * cfg.dps_scale)]
             if omega > 0:
                 terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
-            out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=cfg.num_steps)
+            out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=cfg.num_steps,
+                       timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
             return {**sample_metrics(setup, out["x0"], target), "time_gap": out["time_gap"], "seconds": out["seconds"]}
 
         key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.dps_scale, "steps": cfg.num_steps,
-               "targets": ",".join(map(str, cfg.targets))}
+               "targets": ",".join(map(str, cfg.targets)), **grid_key(cfg)}
         r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
                            n=cfg.num_per_target * len(cfg.targets), sweep_n=cfg.sweep_per_target * len(cfg.targets))
         results["strength"][str(strength)] = r

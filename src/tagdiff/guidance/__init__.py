@@ -19,6 +19,8 @@ from .cfg import CFGZeroStar as CFGZeroStar
 from .cfg import ClassifierFreeGuidance as ClassifierFreeGuidance
 from .cfg import interval_from_sigma as interval_from_sigma
 from .classifier import ClassifierGuidance as ClassifierGuidance
+from .contrastive import SelfGuidance as SelfGuidance
+from .contrastive import TimestepGuidance as TimestepGuidance
 from .dps import DPSGuidance as DPSGuidance
 from .dps import label_loss as label_loss
 from .multicond import ETA_SCHEDULES as ETA_SCHEDULES
@@ -42,5 +44,5 @@ __all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorr
            "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
            "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
-           "interval_from_sigma", "ETA_SCHEDULES", "MULTICOND_VARIANTS",
+           "interval_from_sigma", "SelfGuidance", "TimestepGuidance", "ETA_SCHEDULES", "MULTICOND_VARIANTS",
            "MultiConditionTAG", "combined_loss", "reparameterize"]

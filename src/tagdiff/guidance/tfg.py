@@ -114,8 +114,16 @@ class TFGGuidance(StepTerm):
     σ-space state, would be corrupted by repeated updates): ``num_recur > 1`` is refused with diffusers schedulers.
 
     Shapes: x, x̂_0 ``(B, *D)``; ``loss_fn(A(x̂_0))`` must return ``(B,)`` (per sample: no batch reductions).
-    Conventions: VP space, integer training timesteps, ``t_prev = -1`` at the last step (ᾱ = 1). The gradients see
-    the *unclipped* x̂_0 (the TFG code clamps x̂_0 to [-1, 1] for images before the loss).
+    Conventions: VP space, integer training timesteps, ``t_prev = -1`` at the last step (ᾱ = 1).
+
+    **Clipping.** With ``clip_x0 = c`` the loss sees ``clamp(x̂_0, -c, c)`` in both Δ_t (the gradient flows
+    through the clamp, so clipped pixels get none) and Δ_0 (the iterations start from the clamped x̂_0), as the TFG
+    benchmark does for images (``methods/base.py::_predict_x0`` with ``clip_x0``, used by ``methods/tfg.py``;
+    ``clip_sample_range`` 1). The benchmark's DDIM step then starts from the same clamped x̂_0 and the ε re-derived
+    from it (``_predict_x_prev_from_zero``): run the sampler with ``clip_x0=c`` too (tagdiff's ``ddim_step`` with
+    ``use_clipped_model_output=True``, its default), and this term reproduces the benchmark's TFG update
+    (``tests/test_tfg.py`` checks a 50-step loop against a transcription). ``clip_x0=None`` (the default of the
+    class) keeps the unclipped x̂_0 in the loss; the label and inverse suites clip, as the benchmark does.
     Not implemented from the TFG code: ``rescale_grad`` (a no-op for images), ``eps_bsz > 1`` (the image configs
     draw one smoothing sample).
 
@@ -129,9 +137,12 @@ class TFGGuidance(StepTerm):
         rho_schedule, mu_schedule: ``"increase"`` (TFG image default for both), ``"decrease"`` (TFG's μ for
             molecules) or ``"constant"``.
         operator: optional measurement operator A applied to x̂_0 before ``loss_fn``.
+        clip_x0: clamp x̂_0 to ``[-clip_x0, clip_x0]`` before the loss (the benchmark's images: 1.0); ``None``
+            (default) does not.
 
     Raises:
-        ValueError: negative or non-finite ρ̄/μ̄/γ̄, num_iter < 0, num_recur < 1, an unknown schedule name;
+        ValueError: negative or non-finite ρ̄/μ̄/γ̄, num_iter < 0, num_recur < 1, an unknown schedule name, a
+            ``clip_x0`` that is not a finite number > 0;
             (when sampling) a loss not shaped ``(B,)`` or a context without the sampler grid.
 
     Reference: Ye et al. (2024), "TFG: Unified Training-Free Guidance for Diffusion Models", arXiv:2409.15761.
@@ -141,9 +152,12 @@ class TFGGuidance(StepTerm):
 
     def __init__(self, loss_fn: LossFn, rho: float = 0.0, mu: float = 0.0, gamma: float = 0.0, num_iter: int = 4,
                  num_recur: int = 1, rho_schedule: str = "increase", mu_schedule: str = "increase",
-                 operator: LossFn | None = None):
+                 operator: LossFn | None = None, clip_x0: float | None = None):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+        if clip_x0 is not None and not _check_nonneg(clip_x0, "clip_x0") > 0:
+            raise ValueError(f"clip_x0 must be None or a finite number > 0, got {clip_x0!r}")
+        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
         self.rho, self.mu = _check_nonneg(rho, "rho"), _check_nonneg(mu, "mu")
         self.gamma = _check_nonneg(gamma, "gamma")
         if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
@@ -191,6 +205,8 @@ class TFGGuidance(StepTerm):
         if self.rho == 0 and not use_mu:
             return None
         _require_grad(x, "TFGGuidance")
+        if self.clip_x0 is not None:
+            x0_hat = x0_hat.clamp(-self.clip_x0, self.clip_x0)
         ab_t = ctx.schedule.alpha_bar_at(t, x)
         ab_prev = ctx.schedule.alpha_bar_at(ctx.t_prev, x)
         mc_eps = self.gamma * (1 - ab_t).sqrt() * ctx.randn_like(x) if self.gamma > 0 else 0.0
@@ -215,10 +231,10 @@ class TFGGuidance(StepTerm):
 
 
 def dps_as_tfg(loss_fn: LossFn, rho: float, rho_schedule: str = "increase",
-               operator: LossFn | None = None) -> TFGGuidance:
+               operator: LossFn | None = None, clip_x0: float | None = None) -> TFGGuidance:
     """DPS in TFG's unified view: :class:`TFGGuidance` with ρ only (μ = γ = 0, no recurrence)."""
     return TFGGuidance(loss_fn, rho=rho, mu=0.0, gamma=0.0, num_recur=1, rho_schedule=rho_schedule,
-                       operator=operator)
+                       operator=operator, clip_x0=clip_x0)
 
 
 class DPSNormalized(StepTerm):
@@ -231,6 +247,11 @@ class DPSNormalized(StepTerm):
     :class:`~tagdiff.guidance.DPSGuidance` (TAG paper Eq. 9).
 
     Shapes: x ``(B, *D)``; ``loss_fn(A(x̂_0))`` must return ``(B,)``. Conventions as :class:`TFGGuidance`.
+
+    **Matches the benchmark only without clipping.** The benchmark's DPS neither clamps x̂_0 in its loss nor in its
+    step (``methods/dps.py`` calls ``_predict_x_prev_from_eps`` with the model's ε, whatever ``clip_x0`` says): run
+    it with the sampler's ``clip_x0=None``. With ``clip_x0`` in the sampler the step clips x̂_0 while the loss here
+    still sees the unclipped x̂_0, which is no longer the benchmark's rule.
 
     Args:
         loss_fn: ``A(x̂_0) -> (B,)`` per-sample loss = -log p(c | x̂_0).
