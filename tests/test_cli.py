@@ -1,5 +1,6 @@
 """CLI: the commands run end to end; bad input is one line on stderr and exit code 2."""
 
+import importlib.util
 import json
 
 import pytest
@@ -123,6 +124,8 @@ def test_a_time_predictor_is_tied_to_its_diffusion_model(tmp_path, capsys):
 @pytest.mark.parametrize("argv, needle", [
     (["--sampler", "EDMEulerScheduler"], "EDMEulerScheduler is not supported"),
     (["--sampler", "fancy"], "unknown scheduler 'fancy'"),
+    *([(["--sampler", "DPMSolverSDEScheduler"], "needs a package that is not installed")]
+      if importlib.util.find_spec("torchsde") is None else []),  # with torchsde it samples
     (["--sampler", "unipc", "--time-predictor", "digits/time_predictor", "--omega", "1"], "UniPCMultistepScheduler"),
 ])
 def test_sample_with_a_diffusers_scheduler_refuses_bad_ones_in_one_line(tmp_path, capsys, argv, needle):

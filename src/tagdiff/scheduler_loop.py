@@ -91,7 +91,10 @@ def make_scheduler(name: str, schedule_config: dict[str, Any], **kwargs: Any) ->
                          f"{', '.join(SCHEDULER_ALIASES)}, or a diffusers class name "
                          f"({', '.join(SUPPORTED_SCHEDULERS)})")
     _check_name(cls_name)
-    scheduler = cls(**schedule_config, **kwargs)
+    try:
+        scheduler = cls(**schedule_config, **kwargs)
+    except ImportError as e:  # e.g. DPMSolverSDEScheduler without torchsde
+        raise ValueError(f"{cls_name} needs a package that is not installed: {str(e).strip().splitlines()[0]}") from None
     check_scheduler(scheduler)
     return scheduler
 
