@@ -94,7 +94,8 @@ def make_scheduler(name: str, schedule_config: dict[str, Any], **kwargs: Any) ->
     try:
         scheduler = cls(**schedule_config, **kwargs)
     except ImportError as e:  # e.g. DPMSolverSDEScheduler without torchsde
-        raise ValueError(f"{cls_name} needs a package that is not installed: {str(e).strip().splitlines()[0]}") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{cls_name} needs a package that is not installed: {reason}") from None
     check_scheduler(scheduler)
     return scheduler
 
