@@ -177,3 +177,19 @@ def test_sample_with_classifier_free_guidance_on_the_class_conditional_unet(tmp_
         assert main(["sample", *argv, "--out", str(tmp_path / "bad"), "--quiet"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
+
+
+def test_train_a_class_conditional_unet_and_sample_it_with_cfg(tmp_path, capsys):
+    """``train diffusion --class-conditional`` makes a UNet with a 'no label' class recorded in tagdiff.json, which
+    ``sample --target --cfg-scale`` then uses; vector data has no such model."""
+    out = tmp_path / "cc"
+    assert main(["train", "diffusion", "--dataset", "digits", "--class-conditional", "--out", str(out),
+                 "--steps", "2", "--batch-size", "8", "--quiet"]) == 0
+    meta = json.loads((out / "tagdiff.json").read_text())
+    assert meta["null_class"] == 10 and json.loads((out / "config.json").read_text())["num_class_embeds"] == 11
+    assert main(["sample", "--checkpoint", str(out), "--target", "2", "--cfg-scale", "3", "--out",
+                 str(tmp_path / "s"), "--num-samples", "2", "--num-steps", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "diffusion", "--dataset", "toy", "--class-conditional", "--out", str(tmp_path / "v"),
+                 "--steps", "1", "--quiet"]) == 2
+    assert "class" in capsys.readouterr().err

@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train an ε-model or a time predictor")
     tsub = train.add_subparsers(dest="what", required=True, metavar="WHAT")
-    add_train_args(tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)"))
+    dif = tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)")
+    add_train_args(dif)
+    dif.add_argument("--class-conditional", action="store_true",
+                     help="a class-conditional UNet with a 'no label' class, for --cfg-scale (classifier-free guidance)")
+    dif.add_argument("--cond-drop", type=unit_interval, default=0.1,
+                     help="with --class-conditional: P(label dropped) in training (default 0.1)")
     tp = tsub.add_parser("time-predictor",
                          help="time predictor p(t | x_t) or p(t | x_t, c) (MLP, SimpleCNN or UNet encoder)")
     add_train_args(tp)
@@ -191,7 +196,14 @@ def _make_model(args: argparse.Namespace, data: Any, labels: Any, info: Any, T: 
             cond, info, meta = rc.attribute_labels(args.attribute, data, labels, info)
         model, loss = rc.make_classifier(args.kind, info, T)
     elif args.what == "diffusion":
-        model = rc.make_eps_model(info, T, hidden=args.hidden, layers=args.layers or 3, widths=args.widths)
+        K = None
+        if args.class_conditional:
+            if labels is None:
+                raise ValueError(f"--class-conditional needs class labels; dataset {args.dataset!r} has none")
+            K = int(labels.max()) + 1
+            cond, meta = labels, {"null_class": K, "num_classes": K, "num_conditions": K}
+        model = rc.make_eps_model(info, T, hidden=args.hidden, layers=args.layers or 3, widths=args.widths,
+                                  num_classes=K)
         loss = eps_loss
     else:
         cond, meta = rc.condition_labels(args.condition, data, labels, info)

@@ -61,17 +61,26 @@ def recipe_for(what: str, info: DatasetInfo) -> Recipe:
 
 
 def make_eps_model(info: DatasetInfo, num_train_timesteps: int, *, hidden: int = 256, layers: int = 3,
-                   widths: tuple[int, ...] = (32, 64, 64)) -> nn.Module:
+                   widths: tuple[int, ...] = (32, 64, 64), num_classes: int | None = None) -> nn.Module:
     """An ε-model for the dataset: an MLP for vectors, a small ``UNet2DModel`` for square images.
 
+    With ``num_classes`` K the UNet is class-conditional for classifier-free guidance (Ho & Salimans 2022): K + 1
+    class embeddings, the last one the "no label" class (``null_class = K``; tagdiff's label ``-1``), trained with
+    label dropout (``TrainConfig.cond_drop``) so that one network gives ε(x, y) and ε(x, ∅).
+
     Raises:
-        ValueError: for non-square images.
+        ValueError: for non-square images, or a class-conditional model on vector data.
     """
     if _kind(info) == "vector":
+        if num_classes:
+            raise ValueError("class-conditional ε-models are UNets: use an image dataset (digits, mnist, folder)")
         return MLPEpsModel(info.sample_shape[0], num_train_timesteps, hidden, layers)
     c, h, w = info.sample_shape
     if h != w:
         raise ValueError(f"image models need square images, got {h}×{w}; pass --image-size")
+    if num_classes:
+        return UNetEpsModel(make_unet(h, c, widths=widths, num_classes=num_classes + 1), num_train_timesteps,
+                            null_class=num_classes)
     return UNetEpsModel(make_unet(h, c, widths=widths), num_train_timesteps)
 
 
