@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     dif = tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)")
     add_train_args(dif)
     dif.add_argument("--class-conditional", action="store_true",
-                     help="a class-conditional UNet with a 'no label' class, for --cfg-scale (classifier-free guidance)")
+                     help="a class-conditional UNet with a 'no label' class, for --cfg-scale (CFG)")
     dif.add_argument("--cond-drop", type=unit_interval, default=0.1,
                      help="with --class-conditional: P(label dropped) in training (default 0.1)")
     tp = tsub.add_parser("time-predictor",
