@@ -7,6 +7,7 @@ gradient) print one line ``tagdiff: error: ...`` on stderr and exit with code 2,
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -131,8 +132,11 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from . import recipes as rc
     from ._utils import ensure_output_dir, resolve_device
     from .schedules import VPSchedule
+    from .distributed import launch, world_size
     from .training import TrainConfig, train
 
+    if args.num_processes > 1 and world_size() == 1:  # start the run in N processes (each runs this command)
+        return {"exit_code": launch(argv, args.num_processes)}
     device = resolve_device(args.device)
     ensure_output_dir(args.out)
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
@@ -157,6 +161,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                    labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta},
                    export=rc.exporter(model, schedule), device=device)
     model = model.cpu()
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
+        return result
     print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
     if args.what == "classifier":
         result["held_out"] = _classifier_report(model, args, meta)
@@ -351,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             print_models()
         elif args.command == "train":
-            _train(args, argv)
+            code = _train(args, argv).get("exit_code", 0)
+            if code:
+                return code
         elif args.command == "eval":
             _eval_time_predictor(args)
         elif args.command == "sample":

@@ -146,6 +146,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (about 1.8x faster on CPU; default: fp32)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a training state")
     add_device_arg(p)
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="data-parallel processes on this machine, through Hugging Face accelerate (gloo on CPU, "
+                        "one GPU each with --device cuda); each takes its shard of every batch (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
