@@ -131,8 +131,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     from . import recipes as rc
     from ._utils import ensure_output_dir, resolve_device
-    from .schedules import VPSchedule
     from .distributed import launch, world_size
+    from .schedules import VPSchedule
     from .training import TrainConfig, train
 
     if args.num_processes > 1 and world_size() == 1:  # start the run in N processes (each runs this command)
