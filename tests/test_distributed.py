@@ -41,19 +41,23 @@ def _cli(*args):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-TRAIN = ["train", "time-predictor", "--dataset", "digits", "--batch-size", "16",
-         "--quiet", "--num-processes", "2"]
+TRAIN = ["train", "time-predictor", "--dataset", "digits", "--widths", "8,8", "--num-train-timesteps", "100",
+         "--batch-size", "16", "--quiet", "--num-processes", "2"]
 
 
-def test_two_process_run_resumed_equals_uninterrupted(tmp_path):
+def _same_run(a: Path, b: Path) -> None:
+    for name in ("train_state.safetensors", "model.safetensors"):
+        x, y = load_file(a / name), load_file(b / name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    assert json.loads((a / "history.json").read_text()) == json.loads((b / "history.json").read_text())
+
+
+@pytest.mark.slow  # three 2-process CLI runs (about 20 s each on 2 busy cores)
+def test_cli_two_process_run_resumed_equals_uninterrupted(tmp_path):
     _cli(*TRAIN, "--steps", "8", "--out", str(tmp_path / "full"))
     _cli(*TRAIN, "--steps", "4", "--out", str(tmp_path / "res"))
     _cli(*TRAIN, "--steps", "8", "--out", str(tmp_path / "res"))
-    for name in ("train_state.safetensors", "model.safetensors"):
-        a, b = load_file(tmp_path / "full" / name), load_file(tmp_path / "res" / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert json.loads((tmp_path / "full/history.json").read_text()) == json.loads(
-        (tmp_path / "res/history.json").read_text())
+    _same_run(tmp_path / "full", tmp_path / "res")
 
 
 # Each process records the data rows it trained on; data row i holds the value i, so they are the sample indices.
@@ -75,17 +79,49 @@ with open(f"{sys.argv[1]}/seen{os.environ['RANK']}.json", "w") as f:
 
 
 def test_two_processes_take_disjoint_shards_of_the_global_batch(tmp_path):
-    from tagdiff.distributed import _free_port
-
-    env = {**_env(), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(tmp_path)], env={**env, "RANK": str(r),
-                                                                                     "LOCAL_RANK": str(r)})
-             for r in range(2)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    _launch_script(_WORKER, tmp_path)
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
     for step in range(3):
         g = torch.Generator().manual_seed(5 * 1_000_003 + step)
         expected = torch.randint(0, 40, (10,), generator=g).tolist()  # the single-process batch of this step
         assert len(seen[0][step]) == len(seen[1][step]) == 5
         assert seen[0][step] + seen[1][step] == expected  # positions 0-4 and 5-9: disjoint, union = the batch
+
+
+_RESUME = r"""
+import sys, torch
+from tagdiff import MLPTimePredictor, VPSchedule
+from tagdiff.training import TrainConfig, time_loss, train
+data = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+for out, steps in (("full", 8), ("res", 4), ("res", 8)):
+    torch.manual_seed(0)
+    train(MLPTimePredictor(2, 20, hidden=16, num_layers=3), time_loss, data, VPSchedule.linear(20), TrainConfig(
+          steps=steps, batch_size=15, seed=1, lr=1e-2, save_every=3, ema_decay=0.9), f"{sys.argv[1]}/{out}",
+          progress=False)
+"""
+
+
+def _launch_script(script, tmp_path):
+    from tagdiff.distributed import _free_port
+
+    env = {**_env(), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+
+
+def test_two_process_train_resumed_equals_uninterrupted(tmp_path):
+    _launch_script(_RESUME, tmp_path)  # batch 15 over 2 processes: shards of 8 and 7 (unequal, loss re-weighted)
+    _same_run(tmp_path / "full", tmp_path / "res")
+    # the weighted shard losses average to the batch loss: the 1-process run matches up to float rounding
+    from tagdiff import MLPTimePredictor, VPSchedule
+    from tagdiff.training import TrainConfig, time_loss, train
+
+    data = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    train(MLPTimePredictor(2, 20, hidden=16, num_layers=3), time_loss, data, VPSchedule.linear(20), TrainConfig(
+          steps=8, batch_size=15, seed=1, lr=1e-2, save_every=3, ema_decay=0.9), tmp_path / "one", progress=False)
+    one, two = load_file(tmp_path / "one/model.safetensors"), load_file(tmp_path / "full/model.safetensors")
+    assert all(torch.allclose(one[k], two[k], rtol=0, atol=1e-5) for k in one)
+    assert not (tmp_path / "full/.lock").exists()
