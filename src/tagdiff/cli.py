@@ -268,7 +268,7 @@ def _bench_toy(out: Path, args: argparse.Namespace | None = None) -> dict[str, A
     return res
 
 
-def _sample(args: argparse.Namespace) -> dict[str, Any]:
+def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from .generate import SampleConfig, generate
 
     opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
@@ -276,7 +276,15 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
                                          "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
                                          "device", "allow_pickle",
                                          "checkpoint", "classifier", "time_predictor")}
+    from .distributed import launch, world_size
+
+    if args.num_processes > 1 and not args.per_sample_seeds:
+        raise ValueError("--num-processes > 1 needs --per-sample-seeds (each sample its own seed)")
+    if args.num_processes > 1 and world_size() == 1:  # start the sampling in N processes (each runs this command)
+        return {"exit_code": launch(argv, args.num_processes)}
     summary = generate(SampleConfig(**opt), args.out, progress=not args.quiet)
+    if not summary:  # a data-parallel process other than the main one
+        return summary
     tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
     scale = f", guidance scale {summary['guidance_scale']:g}" if args.guidance != "none" else ""
     print(f"wrote {args.num_samples} samples to {args.out} ({summary['seconds']:.1f} s{tg}{scale}, "
@@ -363,7 +371,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             _eval_time_predictor(args)
         elif args.command == "sample":
-            _sample(args)
+            code = _sample(args, argv).get("exit_code", 0)
+            if code:
+                return code
         elif args.command == "bench" and args.what == "toy":
             _bench_toy(args.out, args)
         elif args.command == "bench" and args.what == "speed":

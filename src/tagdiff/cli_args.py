@@ -166,6 +166,9 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--seed", type=int, default=0, help="seed of x_T and the sampling noise (default: 0)")
     smp.add_argument("--per-sample-seeds", action="store_true",
                      help="sample i uses seed+i: its noise does not depend on the batch (see the README)")
+    smp.add_argument("--num-processes", type=positive_int, default=1,
+                     help="with --per-sample-seeds: split the samples over N processes (accelerate; gathered on "
+                          "the main one, which writes the outputs) (default: 1)")
     smp.add_argument("--guidance", choices=("none", "cg", "dps"), default="none",
                      help="none, cg (classifier guidance) or dps (default: none)")
     smp.add_argument("--classifier", default=None,
