@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 
 from tagdiff.distributed import shard
 
-pytest.importorskip("accelerate")
+needs_accelerate = pytest.mark.skipif(find_spec("accelerate") is None, reason="needs accelerate")
 
 
 @pytest.mark.parametrize(("batch", "world"), [(16, 2), (17, 2), (7, 3), (64, 8), (5, 5), (1, 1)])
@@ -54,6 +55,7 @@ def _same_run(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow  # three 2-process CLI runs (about 20 s each on 2 busy cores)
+@needs_accelerate
 def test_cli_two_process_run_resumed_equals_uninterrupted(tmp_path):
     _cli(*TRAIN, "--steps", "8", "--out", str(tmp_path / "full"))
     _cli(*TRAIN, "--steps", "4", "--out", str(tmp_path / "res"))
@@ -79,6 +81,7 @@ with open(f"{sys.argv[1]}/seen{os.environ['RANK']}.json", "w") as f:
 """
 
 
+@needs_accelerate
 def test_two_processes_take_disjoint_shards_of_the_global_batch(tmp_path):
     _launch_script(_WORKER, tmp_path)
     seen = [json.loads((tmp_path / f"seen{r}.json").read_text()) for r in range(2)]
@@ -112,6 +115,7 @@ def _launch_script(script, tmp_path):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
 
 
+@needs_accelerate
 def test_two_process_train_resumed_equals_uninterrupted(tmp_path):
     _launch_script(_RESUME, tmp_path)  # batch 15 over 2 processes: shards of 8 and 7 (unequal, loss re-weighted)
     _same_run(tmp_path / "full", tmp_path / "res")
@@ -136,6 +140,7 @@ def _sample(out, n, *extra, check=True):
     return r
 
 
+@needs_accelerate
 def test_two_process_sampling_equals_one_process_bit_for_bit(tmp_path):
     # the toy MLP: a sample's arithmetic does not depend on its batch, so 4 + 3 samples equal 7 exactly
     args = ("--checkpoint", "toy", "--per-sample-seeds", "--sampler", "ddpm", "--time-predictor", "toy/time_predictor")
@@ -148,6 +153,7 @@ def test_two_process_sampling_equals_one_process_bit_for_bit(tmp_path):
 
 
 @pytest.mark.slow  # a UNet in two processes (about 12 s on 2 busy cores)
+@needs_accelerate
 def test_two_process_unet_sampling_matches_up_to_rounding(tmp_path):
     # convolutions round differently for batch 4 and 7: measured max |diff| 2.1e-6 (5 DDIM steps, clipped x0)
     _sample(tmp_path / "one", 1, "--checkpoint", "digits", "--per-sample-seeds")

@@ -8,6 +8,10 @@ Both losses draw ``t ~ U{0..T-1}`` and ``x_t ~ q(x_t | x_0)``:
 Batch ``i`` depends only on ``(seed, i)``, so a run interrupted and resumed from its last checkpoint follows
 the same trajectory as an uninterrupted one. The training state (weights, EMA, Adam moments, step) is one
 safetensors file, ``train_state.safetensors``, replaced atomically every ``save_every`` steps and on Ctrl-C.
+
+Data-parallel runs (``WORLD_SIZE > 1``: ``tagdiff train --num-processes N``, ``accelerate launch``, ``torchrun``) go
+through ``accelerate``: every process draws the same global batch and trains on its :func:`~tagdiff.distributed.shard`,
+gradients are all-reduced, and the main process alone writes the state and the model.
 """
 
 from __future__ import annotations
