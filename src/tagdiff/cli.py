@@ -7,6 +7,7 @@ gradient) print one line ``tagdiff: error: ...`` on stderr and exit with code 2,
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -136,9 +137,12 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     from . import recipes as rc
     from ._utils import ensure_output_dir, resolve_device
+    from .distributed import launch, world_size
     from .schedules import VPSchedule
     from .training import TrainConfig, train
 
+    if args.num_processes > 1 and world_size() == 1:  # start the run in N processes (each runs this command)
+        return {"exit_code": launch(argv, args.num_processes)}
     device = resolve_device(args.device)
     ensure_output_dir(args.out)
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
@@ -163,6 +167,8 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                    labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta},
                    export=rc.exporter(model, schedule), device=device)
     model = model.cpu()
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
+        return result
     print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
     if args.what == "classifier":
         result["held_out"] = _classifier_report(model, args, meta)
@@ -275,7 +281,7 @@ def _bench_toy(out: Path, args: argparse.Namespace | None = None) -> dict[str, A
     return res
 
 
-def _sample(args: argparse.Namespace) -> dict[str, Any]:
+def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from .generate import SampleConfig, generate
 
     opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
@@ -283,7 +289,15 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
                                          "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
                                          "device", "allow_pickle", "timestep_spacing", "steps_offset",
                                          "checkpoint", "classifier", "time_predictor")}
+    from .distributed import launch, world_size
+
+    if args.num_processes > 1 and not args.per_sample_seeds:
+        raise ValueError("--num-processes > 1 needs --per-sample-seeds (each sample its own seed)")
+    if args.num_processes > 1 and world_size() == 1:  # start the sampling in N processes (each runs this command)
+        return {"exit_code": launch(argv, args.num_processes)}
     summary = generate(SampleConfig(**opt), args.out, progress=not args.quiet)
+    if not summary:  # a data-parallel process other than the main one
+        return summary
     tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
     scale = f", guidance scale {summary['guidance_scale']:g}" if args.guidance != "none" else ""
     print(f"wrote {args.num_samples} samples to {args.out} ({summary['seconds']:.1f} s{tg}{scale}, "
@@ -364,11 +378,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             print_models()
         elif args.command == "train":
-            _train(args, argv)
+            code = _train(args, argv).get("exit_code", 0)
+            if code:
+                return code
         elif args.command == "eval":
             _eval_time_predictor(args)
         elif args.command == "sample":
-            _sample(args)
+            code = _sample(args, argv).get("exit_code", 0)
+            if code:
+                return code
         elif args.command == "bench" and args.what == "toy":
             _bench_toy(args.out, args)
         elif args.command == "bench" and args.what == "speed":

@@ -147,6 +147,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (about 1.8x faster on CPU; default: fp32)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a training state")
     add_device_arg(p)
+    p.add_argument("--num-processes", type=positive_int, default=1,
+                   help="data-parallel processes on this machine, through Hugging Face accelerate (gloo on CPU, "
+                        "one GPU each with --device cuda); each takes its shard of every batch (default: 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -165,6 +168,9 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--seed", type=int, default=0, help="seed of x_T and the sampling noise (default: 0)")
     smp.add_argument("--per-sample-seeds", action="store_true",
                      help="sample i uses seed+i: its noise does not depend on the batch (see the README)")
+    smp.add_argument("--num-processes", type=positive_int, default=1,
+                     help="with --per-sample-seeds: split the samples over N processes (accelerate; gathered on "
+                          "the main one, which writes the outputs) (default: 1)")
     smp.add_argument("--guidance", choices=("none", "cg", "dps"), default="none",
                      help="none, cg (classifier guidance) or dps (default: none)")
     smp.add_argument("--classifier", default=None,

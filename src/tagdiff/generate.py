@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import torch
 
 from ._utils import StackedRandomGenerator, ensure_output_dir, resolve_device
 from .checkpoints import load_model
+from .distributed import make_accelerator, shard
 from .guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from .metrics import TimeGapRecorder
 from .recipes import load_checkpoint
@@ -192,6 +193,12 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
 
     t0 = time.time()
     device = resolve_device(cfg.device)
+    acc, full = make_accelerator(device.type), cfg  # acc: None unless WORLD_SIZE > 1 (sample --num-processes)
+    if acc is not None:  # this process draws samples [start, stop) with seeds seed + start ... seed + stop - 1
+        if not cfg.per_sample_seeds:
+            raise ValueError("sampling in several processes needs --per-sample-seeds (each sample its own seed)")
+        sl, device = shard(cfg.num_samples, acc.process_index, acc.num_processes), acc.device
+        cfg = replace(cfg, num_samples=sl.stop - sl.start, seed=cfg.seed + sl.start)
     if not (cfg.eta >= 0 and cfg.eta < float("inf")):
         raise ValueError(f"eta must be a finite number >= 0, got {cfg.eta!r}")
     if not (cfg.corruption_std >= 0 and cfg.corruption_std < float("inf")):
@@ -243,6 +250,18 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
             x0 = sampler(eps_model, x_T, grid, schedule, terms=terms, cond=cond, randn_like=randn_like,
                          callback=recorder, clip_x0=clip_x0, progress=progress, **kwargs)
     x0 = x0.float().cpu()
+    if acc is not None:  # gather the shards on the main process, in sample order
+        from accelerate.utils import gather_object
+
+        gaps = None if recorder is None else [v.cpu() for v in recorder.gaps]
+        parts = gather_object([(x0, None if target is None else target.cpu(), gaps)])
+        cfg = full
+        if not acc.is_main_process:
+            return {}
+        x0 = torch.cat([p[0] for p in parts])
+        target = None if target is None else torch.cat([p[1] for p in parts])
+        if recorder is not None:
+            recorder.gaps = [torch.cat([p[2][i] for p in parts]) for i in range(len(gaps))]
     arrays = {"x": x0.numpy()}
     if target is not None:
         arrays["target"] = target.cpu().numpy()

@@ -8,6 +8,10 @@ Both losses draw ``t ~ U{0..T-1}`` and ``x_t ~ q(x_t | x_0)``:
 Batch ``i`` depends only on ``(seed, i)``, so a run interrupted and resumed from its last checkpoint follows
 the same trajectory as an uninterrupted one. The training state (weights, EMA, Adam moments, step) is one
 safetensors file, ``train_state.safetensors``, replaced atomically every ``save_every`` steps and on Ctrl-C.
+
+Data-parallel runs (``WORLD_SIZE > 1``: ``tagdiff train --num-processes N``, ``accelerate launch``, ``torchrun``) go
+through ``accelerate``: every process draws the same global batch and trains on its :func:`~tagdiff.distributed.shard`,
+gradients are all-reduced, and the main process alone writes the state and the model.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from torch import Tensor, nn
 
 from ._utils import DeferInterrupt, dir_lock
 from .checkpoints import CheckpointError, load_tensors, save_model, save_tensors
+from .distributed import make_accelerator, shard
 from .schedules import VPSchedule
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "eps_loss", "time_loss", "train"]
@@ -171,20 +177,25 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
         raise ValueError(f"model has T={T_model} but the schedule has T={schedule.num_train_timesteps}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with dir_lock(out_dir), DeferInterrupt() as intr:
-        return _train_locked(model, loss_fn, data, schedule, config, out_dir, labels, resume, progress,
-                             export_extra, torch.device(device), export, intr)
+    acc = make_accelerator(torch.device(device).type)  # None unless WORLD_SIZE > 1 (accelerate / torchrun / launch)
+    main = acc is None or acc.is_main_process
+    with dir_lock(out_dir) if main else nullcontext(), DeferInterrupt() as intr:
+        return _train_locked(model, loss_fn, data, schedule, config, out_dir, labels, resume, progress and main,
+                             export_extra, torch.device(device) if acc is None else acc.device, export, intr, acc)
 
 
 def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
                   out_dir: Path, labels: Tensor | None, resume: bool, progress: bool,
                   export_extra: dict[str, Any] | None, device: torch.device, export: Callable[..., Any] | None,
-                  intr: DeferInterrupt) -> dict[str, Any]:
+                  intr: DeferInterrupt, acc: Any = None) -> dict[str, Any]:
+    world, rank = (1, 0) if acc is None else (acc.num_processes, acc.process_index)
+    main = rank == 0
     state_path = out_dir / "train_state.safetensors"
     data_shape = list(data.shape)
     model = model.to(device).train()
+    raw = model  # the module itself (``model`` becomes its DistributedDataParallel wrapper when world > 1)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
-    ema = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.ema_decay else None
+    ema = {k: v.detach().clone() for k, v in raw.state_dict().items()} if config.ema_decay else None
     start, history, loss_avg = 0, [], None
     model_config = json.loads(json.dumps(getattr(model, "config", {})))
     if resume and state_path.exists():
@@ -209,16 +220,30 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         if loss_avg is None and history:  # a state written before loss_avg was recorded
             loss_avg = history[-1][1]
 
+    if acc is not None:
+        acc.wait_for_everyone()  # every process has read the state before the main one may replace it
+        model, opt = acc.prepare(model, opt)
+
+    def agree(flag: bool) -> bool:  # True on every process if it is True on any (all stop at the same step)
+        if acc is None:
+            return flag
+        return bool(acc.reduce(torch.tensor([float(flag)], device=device), "sum").item() > 0)
+
     def save_state(step: int) -> None:
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        if not main:
+            acc.wait_for_everyone()
+            return
+        tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
         if ema is not None:
             tensors.update({f"ema.{k}": v for k, v in ema.items()})
         opt_tensors, groups = _optim_tensors(opt)
         tensors.update(opt_tensors)
         save_tensors(state_path, tensors, {"step": step, "param_groups": groups, "history": history,
-                                           "loss_avg": loss_avg, "model_class": type(model).__name__,
+                                           "loss_avg": loss_avg, "model_class": type(raw).__name__,
                                            "model_config": model_config, "train_config": asdict(config),
-                                           "data_shape": data_shape})
+                                           "data_shape": data_shape, **({"num_processes": world} if acc else {})})
+        if acc is not None:
+            acc.wait_for_everyone()  # the others wait until the state is written
 
     data = data.to(device)
     labels = None if labels is None else labels.to(device)
@@ -232,7 +257,8 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
     last_saved = start if state_path.exists() and resume else 0
     try:
         for step in range(start, config.steps):
-            intr.check()
+            if agree(intr.pending):
+                raise KeyboardInterrupt
             g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
             idx = torch.randint(0, N, (config.batch_size,), generator=g)
             t = torch.randint(0, T, (config.batch_size,), generator=g).to(device)
@@ -243,20 +269,25 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
                 if config.cond_drop > 0:
                     drop = torch.rand(config.batch_size, generator=g).to(device) < config.cond_drop
                     c = torch.where(drop, torch.full_like(c, -1), c)  # -1: "no condition" (null embedding)
+            if world > 1:  # this process's shard; the loss is weighted so that the averaged gradient is the batch's
+                sl = shard(config.batch_size, rank, world)
+                idx, t, noise, c = idx[sl], t[sl], noise[sl], None if c is None else c[sl]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = loss_fn(model, data[idx.to(device)], t, noise, schedule, c)
+            if world > 1:
+                loss = loss * (idx.shape[0] * world / config.batch_size)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            lv = loss.item()
+            lv = loss.item() if acc is None else acc.reduce(loss.detach().float(), "sum").item() / world
             if not math.isfinite(lv):
                 raise FloatingPointError(f"training loss became {lv} at step {step}; lower the learning rate")
             if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                nn.utils.clip_grad_norm_(raw.parameters(), config.grad_clip)
             in_update = True  # from here to `done = step + 1` the state is between two steps
             opt.step()
             if ema is not None:
                 with torch.no_grad():
-                    for k, v in model.state_dict().items():
+                    for k, v in raw.state_dict().items():
                         if v.is_floating_point():
                             ema[k].lerp_(v, 1 - config.ema_decay)
                         else:
@@ -271,7 +302,8 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
             if done % config.save_every == 0:
                 save_state(done)
                 last_saved = done
-        intr.check()
+        if agree(intr.pending):
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         if in_update or done == last_saved:  # mid-update (a second Ctrl-C) or nothing new: keep the saved state
             raise TrainingInterrupted(last_saved, False, state_path) from None
@@ -281,12 +313,16 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         if bar is not None:
             bar.close()
     save_state(config.steps)
+    model = raw
     if ema is not None:
         model.load_state_dict(ema)
     extra = {"schedule": schedule.to_dict(), "train": asdict(config), **(export_extra or {})}
     try:
-        (export or save_model)(model.eval(), out_dir, **extra)
-        (out_dir / "history.json").write_text(json.dumps(history))
+        if main:
+            (export or save_model)(model.eval(), out_dir, **extra)
+            (out_dir / "history.json").write_text(json.dumps(history))
+        if acc is not None:
+            acc.wait_for_everyone()
     except KeyboardInterrupt:  # a second Ctrl-C: the state is saved; rerunning the command redoes the export
         raise TrainingInterrupted(config.steps, True, state_path) from None
     if intr.pending:
