@@ -12,6 +12,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from tagdiff import VPSchedule
 from tagdiff.schedules import SCHEDULE_KINDS, TIMESTEP_SPACINGS
+from tfg_reference import space_timesteps
 
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
 # diffusers builds its tables in float32, tagdiff in float64: compare at float32 accuracy
@@ -396,32 +397,21 @@ def test_from_diffusers_reads_every_field_that_changes_alpha_bar(kw):
         assert "zero terminal SNR" in s.describe()
     assert VPSchedule.from_dict(s.to_dict()) == s
     assert VPSchedule.from_diffusers(DDPMScheduler(**s.to_diffusers_config())) == s
-def _space_timesteps(num_timesteps: int, section_count: int) -> list[int]:
-    """The TFG benchmark's grid, transcribed from ``YWolfeee/Training-Free-Guidance``, ``diffusion/unet/openai.py``
-    ``space_timesteps`` (one section; Python's ``round``, i.e. round-half-to-even)."""
-    frac_stride = 1 if section_count <= 1 else (num_timesteps - 1) / (section_count - 1)
-    cur, steps = 0.0, []
-    for _ in range(section_count):
-        steps.append(round(cur))
-        cur += frac_stride
-    return sorted(set(steps), reverse=True)
-
-
 def test_one_step_grid_is_zero_under_the_benchmark_spacing():
     """The paper's (TFG benchmark's) one-step grid is [0]: its one-step sampler calls ε_θ(x_T, t = 0). diffusers'
     "leading" and "linspace" agree; only "trailing" gives [T - 1]."""
     s = VPSchedule.linear()
-    assert _space_timesteps(1000, 1) == [0] and _space_timesteps(1000, 3) == [999, 500, 0]
+    assert space_timesteps(1000, 1) == [0] and space_timesteps(1000, 3) == [999, 500, 0]
     assert s.timesteps(1, "linspace").tolist() == [0]
     assert s.timesteps(1, "leading").tolist() == [0]
     assert s.timesteps(1, "trailing").tolist() == [999]
     assert s.timesteps(2, "linspace").tolist() == [999, 0]
     assert s.timesteps(3, "linspace").tolist() == [999, 500, 0]
     for n in range(1, 1001):
-        assert s.timesteps(n, "space_timesteps").tolist() == _space_timesteps(1000, n), n
+        assert s.timesteps(n, "space_timesteps").tolist() == space_timesteps(1000, n), n
     # "linspace" (the experiments' default) is the benchmark's grid at the paper's step counts and every n <= 20 ...
     for n in (*range(1, 21), 50, 100):
-        assert s.timesteps(n, "linspace").tolist() == _space_timesteps(1000, n), n
+        assert s.timesteps(n, "linspace").tolist() == space_timesteps(1000, n), n
     # ... but not everywhere: the benchmark's accumulated float stride rounds 499.4999... down at n = 21
     assert s.timesteps(21, "space_timesteps")[10] == 499 and s.timesteps(21, "linspace")[10] == 500
 

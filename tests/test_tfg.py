@@ -20,6 +20,7 @@ from tagdiff.guidance import (
     dps_as_tfg,
     tfg_schedule,
 )
+from tfg_reference import space_timesteps
 
 F64 = torch.float64
 SCH = VPSchedule.linear(1000)
@@ -380,16 +381,6 @@ def _clf_log_p(x0: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(2.0 * x0 @ _W_CLF, -1).gather(1, _TARGET[:, None])[:, 0]
 
 
-def _space_timesteps(num_timesteps: int, section_count: int) -> list[int]:
-    """``diffusion/unet/openai.py::space_timesteps`` with one section."""
-    frac_stride = 1 if section_count <= 1 else (num_timesteps - 1) / (section_count - 1)
-    cur, steps = 0.0, []
-    for _ in range(section_count):
-        steps.append(round(cur))
-        cur += frac_stride
-    return sorted(set(steps), reverse=True)
-
-
 def _benchmark_tfg(eps_net, x, num_steps, rho, mu, sigma, iter_steps, noise, renoise, clip=1.0):
     """The TFG benchmark's sampler, transcribed from ``YWolfeee/Training-Free-Guidance``:
 
@@ -407,7 +398,7 @@ def _benchmark_tfg(eps_net, x, num_steps, rho, mu, sigma, iter_steps, noise, ren
     """
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=F64)
     ab_full = torch.cumprod(1 - betas, 0)
-    ts = torch.tensor(_space_timesteps(1000, num_steps))
+    ts = torch.tensor(space_timesteps(1000, num_steps))
     new_betas, last = [], 1.0
     for i, ab in enumerate(ab_full):
         if i in set(ts.tolist()):
