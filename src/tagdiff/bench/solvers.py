@@ -43,12 +43,12 @@ from .common import (
 )
 from .label import LabelConfig
 
-__all__ = ["SOLVERS", "SolversConfig", "make_scheduler", "run_solvers"]
+__all__ = ["SOLVERS", "SolversConfig", "solver_scheduler", "run_solvers"]
 
 SOLVERS = ("ddim", "dpmpp2m", "unipc", "euler")
 
 
-def make_scheduler(name: str, schedule_config: dict[str, Any], num_steps: int) -> tuple[Any, dict[str, Any]]:
+def solver_scheduler(name: str, schedule_config: dict[str, Any], num_steps: int) -> tuple[Any, dict[str, Any]]:
     """The diffusers scheduler of ``name`` (:data:`SOLVERS`) on a tagdiff schedule, and its ``step`` keywords.
 
     Raises:
@@ -85,7 +85,7 @@ def _draw(setup: Setup, solver: str, steps: int, terms: list, n: int, seed: int)
     """One seeded run: x_T from a CPU generator seeded with ``seed``; per-sample step noise generators."""
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g).to(setup.device)
-    scheduler, step_kwargs = make_scheduler(solver, setup.schedule.to_diffusers_config(), steps)
+    scheduler, step_kwargs = solver_scheduler(solver, setup.schedule.to_diffusers_config(), steps)
     recorder = TimeGapRecorder(setup.models["time_predictor"])
     t0 = time.time()
     x0 = sample_scheduler(scheduler, setup.eps_model, x_T, num_inference_steps=steps, terms=terms,
