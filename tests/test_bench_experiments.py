@@ -266,3 +266,19 @@ def test_paired_ci_is_a_student_t_interval_of_the_paired_differences():
     assert ci["rel"] == pytest.approx(m / 11.0) and not ci["inside_noise"] and "noise" not in fmt_ci(ci)
     assert paired_ci([1.0, 2.0], [2.0, 1.0])["inside_noise"] and "(noise)" in fmt_ci(paired_ci([1.0, 2.0], [2.0, 1.0]))
     assert fmt_ci(paired_ci([2.0], [1.0])) == "-50.0%"
+
+
+def test_bench_solvers_runs_tag_through_diffusers_schedulers(tmp_path):
+    """A tiny run of ``bench solvers``: every (guidance, solver, steps) cell has its ω sweep, and the ω = 0 runs of
+    DDIM (η = 0) and Euler coincide closely (Euler's σ-space step is the DDIM ODE step)."""
+    from tagdiff.bench.solvers import SolversConfig, run_solvers, solver_scheduler
+
+    cfg = SolversConfig(solvers=("ddim", "euler"), steps=(3,), guidances=("cg",), omegas=(1.0,), targets=(0, 1),
+                        num_per_target=3, sweep_per_target=2, seeds=(0,), device="cpu")
+    res = run_solvers(tmp_path, cfg, progress=False)
+    assert set(res["runs"]) == {"cg/ddim/3", "cg/euler/3"}
+    a, b = (res["runs"][f"cg/{s}/3"]["without"]["fid"]["mean"] for s in ("ddim", "euler"))
+    assert abs(a - b) <= 0.05 * max(a, b) + 0.05, (a, b)
+    assert "| cg | ddim | 3 |" in (tmp_path / "table.md").read_text()
+    with pytest.raises(ValueError, match="unknown solver 'heun'"):
+        solver_scheduler("heun", {}, 3)
