@@ -18,7 +18,7 @@ Choices, all recorded in ``results.json["config"]``:
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,15 +48,19 @@ __all__ = ["SOLVERS", "SolversConfig", "solver_scheduler", "run_solvers"]
 SOLVERS = ("ddim", "dpmpp2m", "unipc", "euler")
 
 
-def solver_scheduler(name: str, schedule_config: dict[str, Any], num_steps: int) -> tuple[Any, dict[str, Any]]:
+def solver_scheduler(name: str, schedule_config: dict[str, Any], num_steps: int, timestep_spacing: str = "trailing",
+                     steps_offset: int = 0) -> tuple[Any, dict[str, Any]]:
     """The diffusers scheduler of ``name`` (:data:`SOLVERS`) on a tagdiff schedule, and its ``step`` keywords.
 
     Raises:
-        ValueError: for an unknown name.
+        ValueError: for an unknown name, or a spacing diffusers' schedulers do not have (``space_timesteps``).
     """
     import diffusers
 
-    cfg = {**schedule_config, "timestep_spacing": "trailing"}
+    if timestep_spacing not in ("trailing", "leading", "linspace"):
+        raise ValueError(f"diffusers schedulers take timestep_spacing trailing, leading or linspace, got "
+                         f"{timestep_spacing!r}")
+    cfg = {**schedule_config, "timestep_spacing": timestep_spacing, "steps_offset": steps_offset}
     if name == "ddim":
         return diffusers.DDIMScheduler(**cfg, clip_sample=False), {"eta": 0.0}
     if name == "dpmpp2m":
@@ -79,13 +83,18 @@ class SolversConfig(ExperimentConfig):
     sweep_per_target: int = 16
     dps_scale: float = LabelConfig().dps_scale
     cg_scale: float = LabelConfig().cg_scale
+    timestep_spacing: str = field(default="trailing", metadata={"choices": ("trailing", "leading", "linspace"),
+                                                                "help": "the schedulers' timestep_spacing (default: "
+                                                                        "trailing, the first step at T - 1)"})
 
 
-def _draw(setup: Setup, solver: str, steps: int, terms: list, n: int, seed: int) -> dict[str, Any]:
+def _draw(setup: Setup, solver: str, steps: int, terms: list, n: int, seed: int,
+          cfg: SolversConfig) -> dict[str, Any]:
     """One seeded run: x_T from a CPU generator seeded with ``seed``; per-sample step noise generators."""
     g = torch.Generator().manual_seed(seed)
     x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g).to(setup.device)
-    scheduler, step_kwargs = solver_scheduler(solver, setup.schedule.to_diffusers_config(), steps)
+    scheduler, step_kwargs = solver_scheduler(solver, setup.schedule.to_diffusers_config(), steps,
+                                              cfg.timestep_spacing, cfg.steps_offset)
     recorder = TimeGapRecorder(setup.models["time_predictor"])
     t0 = time.time()
     x0 = sample_scheduler(scheduler, setup.eps_model, x_T, num_inference_steps=steps, terms=terms,
@@ -123,13 +132,15 @@ def run_solvers(out_dir: str | Path, cfg: SolversConfig = SolversConfig(), *, pr
                         terms = [ClassifierGuidance(setup.models["clf_noisy"], target, cfg.cg_scale)]
                     if omega > 0:
                         terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
-                    out = _draw(setup, solver, steps, terms, target.numel(), seed)
+                    out = _draw(setup, solver, steps, terms, target.numel(), seed, cfg)
                     return {**sample_metrics(setup, out["x0"], target), "time_gap": out["time_gap"],
                             "seconds": out["seconds"], "preview": preview(out["x0"])}
 
                 key = {"exp": "solvers", "dataset": cfg.dataset, "guidance": guidance, "solver": solver,
                        "steps": steps, "targets": ",".join(map(str, cfg.targets)),
-                       "scale": cfg.dps_scale if guidance == "dps" else cfg.cg_scale}
+                       "scale": cfg.dps_scale if guidance == "dps" else cfg.cg_scale,
+                       **({} if cfg.timestep_spacing == "trailing" and not cfg.steps_offset
+                          else {"grid": cfg.timestep_spacing, "offset": cfg.steps_offset})}
                 r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
                                    n=cfg.num_per_target * len(cfg.targets),
                                    sweep_n=cfg.sweep_per_target * len(cfg.targets))
@@ -137,7 +148,7 @@ def run_solvers(out_dir: str | Path, cfg: SolversConfig = SolversConfig(), *, pr
                 if progress:
                     print(f"  {guidance} {solver:8s} {steps:3d} steps  ω*={r['best_omega']:<4}  FID "
                           f"{fmt_ms(r['without']['fid'])} -> {fmt_ms(r['with']['fid'])}", flush=True)
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "timestep_spacing": "trailing",
+    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints,
                          "clip_x0": 1.0, "ddim_eta": 0.0, "unipc": "corrector disabled (UniP-2M)",
                          "dpmpp2m": "algorithm_type=dpmsolver++, solver_order=2", "tag_placement": "pre",
                          "torch": torch.__version__}
@@ -158,7 +169,8 @@ def _table(results: dict[str, Any], cfg: SolversConfig) -> str:
     head = (f"Label guidance through diffusers solvers, {cfg.dataset}: targets {list(cfg.targets)}, ω_0 chosen on seed "
             f"{cfg.sweep_seed} ({cfg.sweep_per_target} per target) over {list(cfg.omegas)}; mean ± std over seeds "
             f"{list(cfg.seeds)} with {cfg.num_per_target} samples per target. DPS scale {cfg.dps_scale}, CG scale "
-            f"{cfg.cg_scale}; trailing grids, x̂_0 clipped to [-1, 1] before every step. FID per target class in the "
+            f"{cfg.cg_scale}; {cfg.timestep_spacing} grids, x̂_0 clipped to [-1, 1] before every step. FID per target "
+            "class in the "
             "evaluation classifier's features.\n\n")
     return head + markdown_table(["guidance", "solver", "steps", "ω*", "FID without", "FID with TAG", "ΔFID",
                                   "accuracy", "Time Gap", "seconds"], rows)
