@@ -26,7 +26,7 @@ What the schedulers differ in, and how each is handled:
   restarts from saved states, so correctors are refused there. **UniPC** is another exception: its corrector (UniC)
   recomputes the current state from the *previous* one inside ``step``, so any
   change made to x between steps (TAG, drift, corruption) is discarded and only moves the point where the model was
-  evaluated (measured on the toy: drift W1 0.41 instead of 1.44, and TAG made it worse, 0.84). Correctors with
+  evaluated (on the toy mixture a drift then barely acts and TAG makes W1 worse, not better). Correctors with
   UniPC are therefore refused unless its corrector is disabled (``disable_corrector=list(range(N))``: UniP, a
   plain multistep predictor), which restores the expected behaviour.
 * **Second-order schedulers** (Heun, KDPM2) call the model twice per step (their ``timesteps`` repeat): score
