@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from ._utils import DeferInterrupt, dir_lock
 from .checkpoints import CheckpointError, load_tensors, save_model, save_tensors
@@ -137,11 +138,17 @@ def _check_same_run(state_path: Path, meta: dict[str, Any], config: TrainConfig,
                               "rerun with the same options to resume it, or use another --out, or --no-resume")
 
 
-def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
+def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: VPSchedule, config: TrainConfig,
           out_dir: str | Path, *, labels: Tensor | None = None, resume: bool = True, progress: bool = True,
           export_extra: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-          export: Callable[..., Any] | None = None) -> dict[str, Any]:
+          export: Callable[..., Any] | None = None, num_workers: int = 0) -> dict[str, Any]:
     """Train ``model`` on clean ``data`` (shape ``(N, *D)``) with ``loss_fn``; export to ``out_dir``.
+
+    ``data`` is a tensor, or a map-style :class:`~torch.utils.data.Dataset` (``len(data)`` and ``data[i]``, a
+    ``(*D)`` float tensor in ``[-1, 1]`` or ``(x, label)``; e.g. :class:`~tagdiff.data.folder.ImageFolderDataset`)
+    that is never held whole: each batch is gathered from the same seeded indices as for a tensor, through a
+    :class:`~torch.utils.data.DataLoader` with ``num_workers`` workers, so a Dataset and the tensor of its items
+    train bit for bit alike (and resume alike).
 
     Writes ``out_dir/train_state.safetensors`` (resumable state) periodically, and at the end the exported
     checkpoint ``out_dir/model.safetensors`` + ``config.json`` (EMA weights when ``ema_decay`` is set) with the
@@ -152,7 +159,10 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     so the resumed run equals an uninterrupted one bit for bit; a second Ctrl-C stops at once.
 
     Args:
-        labels: optional ``(N,)`` class labels, passed to the loss as ``c`` (conditional models).
+        labels: optional ``(N,)`` class labels, passed to the loss as ``c`` (conditional models); with a Dataset,
+            the labels are the items' second element instead.
+        num_workers: DataLoader worker processes decoding a Dataset's items (0: in this process; ignored for a
+            tensor).
         resume: continue from ``train_state.safetensors`` if present (its model and train config must match, except
             ``steps`` and ``save_every``).
         device: where the model and batches live (batches are drawn on the CPU from ``(seed, step)`` and moved).
@@ -163,12 +173,20 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
         ``{"steps", "final_loss", "seconds", "history"}``.
 
     Raises:
-        ValueError: empty data, label/data length mismatch, or a model whose T differs from the schedule's.
+        ValueError: empty data, label/data length mismatch, ``labels`` with a Dataset, or a model whose T differs
+            from the schedule's.
         LockError: another live process trains into ``out_dir``.
         CheckpointError: an existing training state that does not match this model or run, or is malformed.
         TrainingInterrupted: on Ctrl-C (a ``KeyboardInterrupt``), after saving the state.
     """
-    if data.ndim < 2 or data.shape[0] == 0:
+    if not isinstance(data, Tensor):
+        if labels is not None:
+            raise ValueError("labels= is for a tensor; a Dataset gives its labels as the items' second element")
+        if len(data) == 0:
+            raise ValueError("data is an empty Dataset")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    elif data.ndim < 2 or data.shape[0] == 0:
         raise ValueError(f"data must be a non-empty (N, *D) tensor, got shape {tuple(data.shape)}")
     if labels is not None and labels.shape[0] != data.shape[0]:
         raise ValueError(f"labels has {labels.shape[0]} entries but data has {data.shape[0]} samples")
@@ -181,17 +199,48 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule,
     main = acc is None or acc.is_main_process
     with dir_lock(out_dir) if main else nullcontext(), DeferInterrupt() as intr:
         return _train_locked(model, loss_fn, data, schedule, config, out_dir, labels, resume, progress and main,
-                             export_extra, torch.device(device) if acc is None else acc.device, export, intr, acc)
+                             export_extra, torch.device(device) if acc is None else acc.device, export, intr, acc,
+                             num_workers)
+
+
+def _batch_indices(config: TrainConfig, n: int, step: int) -> tuple[torch.Generator, Tensor]:
+    """Step ``step``'s generator and its sample indices (the generator goes on to draw ``t``, noise, drops)."""
+    g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+    return g, torch.randint(0, n, (config.batch_size,), generator=g)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    """``batch_sampler`` yielding, for steps ``start..steps-1``, this process's shard of the step's seeded indices."""
+
+    def __init__(self, config: TrainConfig, n: int, start: int, rank: int, world: int):
+        self.config, self.n, self.start, self.rank, self.world = config, n, start, rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.config.steps - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.config.steps):
+            idx = _batch_indices(self.config, self.n, step)[1]
+            if self.world > 1:
+                idx = idx[shard(self.config.batch_size, self.rank, self.world)]
+            yield idx.tolist()
 
 
 def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
                   out_dir: Path, labels: Tensor | None, resume: bool, progress: bool,
                   export_extra: dict[str, Any] | None, device: torch.device, export: Callable[..., Any] | None,
-                  intr: DeferInterrupt, acc: Any = None) -> dict[str, Any]:
+                  intr: DeferInterrupt, acc: Any = None, num_workers: int = 0) -> dict[str, Any]:
     world, rank = (1, 0) if acc is None else (acc.num_processes, acc.process_index)
     main = rank == 0
     state_path = out_dir / "train_state.safetensors"
-    data_shape = list(data.shape)
+    lazy = not isinstance(data, Tensor)
+    if lazy:
+        first = data[0]
+        labelled = isinstance(first, (tuple, list))
+        sample_shape = tuple((first[0] if labelled else first).shape)
+        data_shape = [len(data), *sample_shape]
+    else:
+        sample_shape, data_shape = tuple(data.shape[1:]), list(data.shape)
     model = model.to(device).train()
     raw = model  # the module itself (``model`` becomes its DistributedDataParallel wrapper when world > 1)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -245,9 +294,14 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         if acc is not None:
             acc.wait_for_everyone()  # the others wait until the state is written
 
-    data = data.to(device)
-    labels = None if labels is None else labels.to(device)
-    T, N = schedule.num_train_timesteps, data.shape[0]
+    batches = None
+    if lazy:
+        batches = iter(torch.utils.data.DataLoader(data, batch_sampler=_StepSampler(config, data_shape[0], start, rank,
+                                                                                  world), num_workers=num_workers))
+    else:
+        data = data.to(device)
+        labels = None if labels is None else labels.to(device)
+    T, N = schedule.num_train_timesteps, data_shape[0]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -259,21 +313,32 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         for step in range(start, config.steps):
             if agree(intr.pending):
                 raise KeyboardInterrupt
-            g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-            idx = torch.randint(0, N, (config.batch_size,), generator=g)
+            g, idx = _batch_indices(config, N, step)
             t = torch.randint(0, T, (config.batch_size,), generator=g).to(device)
-            noise = torch.randn((config.batch_size, *data.shape[1:]), generator=g).to(device)
+            noise = torch.randn((config.batch_size, *sample_shape), generator=g).to(device)
             c = None
+            if batches is not None:
+                batch = next(batches)  # the rows of this step's indices (this process's shard of them)
+                x0, c = (batch[0], batch[1].to(device)) if labelled else (batch, None)
+                x0 = x0.to(device).contiguous()  # (stacked strided items can come out channels-last: other kernels)
+            else:
+                x0 = data
             if labels is not None:
                 c = labels[idx.to(device)]
-                if config.cond_drop > 0:
-                    drop = torch.rand(config.batch_size, generator=g).to(device) < config.cond_drop
-                    c = torch.where(drop, torch.full_like(c, -1), c)  # -1: "no condition" (null embedding)
+            drop = None
+            if c is not None and config.cond_drop > 0:
+                drop = torch.rand(config.batch_size, generator=g).to(device) < config.cond_drop
             if world > 1:  # this process's shard; the loss is weighted so that the averaged gradient is the batch's
                 sl = shard(config.batch_size, rank, world)
-                idx, t, noise, c = idx[sl], t[sl], noise[sl], None if c is None else c[sl]
+                idx, t, noise, drop = idx[sl], t[sl], noise[sl], None if drop is None else drop[sl]
+                if batches is None and c is not None:  # (the loader already gave this shard's labels)
+                    c = c[sl]
+            if drop is not None:
+                c = torch.where(drop, torch.full_like(c, -1), c)  # -1: "no condition" (null embedding)
+            if batches is None:
+                x0 = x0[idx.to(device)]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss = loss_fn(model, data[idx.to(device)], t, noise, schedule, c)
+                loss = loss_fn(model, x0, t, noise, schedule, c)
             if world > 1:
                 loss = loss * (idx.shape[0] * world / config.batch_size)
             opt.zero_grad(set_to_none=True)

@@ -20,6 +20,7 @@ from torch import Tensor
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FolderInfo",
+    "ImageFolderDataset",
     "folder_info",
     "load_folder",
 ]
@@ -266,7 +267,7 @@ def load_folder(path: str | os.PathLike, split: str = "train", *, image_size: in
             without ``image_size``, an ``.npz`` with unknown keys / bad shape / dtype / range / labels, a file that
             is not an ``.npz``, fewer than 2 images for a train/held-out split, or a bad split / option.
     """
-    from .images import check_channels, check_image_size, check_split, select_split, train_held_out_split
+    from .images import check_channels, check_image_size, check_split, select_split
 
     check_split(split)
     size, channels = check_image_size(image_size), check_channels(channels)
@@ -274,7 +275,17 @@ def load_folder(path: str | os.PathLike, split: str = "train", *, image_size: in
     if root.is_file():
         x, labels = _load_npz(root, size, channels)
         return select_split(x, labels, split, held_out_fraction, split_seed, str(root))
-    files, all_labels, _, channels, size = _plan_directory(root, size, channels)
+    files, labels, _, channels, size = _plan_split(root, split, size, channels, held_out_fraction, split_seed)
+    x = torch.from_numpy(np.stack([np.ascontiguousarray(_image_array(p, channels, size)) for p in files]))
+    return x, labels
+
+
+def _plan_split(root: Path, split: str, size: tuple[int, int] | None, channels: int | None,
+                held_out_fraction: float, split_seed: int):
+    """Files and labels of ``split`` of a directory, with its class names, channels and size (no pixels decoded)."""
+    from .images import train_held_out_split
+
+    files, all_labels, names, channels, size = _plan_directory(root, size, channels)
     labels = torch.tensor(all_labels, dtype=torch.int64)
     if split != "all":
         if len(files) < 2:
@@ -283,8 +294,51 @@ def load_folder(path: str | os.PathLike, split: str = "train", *, image_size: in
         train, held = train_held_out_split(len(files), held_out_fraction, split_seed)
         idx = train if split == "train" else held
         files, labels = [files[i] for i in idx.tolist()], labels[idx]
-    x = torch.from_numpy(np.stack([_image_array(p, channels, size) for p in files]))
-    return x, labels
+    return files, labels, names, channels, size
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """A directory of images, decoded one at a time: the lazy counterpart of :func:`load_folder`.
+
+    Lists the files (and reads their headers) once; ``dataset[i]`` decodes image ``i`` with the same preprocessing
+    as :func:`load_folder`, so ``dataset[i]`` equals ``load_folder(...)[0][i]`` bit for bit (same ``split``,
+    ``image_size``, ``channels``, ``held_out_fraction``, ``split_seed``). Memory stays at one image per worker
+    instead of the whole decoded set; pass it to :func:`~tagdiff.training.train` in place of the tensor.
+
+    Args:
+        with_labels: items are ``(x, label)`` (label an ``int``) instead of ``x`` alone; :func:`train` then passes
+            the labels to the loss, as ``labels=`` does for a tensor.
+
+    Attributes:
+        sample_shape: ``(C, H, W)``; ``labels``: int64 ``(N,)``; ``class_names``: sub-folder names or ``None``.
+
+    Raises:
+        ValueError: for an ``.npz`` archive (it is read whole: use :func:`load_folder`), and the errors of
+            :func:`load_folder` that do not need decoded pixels.
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str = "train", *,
+                 image_size: int | Sequence[int] | None = None, channels: int | None = None,
+                 held_out_fraction: float = 0.2, split_seed: int = 0, with_labels: bool = False):
+        from .images import check_channels, check_image_size, check_split
+
+        check_split(split)
+        size, channels = check_image_size(image_size), check_channels(channels)
+        root = _check_path(path)
+        if root.is_file():
+            raise ValueError(f"{root} is an .npz archive; ImageFolderDataset reads a directory of images (load an "
+                             ".npz whole with load_folder)")
+        self.files, self.labels, self.class_names, channels, size = _plan_split(
+            root, split, size, channels, held_out_fraction, split_seed)
+        self.channels, self.image_size, self.with_labels = channels, size, with_labels
+        self.sample_shape = (channels, *size)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, int]:
+        x = torch.from_numpy(np.ascontiguousarray(_image_array(self.files[i], self.channels, self.image_size)))
+        return (x, int(self.labels[i])) if self.with_labels else x
 
 
 def folder_info(path: str | os.PathLike, *, image_size: int | Sequence[int] | None = None,

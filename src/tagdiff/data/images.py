@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .folder import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS
 from .folder import FolderInfo as FolderInfo
+from .folder import ImageFolderDataset as ImageFolderDataset
 from .folder import folder_info as folder_info
 from .folder import load_folder as load_folder
 from .mnist import MNIST_FILES as MNIST_FILES
@@ -53,6 +54,7 @@ __all__ = [
     "SPLITS",
     "DownloadError",
     "FolderInfo",
+    "ImageFolderDataset",
     "default_data_dir",
     "download_mnist",
     "folder_info",
