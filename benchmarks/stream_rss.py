@@ -1,0 +1,75 @@
+"""Training from a lazy image folder never holds the decoded dataset: peak RSS against the size of the whole set.
+
+    PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/stream_rss.py [--n 10000] [--size 28] [--steps 30]
+
+Writes ``--n`` random RGB PNGs of ``--size``² pixels to a temporary folder, trains a SimpleCNN time predictor
+``--steps`` steps from :class:`~tagdiff.data.folder.ImageFolderDataset` (batch 64, decoded per batch), and prints the
+peak resident set size (``ru_maxrss``) before and after, against the float32 size of the whole decoded set. "Before"
+is after the same training on a 64-image tensor, so that the model, Adam, activations and export are already counted.
+Then it loads the folder whole with ``load_folder`` to show what holding it costs: the peak rises by about that size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=10_000)
+    ap.add_argument("--size", type=int, default=28)
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+
+    from PIL import Image
+
+    from tagdiff import SimpleCNNTimePredictor, VPSchedule
+    from tagdiff.data.folder import ImageFolderDataset, load_folder
+    from tagdiff.training import TrainConfig, time_loss, train
+
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "imgs"
+        root.mkdir()
+        t0 = time.perf_counter()
+        for i in range(args.n):
+            Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)).save(root / f"{i:05d}.png")
+        print(f"wrote {args.n} PNGs ({args.size}x{args.size} RGB) in {time.perf_counter() - t0:.1f} s")
+        decoded = args.n * 3 * args.size * args.size * 4 / 2**20
+
+        ds = ImageFolderDataset(root, "all")
+        sched = VPSchedule.linear(1000)
+        cfg = TrainConfig(steps=args.steps, batch_size=64, lr=1e-3, save_every=args.steps, seed=0)
+        # the same training on a 64-image tensor first: the peak then includes the model, Adam, activations, export
+        warm = torch.stack([ds[i] for i in range(64)])
+        train(SimpleCNNTimePredictor(3, args.size, 1000), time_loss, warm, sched, cfg, Path(tmp) / "warm",
+              progress=False)
+        before = peak_mib()
+        t0 = time.perf_counter()
+        train(SimpleCNNTimePredictor(3, args.size, 1000), time_loss, ds, sched, cfg, Path(tmp) / "run", progress=False)
+        after = peak_mib()
+        print(f"trained {args.steps} steps x 64 images from the lazy folder in {time.perf_counter() - t0:.1f} s")
+        print(f"whole decoded dataset (float32): {decoded:8.1f} MiB")
+        print(f"peak RSS after a 64-image warm-up: {before:6.1f} MiB")
+        print(f"peak RSS after training:         {after:8.1f} MiB  (+{after - before:.1f} MiB)")
+        x, _ = load_folder(root, "all")
+        loaded = peak_mib()
+        print(f"peak RSS after load_folder:      {loaded:8.1f} MiB  (+{loaded - after:.1f} MiB; tensor "
+              f"{x.numel() * 4 / 2**20:.1f} MiB)")
+        assert after - before < decoded / 2, "training from the lazy folder held a large part of the dataset"
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    main()
