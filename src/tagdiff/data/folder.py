@@ -1,7 +1,8 @@
 """The user's own images: a directory of PNG/JPEG files (flat or one sub-folder per class) or an ``.npz`` archive.
 
-The public names are also importable from :mod:`tagdiff.data.images`; see there for the value scaling, splits and
-the ``image_size`` / ``channels`` options.
+:func:`load_folder` decodes everything into one tensor; :class:`ImageFolderDataset` is its lazy counterpart (one
+image per item, same values) for sets that do not fit in memory. The public names are also importable from
+:mod:`tagdiff.data.images`; see there for the value scaling, splits and the ``image_size`` / ``channels`` options.
 """
 
 from __future__ import annotations
