@@ -17,7 +17,6 @@ Choices, all recorded in ``results.json["config"]``:
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,13 +24,11 @@ from typing import Any
 import torch
 
 from ..guidance import ClassifierGuidance, DPSGuidance, TemporalAlignment, label_loss
-from ..metrics import TimeGapRecorder
-from ..scheduler_loop import sample_scheduler
 from .common import (
     ExperimentConfig,
     RunCache,
-    Setup,
     check_classes,
+    draw,
     fmt_ms,
     load_setup,
     markdown_table,
@@ -88,21 +85,6 @@ class SolversConfig(ExperimentConfig):
                                                                         "trailing, the first step at T - 1)"})
 
 
-def _draw(setup: Setup, solver: str, steps: int, terms: list, n: int, seed: int,
-          cfg: SolversConfig) -> dict[str, Any]:
-    """One seeded run: x_T from a CPU generator seeded with ``seed``; per-sample step noise generators."""
-    g = torch.Generator().manual_seed(seed)
-    x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g).to(setup.device)
-    scheduler, step_kwargs = solver_scheduler(solver, setup.schedule.to_diffusers_config(), steps,
-                                              cfg.timestep_spacing, cfg.steps_offset)
-    recorder = TimeGapRecorder(setup.models["time_predictor"])
-    t0 = time.time()
-    x0 = sample_scheduler(scheduler, setup.eps_model, x_T, num_inference_steps=steps, terms=terms,
-                          step_kwargs=step_kwargs, clip_x0=1.0, callback=recorder,
-                          randn_like=lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device))
-    return {"x0": x0.clamp(-1, 1), "time_gap": recorder.mean, "seconds": time.time() - t0}
-
-
 def run_solvers(out_dir: str | Path, cfg: SolversConfig = SolversConfig(), *, progress: bool = True,
                 resume: bool = True) -> dict[str, Any]:
     """Run the experiment; write ``results.json`` and ``table.md`` in ``out_dir``; return the results.
@@ -132,7 +114,9 @@ def run_solvers(out_dir: str | Path, cfg: SolversConfig = SolversConfig(), *, pr
                         terms = [ClassifierGuidance(setup.models["clf_noisy"], target, cfg.cg_scale)]
                     if omega > 0:
                         terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
-                    out = _draw(setup, solver, steps, terms, target.numel(), seed, cfg)
+                    out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=steps,
+                               scheduler=solver_scheduler(solver, setup.schedule.to_diffusers_config(), steps,
+                                                          cfg.timestep_spacing, cfg.steps_offset))
                     return {**sample_metrics(setup, out["x0"], target), "time_gap": out["time_gap"],
                             "seconds": out["seconds"], "preview": preview(out["x0"])}
 
