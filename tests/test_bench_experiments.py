@@ -251,7 +251,7 @@ def test_renamed_fields_and_device_flag(tmp_path, capsys, monkeypatch):
         assert len(err) == 1 and err[0].startswith("tagdiff: error:") and "'cuda'" in err[0]
     assert main(["bench", "fewstep", "--out", str(tmp_path / "x"), "--device", "tpu", "--quiet"]) == 2
     assert "'tpu'" in capsys.readouterr().err
-def test_paired_ci_is_a_student_t_interval_of_the_paired_differences():
+def test_paired_ci_gives_the_student_t_interval_of_the_paired_differences():
     from scipy import stats
 
     from tagdiff.bench.common import fmt_ci, paired_ci
@@ -262,10 +262,38 @@ def test_paired_ci_is_a_student_t_interval_of_the_paired_differences():
     m = sum(d) / 5
     half = stats.t.ppf(0.975, 4) * stats.tstd(d) / 5**0.5
     assert ci["diff"] == pytest.approx(m)
-    assert ci["lo"] == pytest.approx(m - half) and ci["hi"] == pytest.approx(m + half)
+    assert ci["t_lo"] == pytest.approx(m - half) and ci["t_hi"] == pytest.approx(m + half)
     assert ci["rel"] == pytest.approx(m / 11.0) and not ci["inside_noise"] and "noise" not in fmt_ci(ci)
     assert paired_ci([1.0, 2.0], [2.0, 1.0])["inside_noise"] and "(noise)" in fmt_ci(paired_ci([1.0, 2.0], [2.0, 1.0]))
-    assert fmt_ci(paired_ci([2.0], [1.0])) == "-50.0%"
+    assert fmt_ci(paired_ci([2.0], [1.0])) == "-50.0%" and paired_ci([2.0], [1.0])["inside_noise"]
+
+
+def test_paired_bootstrap_interval_matches_its_exact_distribution():
+    from tagdiff.bench.common import paired_ci
+
+    # Two seeds: a resampled mean is d1 (prob 1/4), (d1 + d2)/2 (1/2) or d2 (1/4), so its 2.5 % and 97.5 %
+    # quantiles are d1 and d2 exactly.
+    ci = paired_ci([10.0, 10.0], [9.0, 7.0])
+    assert (ci["lo"], ci["hi"]) == (-3.0, -1.0) and ci["diff"] == -2.0
+    # Three seeds d = -1 + 3u (u in {-1, 0, 1}): the resampled mean is -1 + (u1 + u2 + u3), whose extremes -4 and 2
+    # each have probability 1/27 = 3.7 % > 2.5 %, so they are the interval's ends exactly (the t interval is wider).
+    d = [-4.0, -1.0, 2.0]
+    ci3 = paired_ci([1.0] * 3, [1.0 + x for x in d], num_resamples=20_000)
+    assert (ci3["lo"], ci3["hi"]) == (-4.0, 2.0) and ci3["t_lo"] < -4.0 and ci3["t_hi"] > 2.0 and ci3["inside_noise"]
+    # Seeded: the same inputs give the same bits; another seed moves the ends at most by one atom.
+    assert paired_ci([1.0] * 3, [1.0 + x for x in d], num_resamples=20_000) == ci3
+    # A constant difference has a zero-width bootstrap interval at it, and the t interval then too.
+    c = paired_ci([5.0, 6.0, 7.0], [4.0, 5.0, 6.0])
+    assert c["lo"] == c["hi"] == -1.0 and c["t_lo"] == pytest.approx(-1.0) and not c["inside_noise"]
+    # Large n from a normal: the bootstrap and t intervals agree to a few percent of their width.
+    g = torch.Generator().manual_seed(0)
+    before = torch.randn(400, generator=g).tolist()
+    after = [b + 0.3 + 0.5 * e for b, e in zip(before, torch.randn(400, generator=g).tolist())]
+    big = paired_ci(before, after)
+    width = big["t_hi"] - big["t_lo"]
+    assert abs(big["lo"] - big["t_lo"]) < 0.05 * width and abs(big["hi"] - big["t_hi"]) < 0.05 * width
+    with pytest.raises(ValueError, match="level"):
+        paired_ci([1.0, 2.0], [1.0, 2.0], level=95)
 
 
 def test_bench_solvers_runs_tag_through_diffusers_schedulers(tmp_path):

@@ -225,29 +225,52 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     return {"mean": m, "std": s, "n": len(v), "values": v}
 
 
-def paired_ci(before: Sequence[float], after: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Paired difference ``after - before`` over seeds (common random numbers: seed ``s`` of both shares x_T and the
-    noise) with a Student-t interval: ``{"diff", "lo", "hi", "rel", "rel_lo", "rel_hi", "n", "inside_noise"}``;
-    ``rel*`` divide by the mean of ``before``; ``inside_noise`` when the interval contains 0. One seed: no interval
-    (``lo = hi = nan``)."""
+def paired_ci(before: Sequence[float], after: Sequence[float], level: float = 0.95, *,
+              num_resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
+    """Paired difference ``after - before`` over seeds, with a bootstrap and a Student-t interval.
+
+    Seed ``s`` of both arms shares x_T and the sampling noise (common random numbers), so the per-seed differences
+    ``d_s`` are the unit of resampling. The headline interval ``[lo, hi]`` is the percentile bootstrap of the mean of
+    ``d`` (``num_resamples`` resamples of the seeds with replacement, drawn from ``torch.Generator`` seeded with
+    ``seed``: the same inputs give the same interval). With few seeds the percentile bootstrap is too narrow (it
+    cannot see beyond the observed ``d_s``; with 5 seeds its coverage is nearer 90 % than 95 %), so the Student-t
+    interval ``[t_lo, t_hi]`` is computed as well and ``inside_noise`` is set when *either* interval contains 0 (the
+    conservative reading). ``rel*`` divide by ``|mean(before)|``.
+
+    Returns:
+        ``{"diff", "lo", "hi", "rel", "rel_lo", "rel_hi", "t_lo", "t_hi", "n", "level", "method", "inside_noise"}``;
+        one seed: no interval (``lo = hi = t_lo = t_hi = nan``, ``inside_noise`` True).
+
+    Raises:
+        ValueError: unpaired or empty inputs, or ``level`` outside (0, 1).
+    """
     from scipy import stats
 
     if len(before) != len(after) or not before:
         raise ValueError(f"need paired values, got {len(before)} and {len(after)}")
-    d = [float(b) - float(a) for a, b in zip(before, after)]
-    n, m = len(d), sum(d) / len(d)
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    d = torch.tensor([float(b) - float(a) for a, b in zip(before, after)], dtype=torch.float64)
+    n, m = len(d), float(d.mean())
     base = abs(sum(float(a) for a in before) / n) or float("nan")
+    nan = float("nan")
+    lo = hi = t_lo = t_hi = nan
     if n > 1:
-        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n)
-    else:
-        half = float("nan")
-    lo, hi = m - half, m + half
-    return {"diff": m, "lo": lo, "hi": hi, "rel": m / base, "rel_lo": lo / base, "rel_hi": hi / base, "n": n,
-            "level": level, "inside_noise": not (lo > 0 or hi < 0)}
+        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(d.std()) / math.sqrt(n)
+        t_lo, t_hi = m - half, m + half
+        g = torch.Generator().manual_seed(seed)
+        means = d[torch.randint(0, n, (num_resamples, n), generator=g)].mean(1)
+        q = torch.tensor([0.5 - level / 2, 0.5 + level / 2], dtype=torch.float64)
+        lo, hi = (float(v) for v in torch.quantile(means, q))
+    holds_zero = n == 1 or not (lo > 0 or hi < 0) or not (t_lo > 0 or t_hi < 0)
+    return {"diff": m, "lo": lo, "hi": hi, "rel": m / base, "rel_lo": lo / base, "rel_hi": hi / base,
+            "t_lo": t_lo, "t_hi": t_hi, "n": n, "level": level, "method": "paired percentile bootstrap over seeds",
+            "inside_noise": holds_zero}
 
 
 def fmt_ci(ci: dict[str, Any]) -> str:
-    """``-12.3% [-20.1, -4.5]`` (relative change and its interval, in %); ``(noise)`` when the interval holds 0."""
+    """``-12.3% [-20.1, -4.5]`` (relative change and its bootstrap interval, in %); ``(noise)`` when the bootstrap or
+    the Student-t interval of :func:`paired_ci` holds 0."""
     if math.isnan(ci["lo"]):
         return f"{100 * ci['rel']:+.1f}%"
     tag = " (noise)" if ci["inside_noise"] else ""

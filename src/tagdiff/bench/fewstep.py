@@ -139,8 +139,8 @@ def _table(results: dict[str, Any], cfg: FewStepConfig) -> str:
             "TAG setting (placement:ω_0) chosen on seed "
             f"{cfg.sweep_seed} ({cfg.sweep_samples} samples) over ω_0 ∈ {list(cfg.omegas)} × {list(cfg.placements)}; "
             f"mean ± std over seeds {list(cfg.seeds)} with {cfg.num_samples} samples each. FID against all held-out "
-            "images. ΔFID: mean paired change over seeds with its 95% Student-t interval; (noise) = the interval "
-            "contains 0.\n\n")
+            "images. ΔFID: mean paired change over seeds with its 95% paired bootstrap interval; (noise) = it or the "
+            "Student-t interval contains 0.\n\n")
     return head + markdown_table(["sampler", "steps", "best TAG", "FID without", "FID with TAG", "ΔFID [95% CI]",
                                   "IS analogue", "Time Gap", "paper FID (CIFAR-10)"], rows) + "\n".join(trace) + "\n"
 

@@ -319,8 +319,8 @@ def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...
                      f"{a['seconds']['mean']:.1f}"])
     head = (f"Label guidance, {cfg.dataset}: targets {list(cfg.targets)}, {cfg.num_per_target} samples per target per "
             f"seed, grid {cfg.timestep_spacing!r}; mean ± std over seeds {list(seeds)}. ΔFID: mean paired change "
-            "against the method without its corrector, with its 95% Student-t interval over seeds; (noise) = the "
-            "interval contains 0.\n\n")
+            "against the method without its corrector, with its 95% paired bootstrap interval over seeds; (noise) = "
+            "it or the Student-t interval contains 0.\n\n")
     write_outputs(out_dir, results, head + markdown_table(["method", "FID", "ΔFID [95% CI]", "accuracy", "Time Gap",
                                                            "seconds"], rows))
     return results
