@@ -325,10 +325,10 @@ def sampling_space(checkpoint: str | Path, sample_shape: tuple[int, ...], vae: s
         CheckpointError: a VAE folder that does not load.
     """
     space = None if vae is None else LatentSpace.from_pretrained(vae, device)
-    check_pairing(vae, space, checkpoint, "--checkpoint")
     if space is not None and tuple(space.latent_shape) != tuple(sample_shape):
         raise ValueError(f"--vae {vae} makes latents of shape {tuple(space.latent_shape)} but --checkpoint "
                          f"{checkpoint} samples shape {tuple(sample_shape)}")
+    check_pairing(vae, space, checkpoint, "--checkpoint")
     return space
 
 
