@@ -154,3 +154,27 @@ def test_sampling_space_and_predictor_checks_name_both_sides(tmp_path):
     with pytest.raises(ValueError, match=r"time predictor digits/time_predictor works on x of shape \(1, 8, 8\) "
                                          r"but --checkpoint M samples latents"):
         check_predictor_space("digits/time_predictor", load_model("digits/time_predictor"), "M", space, "V")
+
+
+def test_tfg_and_dps_run_on_latents_through_the_decoder():
+    """Image losses drive latent sampling: TFG (a step term) and DPS (a score term) with a clean image classifier,
+    on a latent ε-model, change the latents and stay finite."""
+    from tagdiff import TFGGuidance, sample_ddim
+
+    vae = tiny_vae()
+    space = LatentSpace(vae)
+    torch.manual_seed(4)
+    clf = CleanClassifier(1, 8, 10, widths=(8,), hidden=16).eval()
+    loss = space.image_loss(label_loss(clf, 3))
+    schedule = VPSchedule.linear(1000)
+    w = torch.randn(4, 4, 1, 1)
+
+    def eps_model(x, t):  # a smooth stand-in for a latent UNet
+        return torch.tanh(F.conv2d(x, w))
+
+    z_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    grid = schedule.timesteps(3)
+    plain = sample_ddim(eps_model, z_T, grid, schedule)
+    for term in (TFGGuidance(loss, rho=1.0, mu=0.25, gamma=0.0), DPSGuidance(loss, 4.0)):
+        out = sample_ddim(eps_model, z_T, grid, schedule, terms=[term])
+        assert out.shape == (2, 4, 4, 4) and torch.isfinite(out).all() and not torch.equal(out, plain)
