@@ -32,6 +32,7 @@ from .cli_args import (
     unit_interval,
     with_device,
 )
+from .cli_latent import add_vae_arg, add_vae_parser, latent_data, latent_held_out, train_vae
 
 __all__ = ["build_parser", "main"]
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a class-conditional UNet with a 'no label' class, for --cfg-scale (CFG)")
     dif.add_argument("--cond-drop", type=unit_interval, default=0.1,
                      help="with --class-conditional: P(label dropped) in training (default 0.1)")
+    add_vae_arg(dif, "a latent model on its latents (sample shape = latent shape)")
     tp = tsub.add_parser("time-predictor",
                          help="time predictor p(t | x_t) or p(t | x_t, c) (MLP, SimpleCNN or UNet encoder)")
     add_train_args(tp)
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "multicond)")
     tp.add_argument("--cond-drop", type=unit_interval, default=0.1,
                     help="conditional: P(c = null) in training (default 0.1)")
+    add_vae_arg(tp, "a predictor on its latents (with --checkpoint: the VAE of that latent model)")
     clf = tsub.add_parser("classifier", help="label classifier: noisy (guidance), clean (DPS) or eval (metrics)")
     add_train_args(clf)
     clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
@@ -71,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="label = the attribute's level (above its class median), not the class (bench multicond)")
     clf.add_argument("--split-seed", type=int, default=0,
                      help="seed of the train/held-out split (digits, folder); default 0 as for the other models")
+    add_vae_parser(tsub)
 
     ev = sub.add_parser("eval", help="evaluate a trained model")
     esub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")
@@ -82,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     etp.add_argument("--seed", type=int, default=12345, help="noise seed (default: 12345)")
     etp.add_argument("--out", type=Path, default=None,
                      help="write the report as JSON to this file, and a PNG figure beside it")
+    add_vae_arg(etp, "the VAE of a latent time predictor")
     add_device_arg(etp)
 
-    add_sample_args(sub.add_parser("sample", help="sample from a checkpoint with optional guidance, corruption "
-                                                  "and TAG"))
+    add_sample_args(smp := sub.add_parser("sample", help="sample from a checkpoint with optional guidance, "
+                                                         "corruption and TAG"))
+    add_vae_arg(smp, "the VAE of a latent --checkpoint; samples are decoded at the end")
     sub.add_parser("models", help="list the shipped models and the names --checkpoint accepts for them")
 
     bench = sub.add_parser("bench", help="reproduce an experiment of the paper")
@@ -141,12 +147,15 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from .schedules import VPSchedule
     from .training import TrainConfig, train
 
+    if args.what == "vae":
+        return train_vae(args, argv)
     if args.num_processes > 1 and world_size() == 1:  # start the run in N processes (each runs this command)
         return {"exit_code": launch(argv, args.num_processes)}
     device = resolve_device(args.device)
     ensure_output_dir(args.out)
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
     data, labels, info = _load_data(args, "train", seed=args.seed)
+    data, info, latent_meta = latent_data(args, data, info)  # --vae: the cached latents (unchanged without)
     if getattr(args, "checkpoint", None) is not None:  # tie the predictor to its diffusion model's schedule
         schedule = _model_schedule(args.checkpoint, tuple(info.sample_shape))
         args.num_train_timesteps = schedule.num_train_timesteps
@@ -164,7 +173,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                          cond_drop=args.cond_drop if meta.get("num_conditions") else 0.0)
     command = "tagdiff " + " ".join(shlex.quote(a) for a in argv)
     result = train(model, loss, data, schedule, config, args.out, resume=not args.no_resume, progress=not args.quiet,
-                   labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta},
+                   labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta, **latent_meta},
                    export=rc.exporter(model, schedule), device=device)
     model = model.cpu()
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
@@ -176,6 +185,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         result["held_out"] = _time_predictor_report(model, schedule, args, args.out / "report.json")
         if meta.get("num_conditions"):  # with the true and with the null condition, on the whole held-out split
             hx, hy, _ = _load_data(args, "held_out")
+            hx = latent_held_out(args, hx)
             result["held_out_conditional"] = rc.conditional_report(model, schedule, args.condition, meta, hx, hy,
                                                                    info, args.out / "report_conditional.json")
     return result
@@ -226,6 +236,7 @@ def _time_predictor_report(predictor: Any, schedule: Any, args: argparse.Namespa
 
     split = "train" if args.dataset == "toy" else "held_out"  # toy: fresh draws (another seed) are held out
     held_out, _, _ = _load_data(args, split, seed=seed, num_samples=num_samples)
+    held_out = latent_held_out(args, held_out)
     return time_predictor_report(predictor, schedule, held_out, out, f"{args.dataset} time predictor", seed)
 
 
@@ -287,7 +298,7 @@ def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
                                          "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
                                          "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
-                                         "device", "allow_pickle", "timestep_spacing", "steps_offset",
+                                         "device", "allow_pickle", "timestep_spacing", "steps_offset", "vae",
                                          "checkpoint", "classifier", "time_predictor")}
     from .distributed import launch, world_size
 

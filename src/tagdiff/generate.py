@@ -41,6 +41,12 @@ class SampleConfig:
     diverges to pure noise) and does not clip vector models; ``None`` never clips. ``device``: ``auto | cpu | cuda
     | mps``; x_T and the noise are drawn on the CPU from the seed and moved, so a seed gives the same noise on
     every device. ``allow_pickle`` lets a diffusers folder with only pickle weights load.
+
+    ``vae``: a latent model's ``AutoencoderKL`` folder (:mod:`tagdiff.latent`). Sampling, TAG and the Time Gap then
+    run on latents (the time predictor must be a latent one of the same VAE); DPS takes its clean-classifier loss
+    through the decoder; ``clip_x0="auto"`` does not clip latents; the final latents are decoded, clamped to
+    [-1, 1], and saved as images (``x``; the latents as ``z``). Classifier guidance (a noisy *image* classifier)
+    is refused with a VAE.
     """
 
     checkpoint: str
@@ -67,6 +73,7 @@ class SampleConfig:
     allow_pickle: bool = False
     timestep_spacing: str = "trailing"  # VPSchedule.timesteps; "linspace" is the TFG benchmark's grid (1 step: [0])
     steps_offset: int = 0
+    vae: str | None = None             # the AutoencoderKL folder of a latent checkpoint (decoded at the end)
 
 
 def resolved_scale(cfg: SampleConfig) -> float:
@@ -123,7 +130,8 @@ def _check_predictor(predictor: Any, path: str, schedule: VPSchedule, sample_sha
 
 
 def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, schedule: VPSchedule,
-           sample_shape: tuple[int, ...], device: torch.device) -> tuple[list[Term], torch.Tensor | None]:
+           sample_shape: tuple[int, ...], device: torch.device, space: Any = None
+           ) -> tuple[list[Term], torch.Tensor | None]:
     terms: list[Term] = []
     target = None
     if cfg.corruption_std > 0:
@@ -133,8 +141,12 @@ def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, sche
     if cfg.guidance != "none":
         if cfg.classifier is None or cfg.target is None:
             raise ValueError(f"--guidance {cfg.guidance} needs --classifier and --target")
+        if space is not None and cfg.guidance == "cg":
+            raise ValueError(f"--guidance cg needs a noisy classifier on latents; {cfg.classifier} is an image "
+                             "classifier: with --vae use --guidance dps (through the decoder)")
         clf = load_model(cfg.classifier, device)
-        _check_classifier(cfg.guidance, clf, cfg.classifier, schedule, sample_shape)
+        _check_classifier(cfg.guidance, clf, cfg.classifier, schedule,
+                          sample_shape if space is None else space.image_shape)
         K = getattr(clf, "num_classes", num_classes_hint)
         if K is not None and not 0 <= cfg.target < K:
             raise ValueError(f"target class {cfg.target} out of range; the classifier has classes 0..{K - 1}")
@@ -143,7 +155,8 @@ def _terms(cfg: SampleConfig, predictor: Any, num_classes_hint: int | None, sche
         if cfg.guidance == "cg":
             terms.append(ClassifierGuidance(clf, target, scale))
         else:
-            terms.append(DPSGuidance(label_loss(clf, target), scale))
+            loss = label_loss(clf, target)
+            terms.append(DPSGuidance(loss if space is None else space.image_loss(loss), scale))
     if cfg.cfg_scale is not None:
         if cfg.target is None:
             raise ValueError("--cfg-scale needs --target (the class to guide towards)")
@@ -188,6 +201,7 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
             kind, an unwritable ``out_dir``, a device this machine lacks).
     """
     from .interop import UNetEpsModel
+    from .latent import check_predictor_space, sampling_space
     from .nets import MLPEpsModel
     from .time_predictor import TimePredictor
 
@@ -208,6 +222,7 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     if not isinstance(eps_model, MLPEpsModel | UNetEpsModel):
         raise ValueError(f"--checkpoint {cfg.checkpoint} holds a {type(eps_model).__name__}, not an ε-model (a "
                          "tagdiff MLPEpsModel or a diffusers UNet2DModel, e.g. --checkpoint digits)")
+    space = sampling_space(cfg.checkpoint, eps_model.sample_shape, cfg.vae, device)  # None: a pixel model
     if cfg.compile:  # the wrapper keeps its attributes (sample_shape, prediction_type); only forward is compiled
         eps_model.forward = torch.compile(eps_model.forward)
     scheduler = None if cfg.sampler in SAMPLERS else make_scheduler(cfg.sampler, schedule.to_diffusers_config())
@@ -217,10 +232,11 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
         if not isinstance(predictor, TimePredictor):
             raise ValueError(f"--time-predictor {cfg.time_predictor} holds a {type(predictor).__name__}, not a time "
                              "predictor (e.g. --time-predictor digits/time_predictor)")
+        check_predictor_space(cfg.time_predictor, predictor, cfg.checkpoint, space, cfg.vae)
         _check_predictor(predictor, cfg.time_predictor, schedule, eps_model.sample_shape)
-    terms, target = _terms(cfg, predictor, None, schedule, eps_model.sample_shape, device)
+    terms, target = _terms(cfg, predictor, None, schedule, eps_model.sample_shape, device, space)
     cond = _conditioning(cfg, eps_model, target)
-    clip_x0 = resolved_clip(cfg, eps_model.sample_shape)
+    clip_x0 = None if space is not None and cfg.clip_x0 == "auto" else resolved_clip(cfg, eps_model.sample_shape)
     shape = (cfg.num_samples, *eps_model.sample_shape)
     if cfg.per_sample_seeds:
         rng = StackedRandomGenerator(range(cfg.seed, cfg.seed + cfg.num_samples))
@@ -263,12 +279,15 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
         if recorder is not None:
             recorder.gaps = [torch.cat([p[2][i] for p in parts]) for i in range(len(gaps))]
     arrays = {"x": x0.numpy()}
+    if space is not None:  # latents -> images (clamped to the data range), the latents kept as z
+        arrays = {"x": space.decode_batched(x0).clamp(-1, 1).numpy(), "z": x0.numpy()}
+        x0 = torch.from_numpy(arrays["x"])
     if target is not None:
         arrays["target"] = target.cpu().numpy()
     np.savez_compressed(out_dir / "samples.npz", **arrays)
     summary = {"config": asdict(cfg), "guidance_scale": resolved_scale(cfg), "clip_x0": clip_x0,
                "device": str(device), "num_samples": cfg.num_samples, "timesteps": grid.tolist(),
-               "seconds": time.time() - t0,
+               "seconds": time.time() - t0, "vae": None if space is None else space.describe(),
                "time_gap": None if recorder is None else recorder.mean,
                "time_gap_per_step": None if recorder is None else recorder.per_step.tolist()}
     if x0.ndim == 4:

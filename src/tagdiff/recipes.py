@@ -25,7 +25,7 @@ from .time_predictor import MLPTimePredictor, SimpleCNNTimePredictor, TimePredic
 
 __all__ = ["CONDITIONS", "RECIPES", "Recipe", "attribute_labels", "classifier_report", "condition_labels",
            "conditional_report", "exporter", "load_checkpoint", "make_classifier", "make_eps_model",
-           "make_time_predictor", "recipe_for", "TIME_PREDICTOR_ARCHS", "time_predictor_report"]
+           "make_time_predictor", "make_vae", "recipe_for", "TIME_PREDICTOR_ARCHS", "time_predictor_report"]
 
 CONDITIONS = ("none", "class", *(f"class_{name}" for name in ATTRIBUTES))
 
@@ -48,6 +48,7 @@ RECIPES: dict[tuple[str, str], Recipe] = {
     ("classifier-noisy", "image"): Recipe(10_000, 256, 1e-3),
     ("classifier-clean", "image"): Recipe(4_000, 256, 1e-3),
     ("classifier-eval", "image"): Recipe(4_000, 256, 1e-3),
+    ("vae", "image"): Recipe(3_000, 64, 1e-3),
 }
 
 
@@ -118,6 +119,41 @@ def make_time_predictor(info: DatasetInfo, num_train_timesteps: int, *, hidden: 
     if arch == "unet-encoder":
         return UNetEncoderTimePredictor(c, h, num_train_timesteps, widths=tuple(widths), num_classes=num_classes)
     return SimpleCNNTimePredictor(c, h, num_train_timesteps, num_classes=num_classes)
+
+
+def make_vae(info: DatasetInfo, *, widths: tuple[int, ...] | None = None, latent_channels: int = 4,
+             kl_weight: float = 1e-6) -> nn.Module:
+    """A small diffusers ``AutoencoderKL`` for the dataset's square images, as a :class:`~tagdiff.vae.VAEModel`.
+
+    ``len(widths)`` encoder/decoder levels (``DownEncoderBlock2D`` / ``UpDecoderBlock2D``, one ResNet per level,
+    the mid-block attention of diffusers' default), downsampling f = 2^(len(widths) - 1). Default widths: (16, 32)
+    for images up to 16 pixels (digits 8×8 → 4×4×4 latents, f = 2) and (16, 32, 32) above (MNIST, f = 4). Images
+    are padded with -1 to a canvas that is a multiple of 4f (:func:`~tagdiff.vae.canvas_pad`): MNIST 28×28 → 32×32,
+    latents ``(latent_channels, 8, 8)``; digits are not padded.
+
+    Raises:
+        ValueError: vector data, non-square images, empty or non-positive widths, or latent_channels < 1.
+    """
+    from diffusers import AutoencoderKL
+
+    from .vae import VAEModel, canvas_pad
+
+    if _kind(info) != "image":
+        raise ValueError(f"a VAE is for image datasets (digits, mnist, folder); {info.name!r} has samples of shape "
+                         f"{info.sample_shape}")
+    c, h, w = info.sample_shape
+    if h != w:
+        raise ValueError(f"VAEs need square images, got {h}×{w}; pass --image-size")
+    widths = tuple(widths) if widths else ((16, 32) if h <= 16 else (16, 32, 32))
+    if min(widths) < 1 or latent_channels < 1:
+        raise ValueError(f"VAE widths and latent channels must be positive, got {list(widths)} and {latent_channels}")
+    n = len(widths)
+    pad = canvas_pad(h, 2 ** (n - 1))
+    vae = AutoencoderKL(in_channels=c, out_channels=c, block_out_channels=widths, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                        latent_channels=latent_channels, norm_num_groups=min(8, min(widths)),
+                        sample_size=h + sum(pad))
+    return VAEModel(vae, (c, h, w), pad, kl_weight)
 
 
 def make_classifier(kind: str, info: DatasetInfo, num_train_timesteps: int) -> tuple[nn.Module, Any]:
