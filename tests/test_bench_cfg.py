@@ -27,6 +27,11 @@ def setup():
     return load_cfg_setup(TINY)
 
 
+@pytest.fixture(scope="module")
+def ctag_setup():
+    return load_cfg_setup(replace(TINY, methods=("cfg+ctag",)))
+
+
 def _draw(setup, terms, cfg=TINY, seed=0, clip=1.0):
     y = torch.arange(10).repeat_interleave(cfg.num_per_target)
     return draw(setup, terms, n=y.numel(), seed=seed, num_steps=cfg.steps, eta=0.0, clip_x0=clip,
@@ -60,7 +65,7 @@ def test_bench_cfg_end_to_end_structure_identities_and_resume(setup, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["cfg", "apg", "interval", "cfg++"])
-def test_tag_at_omega_zero_is_the_base_method_bit_for_bit(setup, method):
+def test_tag_at_omega_zero_is_the_base_method_bit_for_bit(setup, ctag_setup, method):
     window = interval_from_sigma(setup.schedule, *TINY.interval_sigma)
     scale = 0.6 if method == "cfg++" else 4.0
     clip = None if method == "cfg++" else 1.0
@@ -68,6 +73,10 @@ def test_tag_at_omega_zero_is_the_base_method_bit_for_bit(setup, method):
     zero = _draw(setup, cfg_terms(method + "+tag", scale, 0.0, setup, TINY, window), clip=clip)
     one = _draw(setup, cfg_terms(method + "+tag", scale, 1.0, setup, TINY, window), clip=clip)
     assert torch.equal(base, zero) and not torch.equal(base, one)
+    y = torch.arange(10).repeat_interleave(TINY.num_per_target)
+    czero = _draw(ctag_setup, cfg_terms(method + "+ctag", scale, 0.0, ctag_setup, TINY, window, y), clip=clip)
+    cone = _draw(ctag_setup, cfg_terms(method + "+ctag", scale, 1.0, ctag_setup, TINY, window, y), clip=clip)
+    assert torch.equal(base, czero) and not torch.equal(cone, base) and not torch.equal(cone, one)
 
 
 def test_saturation_and_intensity_w1():

@@ -16,7 +16,10 @@ dropout (``CHECKPOINTS/unet_class``; the null label is ``y = -1``, :class:`tagdi
   paper's λ ∈ [0, 1] is not a CFG scale); it needs DDIM's unclipped update, so the sampler does not clip and CFG++
   clamps its own x̂_0^λ to ±``cfgpp_clip_x0`` (without it this model collapses at every λ; docs/RESULTS.md §15);
 * ``<method>+tag``: the same with :class:`~tagdiff.guidance.TemporalAlignment` (Alg. 1, ω_t = ω_0 (1 − ᾱ_t), the
-  unconditional time predictor ``CHECKPOINTS/time_predictor``).
+  unconditional time predictor ``CHECKPOINTS/time_predictor``);
+* ``<method>+ctag``: TAG with the class-conditional time predictor p_φ(t | x, y) of ``CHECKPOINTS/
+  time_predictor_class`` (``tagdiff train time-predictor --condition class``) at the sample's own class, so that
+  TAG pulls toward the manifold of the class being guided to rather than toward the unconditional one.
 
 Sampler: DDIM η = 0 over ``steps`` steps of the ``timestep_spacing`` grid, x̂_0 clipped to [-1, 1] inside the step
 (``clip_x0``) except for CFG++ (above). Every run of a seed shares x_T (common random numbers).
@@ -83,7 +86,7 @@ __all__ = ["METHODS", "ALL_METHODS", "CFGConfig", "cfg_terms", "load_cfg_setup",
            "saturation"]
 
 METHODS = ("cfg", "cfg+tag", "apg", "apg+tag", "interval", "interval+tag", "cfg++")
-ALL_METHODS = (*METHODS, "cfg+++tag")
+ALL_METHODS = (*METHODS, "cfg+++tag", "cfg+ctag", "apg+ctag", "interval+ctag", "cfg+++ctag")
 NULL = {"y": -1}  # the dropped label of UNetEpsModel (mapped to its null_class)
 SATURATION_LEVEL = 0.98
 
@@ -100,8 +103,8 @@ class CFGConfig(ExperimentConfig):
     cfgpp_lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
     methods: tuple[str, ...] = METHODS
     omegas: tuple[float, ...] = (0.25, 1.0, 4.0)
-    num_per_target: int = 48
-    sweep_per_target: int = 24
+    num_per_target: int = 32
+    sweep_per_target: int = 16
     steps: int = 20
     clip_x0: float = 1.0
     interval_sigma: tuple[float, ...] = (0.28, 5.42)
@@ -178,18 +181,24 @@ def load_cfg_setup(cfg: CFGConfig) -> Setup:
                          f"{tuple(eps_model.sample_shape)}")
     held_x, held_y = load_dataset(cfg.dataset, "held_out", data_dir=cfg.data_dir)
     models = {"eps_model": eps_model, "schedule": schedule, "time_predictor": tp, "clf_eval": clf}
+    if any(m.endswith("+ctag") for m in cfg.methods):
+        tpc = load_model(root / "time_predictor_class", dev)
+        if not isinstance(tpc, TimePredictor) or tpc.num_train_timesteps != T:
+            raise ValueError(f"{root / 'time_predictor_class'} must be a class-conditional time predictor with T={T}")
+        models["time_predictor_class"] = tpc
     return Setup(cfg.dataset, models, held_x.to(dev), held_y.to(dev), str(root), dev)
 
 
 def cfg_terms(method: str, scale: float, omega: float, setup: Setup, cfg: CFGConfig,
-              window: tuple[int, int]) -> list:
+              window: tuple[int, int], y: Tensor | None = None) -> list:
     """The terms of ``method`` (:data:`ALL_METHODS`) at guidance scale ``scale`` (λ for CFG++) and TAG strength
-    ``omega`` (used by ``+tag`` methods only; ω = 0 still adds the TAG term, which is then a no-op).
+    ``omega`` (used by ``+tag`` / ``+ctag`` methods only; ω = 0 still adds the TAG term, which is then a no-op);
+    ``y`` ``(n,)``: the samples' classes, the condition of ``+ctag``'s predictor.
 
     Raises:
-        ValueError: an unknown method.
+        ValueError: an unknown method, or ``+ctag`` without ``y`` or without ``setup.models["time_predictor_class"]``.
     """
-    base = method.removesuffix("+tag")
+    base = method.removesuffix("+tag").removesuffix("+ctag")
     if base == "cfg":
         terms: list = [ClassifierFreeGuidance(scale, NULL)]
     elif base == "apg":
@@ -202,6 +211,11 @@ def cfg_terms(method: str, scale: float, omega: float, setup: Setup, cfg: CFGCon
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(ALL_METHODS)}")
     if method.endswith("+tag"):
         terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
+    elif method.endswith("+ctag"):
+        if y is None or "time_predictor_class" not in setup.models:
+            raise ValueError(f"{method} needs the samples' classes y and a class-conditional time predictor "
+                             "(CHECKPOINTS/time_predictor_class)")
+        terms.append(TemporalAlignment(setup.models["time_predictor_class"], omega, condition=y))
     return terms
 
 
@@ -224,7 +238,8 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
 
     Returns:
         ``{"runs": {"<family>/<scale>": tag_comparison result ("without" = the base method, "with" = + TAG at the
-        chosen ω_0) or {"without": ...} when no "+tag" method of the family is asked}, "config", "reference",
+        chosen ω_0) or {"without": ...} when no "+tag" method of the family is asked}, "runs_ctag": the same for
+        "+ctag" (when asked; its "sweep" grid names are "ctag:<ω>"), "config", "reference",
         "window", "figure"}``; families ``cfg``, ``apg``, ``interval`` on ``scales`` and ``cfg++`` on
         ``cfgpp_lambdas``.
 
@@ -237,17 +252,19 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
     decode = (lambda z: z) if cfg.vae is None else load_decoder(cfg.vae, setup.device)
     cache = RunCache(out_dir, resume)
     results: dict[str, Any] = {"runs": {}}
-    families = [f for f in ("cfg", "apg", "interval", "cfg++") if f in cfg.methods or f"{f}+tag" in cfg.methods]
+    families = [f for f in ("cfg", "apg", "interval", "cfg++")
+                if any(m in cfg.methods for m in (f, f"{f}+tag", f"{f}+ctag"))]
     for family in families:
         axis = cfg.cfgpp_lambdas if family == "cfg++" else cfg.scales
         for scale in axis:
-            def run(omega: float, seed: int, n: int, family: str = family, scale: float = scale) -> dict[str, Any]:
-                y = torch.arange(K).repeat_interleave(n // K)
-                method = family + ("+tag" if omega else "")
-                out = draw(setup, cfg_terms(method, scale, omega, setup, cfg, window), n=y.numel(), seed=seed,
+            def run(omega: float, seed: int, n: int, variant: str | None = None, family: str = family,
+                    scale: float = scale) -> dict[str, Any]:
+                y = torch.arange(K).repeat_interleave(n // K).to(setup.device)
+                method = family + (f"+{variant or 'tag'}" if omega else "")
+                out = draw(setup, cfg_terms(method, scale, omega, setup, cfg, window, y), n=y.numel(), seed=seed,
                            num_steps=cfg.steps, eta=0.0, clip_x0=None if family == "cfg++" else (cfg.clip_x0 or None),
                            timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset,
-                           cond={"y": y.to(setup.device)}, clamp=cfg.vae is None)
+                           cond={"y": y}, clamp=cfg.vae is None)
                 x0 = decode(out["x0"])
                 return {**sample_metrics(setup, x0, y), **saturation(x0, setup.held_x), "time_gap": out["time_gap"],
                         "seconds": out["seconds"], "preview": preview(x0)}
@@ -262,8 +279,8 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
                    **({"checkpoints": cfg.checkpoints} if cfg.checkpoints else {})}
             n, sweep_n = cfg.num_per_target * K, cfg.sweep_per_target * K
             if f"{family}+tag" in cfg.methods:
-                r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
-                                   n=n, sweep_n=sweep_n)
+                r = tag_comparison(cache, key, lambda w, s, m: run(w, s, m), omegas=cfg.omegas, seeds=cfg.seeds,
+                                   sweep_seed=cfg.sweep_seed, n=n, sweep_n=sweep_n)
             else:
                 runs = [cache.get({**key, "omega": 0.0, "seed": s, "n": n}, lambda s=s, n=n: run(0.0, s, n))
                         for s in cfg.seeds]
@@ -271,6 +288,10 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
                 r = {"without": {k: mean_std([x[k] for x in nums]) for k in nums[0]}, "runs": {"without": nums},
                      "preview": {"without": runs[0]["preview"]}}
             results["runs"][f"{family}/{scale:g}"] = r
+            if f"{family}+ctag" in cfg.methods:  # the ω = 0 runs are the base method's (no variant in their key)
+                rc = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
+                                    n=n, sweep_n=sweep_n, variants=("ctag",))
+                results.setdefault("runs_ctag", {})[f"{family}/{scale:g}"] = rc
             if progress:
                 w = r.get("best_omega")
                 tail = "" if w is None else f" -> TAG ω*={w:g}: FID {r['with']['fid']['mean']:.2f}"

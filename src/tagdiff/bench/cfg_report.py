@@ -55,14 +55,30 @@ def table(results: dict[str, Any], cfg: Any) -> str:
             "W1 are means; ΔFID: paired change with TAG and its 95 % t-interval over the seeds.\n\n")
     body = markdown_table(["method", "scale", "ω*", "FID", "ΔFID (TAG)", "accuracy", "Time Gap", "saturation",
                            "intensity W1"], rows)
-    return (head + body + "\n\nFID per evaluation seed " + f"{list(cfg.seeds)}:\n\n"
-            + markdown_table(["method", "scale", "without TAG", "with TAG"], seeds))
+    out = (head + body + "\n\nFID per evaluation seed " + f"{list(cfg.seeds)}:\n\n"
+           + markdown_table(["method", "scale", "without TAG", "with TAG"], seeds))
+    if results.get("runs_ctag"):
+        crow = []
+        for key, r in results["runs_ctag"].items():
+            family, scale = key.split("/", 1)
+            a, b, w = r["without"], r["with"], r["best_omega"]
+            same = w == 0
+            crow.append([FAMILY_NAMES[family], scale, f"{w:g}", fmt_ms(a["fid"], 2),
+                         "=" if same else fmt_ms(b["fid"], 2), "no TAG chosen" if same else fmt_ci(r["paired"]["fid"]),
+                         f"{a['accuracy']['mean']:.3f}" + ("" if same else f" → {b['accuracy']['mean']:.3f}"),
+                         f"{a['time_gap']['mean']:.0f}" + ("" if same else f" → {b['time_gap']['mean']:.0f}"),
+                         ", ".join(f"{v:.2f}" for v in b["fid"]["values"])])
+        out += ("\n\nTAG with the class-conditional time predictor p(t | x, y) (+ctag; ω_0 chosen the same way; Time "
+                "Gap of the unconditional predictor):\n\n"
+                + markdown_table(["method", "scale", "ω*", "FID", "FID + cTAG", "ΔFID", "accuracy", "Time Gap",
+                                  "FID + cTAG per seed"], crow))
+    return out
 
 
 def figure(path: Path, results: dict[str, Any], cfg: Any) -> None:
     """``cfg.png``: FID, accuracy, saturation and Time Gap against the guidance scale (log2 axis) for CFG, APG and
-    the interval, with (solid) and without (dashed) TAG, error bars ± std over seeds; below, the same for CFG++
-    against its λ (linear axis)."""
+    the interval, with (solid) and without (dashed) TAG (dotted: TAG with the class-conditional predictor), error
+    bars ± std over seeds; below, the same for CFG++ against its λ (linear axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,13 +97,20 @@ def figure(path: Path, results: dict[str, Any], cfg: Any) -> None:
                 if not cells:
                     continue
                 xs = [c[0] for c in cells]
-                for name, style in (("without", "--"), ("with", "-")):
-                    if name not in cells[0][1]:
+                ctag = dict(_cells({"runs": results.get("runs_ctag", {})}, family))
+                for name, style in (("without", "--"), ("with", "-"), ("ctag", ":")):
+                    if name == "ctag":
+                        if not ctag:
+                            continue
+                        pts = [(x, ctag[x]["with"][m]) for x in xs if x in ctag]
+                    elif name not in cells[0][1]:
                         continue
-                    ys = [c[1][name][m]["mean"] for c in cells]
-                    es = [c[1][name][m]["std"] for c in cells]
-                    ax.errorbar(xs, ys, yerr=es, fmt=style, marker="o", ms=3, capsize=2, color=colors[family],
-                                label=f"{FAMILY_NAMES[family]}{' + TAG' if name == 'with' else ''}")
+                    else:
+                        pts = [(c[0], c[1][name][m]) for c in cells]
+                    label = {"without": "", "with": " + TAG", "ctag": " + class TAG"}[name]
+                    ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
+                                fmt=style, marker="o", ms=3, capsize=2, color=colors[family],
+                                label=f"{FAMILY_NAMES[family]}{label}")
             if row == 0:
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("guidance scale s")
