@@ -76,18 +76,19 @@ def table(results: dict[str, Any], cfg: Any) -> str:
 
 
 def figure(path: Path, results: dict[str, Any], cfg: Any) -> None:
-    """``cfg.png``: FID, accuracy, saturation and Time Gap against the guidance scale (log2 axis) for CFG, APG and
-    the interval, with (solid) and without (dashed) TAG (dotted: TAG with the class-conditional predictor), error
-    bars ± std over seeds; below, the same for CFG++ against its λ (linear axis)."""
+    """``cfg.png``: FID, accuracy, saturation, intensity W1 and Time Gap against the guidance scale (log2 axis) for
+    CFG, APG and the interval, with (solid) and without (dashed) TAG (dotted: TAG with the class-conditional
+    predictor; a "with" point equals "without" where ω* = 0), error bars ± std over seeds; below, the same for
+    CFG++ against its λ (linear axis)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metrics = (("fid", "FID (per class)"), ("accuracy", "accuracy"), ("saturation", "saturation (|x_0| > 0.98)"),
-               ("time_gap", "Time Gap"))
+               ("intensity_w1", "intensity W1 to held-out"), ("time_gap", "Time Gap"))
     has_pp = bool(_cells(results, "cfg++"))
-    fig, axes = plt.subplots(1 + has_pp, 4, figsize=(15, 3.6 * (1 + has_pp)), squeeze=False)
+    fig, axes = plt.subplots(1 + has_pp, len(metrics), figsize=(18, 3.6 * (1 + has_pp)), squeeze=False)
     colors = {"cfg": "C0", "apg": "C1", "interval": "C2", "cfg++": "C3"}
     for row, families in enumerate((("cfg", "apg", "interval"), ("cfg++",))[: 1 + has_pp]):
         for j, (m, label) in enumerate(metrics):
