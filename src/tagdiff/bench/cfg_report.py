@@ -108,10 +108,10 @@ def figure(path: Path, results: dict[str, Any], cfg: Any) -> None:
                         continue
                     else:
                         pts = [(c[0], c[1][name][m]) for c in cells]
-                    label = {"without": "", "with": " + TAG", "ctag": " + class TAG"}[name]
+                    suffix = {"without": "", "with": " + TAG", "ctag": " + class TAG"}[name]
                     ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
                                 fmt=style, marker="o", ms=3, capsize=2, color=colors[family],
-                                label=f"{FAMILY_NAMES[family]}{label}")
+                                label=f"{FAMILY_NAMES[family]}{suffix}")
             if row == 0:
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel("guidance scale s")
