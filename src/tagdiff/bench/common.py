@@ -126,14 +126,18 @@ def grid_key(cfg: Any) -> dict[str, Any]:
 
 def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: int, sampler: str = "ddim",
          eta: float = 1.0, clip_x0: float | None = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
-         scheduler: tuple[Any, dict[str, Any]] | None = None, progress: bool = False) -> dict[str, Any]:
+         scheduler: tuple[Any, dict[str, Any]] | None = None, cond: dict[str, Any] | None = None,
+         clamp: bool = True, progress: bool = False) -> dict[str, Any]:
     """One seeded sampling run on ``setup.device``: x_T and the step noise come from one CPU generator seeded with
     ``seed`` (then moved to the device), so every method of a seed shares them (common random numbers), over the
     grid ``schedule.timesteps(num_steps, timestep_spacing, steps_offset)``; or, with ``scheduler = (a diffusers
     scheduler, its step keywords)``, through :func:`tagdiff.sample_scheduler` on that scheduler's own grid.
+    ``cond``: the model's keyword conditioning (e.g. ``{"y": (n,) labels}`` for a class-conditional UNet);
+    ``clamp``: clamp the result to [-1, 1] (pixel models; a latent model's x0 is returned as it is).
 
     Returns:
-        ``{"x0": (n, C, H, W) in [-1, 1] on the device, "time_gap": mean Time Gap, "time_gap_per_step": list,
+        ``{"x0": (n, C, H, W) in [-1, 1] (``clamp``) on the device, "time_gap": mean Time Gap,
+        "time_gap_per_step": list,
         "tls_norm_per_step": list (mean ‖ω_t·TLS‖ of the TAG corrections per step; 0 where TAG did not act),
         "timesteps": the grid, "seconds": float}``.
     Raises:
@@ -148,13 +152,14 @@ def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: i
     if scheduler is not None:
         x0 = sample_scheduler(scheduler[0], setup.eps_model, x_T, num_inference_steps=num_steps, terms=list(terms),
                               step_kwargs=scheduler[1], clip_x0=clip_x0, callback=recorder, randn_like=randn_like,
-                              progress=progress)
+                              cond=cond, progress=progress)
         grid = torch.tensor(recorder.timesteps)
     else:
         grid = setup.schedule.timesteps(num_steps, timestep_spacing, steps_offset)
         x0 = get_sampler(sampler)(setup.eps_model, x_T, grid, setup.schedule, terms=list(terms), callback=recorder,
-                                  clip_x0=clip_x0, randn_like=randn_like, progress=progress, **kwargs)
-    return {"x0": x0.clamp(-1, 1), "time_gap": recorder.mean, "time_gap_per_step": recorder.per_step.tolist(),
+                                  clip_x0=clip_x0, randn_like=randn_like, cond=cond, progress=progress, **kwargs)
+    return {"x0": x0.clamp(-1, 1) if clamp else x0, "time_gap": recorder.mean,
+            "time_gap_per_step": recorder.per_step.tolist(),
             "tls_norm_per_step": recorder.tls_norm_per_step.tolist(), "timesteps": grid.tolist(),
             "seconds": time.time() - t0}
 

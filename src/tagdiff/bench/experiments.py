@@ -1,4 +1,4 @@
-"""Command-line wiring of the experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond|solvers``).
+"""Command-line wiring of the experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond|solvers|cfg``).
 
 Each experiment is a frozen config dataclass plus a ``run_*(out_dir, cfg, progress=, resume=)`` function; its CLI
 options are generated from the dataclass fields (``num_samples`` -> ``--num-samples``; tuples take comma-separated
@@ -18,6 +18,7 @@ __all__ = ["EXPERIMENTS", "add_experiment_parsers", "run_experiment"]
 
 
 def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]], str]]:
+    from .cfg import CFGConfig, run_cfg
     from .corrupted import CorruptedConfig, run_corrupted
     from .fewstep import FewStepConfig, run_fewstep
     from .inverse import InverseConfig, run_inverse
@@ -34,10 +35,12 @@ def _registry() -> dict[str, tuple[type, Callable[..., dict[str, Any]], str]]:
                           "class + stroke thickness (or slant) guided together; joint/single/unconditional TAG "
                           "(Table 5)"),
             "solvers": (SolversConfig, run_solvers,
-                        "label guidance through DDIM / DPM-Solver++ / UniPC / Euler schedulers, with/without TAG")}
+                        "label guidance through DDIM / DPM-Solver++ / UniPC / Euler schedulers, with/without TAG"),
+            "cfg": (CFGConfig, run_cfg, "classifier-free guidance scale 1-32: CFG, APG, interval, CFG++, with/without "
+                                        "TAG (class-conditional UNet)")}
 
 
-EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse", "multicond", "solvers")
+EXPERIMENTS = ("corrupted", "strength", "fewstep", "inverse", "multicond", "solvers", "cfg")
 
 
 def _tuple_parser(kind: type) -> Callable[[str], tuple]:
