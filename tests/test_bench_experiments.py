@@ -266,6 +266,11 @@ def test_paired_ci_gives_the_student_t_interval_of_the_paired_differences():
     assert ci["rel"] == pytest.approx(m / 11.0) and not ci["inside_noise"] and "noise" not in fmt_ci(ci)
     assert paired_ci([1.0, 2.0], [2.0, 1.0])["inside_noise"] and "(noise)" in fmt_ci(paired_ci([1.0, 2.0], [2.0, 1.0]))
     assert fmt_ci(paired_ci([2.0], [1.0])) == "-50.0%" and paired_ci([2.0], [1.0])["inside_noise"]
+    t_text = fmt_ci(ci, "t")
+    assert t_text == f"{100 * m / 11:+.1f}% [{100 * (m - half) / 11:+.1f}, {100 * (m + half) / 11:+.1f}]"
+    assert fmt_ci(ci) == f"{100 * m / 11:+.1f}% [{100 * ci['lo'] / 11:+.1f}, {100 * ci['hi'] / 11:+.1f}]"
+    with pytest.raises(ValueError, match="interval"):
+        fmt_ci(ci, "percentile")
 
 
 def test_paired_bootstrap_interval_matches_its_exact_distribution():

@@ -34,7 +34,7 @@ def table(results: dict[str, Any], cfg: Any) -> str:
             ci, w = "–", "–"
         else:
             w = f"{r['best_omega']:g}"
-            ci = "no TAG chosen" if r["best_omega"] == 0 else fmt_ci(r["paired"]["fid"])
+            ci = "no TAG chosen" if r["best_omega"] == 0 else fmt_ci(r["paired"]["fid"], "t")
         rows.append([FAMILY_NAMES[family], scale, w, pair("fid", 2), ci, pair("accuracy", 3),
                      pair("time_gap", 0, False), pair("saturation", 3, False), pair("intensity_w1", 3, False)])
         per = ", ".join(f"{v:.2f}" for v in a["fid"]["values"])
@@ -64,7 +64,8 @@ def table(results: dict[str, Any], cfg: Any) -> str:
             a, b, w = r["without"], r["with"], r["best_omega"]
             same = w == 0
             crow.append([FAMILY_NAMES[family], scale, f"{w:g}", fmt_ms(a["fid"], 2),
-                         "=" if same else fmt_ms(b["fid"], 2), "no TAG chosen" if same else fmt_ci(r["paired"]["fid"]),
+                         "=" if same else fmt_ms(b["fid"], 2),
+                         "no TAG chosen" if same else fmt_ci(r["paired"]["fid"], "t"),
                          f"{a['accuracy']['mean']:.3f}" + ("" if same else f" → {b['accuracy']['mean']:.3f}"),
                          f"{a['time_gap']['mean']:.0f}" + ("" if same else f" → {b['time_gap']['mean']:.0f}"),
                          ", ".join(f"{v:.2f}" for v in b["fid"]["values"])])

@@ -243,7 +243,8 @@ def paired_ci(before: Sequence[float], after: Sequence[float], level: float = 0.
     conservative reading). ``rel*`` divide by ``|mean(before)|``.
 
     Returns:
-        ``{"diff", "lo", "hi", "rel", "rel_lo", "rel_hi", "t_lo", "t_hi", "n", "level", "method", "inside_noise"}``;
+        ``{"diff", "lo", "hi", "rel", "rel_lo", "rel_hi", "t_lo", "t_hi", "t_rel_lo", "t_rel_hi", "n", "level",
+        "method", "inside_noise"}``;
         one seed: no interval (``lo = hi = t_lo = t_hi = nan``, ``inside_noise`` True).
 
     Raises:
@@ -269,17 +270,25 @@ def paired_ci(before: Sequence[float], after: Sequence[float], level: float = 0.
         lo, hi = (float(v) for v in torch.quantile(means, q))
     holds_zero = n == 1 or not (lo > 0 or hi < 0) or not (t_lo > 0 or t_hi < 0)
     return {"diff": m, "lo": lo, "hi": hi, "rel": m / base, "rel_lo": lo / base, "rel_hi": hi / base,
-            "t_lo": t_lo, "t_hi": t_hi, "n": n, "level": level, "method": "paired percentile bootstrap over seeds",
+            "t_lo": t_lo, "t_hi": t_hi, "t_rel_lo": t_lo / base, "t_rel_hi": t_hi / base, "n": n, "level": level,
+            "method": "paired percentile bootstrap over seeds",
             "inside_noise": holds_zero}
 
 
-def fmt_ci(ci: dict[str, Any]) -> str:
-    """``-12.3% [-20.1, -4.5]`` (relative change and its bootstrap interval, in %); ``(noise)`` when the bootstrap or
-    the Student-t interval of :func:`paired_ci` holds 0."""
+def fmt_ci(ci: dict[str, Any], interval: str = "bootstrap") -> str:
+    """``-12.3% [-20.1, -4.5]``: the relative change of a :func:`paired_ci` result and its ``interval`` (``"bootstrap"``
+    or ``"t"``, the Student-t one), in %; ``(noise)`` when the bootstrap or the Student-t interval holds 0.
+
+    Raises:
+        ValueError: an unknown ``interval``.
+    """
+    if interval not in ("bootstrap", "t"):
+        raise ValueError(f"interval must be 'bootstrap' or 't', got {interval!r}")
+    lo, hi = (ci["rel_lo"], ci["rel_hi"]) if interval == "bootstrap" else (ci["t_rel_lo"], ci["t_rel_hi"])
     if math.isnan(ci["lo"]):
         return f"{100 * ci['rel']:+.1f}%"
     tag = " (noise)" if ci["inside_noise"] else ""
-    return f"{100 * ci['rel']:+.1f}% [{100 * ci['rel_lo']:+.1f}, {100 * ci['rel_hi']:+.1f}]{tag}"
+    return f"{100 * ci['rel']:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]{tag}"
 
 
 def fmt_ms(stats: dict[str, Any], digits: int = 1) -> str:

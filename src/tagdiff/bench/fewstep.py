@@ -121,7 +121,7 @@ def _table(results: dict[str, Any], cfg: FewStepConfig) -> str:
         a, b = r["without"], r["with"]
         paper = PAPER["fid"].get(steps)
         rows.append([sampler, steps, r["sweep"]["best"], fmt_ms(a["fid"], 2), fmt_ms(b["fid"], 2),
-                     "TAG off" if not r["best_omega"] else fmt_ci(r["paired"]["fid"]) if "paired" in r else
+                     "TAG off" if not r["best_omega"] else fmt_ci(r["paired"]["fid"], "t") if "paired" in r else
                      f"{100 * relative_change(a['fid']['mean'], b['fid']['mean']):+.1f}%",
                      f"{a['is']['mean']:.2f} → {b['is']['mean']:.2f}",
                      f"{a['time_gap']['mean']:.1f} → {b['time_gap']['mean']:.1f}",
@@ -139,8 +139,8 @@ def _table(results: dict[str, Any], cfg: FewStepConfig) -> str:
             "TAG setting (placement:ω_0) chosen on seed "
             f"{cfg.sweep_seed} ({cfg.sweep_samples} samples) over ω_0 ∈ {list(cfg.omegas)} × {list(cfg.placements)}; "
             f"mean ± std over seeds {list(cfg.seeds)} with {cfg.num_samples} samples each. FID against all held-out "
-            "images. ΔFID: mean paired change over seeds with its 95% paired bootstrap interval; (noise) = it or the "
-            "Student-t interval contains 0.\n\n")
+            "images. ΔFID: mean paired change over seeds with its 95% Student-t interval (3-5 seeds: too few for a "
+            "bootstrap); (noise) = it or the paired bootstrap interval contains 0.\n\n")
     return head + markdown_table(["sampler", "steps", "best TAG", "FID without", "FID with TAG", "ΔFID [95% CI]",
                                   "IS analogue", "Time Gap", "paper FID (CIFAR-10)"], rows) + "\n".join(trace) + "\n"
 
