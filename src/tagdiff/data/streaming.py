@@ -177,7 +177,7 @@ def _hf_load(path: Path, cache_dir: str | None) -> Any:
             ds = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
         else:
             ds = datasets.load_dataset(str(path), cache_dir=cache_dir)
-    except (FileNotFoundError, ValueError, OSError, TypeError) as e:
+    except Exception as e:  # the loaders' own errors (DatasetNotFoundError, DatasetGenerationError, ...)
         raise ValueError(f"cannot read {path} as a Hugging Face dataset: {(str(e).splitlines() or [''])[0]}") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds and len(ds) != 1:
