@@ -98,7 +98,7 @@ def _resume_pair(tmp_path, data, steps_cut=4, **kw):
     torch.manual_seed(9)
     fresh = MLPTimePredictor(2, 50, hidden=16, num_layers=3) if data.ndim == 2 else _cnn(9)
     train(fresh, time_loss, data, SCHED, _cfg(**cfg), tmp_path / "res", progress=False)
-    a, b = load_tensors(tmp_path / "full/train_state.safetensors"), load_tensors(tmp_path / "res/train_state.safetensors")
+    a, b = (load_tensors(tmp_path / f"{k}/train_state.safetensors") for k in ("full", "res"))
     assert _equal(a[0], b[0])  # weights, EMA and Adam moments
     assert a[1]["lr_scheduler"] == b[1]["lr_scheduler"] and a[1]["history"] == b[1]["history"]
     assert _equal(_params(full), _params(fresh))  # the exported (EMA) weights

@@ -91,11 +91,11 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         model, loss, cond, meta, info = _make_model(args, data, labels, info, T, cond, meta)
     key = f"classifier-{args.kind}" if args.what == "classifier" else key
     recipe = rc.recipe_for(key, info)
-    mixed = "bf16" if args.bf16 else args.mixed_precision
     config = TrainConfig(steps=args.steps or recipe.steps, batch_size=args.batch_size or recipe.batch_size,
                          lr=recipe.lr if args.lr is None else args.lr, seed=args.seed, save_every=args.save_every,
                          ema_decay=args.ema_decay if args.ema_decay is not None else recipe.ema_decay,
-                         cond_drop=args.cond_drop if meta.get("num_conditions") else 0.0, mixed_precision=mixed,
+                         cond_drop=args.cond_drop if meta.get("num_conditions") else 0.0,
+                         mixed_precision=args.mixed_precision, bf16=args.bf16,
                          grad_accum=args.grad_accum, lr_scheduler=args.lr_scheduler,
                          lr_warmup_steps=args.lr_warmup_steps, lr_decay_steps=args.lr_decay_steps,
                          ema_warmup=args.ema_warmup, ema_power=args.ema_power, hflip=args.hflip)

@@ -167,6 +167,8 @@ def _hf_load(path: Path, cache_dir: str | None) -> Any:
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected a Hugging Face dataset folder (save_to_disk, an "
                                 "image folder, or a folder datasets.load_dataset reads)")
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # (stderr stays for tagdiff's own lines)
     try:
         if (path / "dataset_info.json").exists() and (path / "state.json").exists() \
                 or (path / "dataset_dict.json").exists():
@@ -179,6 +181,9 @@ def _hf_load(path: Path, cache_dir: str | None) -> Any:
             ds = datasets.load_dataset(str(path), cache_dir=cache_dir)
     except Exception as e:  # the loaders' own errors (DatasetNotFoundError, DatasetGenerationError, ...)
         raise ValueError(f"cannot read {path} as a Hugging Face dataset: {(str(e).splitlines() or [''])[0]}") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds and len(ds) != 1:
             raise ValueError(f"{path} has splits {', '.join(ds)} but no 'train' split; save the one to train on")
