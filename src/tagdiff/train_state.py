@@ -144,15 +144,18 @@ def load_optim(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: l
 def make_lr_scheduler(opt: torch.optim.Optimizer, name: str, warmup_steps: int, total_steps: int) -> Any:
     """``diffusers.optimization.get_scheduler(name, opt, num_warmup_steps=warmup_steps,
     num_training_steps=total_steps)``: a ``LambdaLR`` stepped once per optimiser update, so that update ``k``
-    (0-based) uses ``lr · λ(k)``.
+    (0-based) uses ``lr · λ(k)``. ``constant`` is built directly as diffusers builds it (``LambdaLR(opt, lambda _:
+    1)``), which spares the default path the import of ``diffusers.optimization``.
 
     Raises:
         ValueError: an unknown ``name`` (the valid ones are :data:`LR_SCHEDULERS`).
     """
-    from diffusers.optimization import get_scheduler
-
     if name not in LR_SCHEDULERS:
         raise ValueError(f"unknown LR scheduler {name!r}; expected one of {', '.join(LR_SCHEDULERS)}")
+    if name == "constant":  # = diffusers' get_constant_schedule, without its 3 s import (the default path)
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1)
+    from diffusers.optimization import get_scheduler
+
     return get_scheduler(name, opt, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
 
 
