@@ -248,3 +248,22 @@ def test_accumulated_gradient_equals_the_batch_gradient(tmp_path, monkeypatch):
     for accum in (1, 4):
         train(_mlp(), time_loss, DATA, SCHED, _cfg(steps=1, grad_accum=accum), tmp_path / str(accum), progress=False)
     assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-7) and grads[0].abs().max() > 1e-2
+
+
+def test_fp16_grad_scaler_state_resumes_exactly(tmp_path, monkeypatch):
+    """The fp16 path (autocast + GradScaler) run on the CPU with the CUDA-only check lifted: the scaler's state is
+    saved and restored, so the resumed run equals the uninterrupted one bit for bit."""
+    import tagdiff.train_state as ts
+    import tagdiff.training as tr
+
+    monkeypatch.setattr(ts, "check_precision", lambda mode, device: None)
+    monkeypatch.setattr(tr, "check_precision", lambda mode, device: None)
+    cfg = dict(mixed_precision="fp16", lr_decay_steps=6, batch_size=16)
+    full = _mlp()
+    train(full, time_loss, DATA, SCHED, _cfg(steps=6, **cfg), tmp_path / "a", progress=False)
+    train(_mlp(), time_loss, DATA, SCHED, _cfg(steps=4, **cfg), tmp_path / "b", progress=False)
+    fresh = _mlp()
+    train(fresh, time_loss, DATA, SCHED, _cfg(steps=6, **cfg), tmp_path / "b", progress=False)
+    assert _equal(_params(full), _params(fresh))
+    meta = load_tensors(tmp_path / "a/train_state.safetensors")[1]
+    assert meta["grad_scaler"]["scale"] == 65536.0 and meta["grad_scaler"]["_growth_tracker"] == 6
