@@ -100,6 +100,13 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
     checkpoint ``out_dir/model.safetensors`` + ``config.json`` (EMA weights when ``ema_decay`` is set) with the
     schedule, the training config and ``export_extra``; plus ``out_dir/history.json`` (loss per logged step).
 
+    Each step draws from its generator (seed, step): the batch indices, ``t``, the noise, the label drops
+    (``cond_drop``) and, with ``hflip``, the flips; with ``grad_accum`` N the batch is then cut into N contiguous
+    micro-batches (each process taking its shard of each), whose losses are weighted by their share of the batch so
+    that the summed gradient is the whole batch's (for per-sample mean losses). The learning rate follows
+    ``lr_scheduler`` (stepped once per update), the EMA ``ema_decay`` (or its warm-up), and ``mixed_precision``
+    autocasts the forward pass (:class:`~tagdiff.train_state.Precision`).
+
     While it runs, ``out_dir/.lock`` (holding the pid) keeps a second training out of the folder. Ctrl-C stops at
     the next step boundary and saves a consistent state (the step counter matches weights, Adam moments and EMA),
     so the resumed run equals an uninterrupted one bit for bit; a second Ctrl-C stops at once.
@@ -110,7 +117,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
         num_workers: DataLoader worker processes decoding a Dataset's items (0: in this process; ignored for a
             tensor).
         resume: continue from ``train_state.safetensors`` if present (its model and train config must match, except
-            ``steps`` and ``save_every``).
+            ``save_every`` and ``steps``; ``steps`` only where the LR schedule's length is not ``steps``).
         device: where the model and batches live (batches are drawn on the CPU from ``(seed, step)`` and moved).
         export: ``(model, out_dir, **extra) -> ...`` writing the final model; default
             :func:`~tagdiff.checkpoints.save_model` (diffusers UNets use :func:`~tagdiff.interop.save_unet`).
@@ -119,8 +126,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
         ``{"steps", "final_loss", "seconds", "history"}``.
 
     Raises:
-        ValueError: empty data, label/data length mismatch, ``labels`` with a Dataset, or a model whose T differs
-            from the schedule's.
+        ValueError: empty data, label/data length mismatch, ``labels`` with a Dataset, a model whose T differs
+            from the schedule's, fp16 off CUDA, ``hflip`` on non-image data, or a batch smaller than
+            ``grad_accum`` × processes.
         LockError: another live process trains into ``out_dir``.
         CheckpointError: an existing training state that does not match this model or run, or is malformed.
         TrainingInterrupted: on Ctrl-C (a ``KeyboardInterrupt``), after saving the state.
