@@ -2,8 +2,8 @@
 
 * vectors (``toy``): :class:`~tagdiff.nets.MLPEpsModel` (3 layers) and :class:`~tagdiff.time_predictor.MLPTimePredictor`
   (5 layers), as in the paper's toy (TAG.md §9.1);
-* images (``digits``, ``mnist``, ``folder``, ``hf``): a CPU-sized diffusers ``UNet2DModel`` (no attention) and the paper's
-  SimpleCNN time predictor (TAG.md §5.2).
+* images (``digits``, ``mnist``, ``folder``, ``hf``): a CPU-sized diffusers ``UNet2DModel`` (no attention) and the
+  paper's SimpleCNN time predictor (TAG.md §5.2).
 """
 
 from __future__ import annotations
