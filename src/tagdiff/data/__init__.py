@@ -1,7 +1,8 @@
 """Datasets: exact Gaussian mixtures (ground truth for tests and the toy benchmark) and image datasets.
 
 One entry point, :func:`load_dataset`, and :func:`dataset_info` for the sample shape and class count of each name in
-:data:`DATASETS`. The image loaders live in :mod:`tagdiff.data.images`.
+:data:`DATASETS`. The image loaders live in :mod:`tagdiff.data.images`; their lazy, one-image-per-item counterparts
+for training (mnist, folder, hf) in :mod:`tagdiff.data.streaming`.
 """
 
 from __future__ import annotations
