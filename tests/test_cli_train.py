@@ -119,3 +119,17 @@ def test_bad_option_values_are_refused_at_parse_time(capsys, tmp_path):
             main([*TP, "--out", str(tmp_path / "o"), *extra])
         assert e.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dataset", ["folder", "hf"])
+def test_held_out_report_sample_equals_the_whole_split_loader(pngs, tmp_path, monkeypatch, dataset):
+    import argparse
+
+    from tagdiff.cli_train import held_out_sample, load_data
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    args = argparse.Namespace(dataset=dataset, data_dir=pngs, image_size=6, channels=3, download=False,
+                              image_column=None, label_column=None)
+    for n in (1, 500):  # a seeded subset of the 2 held-out images, and all of them
+        x = held_out_sample(args, "held_out", 12345, n)
+        assert torch.equal(x, load_data(args, "held_out", seed=12345, num_samples=n)[0])

@@ -16,7 +16,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load_data", "time_predictor_report", "train_command"]
+__all__ = ["held_out_sample", "load_data", "time_predictor_report", "train_command"]
 
 
 def _data_kw(args: argparse.Namespace) -> dict[str, Any]:
@@ -167,8 +167,28 @@ def time_predictor_report(predictor: Any, schedule: Any, args: argparse.Namespac
     from .recipes import time_predictor_report as report
 
     split = "train" if args.dataset == "toy" else "held_out"  # toy: fresh draws (another seed) are held out
-    held_out, _, _ = load_data(args, split, seed=seed, num_samples=num_samples)
+    held_out = held_out_sample(args, split, seed, num_samples)
     return report(predictor, schedule, held_out, out, f"{args.dataset} time predictor", seed)
+
+
+def held_out_sample(args: argparse.Namespace, split: str, seed: int, num_samples: int) -> Any:
+    """``load_data(args, split, seed=seed, num_samples=num_samples)[0]``; for mnist / folder / hf the same images
+    (the same seeded subset, equal bit for bit) decoded from the lazy Dataset, only the ``num_samples`` kept."""
+    import numpy as np
+    import torch
+
+    from .data.streaming import STREAMING_DATASETS, open_dataset
+
+    if args.dataset not in STREAMING_DATASETS:
+        return load_data(args, split, seed=seed, num_samples=num_samples)[0]
+    kw = _data_kw(args)
+    if getattr(args, "split_seed", None) is not None and args.dataset != "mnist":
+        kw["split_seed"] = args.split_seed
+    ds = open_dataset(args.dataset, split, download=args.download, **kw)
+    keep = range(len(ds))
+    if num_samples < len(ds):  # the rule of tagdiff.data.load_dataset
+        keep = np.sort(np.random.default_rng(seed).choice(len(ds), num_samples, replace=False)).tolist()
+    return torch.stack([ds[i] for i in keep])
 
 
 def _classifier_report(model: Any, args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
