@@ -225,12 +225,12 @@ def test_sigint_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch, when,
 
 
 def test_ctrl_c_before_training_saves_nothing(tmp_path, capsys, monkeypatch):
-    import tagdiff.cli as cli
+    import tagdiff.cli_train as cli_train
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_load_data", interrupted)
+    monkeypatch.setattr(cli_train, "load_data", interrupted)
     assert main([*TOY_TP, "--steps", "2", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "nothing was saved" in err and "saved to" not in err

@@ -457,8 +457,8 @@ def test_npz_not_an_archive(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- load_dataset
 def test_load_dataset_names_and_options():
-    assert DATASETS == ("toy", "digits", "mnist", "folder")
-    with pytest.raises(ValueError, match="unknown dataset 'cifar'; expected one of toy, digits, mnist, folder"):
+    assert DATASETS == ("toy", "digits", "mnist", "folder", "hf")
+    with pytest.raises(ValueError, match="unknown dataset 'cifar'; expected one of toy, digits, mnist, folder, hf"):
         load_dataset("cifar")
     with pytest.raises(ValueError, match="unknown dataset 'cifar'"):
         dataset_info("cifar")

@@ -165,3 +165,24 @@ def test_two_process_unet_sampling_matches_up_to_rounding(tmp_path):
 def test_sharded_sampling_needs_per_sample_seeds(tmp_path):
     r = _sample(tmp_path / "x", 2, "--checkpoint", "toy", check=False)
     assert r.returncode == 2 and "--per-sample-seeds" in r.stderr
+
+
+_RESUME_OPTIONS = r"""
+import sys, torch
+from tagdiff import SimpleCNNTimePredictor, VPSchedule
+from tagdiff.training import TrainConfig, time_loss, train
+data = torch.rand(60, 1, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+for out, steps in (("full", 8), ("res", 5), ("res", 8)):
+    torch.manual_seed(0)
+    train(SimpleCNNTimePredictor(1, 6, 20, widths=(4, 8)), time_loss, data, VPSchedule.linear(20), TrainConfig(
+          steps=steps, batch_size=14, seed=1, lr=1e-2, save_every=3, ema_decay=0.9, ema_warmup=True, grad_accum=3,
+          lr_scheduler="cosine", lr_warmup_steps=2, lr_decay_steps=8, hflip=True), f"{sys.argv[1]}/{out}",
+          progress=False)
+"""
+
+
+@pytest.mark.slow  # one 2-process run of three trainings (about 30 s on 2 busy cores)
+@needs_accelerate
+def test_two_process_resume_with_grad_accum_cosine_ema_warmup_and_hflip(tmp_path):
+    _launch_script(_RESUME_OPTIONS, tmp_path)  # 14 = micro-batches 5, 5, 4, each cut over 2 processes
+    _same_run(tmp_path / "full", tmp_path / "res")

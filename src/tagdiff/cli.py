@@ -7,8 +7,6 @@ gradient) print one line ``tagdiff: error: ...`` on stderr and exit with code 2,
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,6 @@ from .cli_args import (
     add_label_args,
     add_sample_args,
     add_train_args,
-    check_model_memory,
     error_message,
     finite_float,
     interrupted,
@@ -32,7 +29,7 @@ from .cli_args import (
     unit_interval,
     with_device,
 )
-from .cli_latent import add_vae_arg, add_vae_parser, latent_data, latent_held_out, train_vae
+from .cli_latent import add_vae_arg, add_vae_parser, train_vae
 
 __all__ = ["build_parser", "main"]
 
@@ -127,134 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_data(args: argparse.Namespace, split: str, **kw: Any) -> tuple[Any, Any, Any]:
-    from .data import dataset_info, load_dataset
-
-    opts = {"data_dir": args.data_dir, "image_size": args.image_size, "channels": args.channels}
-    if getattr(args, "split_seed", None) is not None and args.dataset != "mnist":
-        kw["split_seed"] = args.split_seed
-    info = dataset_info(args.dataset, **opts)
-    x, y = load_dataset(args.dataset, split, download=args.download, **opts, **kw)
-    return x, y, info
-
-
-def _train(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-    import torch
-
-    from . import recipes as rc
-    from ._utils import ensure_output_dir, resolve_device
-    from .distributed import launch, world_size
-    from .schedules import VPSchedule
-    from .training import TrainConfig, train
-
-    if args.what == "vae":
-        return train_vae(args, argv)
-    if args.num_processes > 1 and world_size() == 1:  # start the run in N processes (each runs this command)
-        return {"exit_code": launch(argv, args.num_processes)}
-    device = resolve_device(args.device)
-    ensure_output_dir(args.out)
-    schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
-    data, labels, info = _load_data(args, "train", seed=args.seed)
-    data, info, latent_meta = latent_data(args, data, info)  # --vae: the cached latents (unchanged without)
-    if getattr(args, "checkpoint", None) is not None:  # tie the predictor to its diffusion model's schedule
-        schedule = _model_schedule(args.checkpoint, tuple(info.sample_shape))
-        args.num_train_timesteps = schedule.num_train_timesteps
-    T = args.num_train_timesteps
-    key, cond, meta = args.what, (labels if args.what == "classifier" else None), {}
-    check_model_memory(args, tuple(info.sample_shape))
-    with torch.random.fork_rng(devices=[]):  # the model's initialisation depends on --seed only
-        torch.manual_seed(args.seed)
-        model, loss, cond, meta, info = _make_model(args, data, labels, info, T, cond, meta)
-    key = f"classifier-{args.kind}" if args.what == "classifier" else key
-    recipe = rc.recipe_for(key, info)
-    config = TrainConfig(steps=args.steps or recipe.steps, batch_size=args.batch_size or recipe.batch_size,
-                         lr=recipe.lr if args.lr is None else args.lr, seed=args.seed, save_every=args.save_every,
-                         ema_decay=args.ema_decay if args.ema_decay is not None else recipe.ema_decay, bf16=args.bf16,
-                         cond_drop=args.cond_drop if meta.get("num_conditions") else 0.0)
-    command = "tagdiff " + " ".join(shlex.quote(a) for a in argv)
-    result = train(model, loss, data, schedule, config, args.out, resume=not args.no_resume, progress=not args.quiet,
-                   labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta, **latent_meta},
-                   export=rc.exporter(model, schedule), device=device)
-    model = model.cpu()
-    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
-        return result
-    print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
-    if args.what == "classifier":
-        result["held_out"] = _classifier_report(model, args, meta)
-    elif args.what == "time-predictor":
-        result["held_out"] = _time_predictor_report(model, schedule, args, args.out / "report.json")
-        if meta.get("num_conditions"):  # with the true and with the null condition, on the whole held-out split
-            hx, hy, _ = _load_data(args, "held_out")
-            hx = latent_held_out(args, hx)
-            result["held_out_conditional"] = rc.conditional_report(model, schedule, args.condition, meta, hx, hy,
-                                                                   info, args.out / "report_conditional.json")
-    return result
-
-
-def _model_schedule(checkpoint: Any, sample_shape: tuple[int, ...]) -> Any:
-    """The schedule of the diffusion model at ``checkpoint``; its samples must have the data's shape."""
-    from .recipes import load_checkpoint
-
-    model, schedule = load_checkpoint(checkpoint)
-    shape = tuple(getattr(model, "sample_shape", sample_shape))
-    if shape != sample_shape:
-        raise ValueError(f"--checkpoint {checkpoint} makes samples of shape {shape} but the data has {sample_shape}")
-    return schedule
-
-
-def _make_model(args: argparse.Namespace, data: Any, labels: Any, info: Any, T: int, cond: Any,
-                meta: dict[str, Any]) -> tuple[Any, Any, Any, dict[str, Any], Any]:
-    from . import recipes as rc
-    from .training import eps_loss, time_loss
-
-    if args.what == "classifier":
-        if args.attribute:
-            cond, info, meta = rc.attribute_labels(args.attribute, data, labels, info)
-        model, loss = rc.make_classifier(args.kind, info, T)
-    elif args.what == "diffusion":
-        K = None
-        if args.class_conditional:
-            if labels is None:
-                raise ValueError(f"--class-conditional needs class labels; dataset {args.dataset!r} has none")
-            K = int(labels.max()) + 1
-            cond, meta = labels, {"null_class": K, "num_classes": K, "num_conditions": K}
-        model = rc.make_eps_model(info, T, hidden=args.hidden, layers=args.layers or 3, widths=args.widths,
-                                  num_classes=K)
-        loss = eps_loss
-    else:
-        cond, meta = rc.condition_labels(args.condition, data, labels, info)
-        model, loss = rc.make_time_predictor(info, T, hidden=args.hidden, layers=args.layers or 5,
-                                             num_classes=meta["num_conditions"], arch=args.arch,
-                                             widths=args.widths), time_loss
-    return model, loss, cond, meta, info
-
-
-def _time_predictor_report(predictor: Any, schedule: Any, args: argparse.Namespace, out: Path | None,
-                           num_samples: int = 500, seed: int = 12345) -> dict[str, Any]:
-    """Evaluate on held-out, forward-noised data; print per-bucket table; write ``out`` (JSON) and a PNG beside."""
-    from .recipes import time_predictor_report
-
-    split = "train" if args.dataset == "toy" else "held_out"  # toy: fresh draws (another seed) are held out
-    held_out, _, _ = _load_data(args, split, seed=seed, num_samples=num_samples)
-    held_out = latent_held_out(args, held_out)
-    return time_predictor_report(predictor, schedule, held_out, out, f"{args.dataset} time predictor", seed)
-
-
-def _classifier_report(model: Any, args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
-    """Held-out accuracy (attribute classifiers: against the held-out levels with the training split's medians)."""
-    import torch
-
-    from .recipes import attribute_labels, classifier_report
-
-    x, y, info = _load_data(args, "held_out")
-    if args.attribute:
-        medians = torch.tensor(meta[f"{args.attribute}_medians"], dtype=torch.float64)
-        y = attribute_labels(args.attribute, x, y, info, medians)[0]
-    return classifier_report(model, args.kind, x, y, args.out)
-
-
 def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
     from ._utils import ensure_output_file, resolve_device
+    from .cli_train import time_predictor_report
     from .recipes import load_checkpoint
     from .time_predictor import TimePredictor
 
@@ -269,7 +141,7 @@ def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"--checkpoint {args.checkpoint} has non-finite (NaN/Inf) weights")
     if device.type != "cpu":  # the held-out data and the noise stay on the CPU; the network runs on the device
         predictor = OnDevice(predictor, device)
-    return _time_predictor_report(predictor, schedule, args, args.out, num_samples=args.num_samples, seed=args.seed)
+    return time_predictor_report(predictor, schedule, args, args.out, num_samples=args.num_samples, seed=args.seed)
 
 
 def _bench_toy(out: Path, args: argparse.Namespace | None = None) -> dict[str, Any]:
@@ -389,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "models":
             print_models()
         elif args.command == "train":
-            code = _train(args, argv).get("exit_code", 0)
+            from .cli_train import train_command
+
+            code = (train_vae if args.what == "vae" else train_command)(args, argv).get("exit_code", 0)
             if code:
                 return code
         elif args.command == "eval":

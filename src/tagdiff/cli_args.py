@@ -18,7 +18,8 @@ __all__ = ["DATASETS", "LABEL_GRID_ARGS", "OnDevice", "Parser", "add_data_args",
            "int_tuple", "interrupted", "nonneg_float", "positive_float", "positive_int", "print_models",
            "unit_interval", "with_device"]
 
-DATASETS = ("toy", "digits", "mnist", "folder")
+DATASETS = ("toy", "digits", "mnist", "folder", "hf")
+LR_SCHEDULER_NAMES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 class Parser(argparse.ArgumentParser):
@@ -44,6 +45,16 @@ def _float(s: str) -> float:
         return float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+
+
+def nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
 
 
 def finite_float(s: str) -> float:
@@ -120,10 +131,15 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 def add_data_args(p: argparse.ArgumentParser, default: str = "toy") -> None:
     p.add_argument("--dataset", choices=DATASETS, default=default, help=f"data set (default: {default})")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="mnist: folder of the IDX files; folder: image folder or .npz file")
+                   help="mnist: folder of the IDX files; folder: image folder or .npz file; hf: a Hugging Face "
+                        "datasets folder (save_to_disk, an image folder, or one load_dataset reads)")
     p.add_argument("--image-size", type=positive_int, default=None, help="resize images to this size")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="1 (grey) or 3 (RGB)")
     p.add_argument("--download", action="store_true", help="mnist: download missing files into --data-dir")
+    p.add_argument("--image-column", default=None,
+                   help="hf: the image column (default: the first Image feature, else 'image' or 'img')")
+    p.add_argument("--label-column", default=None,
+                   help="hf: the integer label column (default: 'label' if present, else unlabelled)")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -144,7 +160,28 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="steps between resumable checkpoints (default: 1000)")
     p.add_argument("--ema-decay", type=open_unit_interval, default=None,
                    help="EMA decay of the weights, in (0, 1) (default: per recipe)")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (about 1.8x faster on CPU; default: fp32)")
+    p.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default="no",
+                   help="autocast through accelerate's recipe: bf16 (CPU or GPU, about 1.8x faster on CPU) or fp16 "
+                        "(CUDA only, with a GradScaler) (default: no = fp32)")
+    p.add_argument("--bf16", action="store_true", help="the same as --mixed-precision bf16")
+    p.add_argument("--grad-accum", type=positive_int, default=1,
+                   help="micro-batches per update: --batch-size stays the effective batch of an update (over all "
+                        "processes), each process computing batch / (N x processes) samples at a time (default: 1)")
+    p.add_argument("--lr-scheduler", choices=LR_SCHEDULER_NAMES, default="constant",
+                   help="diffusers.optimization.get_scheduler name (default: constant = the fixed --lr)")
+    p.add_argument("--lr-warmup-steps", type=nonneg_int, default=0,
+                   help="LR warm-up updates (not with constant; default: 0)")
+    p.add_argument("--lr-decay-steps", type=positive_int, default=None,
+                   help="length of a decaying schedule (default: --steps; set it to stop early and extend later)")
+    p.add_argument("--ema-warmup", action="store_true",
+                   help="EMA decay min(--ema-decay, 1 - (1 + k)^-power) at update k + 1 (diffusers EMAModel's "
+                        "use_ema_warmup; needs --ema-decay)")
+    p.add_argument("--ema-power", type=positive_float, default=2 / 3,
+                   help="the EMA warm-up's power (default: 2/3, diffusers'; 3/4 for short runs)")
+    p.add_argument("--hflip", action="store_true",
+                   help="random horizontal flips (p = 0.5, seeded by --seed and the step: resume-exact)")
+    p.add_argument("--num-workers", type=nonneg_int, default=0,
+                   help="DataLoader processes decoding images (mnist, folder, hf; default: 0 = in this process)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if --out holds a training state")
     add_device_arg(p)
     p.add_argument("--num-processes", type=positive_int, default=1,
@@ -292,6 +329,7 @@ def error_message(e: BaseException, args: argparse.Namespace | None = None) -> s
 
     from ._utils import NonFiniteError
     from .checkpoints import CheckpointError
+    from .data.streaming import MissingDependencyError
 
     text = (str(e).splitlines() or [type(e).__name__])[0]
     low = str(e).lower()
@@ -302,7 +340,7 @@ def error_message(e: BaseException, args: argparse.Namespace | None = None) -> s
                  if args is not None and getattr(args, k, None) is not None]
         sizes = [s.replace("(", "").replace(")", "").replace(", ", ",") for s in sizes]
         return (f"out of memory ({text[:120]}); lower {' or '.join(sizes) if sizes else 'the sizes you passed'}")
-    if isinstance(e, ValueError | CheckpointError | NonFiniteError | FloatingPointError):
+    if isinstance(e, ValueError | CheckpointError | NonFiniteError | FloatingPointError | MissingDependencyError):
         return text
     if isinstance(e, OSError):  # e.g. a file that cannot be written, a full disk
         where = f": {e.filename}" if getattr(e, "filename", None) else ""

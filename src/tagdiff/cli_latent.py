@@ -60,7 +60,7 @@ def train_vae(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     from . import recipes as rc
     from ._utils import ensure_output_dir, resolve_device
-    from .cli import _load_data
+    from .cli_train import load_data as _load_data
     from .schedules import VPSchedule
     from .training import TrainConfig, train
     from .vae import export_vae, vae_loss

@@ -44,15 +44,16 @@ def shard(batch_size: int, rank: int, world: int) -> slice:
     return slice(start, start + base + (rank < rem))
 
 
-def make_accelerator(device_type: str) -> Any:
-    """An ``accelerate.Accelerator`` for this process (``cpu=True`` for CPU runs: gloo), or ``None`` when alone."""
+def make_accelerator(device_type: str, mixed_precision: str = "no") -> Any:
+    """An ``accelerate.Accelerator`` for this process (``cpu=True`` for CPU runs: gloo; ``mixed_precision`` ``"no"``,
+    ``"bf16"`` or ``"fp16"`` as accelerate's), or ``None`` when alone."""
     if world_size() <= 1:
         return None
     try:
         from accelerate import Accelerator
     except ImportError:
         raise RuntimeError("data-parallel training needs Hugging Face accelerate: pip install accelerate") from None
-    return Accelerator(cpu=device_type == "cpu")
+    return Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision)
 
 
 def _free_port() -> int:

@@ -2,8 +2,8 @@
 
 * vectors (``toy``): :class:`~tagdiff.nets.MLPEpsModel` (3 layers) and :class:`~tagdiff.time_predictor.MLPTimePredictor`
   (5 layers), as in the paper's toy (TAG.md §9.1);
-* images (``digits``, ``mnist``, ``folder``): a CPU-sized diffusers ``UNet2DModel`` (no attention) and the paper's
-  SimpleCNN time predictor (TAG.md §5.2).
+* images (``digits``, ``mnist``, ``folder``, ``hf``): a CPU-sized diffusers ``UNet2DModel`` (no attention) and the
+  paper's SimpleCNN time predictor (TAG.md §5.2).
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def make_eps_model(info: DatasetInfo, num_train_timesteps: int, *, hidden: int =
     """
     if _kind(info) == "vector":
         if num_classes:
-            raise ValueError("class-conditional ε-models are UNets: use an image dataset (digits, mnist, folder)")
+            raise ValueError("class-conditional ε-models are UNets: use an image dataset (digits, mnist, folder, hf)")
         return MLPEpsModel(info.sample_shape[0], num_train_timesteps, hidden, layers)
     c, h, w = info.sample_shape
     if h != w:

@@ -1,4 +1,5 @@
-"""Training loops for ε-models and time predictors, with EMA, optional bf16 autocast and exact resume.
+"""Training loops for ε-models and time predictors: EMA (with warm-up), mixed precision, gradient accumulation, LR
+schedules, streaming data and exact resume.
 
 Both losses draw ``t ~ U{0..T-1}`` and ``x_t ~ q(x_t | x_0)``:
 
@@ -11,7 +12,8 @@ safetensors file, ``train_state.safetensors``, replaced atomically every ``save_
 
 Data-parallel runs (``WORLD_SIZE > 1``: ``tagdiff train --num-processes N``, ``accelerate launch``, ``torchrun``) go
 through ``accelerate``: every process draws the same global batch and trains on its :func:`~tagdiff.distributed.shard`,
-gradients are all-reduced, and the main process alone writes the state and the model.
+gradients are all-reduced, and the main process alone writes the state and the model. The optimiser, LR schedule,
+EMA, precision and resume plumbing lives in :mod:`tagdiff.train_state`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,46 +36,23 @@ from ._utils import DeferInterrupt, dir_lock
 from .checkpoints import CheckpointError, load_tensors, save_model, save_tensors
 from .distributed import make_accelerator, shard
 from .schedules import VPSchedule
+from .train_state import (
+    Precision,
+    check_precision,
+    check_same_run,
+    ema_decay_at,
+    ema_update,
+    load_optim,
+    load_scheduler,
+    make_lr_scheduler,
+    optim_tensors,
+    scheduler_state,
+)
+from .train_state import TrainConfig as TrainConfig
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "eps_loss", "time_loss", "train"]
 
 LossFn = Callable[[nn.Module, Tensor, Tensor, Tensor, VPSchedule, "Tensor | None"], Tensor]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of :func:`train`.
-
-    Attributes:
-        steps: optimisation steps. batch_size: samples per step. lr: Adam learning rate (paper: 1e-4).
-        seed: seeds batches, timesteps and noise. save_every: steps between resumable checkpoints.
-        ema_decay: EMA of the weights (``None`` disables; the exported model is the EMA when enabled).
-        bf16: bf16 autocast on CPU/GPU (≈1.8× faster on CPU); keep ``False`` for exact tests.
-        grad_clip: max global gradient norm (``None`` disables).
-        cond_drop: probability of replacing the class condition by "null" (trains p(t|x) and p(t|x,c) together).
-    """
-
-    steps: int = 10_000
-    batch_size: int = 256
-    lr: float = 1e-4
-    seed: int = 0
-    save_every: int = 1000
-    ema_decay: float | None = None
-    bf16: bool = False
-    grad_clip: float | None = 1.0
-    cond_drop: float = 0.0
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "save_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
-        if not 0 <= self.cond_drop <= 1:
-            raise ValueError(f"cond_drop must be in [0, 1], got {self.cond_drop!r}")
 
 
 def eps_loss(model: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, schedule: VPSchedule,
@@ -91,21 +70,6 @@ def time_loss(predictor: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, schedu
     return F.cross_entropy(predictor(xt, c).float(), t)
 
 
-def _optim_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
-    sd = opt.state_dict()
-    tensors = {f"optim.{pid}.{k}": v for pid, st in sd["state"].items() for k, v in st.items()}
-    return tensors, sd["param_groups"]
-
-
-def _load_optim(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], groups: list[dict[str, Any]]) -> None:
-    state: dict[int, dict[str, Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": groups})
-
-
 class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`train`: ``step`` updates are done; ``saved`` says whether ``path`` holds them now.
 
@@ -118,24 +82,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, saved: bool, path: Path, finished: bool = False):
         super().__init__(f"interrupted at step {step}")
         self.step, self.saved, self.path, self.finished = step, saved, path, finished
-
-
-# Train-config fields that may change when a run is resumed (more steps extend it; the save cadence is free).
-_RESUMABLE_CHANGES = ("steps", "save_every")
-
-
-def _check_same_run(state_path: Path, meta: dict[str, Any], config: TrainConfig, data_shape: list[int]) -> None:
-    saved = meta.get("train_config")
-    if not isinstance(saved, dict):
-        return  # a state written before train_config was recorded
-    now = asdict(config)
-    diff = [f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now
-            if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k]]
-    if meta.get("data_shape") not in (None, data_shape):
-        diff.append(f"data shape {meta['data_shape']} -> {data_shape}")
-    if diff:
-        raise CheckpointError(f"{state_path.parent} holds a training state of another run ({'; '.join(diff)}); "
-                              "rerun with the same options to resume it, or use another --out, or --no-resume")
 
 
 def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: VPSchedule, config: TrainConfig,
@@ -154,6 +100,13 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
     checkpoint ``out_dir/model.safetensors`` + ``config.json`` (EMA weights when ``ema_decay`` is set) with the
     schedule, the training config and ``export_extra``; plus ``out_dir/history.json`` (loss per logged step).
 
+    Each step draws from its generator (seed, step): the batch indices, ``t``, the noise, the label drops
+    (``cond_drop``) and, with ``hflip``, the flips; with ``grad_accum`` N the batch is then cut into N contiguous
+    micro-batches (each process taking its shard of each), whose losses are weighted by their share of the batch so
+    that the summed gradient is the whole batch's (for per-sample mean losses). The learning rate follows
+    ``lr_scheduler`` (stepped once per update), the EMA ``ema_decay`` (or its warm-up), and ``mixed_precision``
+    autocasts the forward pass (:class:`~tagdiff.train_state.Precision`).
+
     While it runs, ``out_dir/.lock`` (holding the pid) keeps a second training out of the folder. Ctrl-C stops at
     the next step boundary and saves a consistent state (the step counter matches weights, Adam moments and EMA),
     so the resumed run equals an uninterrupted one bit for bit; a second Ctrl-C stops at once.
@@ -164,7 +117,7 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
         num_workers: DataLoader worker processes decoding a Dataset's items (0: in this process; ignored for a
             tensor).
         resume: continue from ``train_state.safetensors`` if present (its model and train config must match, except
-            ``steps`` and ``save_every``).
+            ``save_every`` and ``steps``; ``steps`` only where the LR schedule's length is not ``steps``).
         device: where the model and batches live (batches are drawn on the CPU from ``(seed, step)`` and moved).
         export: ``(model, out_dir, **extra) -> ...`` writing the final model; default
             :func:`~tagdiff.checkpoints.save_model` (diffusers UNets use :func:`~tagdiff.interop.save_unet`).
@@ -173,8 +126,9 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
         ``{"steps", "final_loss", "seconds", "history"}``.
 
     Raises:
-        ValueError: empty data, label/data length mismatch, ``labels`` with a Dataset, or a model whose T differs
-            from the schedule's.
+        ValueError: empty data, label/data length mismatch, ``labels`` with a Dataset, a model whose T differs
+            from the schedule's, fp16 off CUDA, ``hflip`` on non-image data, or a batch smaller than
+            ``grad_accum`` × processes.
         LockError: another live process trains into ``out_dir``.
         CheckpointError: an existing training state that does not match this model or run, or is malformed.
         TrainingInterrupted: on Ctrl-C (a ``KeyboardInterrupt``), after saving the state.
@@ -193,9 +147,15 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
     T_model = getattr(model, "num_train_timesteps", schedule.num_train_timesteps)
     if T_model != schedule.num_train_timesteps:
         raise ValueError(f"model has T={T_model} but the schedule has T={schedule.num_train_timesteps}")
+    check_precision(config.mixed_precision, torch.device(device))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    acc = make_accelerator(torch.device(device).type)  # None unless WORLD_SIZE > 1 (accelerate / torchrun / launch)
+    # None unless WORLD_SIZE > 1 (accelerate / torchrun / launch)
+    acc = make_accelerator(torch.device(device).type, config.mixed_precision)
+    world = 1 if acc is None else acc.num_processes
+    if config.batch_size < config.grad_accum * world:
+        raise ValueError(f"batch size {config.batch_size} cannot be cut into {config.grad_accum} micro-batch(es) for "
+                         f"each of {world} process(es); use a batch size >= {config.grad_accum * world}")
     main = acc is None or acc.is_main_process
     with dir_lock(out_dir) if main else nullcontext(), DeferInterrupt() as intr:
         return _train_locked(model, loss_fn, data, schedule, config, out_dir, labels, resume, progress and main,
@@ -204,26 +164,34 @@ def train(model: nn.Module, loss_fn: LossFn, data: Tensor | Dataset, schedule: V
 
 
 def _batch_indices(config: TrainConfig, n: int, step: int) -> tuple[torch.Generator, Tensor]:
-    """Step ``step``'s generator and its sample indices (the generator goes on to draw ``t``, noise, drops)."""
+    """Step ``step``'s generator and its sample indices (the generator goes on to draw ``t``, noise, drops, flips)."""
     g = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
     return g, torch.randint(0, n, (config.batch_size,), generator=g)
 
 
+def _micro_slice(batch_size: int, j: int, accum: int, rank: int, world: int) -> slice:
+    """Positions in the step's batch of micro-batch ``j`` of ``accum``, process ``rank``'s part of it."""
+    part = shard(batch_size, j, accum)
+    own = shard(part.stop - part.start, rank, world)
+    return slice(part.start + own.start, part.start + own.stop)
+
+
 class _StepSampler(torch.utils.data.Sampler):
-    """``batch_sampler`` yielding, for steps ``start..steps-1``, this process's shard of the step's seeded indices."""
+    """``batch_sampler`` yielding, for steps ``start..steps-1`` and each micro-batch, this process's part of the
+    step's seeded indices."""
 
     def __init__(self, config: TrainConfig, n: int, start: int, rank: int, world: int):
         self.config, self.n, self.start, self.rank, self.world = config, n, start, rank, world
 
     def __len__(self) -> int:
-        return max(0, self.config.steps - self.start)
+        return max(0, self.config.steps - self.start) * self.config.grad_accum
 
     def __iter__(self):
+        B, accum = self.config.batch_size, self.config.grad_accum
         for step in range(self.start, self.config.steps):
             idx = _batch_indices(self.config, self.n, step)[1]
-            if self.world > 1:
-                idx = idx[shard(self.config.batch_size, self.rank, self.world)]
-            yield idx.tolist()
+            for j in range(accum):
+                yield idx[_micro_slice(B, j, accum, self.rank, self.world)].tolist()
 
 
 def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPSchedule, config: TrainConfig,
@@ -241,9 +209,13 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         data_shape = [len(data), *sample_shape]
     else:
         sample_shape, data_shape = tuple(data.shape[1:]), list(data.shape)
+    if config.hflip and len(sample_shape) != 3:
+        raise ValueError(f"hflip (--hflip) flips images (C, H, W); the data has samples of shape {sample_shape}")
     model = model.to(device).train()
     raw = model  # the module itself (``model`` becomes its DistributedDataParallel wrapper when world > 1)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sched = make_lr_scheduler(opt, config.lr_scheduler, config.lr_warmup_steps, config.lr_decay_steps or config.steps)
+    prec = Precision(config.mixed_precision, device, acc)
     ema = {k: v.detach().clone() for k, v in raw.state_dict().items()} if config.ema_decay else None
     start, history, loss_avg = 0, [], None
     model_config = json.loads(json.dumps(getattr(model, "config", {})))
@@ -253,7 +225,7 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         if meta.get("model_class") != type(model).__name__ or saved_config != model_config:
             raise CheckpointError(f"{state_path} was written for a different model ({meta.get('model_class')} "
                                   f"{meta.get('model_config')}); use another output folder or --no-resume")
-        _check_same_run(state_path, meta, config, data_shape)
+        check_same_run(state_path, meta, config, data_shape)
         if not isinstance(meta.get("param_groups"), list) or not isinstance(meta.get("step"), int):
             raise CheckpointError(f"{state_path} is malformed (no 'param_groups' or 'step' in its metadata); "
                                   "delete it or use --no-resume")
@@ -261,8 +233,10 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
             model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
             if ema is not None:
                 ema = {k[4:]: v.to(device) for k, v in tensors.items() if k.startswith("ema.")} or ema
-            _load_optim(opt, tensors, meta["param_groups"])
-        except (RuntimeError, ValueError, KeyError) as e:
+            load_optim(opt, tensors, meta["param_groups"])
+            load_scheduler(sched, meta.get("lr_scheduler"), int(meta["step"]))
+            prec.load_state(meta.get("grad_scaler"))
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{state_path} does not fit this model or optimiser "
                                   f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
         start, history, loss_avg = int(meta["step"]), list(meta.get("history", [])), meta.get("loss_avg")
@@ -285,12 +259,14 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         tensors = {f"model.{k}": v for k, v in raw.state_dict().items()}
         if ema is not None:
             tensors.update({f"ema.{k}": v for k, v in ema.items()})
-        opt_tensors, groups = _optim_tensors(opt)
+        opt_tensors, groups = optim_tensors(opt)
         tensors.update(opt_tensors)
         save_tensors(state_path, tensors, {"step": step, "param_groups": groups, "history": history,
                                            "loss_avg": loss_avg, "model_class": type(raw).__name__,
                                            "model_config": model_config, "train_config": asdict(config),
-                                           "data_shape": data_shape, **({"num_processes": world} if acc else {})})
+                                           "data_shape": data_shape, "lr_scheduler": scheduler_state(sched),
+                                           **({"grad_scaler": prec.state()} if prec.scaler is not None else {}),
+                                           **({"num_processes": world} if acc else {})})
         if acc is not None:
             acc.wait_for_everyone()  # the others wait until the state is written
 
@@ -301,7 +277,9 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
     else:
         data = data.to(device)
         labels = None if labels is None else labels.to(device)
-    T, N = schedule.num_train_timesteps, data_shape[0]
+    T, N, B, accum = schedule.num_train_timesteps, data_shape[0], config.batch_size, config.grad_accum
+    conditional = labels is not None or (lazy and labelled)
+    weighted = world > 1 or accum > 1  # micro-batch losses weighted so that the summed gradient is the batch's
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -314,49 +292,45 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
             if agree(intr.pending):
                 raise KeyboardInterrupt
             g, idx = _batch_indices(config, N, step)
-            t = torch.randint(0, T, (config.batch_size,), generator=g).to(device)
-            noise = torch.randn((config.batch_size, *sample_shape), generator=g).to(device)
-            c = None
-            if batches is not None:
-                batch = next(batches)  # the rows of this step's indices (this process's shard of them)
-                x0, c = (batch[0], batch[1].to(device)) if labelled else (batch, None)
-                x0 = x0.to(device).contiguous()  # (stacked strided items can come out channels-last: other kernels)
-            else:
-                x0 = data
-            if labels is not None:
-                c = labels[idx.to(device)]
+            t = torch.randint(0, T, (B,), generator=g).to(device)
+            noise = torch.randn((B, *sample_shape), generator=g).to(device)
             drop = None
-            if c is not None and config.cond_drop > 0:
-                drop = torch.rand(config.batch_size, generator=g).to(device) < config.cond_drop
-            if world > 1:  # this process's shard; the loss is weighted so that the averaged gradient is the batch's
-                sl = shard(config.batch_size, rank, world)
-                idx, t, noise, drop = idx[sl], t[sl], noise[sl], None if drop is None else drop[sl]
-                if batches is None and c is not None:  # (the loader already gave this shard's labels)
-                    c = c[sl]
-            if drop is not None:
-                c = torch.where(drop, torch.full_like(c, -1), c)  # -1: "no condition" (null embedding)
-            if batches is None:
-                x0 = x0[idx.to(device)]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss = loss_fn(model, x0, t, noise, schedule, c)
-            if world > 1:
-                loss = loss * (idx.shape[0] * world / config.batch_size)
+            if conditional and config.cond_drop > 0:
+                drop = torch.rand(B, generator=g).to(device) < config.cond_drop
+            flip = (torch.rand(B, generator=g) < 0.5).to(device) if config.hflip else None
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            lv = loss.item() if acc is None else acc.reduce(loss.detach().float(), "sum").item() / world
+            lv = 0.0
+            for j in range(accum):
+                sl = _micro_slice(B, j, accum, rank, world)
+                if batches is not None:
+                    batch = next(batches)  # the rows of this micro-batch's indices (this process's part of them)
+                    x0, c = (batch[0], batch[1].to(device)) if labelled else (batch, None)
+                    x0 = x0.to(device).contiguous()  # (stacked strided items can come out channels-last)
+                else:
+                    part = idx[sl].to(device)
+                    x0, c = data[part], None if labels is None else labels[part]
+                if drop is not None:
+                    c = torch.where(drop[sl], torch.full_like(c, -1), c)  # -1: "no condition" (null embedding)
+                if flip is not None:
+                    x0 = torch.where(flip[sl].view(-1, 1, 1, 1), x0.flip(-1), x0)
+                sync = acc.no_sync(model) if acc is not None and j < accum - 1 else nullcontext()
+                with sync:
+                    with prec.autocast():
+                        loss = loss_fn(model, x0, t[sl], noise[sl], schedule, c)
+                    if weighted:
+                        loss = loss * ((sl.stop - sl.start) * world / B)
+                    prec.backward(loss)
+                part_lv = loss.item() if acc is None else acc.reduce(loss.detach().float(), "sum").item() / world
+                lv = part_lv if j == 0 else lv + part_lv
             if not math.isfinite(lv):
                 raise FloatingPointError(f"training loss became {lv} at step {step}; lower the learning rate")
-            if config.grad_clip is not None:
-                nn.utils.clip_grad_norm_(raw.parameters(), config.grad_clip)
+            prec.clip(opt, raw.parameters(), config.grad_clip)
             in_update = True  # from here to `done = step + 1` the state is between two steps
-            opt.step()
+            prec.step(opt)
+            sched.step()
             if ema is not None:
-                with torch.no_grad():
-                    for k, v in raw.state_dict().items():
-                        if v.is_floating_point():
-                            ema[k].lerp_(v, 1 - config.ema_decay)
-                        else:
-                            ema[k].copy_(v)
+                ema_update(ema, raw, ema_decay_at(step + 1, config.ema_decay, config.ema_warmup,
+                                                  config.ema_inv_gamma, config.ema_power))
             loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
             if (step + 1) % max(1, config.steps // 100) == 0:
                 history.append([step + 1, loss_avg])

@@ -1,7 +1,8 @@
 """Datasets: exact Gaussian mixtures (ground truth for tests and the toy benchmark) and image datasets.
 
 One entry point, :func:`load_dataset`, and :func:`dataset_info` for the sample shape and class count of each name in
-:data:`DATASETS`. The image loaders live in :mod:`tagdiff.data.images`.
+:data:`DATASETS`. The image loaders live in :mod:`tagdiff.data.images`; their lazy, one-image-per-item counterparts
+for training (mnist, folder, hf) in :mod:`tagdiff.data.streaming`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ __all__ = [
     "train_held_out_split",
 ]
 
-DATASETS = ("toy", "digits", "mnist", "folder")
+DATASETS = ("toy", "digits", "mnist", "folder", "hf")
 _TOY_NUM_SAMPLES = 40_000
 
 
@@ -56,11 +57,14 @@ def _image_shape(shape: tuple[int, int, int], image_size: int | Sequence[int] | 
 
 
 def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None,
-                 image_size: int | Sequence[int] | None = None, channels: int | None = None) -> DatasetInfo:
+                 image_size: int | Sequence[int] | None = None, channels: int | None = None,
+                 image_column: str | None = None, label_column: str | None = None) -> DatasetInfo:
     """Sample shape and number of classes of what :func:`load_dataset` returns for the same arguments.
 
     ``toy``: ``(2,)``, 2 classes. ``digits``: ``(1, 8, 8)``, 10. ``mnist``: ``(1, 28, 28)``, 10 (no file access).
-    ``folder``: read from ``data_dir`` (image headers only; an ``.npz`` is read whole). ``image_size`` / ``channels``
+    ``folder``: read from ``data_dir`` (image headers only; an ``.npz`` is read whole). ``hf``: a Hugging Face
+    dataset at ``data_dir`` (:class:`~tagdiff.data.streaming.HFImageDataset`, its first image decoded; ``image_column``
+    / ``label_column``). ``image_size`` / ``channels``
     change the image shape as they would when loading (they are ignored for ``toy``).
 
     Raises:
@@ -80,13 +84,19 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None,
             raise ValueError("the folder dataset needs data_dir (--data-dir): a directory of images or an .npz file")
         info = folder_info(data_dir, image_size=image_size, channels=channels)
         return DatasetInfo("folder", info.sample_shape, info.num_classes, info.class_names)
+    if name == "hf":
+        from .streaming import open_dataset
+
+        ds = open_dataset("hf", "all", data_dir=data_dir, image_size=image_size, channels=channels,
+                          image_column=image_column, label_column=label_column)
+        return DatasetInfo("hf", ds.sample_shape, ds.num_classes, ds.class_names)
     raise _unknown(name)
 
 
 def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike | None = None,
                  image_size: int | Sequence[int] | None = None, channels: int | None = None, seed: int = 0,
                  num_samples: int | None = None, download: bool = False, held_out_fraction: float = 0.2,
-                 split_seed: int = 0):
+                 split_seed: int = 0, image_column: str | None = None, label_column: str | None = None):
     """Load a dataset by name. Returns ``(x0, labels)``: ``x0`` of shape ``(N, *D)`` float32, ``labels`` ``(N,)`` int64.
 
     * ``"toy"``: ``num_samples`` (default 40,000, as in the paper) draws of the paper's two-Gaussian mixture
@@ -97,6 +107,9 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
       ``~/.cache/tagdiff/mnist``), ``(N, 1, 28, 28)`` in ``[-1, 1]``; ``download=True`` fetches missing files.
     * ``"folder"``: the user's images, ``data_dir`` = a directory of PNG/JPEG files (flat or one sub-folder per class)
       or an ``.npz`` file (see :func:`tagdiff.data.images.load_folder` for the rules).
+    * ``"hf"``: a Hugging Face ``datasets`` dataset at ``data_dir`` (``image_column`` / ``label_column``), decoded
+      whole from :class:`~tagdiff.data.streaming.HFImageDataset` (training streams it instead:
+      :func:`tagdiff.data.streaming.open_dataset`).
 
     Splits (image datasets): ``"train"``, ``"held_out"`` (= ``"test"``) and ``"all"``. ``digits`` and ``folder`` use
     :func:`train_held_out_split` with ``held_out_fraction`` and ``split_seed``, which is separate from ``seed`` so
@@ -133,6 +146,13 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
             raise ValueError("the folder dataset needs data_dir (--data-dir): a directory of images or an .npz file")
         x, labels = images.load_folder(data_dir, split, image_size=image_size, channels=channels,
                                        held_out_fraction=held_out_fraction, split_seed=split_seed)
+    elif name == "hf":
+        from .streaming import open_dataset
+
+        ds = open_dataset("hf", split, data_dir=data_dir, image_size=image_size, channels=channels,
+                          held_out_fraction=held_out_fraction, split_seed=split_seed, image_column=image_column,
+                          label_column=label_column)
+        x, labels = torch.stack([ds[i] for i in range(len(ds))]), ds.labels
     else:
         raise _unknown(name)
     if num_samples is not None and num_samples < x.shape[0]:

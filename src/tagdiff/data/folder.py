@@ -104,9 +104,14 @@ def _header(path: Path) -> tuple[str, tuple[int, int]]:
 
 def _image_array(path: Path, channels: int, size: tuple[int, int]) -> np.ndarray:
     """Decode one image to float32 ``(channels, H, W)`` in ``[-1, 1]`` (bilinear resize to ``size``)."""
+    return pil_array(_open_image(path), channels, size)
+
+
+def pil_array(img: Any, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """A decoded PIL image (EXIF orientation applied) as float32 ``(channels, H, W)`` in ``[-1, 1]``: grey-scale
+    (``L``, luma) or ``RGB`` (alpha dropped), 16/32-bit grey at full precision, bilinear resize to ``size``."""
     from PIL import Image
 
-    img = _open_image(path)
     if img.mode.startswith("I"):  # 16/32-bit grey-scale (16-bit PNG): keep the precision, full scale 65535
         img = Image.fromarray(np.asarray(img, dtype=np.float32) / np.float32(65535.0 / 255.0), mode="F")
     else:

@@ -30,6 +30,7 @@ __all__ = [
     "default_data_dir",
     "download_mnist",
     "load_mnist",
+    "mnist_arrays",
     "read_idx",
 ]
 
@@ -195,10 +196,26 @@ def load_mnist(split: str = "train", *, data_dir: str | os.PathLike | None = Non
         ValueError: naming the file, for an md5 mismatch or a malformed IDX file / content; for a bad split,
             ``image_size`` or ``channels``.
     """
-    from .images import MNIST_SHAPE, check_channels, check_image_size, check_split, finish_images
+    from .images import check_channels, check_image_size, check_split, finish_images
 
     check_split(split)
     size, channels = check_image_size(image_size), check_channels(channels)
+    images, labels = mnist_arrays(split, data_dir=data_dir, download=download, verify=verify)
+    x = torch.from_numpy(images).unsqueeze(1).float() / 127.5 - 1.0
+    return finish_images(x, size, channels), torch.from_numpy(labels)
+
+
+def mnist_arrays(split: str = "train", *, data_dir: str | os.PathLike | None = None, download: bool = False,
+                 verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The raw MNIST arrays of ``split`` (as :func:`load_mnist`): uint8 images ``(N, 28, 28)`` (0..255, 784 bytes
+    each) and int64 labels ``(N,)``; what :class:`~tagdiff.data.streaming.MNISTDataset` indexes lazily.
+
+    Raises:
+        The errors of :func:`load_mnist`.
+    """
+    from .images import MNIST_SHAPE, check_split
+
+    check_split(split)
     folder = _mnist_dir(data_dir)
     if download:
         download_mnist(folder)
@@ -224,7 +241,8 @@ def load_mnist(split: str = "train", *, data_dir: str | os.PathLike | None = Non
                              f"got {labels.dtype} {labels.shape}")
         if labels.size and labels.max() > 9:
             raise ValueError(f"{lab_path}: labels must be digits 0..9, found {int(labels.max())}")
-        xs.append(torch.from_numpy(images))
-        ys.append(torch.from_numpy(labels.astype(np.int64)))
-    x = torch.cat(xs).unsqueeze(1).float() / 127.5 - 1.0
-    return finish_images(x, size, channels), torch.cat(ys)
+        xs.append(images)
+        ys.append(labels.astype(np.int64))
+    if len(xs) == 1:
+        return xs[0], ys[0]
+    return np.concatenate(xs), np.concatenate(ys)
