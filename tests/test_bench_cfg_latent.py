@@ -83,6 +83,7 @@ def test_bench_cfg_vae_end_to_end_decodes_before_every_metric(latent, tmp_path):
     prev = res["runs"]["cfg/1"]["preview"]["without"]
     assert prev == preview(x) and len(prev[0]) == 64
     assert res["runs"]["cfg/1"]["without"]["fid"]["mean"] > 0
+    assert "decoded and clamped to [-1, 1] before every metric" in (out / "table.md").read_text()
 
 
 @pytest.mark.parametrize("method", ["cfg", "apg", "interval"])
