@@ -175,11 +175,15 @@ def load_decoder(path: str | Path, device: str | torch.device = "cpu",
 
 def load_cfg_setup(cfg: CFGConfig) -> Setup:
     """The class-conditional ε-model (``CHECKPOINTS/<cfg.unet>``), the time predictor, the evaluation classifier and
-    the held-out split of ``cfg.dataset`` (images ``(N, C, H, W)`` in [-1, 1]), on ``cfg.device``.
+    the held-out split of ``cfg.dataset`` (images ``(N, C, H, W)`` in [-1, 1]), on ``cfg.device``; with ``cfg.vae``
+    also ``models["latent_space"]``, the :class:`~tagdiff.latent.LatentSpace` the ε-model and predictors work in
+    (``clf_eval`` from ``CHECKPOINTS/clf_eval`` if present, else the shipped pixel classifier of the dataset).
 
     Raises:
-        CheckpointError: a missing or corrupt model folder; ValueError: a UNet without a null label, a model of the
-            wrong kind, mismatched T or image shapes, an unavailable device; DatasetError: missing data.
+        CheckpointError: a missing or corrupt model or VAE folder; ValueError: a UNet without a null label, a model
+            of the wrong kind, mismatched T or image shapes, a VAE/model/predictor mismatch (a latent model without
+            ``vae`` or with another VAE, a pixel model with ``vae``, a pixel predictor with a latent model or the
+            reverse; :mod:`tagdiff.latent`), an unavailable device; DatasetError: missing data.
     """
     dev = resolve_device(cfg.device)
     root = Path(cfg.checkpoints) if cfg.checkpoints else assets_dir(cfg.dataset)
