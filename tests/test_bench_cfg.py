@@ -92,7 +92,7 @@ def test_saturation_and_intensity_w1():
                                           (["--seeds", "0,100"], "sweep_seed 100"),
                                           (["--num-per-target", "1"], "num_per_target"),
                                           (["--cfgpp-lambdas", "-1"], "cfgpp_lambdas"),
-                                          (["--vae", "runs/vae"], "runs/vae")])
+                                          (["--vae", "runs/no_such_vae"], "no_such_vae")])
 def test_cli_rejects_bad_values_in_one_line(tmp_path, capsys, argv, needle):
     assert main(["bench", "cfg", "--out", str(tmp_path), "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -39,14 +39,24 @@ Gap of the unconditional time predictor along the trajectory, and two saturation
 ``results["reference"]``), and ``intensity_w1``, the 1-D Wasserstein-1 distance between the pixel-intensity
 distributions of the samples and of all held-out images (in pixel units of [-1, 1]).
 
-Latent models (not built yet): the config's ``vae`` names a decoder folder; the ε-model and time predictor then
-work on latents, the sampler must not clip (``clip_x0 = 0``), ``draw`` returns unclamped latents and
-:func:`load_decoder` maps them to pixels before every metric. Until a VAE exists, ``vae`` must be ``None``.
+Latent models (``vae``, ``--vae DIR``: a ``tagdiff train vae`` folder): the ε-model and the time predictors
+then work on that VAE's scaled latents ``(n, c, h, w)``: CFG, APG, the interval, CFG++ and TAG act on latents, TAG
+and the Time Gap use the *latent* time predictor (so the Time Gap is measured in latent space, not comparable in
+value with a pixel model's), and every sample is decoded by :meth:`tagdiff.latent.LatentSpace.decode` (then clamped
+to [-1, 1]) before FID, accuracy and saturation, which stay those of the pixel evaluation classifier on images.
+x̂_0 clamping is off for latents (``clip_x0`` and ``cfgpp_clip_x0`` are forced to 0: ±1 is not a bound of the
+latents). The pairing is checked (:func:`tagdiff.latent.sampling_space`, :func:`tagdiff.latent.
+check_predictor_space`): a latent model without ``vae`` or with another VAE, a pixel time predictor with a latent
+model (or the reverse), or a pixel model with ``vae`` is refused in one line naming both.
 
 Checkpoint folder (``--checkpoints DIR``; default the shipped ``assets/<dataset>``): ``DIR/unet_class/`` (a
 class-conditional diffusers ``UNet2DModel`` folder with ``num_class_embeds = K + 1`` and ``tagdiff.json`` recording
 ``null_class``, as ``benchmarks/train_class_unet.py`` writes), ``DIR/time_predictor/`` and ``DIR/clf_eval/``
-(``tagdiff train time-predictor`` / ``train classifier --kind eval``).
+(``tagdiff train time-predictor`` / ``train classifier --kind eval``). With ``vae``: ``DIR/unet_class/`` and
+``DIR/time_predictor/`` (and ``time_predictor_class/`` for ``+ctag``) are the latent models (``tagdiff train
+diffusion --vae VAE --class-conditional --cond-drop 0.1`` / ``train time-predictor --vae VAE --checkpoint
+DIR/unet_class``); ``DIR/clf_eval/`` is a pixel evaluation classifier, and where DIR has none the shipped
+``assets/<dataset>/clf_eval`` is used.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ from ..classifiers import EvalClassifier
 from ..data import load_dataset
 from ..guidance import AdaptiveProjectedGuidance, CFGPlusPlus, ClassifierFreeGuidance, TemporalAlignment
 from ..guidance.cfg import interval_from_sigma
+from ..latent import LatentSpace, check_predictor_space, sampling_space
 from ..recipes import load_checkpoint
 from ..time_predictor import TimePredictor
 from .cfg_report import figure, table
@@ -96,8 +107,8 @@ class CFGConfig(ExperimentConfig):
     """Settings of ``tagdiff bench cfg`` (module docstring). ``scales``: CFG scales s (> 0); ``cfgpp_lambdas``:
     CFG++'s λ (>= 0); ``omegas``: the ω_0 grid (0 is always added); ``num_per_target`` / ``sweep_per_target``:
     samples per class on each evaluation / the validation seed; ``steps``: DDIM steps; ``clip_x0``: the sampler's
-    x̂_0 clamp (0 = off; latent models); ``unet``: the sub-folder of the class-conditional model; ``vae``: a
-    decoder folder for latent models (not wired yet: must be None)."""
+    x̂_0 clamp (0 = off); ``unet``: the sub-folder of the class-conditional model; ``vae``: the VAE folder of
+    latent models (module docstring; forces ``clip_x0 = cfgpp_clip_x0 = 0``)."""
 
     scales: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
     cfgpp_lambdas: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8, 1.0)
@@ -138,29 +149,41 @@ class CFGConfig(ExperimentConfig):
                 raise ValueError(f"{name} must be >= 0 (0 = off), got {v}")
         if not math.isfinite(self.apg_eta):
             raise ValueError(f"apg_eta must be finite, got {self.apg_eta}")
-        if self.vae is not None:
-            load_decoder(self.vae)  # raises until latent models exist
+        if self.vae is not None:  # latents: no x̂_0 clamp (±1 bounds images, not latents)
+            object.__setattr__(self, "clip_x0", 0.0)
+            object.__setattr__(self, "cfgpp_clip_x0", 0.0)
 
 
-def load_decoder(path: str | Path, device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor]:
-    """The decode hook of latent models: a function ``(n, c, h, w) latents -> (n, C, H, W) images in [-1, 1]``.
-
-    Not built yet (the latent models and their VAE are another part of issue 13): plug the VAE's decoder in here.
+def load_decoder(path: str | Path, device: str | torch.device = "cpu",
+                 space: LatentSpace | None = None) -> Callable[[Tensor], Tensor]:
+    """The decode hook of latent models: a function mapping latents ``(n, *latent_shape)`` to images ``(n,
+    *image_shape)`` clamped to [-1, 1], on the latents' device (no gradients; :meth:`LatentSpace.decode` in batches
+    of 256). ``space``: an already loaded :class:`~tagdiff.latent.LatentSpace` of ``path``.
 
     Raises:
-        ValueError: always, for now, naming ``path``.
+        CheckpointError: ``path`` is not a loadable AutoencoderKL folder; the hook raises ValueError for latents of
+            another shape.
     """
-    raise ValueError(f"vae {str(path)!r}: latent models are not wired into bench cfg yet; run pixel models "
-                     "(vae = None)")
+    space = space if space is not None else LatentSpace.from_pretrained(path, device)
+
+    def decode(z: Tensor) -> Tensor:
+        with torch.no_grad():
+            return torch.cat([space.decode(b.to(space.device)).to(z.device) for b in z.split(256)]).clamp(-1, 1)
+
+    return decode
 
 
 def load_cfg_setup(cfg: CFGConfig) -> Setup:
     """The class-conditional ε-model (``CHECKPOINTS/<cfg.unet>``), the time predictor, the evaluation classifier and
-    the held-out split of ``cfg.dataset`` (images ``(N, C, H, W)`` in [-1, 1]), on ``cfg.device``.
+    the held-out split of ``cfg.dataset`` (images ``(N, C, H, W)`` in [-1, 1]), on ``cfg.device``; with ``cfg.vae``
+    also ``models["latent_space"]``, the :class:`~tagdiff.latent.LatentSpace` the ε-model and predictors work in
+    (``clf_eval`` from ``CHECKPOINTS/clf_eval`` if present, else the shipped pixel classifier of the dataset).
 
     Raises:
-        CheckpointError: a missing or corrupt model folder; ValueError: a UNet without a null label, a model of the
-            wrong kind, mismatched T or image shapes, an unavailable device; DatasetError: missing data.
+        CheckpointError: a missing or corrupt model or VAE folder; ValueError: a UNet without a null label, a model
+            of the wrong kind, mismatched T or image shapes, a VAE/model/predictor mismatch (a latent model without
+            ``vae`` or with another VAE, a pixel model with ``vae``, a pixel predictor with a latent model or the
+            reverse; :mod:`tagdiff.latent`), an unavailable device; DatasetError: missing data.
     """
     dev = resolve_device(cfg.device)
     root = Path(cfg.checkpoints) if cfg.checkpoints else assets_dir(cfg.dataset)
@@ -168,10 +191,19 @@ def load_cfg_setup(cfg: CFGConfig) -> Setup:
     if getattr(eps_model, "null_class", None) is None:
         raise ValueError(f"{root / cfg.unet} is not a class-conditional UNet trained with label dropout (no "
                          "null_class in its tagdiff.json)")
-    tp, clf = load_model(root / "time_predictor", dev), load_model(root / "clf_eval", dev)
+    space = sampling_space(root / cfg.unet, tuple(eps_model.sample_shape), cfg.vae, dev)  # pairing first
+    predictors = {"time_predictor": load_model(root / "time_predictor", dev)}
+    if any(m.endswith("+ctag") for m in cfg.methods):
+        predictors["time_predictor_class"] = load_model(root / "time_predictor_class", dev)
+    for name, predictor in predictors.items():
+        check_predictor_space(root / name, predictor, root / cfg.unet, space, cfg.vae)
+    clf_dir = root / "clf_eval"
+    if cfg.vae is not None and not clf_dir.exists():
+        clf_dir = assets_dir(cfg.dataset) / "clf_eval"  # the metric network of latent runs: a pixel classifier
+    tp, clf = predictors["time_predictor"], load_model(clf_dir, dev)
     if not isinstance(tp, TimePredictor) or not isinstance(clf, EvalClassifier):
-        raise ValueError(f"{root}: time_predictor/ must hold a time predictor and clf_eval/ an evaluation classifier, "
-                         f"got {type(tp).__name__} and {type(clf).__name__}")
+        raise ValueError(f"{root}: time_predictor/ must hold a time predictor and {clf_dir} an evaluation "
+                         f"classifier, got {type(tp).__name__} and {type(clf).__name__}")
     T = schedule.num_train_timesteps
     if tp.num_train_timesteps != T:
         raise ValueError(f"{root / 'time_predictor'} was trained with T={tp.num_train_timesteps} timesteps but the "
@@ -181,8 +213,13 @@ def load_cfg_setup(cfg: CFGConfig) -> Setup:
                          f"{tuple(eps_model.sample_shape)}")
     held_x, held_y = load_dataset(cfg.dataset, "held_out", data_dir=cfg.data_dir)
     models = {"eps_model": eps_model, "schedule": schedule, "time_predictor": tp, "clf_eval": clf}
-    if any(m.endswith("+ctag") for m in cfg.methods):
-        tpc = load_model(root / "time_predictor_class", dev)
+    if space is not None:
+        if tuple(held_x.shape[1:]) != tuple(space.image_shape):
+            raise ValueError(f"--vae {cfg.vae} decodes images of shape {tuple(space.image_shape)} but {cfg.dataset} "
+                             f"has images of shape {tuple(held_x.shape[1:])}")
+        models["latent_space"] = space
+    if "time_predictor_class" in predictors:
+        tpc = predictors["time_predictor_class"]
         if not isinstance(tpc, TimePredictor) or tpc.num_train_timesteps != T:
             raise ValueError(f"{root / 'time_predictor_class'} must be a class-conditional time predictor with T={T}")
         models["time_predictor_class"] = tpc
@@ -249,7 +286,8 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
     setup = load_cfg_setup(cfg)
     K = setup.models["clf_eval"].num_classes
     window = interval_from_sigma(setup.schedule, *cfg.interval_sigma)
-    decode = (lambda z: z) if cfg.vae is None else load_decoder(cfg.vae, setup.device)
+    space = setup.models.get("latent_space")
+    decode = (lambda z: z) if space is None else load_decoder(cfg.vae, setup.device, space)
     cache = RunCache(out_dir, resume)
     results: dict[str, Any] = {"runs": {}}
     families = [f for f in ("cfg", "apg", "interval", "cfg++")
@@ -276,7 +314,8 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
                    **({} if shared or family != "apg" else {"apg": f"{cfg.apg_eta},{cfg.apg_norm_threshold}"}),
                    **({"window": f"{window[0]}-{window[1]}"} if family == "interval" and not shared else {}),
                    **({"unet": cfg.unet} if cfg.unet != "unet_class" else {}),
-                   **({"checkpoints": cfg.checkpoints} if cfg.checkpoints else {})}
+                   **({"checkpoints": cfg.checkpoints} if cfg.checkpoints else {}),
+                   **({"vae": space.hash} if space is not None else {})}
             n, sweep_n = cfg.num_per_target * K, cfg.sweep_per_target * K
             if f"{family}+tag" in cfg.methods:
                 r = tag_comparison(cache, key, lambda w, s, m: run(w, s, m), omegas=cfg.omegas, seeds=cfg.seeds,
@@ -302,7 +341,10 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
     results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "null_cond": NULL, "sampler": "ddim",
                          "ddim_eta": 0.0, "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
                          "omega_choice": "per (family, scale), by FID on the validation seed",
-                         "classes": K, "torch": torch.__version__}
+                         "classes": K, "torch": torch.__version__,
+                         "latent": None if space is None else {**space.describe(), "decode": "LatentSpace.decode, "
+                                                               "clamped to [-1, 1], before every metric; Time Gap "
+                                                               "of the latent predictor on latents"}}
     results["figure"] = "cfg.png"
     write_outputs(out_dir, results, table(results, cfg))
     figure(Path(out_dir) / "cfg.png", results, cfg)

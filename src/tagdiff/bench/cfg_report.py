@@ -41,12 +41,15 @@ def table(results: dict[str, Any], cfg: Any) -> str:
         seeds.append([FAMILY_NAMES[family], scale, per,
                       "–" if b is None else ", ".join(f"{v:.2f}" for v in b["fid"]["values"])])
     ref = results["reference"]
+    clip = (f"x̂_0 clipped to ±{cfg.clip_x0:g} (CFG++: unclipped sampler, x̂_0^λ clipped to ±{cfg.cfgpp_clip_x0:g})"
+            if not results["config"].get("latent") else
+            f"latent model (VAE {cfg.vae}): guidance, TAG and the Time Gap on latents with the latent predictor, x̂_0 "
+            "not clamped, samples decoded and clamped to [-1, 1] before every metric")
     head = (f"Classifier-free guidance ± TAG, {cfg.dataset}: {results['config']['classes']} classes × "
             f"{cfg.num_per_target} samples per evaluation seed {list(cfg.seeds)} (mean ± std); ω_0 ∈ "
             f"{{0, {', '.join(f'{w:g}' for w in cfg.omegas)}}} chosen per (method, scale) by FID on seed "
             f"{cfg.sweep_seed} ({cfg.sweep_per_target} per class). DDIM η = 0, {cfg.steps} steps "
-            f"({cfg.timestep_spacing} grid), x̂_0 clipped to ±{cfg.clip_x0:g} (CFG++: unclipped sampler, x̂_0^λ "
-            f"clipped to ±{cfg.cfgpp_clip_x0:g}); interval = training timesteps {results['window'][0]}.."
+            f"({cfg.timestep_spacing} grid), {clip}; interval = training timesteps {results['window'][0]}.."
             f"{results['window'][1]} (σ in ({cfg.interval_sigma[0]:g}, {cfg.interval_sigma[1]:g}]). CFG++'s column "
             "'scale' is its λ. FID: mean over classes of the per-class FID in the evaluation classifier's features; "
             f"saturation: fraction of pixels with |x_0| > 0.98 (held-out images: {ref['saturation_held_out']:.3f}); "
