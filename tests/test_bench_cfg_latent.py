@@ -11,25 +11,13 @@ import shutil
 import pytest
 import torch
 
+from cli_helpers import error_line, run
 from tagdiff.assets import assets_dir
 from tagdiff.bench.cfg import CFGConfig, cfg_terms, load_cfg_setup, load_decoder
 from tagdiff.bench.common import draw, preview
-from tagdiff.cli import main
 from tagdiff.guidance.cfg import interval_from_sigma
 
 pytest.importorskip("diffusers")
-
-
-def run(*argv):
-    assert main([str(a) for a in argv]) == 0
-
-
-def error_line(capsys, *argv):
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tagdiff: error: ") and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

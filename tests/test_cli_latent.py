@@ -7,23 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from tagdiff.cli import main
+from cli_helpers import error_line, run
 from tagdiff.data import load_dataset
 from tagdiff.latent import LatentSpace, posterior_means, scaling_factor, vae_hash
 
 VAE = ["--dataset", "digits", "--widths", "8,16", "--steps", "20", "--batch-size", "16", "--quiet"]
-
-
-def run(*argv):
-    assert main([str(a) for a in argv]) == 0
-
-
-def error_line(capsys, *argv):
-    capsys.readouterr()
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tagdiff: error: ") and "Traceback" not in err[0], err
-    return err[0]
 
 
 @pytest.fixture(scope="module")

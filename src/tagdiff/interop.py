@@ -23,7 +23,7 @@ from .checkpoints import CheckpointError
 from .predictions import check_prediction_type
 from .schedules import VPSchedule
 
-__all__ = ["UNetEpsModel", "is_diffusers_folder", "load_unet", "make_unet", "save_unet"]
+__all__ = ["UNetEpsModel", "is_diffusers_folder", "load_unet", "make_unet", "save_folder_atomically", "save_unet"]
 
 
 def make_unet(sample_size: int, in_channels: int = 1, *, widths: tuple[int, ...] = (32, 64, 64),
@@ -127,22 +127,14 @@ def save_unet(model: UNetEpsModel, schedule: VPSchedule, directory: str | Path, 
     from diffusers import DDPMScheduler
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".unet."))
-    try:
+
+    def write(tmp: Path) -> None:
         model.unet.save_pretrained(tmp, safe_serialization=True)
         DDPMScheduler(**{**schedule.to_diffusers_config(),
                          "prediction_type": getattr(model, "prediction_type", "epsilon")}).save_pretrained(tmp)
         (tmp / "tagdiff.json").write_text(json.dumps({"schedule": schedule.to_dict(), **extra}, indent=2) + "\n")
-        # Move file by file (each os.replace is atomic), config.json last and removed first: an interruption leaves
-        # either the old or the new model loadable, or none (never a mix), and never touches the other files of
-        # ``directory`` (train_state.safetensors, history.json).
-        (directory / "config.json").unlink(missing_ok=True)
-        files = sorted((p for p in tmp.iterdir() if p.name != "config.json"), key=lambda p: p.name)
-        for p in [*files, tmp / "config.json"]:
-            os.replace(p, directory / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    save_folder_atomically(directory, write, prefix=".unet.")
     return directory
 
 
@@ -211,3 +203,22 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", *,
 
 def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
+
+
+def save_folder_atomically(directory: str | Path, write: Any, prefix: str = ".save.") -> Path:
+    """Call ``write(tmp)`` on a temporary folder inside ``directory``, then move its files into ``directory`` one by
+    one (each ``os.replace`` is atomic), ``config.json`` removed first and moved last: an interruption leaves either
+    the old or the new model loadable, or none (never a mix), and never touches the other files of ``directory``
+    (``train_state.safetensors``, ``history.json``). Returns ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=prefix))
+    try:
+        write(tmp)
+        (directory / "config.json").unlink(missing_ok=True)
+        files = sorted((p for p in tmp.iterdir() if p.name != "config.json"), key=lambda p: p.name)
+        for p in [*files, tmp / "config.json"]:
+            os.replace(p, directory / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory

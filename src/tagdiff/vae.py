@@ -17,9 +17,6 @@ held-out reconstruction MSE and PSNR).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .interop import save_folder_atomically
 from .latent import LatentSpace, posterior_means, scaling_factor
 from .schedules import VPSchedule
 
@@ -141,15 +139,9 @@ def export_vae(model: VAEModel, out_dir: str | Path, *, train_x: Tensor, held_ou
     if held_out_x is not None:
         meta["held_out"] = reconstruction_metrics(space, held_out_x)
     extra.pop("schedule", None)  # a VAE has no noise schedule
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".vae."))
-    try:
+    def write(tmp: Path) -> None:
         vae.save_pretrained(tmp, safe_serialization=True)
         (tmp / "tagdiff.json").write_text(json.dumps({**meta, **extra}, indent=2) + "\n")
-        (out_dir / "config.json").unlink(missing_ok=True)
-        files = sorted((p for p in tmp.iterdir() if p.name != "config.json"), key=lambda p: p.name)
-        for p in [*files, tmp / "config.json"]:
-            os.replace(p, out_dir / p.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    save_folder_atomically(out_dir, write, prefix=".vae.")
     return out_dir
