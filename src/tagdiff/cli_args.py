@@ -30,14 +30,18 @@ class Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def positive_int(s: str) -> int:
+def _int_at_least(s: str, lo: int, expected: str) -> int:
     try:
         v = int(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}") from None
+    if v < lo:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {s!r}")
     return v
+
+
+def positive_int(s: str) -> int:
+    return _int_at_least(s, 1, "a positive integer")
 
 
 def _float(s: str) -> float:
@@ -48,13 +52,7 @@ def _float(s: str) -> float:
 
 
 def nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
+    return _int_at_least(s, 0, "an integer >= 0")
 
 
 def finite_float(s: str) -> float:
