@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from image_helpers import write_class_folders
 from tagdiff.cli import main
 
 pytest.importorskip("datasets")
@@ -18,15 +19,7 @@ TP = ["train", "time-predictor", "--num-train-timesteps", "50", "--batch-size", 
 
 @pytest.fixture
 def pngs(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(3)
-    root = tmp_path / "pngs"
-    for k in ("a", "b"):
-        (root / k).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / k / f"{i}.png")
-    return root
+    return write_class_folders(tmp_path / "pngs", ("a", "b"), range(6), (8, 8), seed=3)
 
 
 def _weights(out):

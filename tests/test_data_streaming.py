@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from image_helpers import write_class_folders
 from tagdiff.data import load_dataset, mnist
 from tagdiff.data.folder import ImageFolderDataset, load_folder
 from tagdiff.data.streaming import HFImageDataset, MNISTDataset, NpzDataset, WithLabels, open_dataset
@@ -39,15 +40,8 @@ def fake_mnist(tmp_path, monkeypatch):
 
 @pytest.fixture
 def image_folder(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    root = tmp_path / "imgs"
-    for k in ("cat", "dog"):
-        (root / k).mkdir(parents=True)
-        for i in (0, 1, 2, 10, 11):  # "10" sorts before "2": the order both readers must agree on
-            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / k / f"{i}.png")
-    return root
+    # "10" sorts before "2": the order both readers must agree on
+    return write_class_folders(tmp_path / "imgs", ("cat", "dog"), (0, 1, 2, 10, 11), (6, 6, 3), seed=1)
 
 
 def _rows_equal(ds, x, y):

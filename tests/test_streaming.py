@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from image_helpers import write_class_folders
 from tagdiff import SimpleCNNTimePredictor, VPSchedule
 from tagdiff.data.folder import ImageFolderDataset, load_folder
 from tagdiff.training import TrainConfig, time_loss, train
@@ -13,15 +14,7 @@ SCHED = VPSchedule.linear(50, beta_start=2e-3, beta_end=0.4)
 
 @pytest.fixture
 def folder(tmp_path):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    root = tmp_path / "imgs"
-    for k in ("cat", "dog"):
-        (root / k).mkdir(parents=True)
-        for i in range(7):
-            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / k / f"{i}.png")
-    return root
+    return write_class_folders(tmp_path / "imgs", ("cat", "dog"), range(7), (8, 8, 3), seed=0)
 
 
 def _cfg(**kw):

@@ -179,29 +179,47 @@ def _npz_layout(shape: tuple[int, ...], path: Path) -> str:
                      "C = 1 or 3")
 
 
-def _npz_scale(x: np.ndarray, path: Path) -> np.ndarray:
-    """Pixel array -> float32 in [-1, 1] by the rules of :func:`load_folder`."""
+def _npz_rule(x: np.ndarray, path: Path) -> str:
+    """How :func:`load_folder` scales an image array: ``"int"`` (0..255), ``"unit"`` (float [0, 1]) or ``"signed"``
+    (float [-1, 1]), decided from the whole array (without a float copy of it)."""
     if x.dtype == np.uint8:
-        return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        return "int"
     if x.size == 0:
         raise ValueError(f"{path}: image array is empty (shape {x.shape})")
     if np.issubdtype(x.dtype, np.integer):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"{path}: integer images must lie in 0..255, found {lo}..{hi}")
-        return x.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+        return "int"
     if not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"{path}: image array has dtype {x.dtype}; expected uint8 (0..255) or float ([0, 1] or "
                          "[-1, 1])")
-    x = x.astype(np.float32)
     if not np.isfinite(x).all():
         raise ValueError(f"{path}: image array has NaN or Inf values")
     lo, hi, tol = float(x.min()), float(x.max()), 1e-4
     if lo >= -tol and hi <= 1 + tol:
-        return np.clip(2 * x - 1, -1, 1)
+        return "unit"
     if lo >= -1 - tol and hi <= 1 + tol:
-        return np.clip(x, -1, 1)
+        return "signed"
     raise ValueError(f"{path}: float images must lie in [0, 1] or [-1, 1], found {lo:g}..{hi:g}")
+
+
+def _npz_apply(x: np.ndarray, rule: str) -> np.ndarray:
+    """Pixel array (all of it or one item) -> float32 in [-1, 1] by a :func:`_npz_rule`."""
+    x = x.astype(np.float32)
+    if rule == "int":
+        return x / np.float32(127.5) - np.float32(1.0)
+    return np.clip(2 * x - 1, -1, 1) if rule == "unit" else np.clip(x, -1, 1)
+
+
+def _npz_scale(x: np.ndarray, path: Path) -> np.ndarray:
+    """Pixel array -> float32 in [-1, 1] by the rules of :func:`load_folder`."""
+    return _npz_apply(x, _npz_rule(x, path))
+
+
+def npz_to_nchw(x: Tensor, layout: str) -> Tensor:
+    """A ``(N, H, W)`` / ``(N, H, W, C)`` / ``(N, C, H, W)`` tensor (``layout`` of :func:`_npz_layout`) as NCHW."""
+    return {"NHW": lambda t: t.unsqueeze(1), "NHWC": lambda t: t.permute(0, 3, 1, 2), "NCHW": lambda t: t}[layout](x)
 
 
 def _npz_labels(y: np.ndarray | None, n: int, path: Path) -> Tensor:
@@ -224,8 +242,7 @@ def _load_npz(path: Path, size: tuple[int, int] | None, channels: int | None) ->
     layout = _npz_layout(tuple(raw.shape), path)
     if raw.shape[0] == 0:
         raise ValueError(f"{path}: image array has no images (shape {raw.shape})")
-    x = torch.from_numpy(np.ascontiguousarray(_npz_scale(raw, path)))
-    x = {"NHW": lambda t: t.unsqueeze(1), "NHWC": lambda t: t.permute(0, 3, 1, 2), "NCHW": lambda t: t}[layout](x)
+    x = npz_to_nchw(torch.from_numpy(np.ascontiguousarray(_npz_scale(raw, path))), layout)
     return finish_images(x, size, channels), _npz_labels(y, raw.shape[0], path)
 
 

@@ -109,7 +109,7 @@ class NpzDataset(_ImageDataset):
     def __init__(self, path: str | os.PathLike, split: str = "train", *,
                  image_size: int | Sequence[int] | None = None, channels: int | None = None,
                  held_out_fraction: float = 0.2, split_seed: int = 0):
-        from .folder import _check_path, _npz_arrays, _npz_labels, _npz_layout, _npz_scale
+        from .folder import _check_path, _npz_arrays, _npz_labels, _npz_layout, _npz_rule
         from .images import check_channels, check_image_size, check_split
 
         check_split(split)
@@ -120,11 +120,7 @@ class NpzDataset(_ImageDataset):
         if raw.shape[0] == 0:
             raise ValueError(f"{self.path}: image array has no images (shape {raw.shape})")
         self.raw = raw
-        # the scaling rule (integer range check; float [0, 1] or [-1, 1]) is decided from the whole array once
-        probe = raw[:0] if raw.dtype == np.uint8 else np.stack([raw.min(), raw.max()])
-        self._unit = raw.dtype != np.uint8 and np.issubdtype(raw.dtype, np.floating) and float(probe.min()) >= -1e-4 \
-            and float(probe.max()) <= 1 + 1e-4
-        _npz_scale(probe, self.path)  # raises for a bad range / dtype
+        self.rule = _npz_rule(raw, self.path)  # integer range check; float [0, 1] or [-1, 1]: once, on the whole array
         labels = _npz_labels(y, raw.shape[0], self.path)
         self.rows = _split_indices(raw.shape[0], split, held_out_fraction, split_seed, str(self.path))
         self.labels = labels if self.rows is None else labels[self.rows]
@@ -134,18 +130,11 @@ class NpzDataset(_ImageDataset):
         self.sample_shape = (self.channels or int(c), *(self.size or tuple(int(s) for s in hw)))
 
     def __getitem__(self, i: int) -> Tensor:
+        from .folder import _npz_apply, npz_to_nchw
         from .images import finish_images
 
-        item = self.raw[self._row(i)][None]
-        if np.issubdtype(item.dtype, np.integer):
-            arr = item.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-        elif self._unit:
-            arr = np.clip(2 * item.astype(np.float32) - 1, -1, 1)
-        else:
-            arr = np.clip(item.astype(np.float32), -1, 1)
-        x = torch.from_numpy(np.ascontiguousarray(arr))
-        x = {"NHW": lambda t: t.unsqueeze(1), "NHWC": lambda t: t.permute(0, 3, 1, 2), "NCHW": lambda t: t}[
-            self.layout](x)
+        arr = _npz_apply(self.raw[self._row(i)][None], self.rule)
+        x = npz_to_nchw(torch.from_numpy(np.ascontiguousarray(arr)), self.layout)
         return finish_images(x, self.size, self.channels)[0]
 
 
