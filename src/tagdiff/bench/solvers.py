@@ -29,11 +29,11 @@ from .common import (
     RunCache,
     check_classes,
     draw,
+    fmt_ci,
     fmt_ms,
     load_setup,
     markdown_table,
     preview,
-    relative_change,
     sample_metrics,
     tag_comparison,
     write_outputs,
@@ -146,7 +146,7 @@ def _table(results: dict[str, Any], cfg: SolversConfig) -> str:
         guidance, solver, steps = name.split("/")
         a, b = r["without"], r["with"]
         rows.append([guidance, solver, steps, r["best_omega"], fmt_ms(a["fid"], 2), fmt_ms(b["fid"], 2),
-                     f"{100 * relative_change(a['fid']['mean'], b['fid']['mean']):+.1f}%",
+                     fmt_ci(r["paired"]["fid"], "t"),
                      f"{a['accuracy']['mean']:.3f} → {b['accuracy']['mean']:.3f}",
                      f"{a['time_gap']['mean']:.1f} → {b['time_gap']['mean']:.1f}",
                      f"{a['seconds']['mean']:.1f} → {b['seconds']['mean']:.1f}"])
@@ -155,6 +155,7 @@ def _table(results: dict[str, Any], cfg: SolversConfig) -> str:
             f"{list(cfg.seeds)} with {cfg.num_per_target} samples per target. DPS scale {cfg.dps_scale}, CG scale "
             f"{cfg.cg_scale}; {cfg.timestep_spacing} grids, x̂_0 clipped to [-1, 1] before every step. FID per target "
             "class in the "
-            "evaluation classifier's features.\n\n")
-    return head + markdown_table(["guidance", "solver", "steps", "ω*", "FID without", "FID with TAG", "ΔFID",
+            "evaluation classifier's features. ΔFID: the paired change over the seeds with its Student-t 95 % "
+            "interval; (noise) where it holds 0.\n\n")
+    return head + markdown_table(["guidance", "solver", "steps", "ω*", "FID without", "FID with TAG", "ΔFID [95% CI]",
                                   "accuracy", "Time Gap", "seconds"], rows)
