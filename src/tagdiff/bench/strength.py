@@ -22,11 +22,11 @@ from .common import (
     RunCache,
     check_classes,
     draw,
+    fmt_ci,
     fmt_ms,
     grid_key,
     load_setup,
     markdown_table,
-    relative_change,
     sample_metrics,
     tag_comparison,
     write_outputs,
@@ -103,14 +103,15 @@ def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
         a, b = r["without"], r["with"]
         p = PAPER.get(s)
         rows.append([s, f"{float(s) * cfg.dps_scale:g}", r["best_omega"], fmt_ms(a["fid"]), fmt_ms(b["fid"]),
-                     f"{100 * relative_change(a['fid']['mean'], b['fid']['mean']):+.1f}%",
+                     fmt_ci(r["paired"]["fid"], "t"),
                      fmt_ms(a["accuracy"], 3), fmt_ms(b["accuracy"], 3),
                      f"{a['time_gap']['mean']:.1f} → {b['time_gap']['mean']:.1f}",
                      f"{p['fid'][0]} → {p['fid'][1]}; {p['accuracy'][0]} → {p['accuracy'][1]}" if p else "–"])
     head = (f"DPS strength sweep, {cfg.dataset}: targets {list(cfg.targets)}, {cfg.num_per_target} samples per target "
             f"per seed; ω_0 ∈ {list(cfg.omegas)} chosen on seed {cfg.sweep_seed} ({cfg.sweep_per_target} per target); "
-            f"mean ± std over seeds {list(cfg.seeds)}.\n\n")
-    return head + markdown_table(["strength", "DPS scale", "ω_0*", "FID DPS", "FID DPS+TAG", "ΔFID", "acc DPS",
+            f"mean ± std over seeds {list(cfg.seeds)}. ΔFID: the paired change with its Student-t 95 % interval over "
+            "the seeds; (noise) where it holds 0.\n\n")
+    return head + markdown_table(["strength", "DPS scale", "ω_0*", "FID DPS", "FID DPS+TAG", "ΔFID [95% CI]", "acc DPS",
                                   "acc DPS+TAG", "Time Gap", "paper (CIFAR-10) FID; acc"], rows)
 
 
