@@ -32,11 +32,11 @@ def test_committed_mnist_models_load_for_mnist_images():
     with torch.no_grad():
         eps = eps_model(torch.zeros(2, 1, 28, 28), torch.tensor([0, 999]))
     assert eps.shape == (2, 1, 28, 28) and torch.isfinite(eps).all()
+    models = {name: load_model(ROOT / name) for name in CLASSIFIERS}
     for name, cls in CLASSIFIERS.items():
-        model = load_model(ROOT / name)
-        assert type(model) is cls, name
-        assert tuple(model.sample_shape) == (1, 28, 28), name
-    assert load_model(ROOT / "clf_noisy").num_train_timesteps == schedule.num_train_timesteps
+        assert type(models[name]) is cls, name
+        assert tuple(models[name].sample_shape) == (1, 28, 28), name
+    assert models["clf_noisy"].num_train_timesteps == schedule.num_train_timesteps
 
 
 @pytest.mark.parametrize("name", ["unet", *CLASSIFIERS])

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,11 +206,16 @@ def _first_line(e: BaseException) -> str:
     return (str(e).splitlines() or [type(e).__name__])[0]
 
 
-def save_folder_atomically(directory: str | Path, write: Any, prefix: str = ".save.") -> Path:
+def save_folder_atomically(directory: str | Path, write: Callable[[Path], None], prefix: str = ".save.") -> Path:
     """Call ``write(tmp)`` on a temporary folder inside ``directory``, then move its files into ``directory`` one by
     one (each ``os.replace`` is atomic), ``config.json`` removed first and moved last: an interruption leaves either
     the old or the new model loadable, or none (never a mix), and never touches the other files of ``directory``
-    (``train_state.safetensors``, ``history.json``). Returns ``directory``."""
+    (``train_state.safetensors``, ``history.json``). Returns ``directory``.
+
+    Raises:
+        whatever ``write`` raises (the temporary folder is removed and ``directory``'s files are left as they were),
+        and ``OSError`` if ``directory`` cannot be created or written.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=prefix))

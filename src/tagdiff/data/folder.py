@@ -212,11 +212,6 @@ def _npz_apply(x: np.ndarray, rule: str) -> np.ndarray:
     return np.clip(2 * x - 1, -1, 1) if rule == "unit" else np.clip(x, -1, 1)
 
 
-def _npz_scale(x: np.ndarray, path: Path) -> np.ndarray:
-    """Pixel array -> float32 in [-1, 1] by the rules of :func:`load_folder`."""
-    return _npz_apply(x, _npz_rule(x, path))
-
-
 def npz_to_nchw(x: Tensor, layout: str) -> Tensor:
     """A ``(N, H, W)`` / ``(N, H, W, C)`` / ``(N, C, H, W)`` tensor (``layout`` of :func:`_npz_layout`) as NCHW."""
     return {"NHW": lambda t: t.unsqueeze(1), "NHWC": lambda t: t.permute(0, 3, 1, 2), "NCHW": lambda t: t}[layout](x)
@@ -242,7 +237,7 @@ def _load_npz(path: Path, size: tuple[int, int] | None, channels: int | None) ->
     layout = _npz_layout(tuple(raw.shape), path)
     if raw.shape[0] == 0:
         raise ValueError(f"{path}: image array has no images (shape {raw.shape})")
-    x = npz_to_nchw(torch.from_numpy(np.ascontiguousarray(_npz_scale(raw, path))), layout)
+    x = npz_to_nchw(torch.from_numpy(np.ascontiguousarray(_npz_apply(raw, _npz_rule(raw, path)))), layout)
     return finish_images(x, size, channels), _npz_labels(y, raw.shape[0], path)
 
 
