@@ -39,7 +39,20 @@ def test_committed_mnist_models_load_for_mnist_images():
     assert models["clf_noisy"].num_train_timesteps == schedule.num_train_timesteps
 
 
-@pytest.mark.parametrize("name", ["unet", *CLASSIFIERS])
+def test_committed_mnist_class_conditional_unet_is_conditional_with_a_null_class():
+    from tagdiff.interop import load_unet
+
+    model, schedule = load_unet(ROOT / "unet_class")
+    assert model.null_class == 10 and tuple(model.sample_shape) == (1, 28, 28)
+    assert schedule.num_train_timesteps == 1000
+    x, t = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.full((4,), 500)
+    with torch.no_grad():
+        eps = {y: model(x, t, y=torch.full((4,), y)) for y in (3, 7, 10)}
+    # the label reaches the network (dropout trained the null class too): three labels, three different ε
+    assert not torch.allclose(eps[3], eps[7]) and not torch.allclose(eps[3], eps[10])
+
+
+@pytest.mark.parametrize("name", ["unet", "unet_class", *CLASSIFIERS])
 def test_committed_mnist_checkpoint_matches_its_readme_and_size_rule(name):
     folder = ROOT / name
     command = _recorded_command(folder)
