@@ -96,6 +96,19 @@ def test_sample_metrics_is_analogue_and_accuracy(setup):
     assert sample_metrics(setup, one_class)["is"] < 1.5  # a single class has IS ≈ 1
 
 
+def test_sample_metrics_fid_from_the_cached_reference_is_the_direct_fid(setup):
+    from tagdiff.image_metrics import fid
+
+    x = torch.randn(200, *setup.held_x.shape[1:], generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    y = torch.arange(200) % 10
+    clf = setup.models["clf_eval"]
+    first, again = sample_metrics(setup, x)["fid"], sample_metrics(setup, x)["fid"]
+    assert first == again == fid(setup.held_x, x, clf)
+    per = sample_metrics(setup, x, target=y)["per_target"]
+    assert [per[str(k)]["fid"] for k in range(10)] == [fid(setup.held_x[setup.held_y == k], x[y == k], clf)
+                                                      for k in range(10)]
+
+
 def test_corrupted_omega_zero_run_is_the_plain_corrupted_sampler(setup, tmp_path):
     cfg = CorruptedConfig(corruption_stds=(0.0, 0.3), omegas=(2.0,), num_samples=8, sweep_samples=8, num_steps=3,
                           seeds=(0, 1), device="cpu")

@@ -10,7 +10,7 @@ import scipy.linalg
 import torch
 
 from tagdiff.classifiers import EvalClassifier
-from tagdiff.image_metrics import FeatureExtractor, class_histogram, fid, kid
+from tagdiff.image_metrics import FeatureExtractor, FIDReference, class_histogram, fid, kid
 
 
 def _features_net(size=8):
@@ -67,6 +67,22 @@ def test_fid_self_zero_and_matches_closed_form():
     assert isinstance(got, float) and expected > 0.1
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-8)
     assert fid(real, fake, fx, batch_size=1000) == pytest.approx(got, rel=1e-9)   # batch size does not matter
+
+
+def test_fid_reference_equals_fid_bit_for_bit_and_is_not_changed_by_use():
+    net = _features_net()
+    real = _images(300, 1)
+    ref = FIDReference(real, net, batch_size=64)
+    fakes = [_images(250, 2, shift=0.2, flip=True), _images(40, 3), _images(250, 2, shift=0.2, flip=True)]
+    got = [fid(ref, f, batch_size=64) for f in fakes]
+    assert got == [fid(real, f, net, batch_size=64) for f in fakes]   # exact: the same float64 sums
+    assert got[0] == got[2] and got[0] > 10 * got[1]                  # reuse leaves the reference as it was
+    with pytest.raises(ValueError, match="fake images are"):
+        ref.fid(_images(5, 1, size=28))
+    with pytest.raises(ValueError, match="at least 2"):
+        ref.fid(_images(1, 1))
+    with pytest.raises(TypeError, match="feature_model"):
+        fid(real, fakes[0])
 
 
 def test_fid_same_distribution_small_shifted_large():

@@ -30,7 +30,7 @@ from .._utils import DEVICES, atomic_write_bytes, resolve_device
 from ..assets import assets_dir, load_label_models
 from ..data import load_dataset
 from ..guidance import Term
-from ..image_metrics import fid
+from ..image_metrics import FIDReference, fid
 from ..metrics import TimeGapRecorder
 from ..samplers import get_sampler
 from ..scheduler_loop import sample_scheduler
@@ -81,6 +81,15 @@ class Setup:
     held_y: Tensor
     checkpoints: str
     device: torch.device = torch.device("cpu")
+    fid_refs: dict[Any, FIDReference] = field(default_factory=dict, repr=False, compare=False)
+
+    def fid_reference(self, y: int | None = None) -> FIDReference:
+        """The held-out images' FID reference (all of them, or class ``y``) under ``clf_eval``, computed on first
+        use and kept: the same numbers as ``fid(held_x[...], x0, clf_eval)``, without recomputing the real side."""
+        if y not in self.fid_refs:
+            real = self.held_x if y is None else self.held_x[self.held_y == y]
+            self.fid_refs[y] = FIDReference(real, self.models["clf_eval"])
+        return self.fid_refs[y]
 
     @property
     def schedule(self) -> Any:
@@ -183,10 +192,10 @@ def sample_metrics(setup: Setup, x0: Tensor, target: Tensor | None = None) -> di
     kl = (p * (p.clamp_min(1e-12).log() - p_mean.clamp_min(1e-12).log())).sum(-1).mean()
     out: dict[str, Any] = {"confidence": float(p.max(-1).values.mean()), "is": float(kl.exp())}
     if target is None:
-        out["fid"] = fid(setup.held_x, x0, clf)
+        out["fid"] = fid(setup.fid_reference(), x0)
     else:
         pred, target = logits.argmax(-1), target.to(logits.device)
-        per = {str(y): {"fid": fid(setup.held_x[setup.held_y == y], x0[target == y], clf),
+        per = {str(y): {"fid": fid(setup.fid_reference(y), x0[target == y]),
                         "accuracy": float((pred[target == y] == y).float().mean())} for y in target.unique().tolist()}
         out["fid"] = sum(v["fid"] for v in per.values()) / len(per)
         out["accuracy"] = float((pred == target).float().mean())
