@@ -62,3 +62,31 @@ def test_committed_mnist_checkpoint_matches_its_readme_and_size_rule(name):
     assert not (folder / "train_state.safetensors").exists()  # resume state stays in runs/, never committed
     for f in folder.iterdir():
         assert f.stat().st_size <= 5 * 2**20, f
+
+
+LATENT = ROOT.parent / "mnist_latent"
+
+
+@pytest.mark.skipif(not (LATENT / "vae").is_dir(), reason="checkpoints/mnist_latent is not in this checkout")
+def test_committed_latent_mnist_models_pair_with_their_vae_and_readme():
+    from tagdiff.interop import load_unet
+    from tagdiff.latent import LatentSpace, check_pairing
+
+    space = LatentSpace.from_pretrained(LATENT / "vae")
+    x = torch.zeros(2, 1, 28, 28).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        z = space.encode(x)
+        assert z.shape == (2, 4, 8, 8) and space.decode(z).shape == (2, 1, 28, 28)
+    unet_dir, tp_dir = LATENT / "ckpt" / "unet_class", LATENT / "ckpt" / "time_predictor"
+    model, _ = load_unet(unet_dir)
+    assert model.null_class == 10 and tuple(model.sample_shape) == (4, 8, 8)
+    predictor = load_model(tp_dir)
+    assert tuple(predictor.sample_shape) == (4, 8, 8)
+    for folder in (unet_dir, tp_dir):   # both were trained on this VAE (content hash), wherever it is copied
+        assert check_pairing(LATENT / "vae", space, folder, "--checkpoint")["hash"] == space.hash
+    table = (LATENT / "README.md").read_text().replace("$D", "../shared/data/mnist")
+    for folder in (LATENT / "vae", unet_dir, tp_dir):
+        assert f"`{_recorded_command(folder).removesuffix(' --quiet')}`" in table, folder
+        assert not (folder / "train_state.safetensors").exists() and not (folder / "latent_cache").exists()
+        for f in folder.iterdir():
+            assert f.stat().st_size <= 5 * 2**20, f
