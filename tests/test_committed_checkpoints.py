@@ -20,6 +20,12 @@ CLASSIFIERS = {"clf_noisy": NoisyClassifier, "clf_clean": CleanClassifier, "clf_
 pytestmark = pytest.mark.skipif(not (ROOT / "unet").is_dir(), reason="checkpoints/mnist is not in this checkout")
 
 
+def _assert_committable(folder: Path) -> None:
+    assert not (folder / "train_state.safetensors").exists()  # resume state stays in runs/, never committed
+    for f in folder.iterdir():
+        assert f.stat().st_size <= 5 * 2**20, f
+
+
 def _recorded_command(folder: Path) -> str:
     meta = folder / "tagdiff.json"
     return (json.loads(meta.read_text()) if meta.exists() else read_config(folder))["command"]
@@ -59,9 +65,7 @@ def test_committed_mnist_checkpoint_matches_its_readme_and_size_rule(name):
     assert f"--out runs/mnist/{name} " in f"{command} "
     table = (ROOT / "README.md").read_text()
     assert f"`{command.removesuffix(' --quiet')}`" in table.replace("$D", "../shared/data/mnist"), command
-    assert not (folder / "train_state.safetensors").exists()  # resume state stays in runs/, never committed
-    for f in folder.iterdir():
-        assert f.stat().st_size <= 5 * 2**20, f
+    _assert_committable(folder)
 
 
 LATENT = ROOT.parent / "mnist_latent"
@@ -87,6 +91,5 @@ def test_committed_latent_mnist_models_pair_with_their_vae_and_readme():
     table = (LATENT / "README.md").read_text().replace("$D", "../shared/data/mnist")
     for folder in (LATENT / "vae", unet_dir, tp_dir):
         assert f"`{_recorded_command(folder).removesuffix(' --quiet')}`" in table, folder
-        assert not (folder / "train_state.safetensors").exists() and not (folder / "latent_cache").exists()
-        for f in folder.iterdir():
-            assert f.stat().st_size <= 5 * 2**20, f
+        assert not (folder / "latent_cache").exists()
+        _assert_committable(folder)

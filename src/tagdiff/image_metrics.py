@@ -33,6 +33,7 @@ small n.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any
 
@@ -136,14 +137,22 @@ def _extractor(feature_model: nn.Module, sample_shape: tuple[int, ...]) -> Featu
     return FeatureExtractor(feature_model, sample_shape=sample_shape)
 
 
+def _check_set(x: Tensor, name: str, min_n: int) -> None:
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise ValueError(f"{name} must be images of shape (N, C, H, W)")
+    if x.shape[0] < min_n:
+        raise ValueError(f"{name} has {x.shape[0]} images; need at least {min_n}")
+
+
+def _check_fake(real_shape: tuple[int, ...], fake: Tensor, min_n: int) -> None:
+    _check_set(fake, "fake", min_n)
+    if tuple(fake.shape[1:]) != tuple(real_shape):
+        raise ValueError(f"real images are {tuple(real_shape)} but fake images are {tuple(fake.shape[1:])}")
+
+
 def _check_pair(real: Tensor, fake: Tensor, min_n: int) -> tuple[int, ...]:
-    for x, name in ((real, "real"), (fake, "fake")):
-        if not isinstance(x, Tensor) or x.ndim != 4:
-            raise ValueError(f"{name} must be images of shape (N, C, H, W)")
-        if x.shape[0] < min_n:
-            raise ValueError(f"{name} has {x.shape[0]} images; need at least {min_n}")
-    if real.shape[1:] != fake.shape[1:]:
-        raise ValueError(f"real images are {tuple(real.shape[1:])} but fake images are {tuple(fake.shape[1:])}")
+    _check_set(real, "real", min_n)
+    _check_fake(tuple(real.shape[1:]), fake, min_n)
     return tuple(real.shape[1:])
 
 
@@ -163,9 +172,8 @@ class FIDReference:
     """
 
     def __init__(self, real: Tensor, feature_model: nn.Module, *, batch_size: int = 256):
-        _check_pair(real, real, 2)
+        _check_set(real, "real", 2)
         self.image_shape = tuple(real.shape[1:])
-        self.num_images = int(real.shape[0])
         tm_fid, _ = _torchmetrics_image()
         self._metric = tm_fid.FrechetInceptionDistance(feature=_extractor(feature_model, self.image_shape),
                                                        reset_real_features=False)
@@ -174,13 +182,7 @@ class FIDReference:
 
     def fid(self, fake: Tensor, *, batch_size: int = 256) -> float:
         """:func:`fid` of ``fake`` against the reference (raises as :func:`fid`)."""
-        import copy
-
-        if not isinstance(fake, Tensor) or fake.ndim != 4 or fake.shape[0] < 2:
-            raise ValueError(f"fake must be at least 2 images of shape (N, C, H, W), got "
-                             f"{tuple(fake.shape) if isinstance(fake, Tensor) else type(fake).__name__}")
-        if tuple(fake.shape[1:]) != self.image_shape:
-            raise ValueError(f"real images are {self.image_shape} but fake images are {tuple(fake.shape[1:])}")
+        _check_fake(self.image_shape, fake, 2)
         metric = copy.deepcopy(self._metric)
         for i in range(0, fake.shape[0], batch_size):
             metric.update(fake[i:i + batch_size], real=False)
@@ -213,13 +215,8 @@ def fid(real: Tensor | FIDReference, fake: Tensor, feature_model: nn.Module | No
         return real.fid(fake, batch_size=batch_size)
     if feature_model is None:
         raise TypeError("fid(real, fake, feature_model): a feature_model is needed unless real is an FIDReference")
-    shape = _check_pair(real, fake, 2)
-    tm_fid, _ = _torchmetrics_image()
-    metric = tm_fid.FrechetInceptionDistance(feature=_extractor(feature_model, shape))
-    for x, is_real in ((real, True), (fake, False)):
-        for i in range(0, x.shape[0], batch_size):
-            metric.update(x[i:i + batch_size], real=is_real)
-    return max(float(metric.compute()), 0.0)
+    _check_pair(real, fake, 2)  # both sets, before any features are computed
+    return FIDReference(real, feature_model, batch_size=batch_size).fid(fake, batch_size=batch_size)
 
 
 def kid(real: Tensor, fake: Tensor, feature_model: nn.Module, *, subset_size: int = 50, subsets: int = 100,
