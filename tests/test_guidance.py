@@ -274,6 +274,37 @@ def test_dps_gradients_are_per_sample():
     assert not torch.allclose(full, MODEL(x, t))
 
 
+def test_unclipped_dps_on_images_leaves_the_range_where_float32_is_exact_to_its_rounding():
+    """The warning in DPSGuidance's docstring, on the shipped digits model (scale 16, DDIM η = 1, 10 steps, per-sample
+    seeds): unclipped, the state leaves [-1, 1] by orders of magnitude (> 1e4, where float32's spacing is >= 1e-3),
+    although the computation itself is batch independent: in float64 a seed gives the same sample in a batch of 2
+    and in a batch of 4 to 1e-5. Clipped (the remedy the docstring gives), float32 stays in [-1, 1] and the batch
+    comparison agrees to 1e-2 (float32 unclipped, batch of 8 vs 2: up to 986 apart at 10 steps, not asserted: the
+    size of the rounding differences depends on the CPU kernels)."""
+    from tagdiff.checkpoints import load_model
+    from tagdiff.guidance import label_loss
+    from tagdiff.recipes import load_checkpoint
+
+    cpu = torch.device("cpu")
+    model, schedule = load_checkpoint("digits", cpu)
+    clf = load_model("digits/clf_clean", cpu)
+
+    def run(n, dtype, clip):
+        m, c = (model.double(), clf.double()) if dtype == F64 else (model.float(), clf.float())
+        rng = StackedRandomGenerator(range(n))
+        x = rng.randn((n, *model.sample_shape)).to(dtype)
+        return sample_ddim(m, x, schedule.timesteps(10), schedule, eta=1.0, clip_x0=clip, randn_like=rng.randn_like,
+                           terms=[DPSGuidance(label_loss(c, 3), 16.0)])
+
+    with torch.no_grad():
+        big, small = run(4, F64, None), run(2, F64, None)
+        assert big.abs().max() > 1e4
+        torch.testing.assert_close(big[:2], small, rtol=0, atol=1e-5)
+        big, small = run(4, torch.float32, 1.0), run(2, torch.float32, 1.0)
+    assert big.abs().max() <= 1.0 + 1e-6
+    torch.testing.assert_close(big[:2], small, rtol=0, atol=1e-2)
+
+
 def test_dps_moves_the_sample_mean_towards_the_exact_posterior_mean():
     """Linear-Gaussian inverse problem: x0 ~ N(m, I), y = x0 + N(0, s_y² I). Exact posterior mean
     (m + y / s_y²) / (1 + 1 / s_y²). DPS is approximate, so check only that it moves the mean towards it."""
@@ -444,6 +475,35 @@ def test_tag_uses_one_minus_alpha_bar_by_default():
     torch.testing.assert_close(out, x + 1.7 * tls(TP, x, t), rtol=1e-14, atol=1e-14)
 
 
+def test_a_schedule_passed_where_ctx_goes_is_refused_by_name():
+    """The older signature correct(x, t, schedule): a positional schedule lands in ``ctx``. It is refused with a
+    one-line TypeError naming the schedule (it used to fail with "'VPSchedule' object has no attribute 'final'");
+    schedule= is keyword-only and gives the exact x + ω_t TLS, as a StepContext does."""
+    x, t = _x_T(6, 23), torch.full((6,), 600)
+    tag = TemporalAlignment(TP, 1.0)
+    with pytest.raises(TypeError, match=r"TemporalAlignment\.correct: ctx must be a StepContext or None, got "
+                                        r"VPSchedule linear\(T=1000.*schedule=") as info:
+        tag.correct(x, t, SCH)
+    assert "\n" not in str(info.value)
+    with pytest.raises(TypeError):  # schedule is keyword-only
+        tag.correct(x, t, None, SCH)
+    with pytest.raises(TypeError, match="needs ctx"):
+        tag.correct(x, t)
+    ref = x + (1 - float(SCH.alpha_bar[600])) * tls(TP, x, t)
+    torch.testing.assert_close(tag.correct(x, t, schedule=SCH), ref, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(tag.correct(x, t, _ctx(t)), ref, rtol=1e-14, atol=1e-14)
+    with pytest.raises(TypeError, match=r"tls_step: schedule must be a VPSchedule, got StepContext \(pass ctx"):
+        tag.tls_step(x, t, _ctx(t))
+    with pytest.raises(TypeError, match=r"tls_step: ctx must be a StepContext or None, got VPSchedule"):
+        tag.tls_step(x, t, SCH, SCH)
+    # every corrector's loop entry points (pre / post) refuse a schedule for ctx the same way
+    for c in (tag, TemporalAlignment(TP, 1.0, placement="post"), Corruption(0.3), LinearDrift(-0.01)):
+        for method in ("pre", "post"):
+            with pytest.raises(TypeError, match=rf"{type(c).__name__}\.{method}: ctx must be a StepContext, got "
+                                                r"VPSchedule linear.*StepContext\(schedule, eps_model"):
+                getattr(c, method)(x, t, SCH)
+
+
 # ============================================================================================== Corruption and Drift
 
 
@@ -527,10 +587,12 @@ def test_tag_dps_sampling_is_independent_of_the_batch():
 
     batch = run(seeds)
     assert batch.dtype == torch.float32 and torch.isfinite(batch).all()
+    # float32: the MLPs round a row differently in another batch (and on another CPU); measured ≤ 1.6e-6 across kernel
+    # sets and thread counts, allowed 1e-4 (60×), against O(1) between seeds
     for i in (0, 3, 5):
-        torch.testing.assert_close(run([seeds[i]])[0], batch[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(run([seeds[i]])[0], batch[i], rtol=1e-4, atol=1e-4)
     # a batch with different companions gives the same sample for the same seed
-    torch.testing.assert_close(run([7, seeds[3], 9])[1], batch[3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run([7, seeds[3], 9])[1], batch[3], rtol=1e-4, atol=1e-4)
 
 
 # ============================================================================================== bad input

@@ -184,6 +184,73 @@ def test_ddim_step_clip_matches_diffusers_clip_sample(schedule, eta):
     assert rederived_checked > 0 or eta > 0
 
 
+def _ddim_to_alpha_bar_0(schedule, spacing, n):
+    """diffusers' DDIMScheduler(set_alpha_to_one=False) on tagdiff's float64 tables: its last step goes to
+    final_alpha_cumprod = alphas_cumprod[0] (which diffusers takes from its own float32 table: replaced too)."""
+    sched = _diffusers(DDIMScheduler, schedule, spacing, n, True, clip_sample=False, set_alpha_to_one=False)
+    sched.final_alpha_cumprod = schedule.alpha_bar[0].clone()
+    return sched
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n, spacing", [(1, "trailing"), (10, "trailing"), (10, "leading"), (50, "trailing")])
+def test_ddim_step_final_alpha_bar_0_matches_diffusers_float64(schedule, n, spacing, eta):
+    """set_alpha_to_one=False: with the same x, ε and noise, every step equals diffusers' to 1e-12, the last one
+    (ᾱ_t -> ᾱ_0, std = η sqrt((1 - ᾱ_0) / (1 - ᾱ_t) (1 - ᾱ_t / ᾱ_0)) > 0, noise added) included."""
+    model = SMALL_GMM.eps_model(schedule)
+    sched = _ddim_to_alpha_bar_0(schedule, spacing, n)
+    grid = schedule.timesteps(n, spacing)
+    ab0 = float(schedule.alpha_bar[0])
+    x = _x_T(torch.float64, seed=1)
+    for i, t in enumerate(grid.tolist()):
+        t_prev = grid[i + 1].item() if i + 1 < n else -1
+        eps = model(x, _full(t))
+        z = torch.randn(x.shape, generator=_gen(2000 + i), dtype=torch.float64)
+        ref = sched.step(eps, t, x, eta=eta, variance_noise=z).prev_sample
+        ours = ddim_step(x, eps, _full(t), _full(t_prev), schedule, noise=z, eta=eta, final_alpha_bar=ab0)[0]
+        torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-12, msg=lambda m, t=t: f"t={t}: {m}")
+        x = ours
+    if eta > 0 and grid[-1] > 0:  # the last step's noise matters (a leading grid ends at t = 0: ᾱ_t = ᾱ_0, std 0)
+        no_noise = ddim_step(x, eps, _full(t), _full(-1), schedule, noise=None, eta=eta, final_alpha_bar=ab0)[0]
+        assert (ours - no_noise).abs().max() > 1e-3 * eta
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("n, spacing", [(1, "trailing"), (10, "trailing"), (20, "leading")])
+def test_sample_ddim_final_alpha_bar_0_matches_diffusers_loop(schedule, n, spacing, eta):
+    """Whole chains, each side drawing from its own identically seeded generator: sample_ddim(final_alpha_bar =
+    alpha_bar[0], eta) draws noise at the last step as DDIMScheduler(set_alpha_to_one=False) does, so the chains and
+    the generators stay in step (before the fix: 1.5e-2 at η = 0.5, 3e-2 at η = 1 on the linear schedule)."""
+    model = SMALL_GMM.eps_model(schedule)
+    x_T = _x_T(torch.float64, seed=5)
+    g_ours, g_ref = _gen(9), _gen(9)
+    ours = sample_ddim(model, x_T, schedule.timesteps(n, spacing), schedule, eta=eta,
+                       final_alpha_bar=float(schedule.alpha_bar[0]),
+                       randn_like=lambda z: torch.randn(z.shape, generator=g_ours, dtype=z.dtype))
+    sched = _ddim_to_alpha_bar_0(schedule, spacing, n)
+    x = x_T
+    for t in sched.timesteps.tolist():
+        x = sched.step(model(x, _full(t)), t, x, eta=eta, generator=g_ref).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-12, atol=1e-12)
+    assert torch.equal(g_ours.get_state(), g_ref.get_state())  # the same number of draws
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_ddim_draws_last_step_noise_only_when_it_is_used(eta):
+    """Noise draws per chain of n steps: n - 1 with final_alpha_bar = 1 (the last step's std is 0: nothing drawn,
+    the default's results and generator state unchanged), n with final_alpha_bar = alpha_bar[0] and η > 0, none with
+    η = 0. The generic sample() with partial(ddim_step, ...) does the same."""
+    s, n = VPSchedule.linear(), 6
+    model, grid, x_T = SMALL_GMM.eps_model(s), s.timesteps(n, "trailing"), _x_T(torch.float64)
+    for fab, expected in [(1.0, n - 1), (float(s.alpha_bar[0]), n)]:
+        expected = expected if eta > 0 else 0
+        for run in (partial(sample_ddim, eta=eta, final_alpha_bar=fab),
+                    partial(sample, partial(ddim_step, eta=eta, final_alpha_bar=fab), needs_noise=eta > 0)):
+            draws = []
+            run(model, x_T, grid, s, randn_like=lambda z, d=draws: d.append(1) or torch.randn_like(z))
+            assert len(draws) == expected, (fab, len(draws))
+
+
 def test_ddim_eta1_has_ddpm_variance():
     # Song et al. 2021, Eq. 16: with eta = 1 the DDIM step noise std equals DDPM's posterior std, and the two steps
     # agree in distribution. With the noise set to zero the means differ only through the direction term; the noise

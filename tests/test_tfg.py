@@ -352,7 +352,7 @@ def test_clipped_tfg_one_step_from_t0_matches_the_benchmark():
     ref = torch.tensor([[1.0, x0 + (1 - p1) / math.sqrt(a0) / math.sqrt(a0)]], dtype=F64)
     torch.testing.assert_close(clipped, ref, rtol=1e-12, atol=1e-12)
     assert clipped.flatten().tolist() == pytest.approx([1.0, 1.123], abs=5e-4)
-    unclipped = run(terms=[TFGGuidance(_ce_loss, rho=1.0)])
+    unclipped = run(terms=[TFGGuidance(_ce_loss, rho=1.0, clip_x0=None)])
     assert unclipped.flatten().tolist() == pytest.approx([0.269, 1.231], abs=5e-4)
 
 
@@ -455,6 +455,44 @@ def test_clipped_tfg_loop_equals_a_transcription_of_the_benchmark(num_steps):
     plain = sample_ddim(net, x_T, grid, SCH, eta=1.0, clip_x0=1.0, randn_like=_noise(11))
     assert (ours - plain).abs().max() > 1e-2  # the guidance acted
     if num_steps == 50:  # and the clamp mattered: without it in the loss the result differs
-        unclipped = TFGGuidance(lambda x0: -_clf_log_p(x0), rho=1.0, mu=0.25, gamma=0.001, num_iter=4)
+        unclipped = TFGGuidance(lambda x0: -_clf_log_p(x0), rho=1.0, mu=0.25, gamma=0.001, num_iter=4,
+                                clip_x0=None)
         other = sample_ddim(net, x_T, grid, SCH, eta=1.0, clip_x0=1.0, terms=[unclipped], randn_like=_noise(11))
         assert (other - ours).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("num_steps", [50, 3])
+def test_default_tfg_follows_the_sampler_clip_and_so_matches_the_benchmark(num_steps):
+    """TFGGuidance's default clip_x0="sampler": in sample_ddim(clip_x0=1) it is the benchmark's TFG (the
+    transcription above, to 1e-9); in an unclipped sampler it equals clip_x0=None bit for bit (no clamp at 1 on
+    unbounded data); an explicit number or None overrides it (None in a clipping sampler: the mixed variant)."""
+    net = _TinyEps()
+    x_T = 1.5 * torch.randn(6, 4, generator=torch.Generator().manual_seed(3), dtype=F64)
+    grid = SCH.timesteps(num_steps, "space_timesteps")
+    kw = dict(rho=1.0, mu=0.25, gamma=0.001, num_iter=4)
+
+    def run(clip_sampler, **term_kw):
+        term = TFGGuidance(lambda x0: -_clf_log_p(x0), **kw, **term_kw)
+        return sample_ddim(net, x_T, grid, SCH, eta=1.0, clip_x0=clip_sampler, terms=[term], randn_like=_noise(11))
+
+    default = run(1.0)
+    assert TFGGuidance(_loss).clip_x0 == "sampler" and dps_as_tfg(_loss, 1.0).clip_x0 == "sampler"
+    ref = _benchmark_tfg(net, x_T, num_steps, 1.0, 0.25, 0.001, 4, _noise(11), _noise(12))
+    torch.testing.assert_close(default, ref, rtol=1e-9, atol=1e-9)
+    assert torch.equal(default, run(1.0, clip_x0=1.0))
+    assert (run(1.0, clip_x0=None) - ref).abs().max() > 1e-3  # the mixed variant is not the benchmark
+    assert torch.equal(run(None), run(None, clip_x0=None))  # unclipped sampler: no clamp in the loss either
+    assert (run(None) - run(None, clip_x0=1.0)).abs().max() > 1e-3  # (the clamp would have mattered)
+
+
+def test_default_tfg_in_the_one_step_benchmark_case_and_bad_clip_values():
+    """The one-step case of test_clipped_tfg_one_step_from_t0_matches_the_benchmark with the default term: the
+    benchmark's [1.0, 1.123], not the [0.269, 1.231] the old default (None) gave in a clipping sampler."""
+    grid = SCH.timesteps(1, "linspace")
+    x = torch.tensor([[1.5, 0.5]], dtype=F64)
+    out = sample_ddim(lambda x, t: torch.zeros_like(x), x, grid, SCH, eta=1.0, clip_x0=1.0,
+                      terms=[TFGGuidance(_ce_loss, rho=1.0)])
+    assert out.flatten().tolist() == pytest.approx([1.0, 1.123], abs=5e-4)
+    for bad in ("auto", 0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=r"clip_x0"):
+            TFGGuidance(_loss, rho=1.0, clip_x0=bad)

@@ -224,7 +224,8 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
                      help="corrupted reverse process σ >= 0 (Alg. 2; default: 0)")
     smp.add_argument("--clip-x0", type=clip_value, default="auto",
                      help="clamp x0_hat to [-v, v]: a number > 0, none (or 0) to disable, auto = 1 for image models "
-                          "and none for vectors (default: auto, the demo's setting)")
+                          "and none for vectors (default: auto, the demo's setting). Unclipped DPS on images "
+                          "diverges (|x| ~ 1e5) and its float32 result then changes by tens with the batch size")
     smp.add_argument("--bf16", action="store_true", help="bf16 autocast while sampling")
     smp.add_argument("--cfg-scale", type=nonneg_float, default=None,
                      help="classifier-free guidance scale for a class-conditional UNet (e.g. --checkpoint "

@@ -158,13 +158,14 @@ def run_loop(driver: Any, eps_model: EpsModel, x: Tensor, *, terms: Sequence[Ter
 def _run_stages(driver: Any, eps_model: EpsModel, x: Tensor, stages: Any, scores: list, correctors: list,
                 step_term: Any, callbacks: list, cond: dict, randn_like: RandnLike, grid: Tensor, N: int) -> Tensor:
     ctx: StepContext | None = None
+    clip_x0 = getattr(driver, "clip_x0", None)
     for k, stage in stages:
         t, t_prev = full_timesteps(stage.t, x), full_timesteps(stage.t_prev, x)
         ab = None if stage.alpha_bar is None else torch.tensor(stage.alpha_bar, dtype=torch.float64)
         same_t = isinstance(stage.model_t, int) and stage.model_t == stage.t
         model_t = t if same_t else torch.full((x.shape[0],), float(stage.model_t), device=x.device)
         ctx = StepContext(driver.schedule, eps_model, cond, randn_like, t, t_prev, stage.i, N, grid, model_t, ab,
-                          driver.stateful, True, {} if stage.first else ctx.shared, stage.t_prev < 0)
+                          driver.stateful, True, {} if stage.first else ctx.shared, stage.t_prev < 0, clip_x0)
         x_vp = driver.model_input(x, stage, k)
         if stage.first:
             x_in = x_vp
@@ -178,7 +179,8 @@ def _run_stages(driver: Any, eps_model: EpsModel, x: Tensor, stages: Any, scores
         def evaluate(z: Tensor, t_eval: Tensor, keep_graph: bool = False, _ctx: StepContext = ctx) -> Prediction:
             if t_eval is not _ctx.t:  # a retimed step (Time-Shift): the model and terms see t_eval
                 _ctx = StepContext(_ctx.schedule, eps_model, cond, randn_like, t_eval, _ctx.t_prev, _ctx.i, N, grid,
-                                   t_eval, None, _ctx.stateful_update, True, _ctx.shared, _ctx.final)
+                                   t_eval, None, _ctx.stateful_update, True, _ctx.shared, _ctx.final,
+                                   _ctx.clip_x0)
             return guided_prediction(z, t_eval, _ctx, scores, keep_graph=keep_graph)
 
         if step_term is None:

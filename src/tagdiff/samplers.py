@@ -80,11 +80,18 @@ def ddim_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
     (diffusers: ``use_clipped_model_output=True``); ``use_clipped_model_output=False`` keeps the model's ε
     (diffusers' default for ``clip_sample=True``). ``final_alpha_bar`` is ᾱ of the state after the last step
     (``t_prev = -1``): 1 (clean data; diffusers ``set_alpha_to_one=True``) or ``alpha_bar[0]``
-    (``set_alpha_to_one=False``).
-    Matches ``diffusers.DDIMScheduler.step`` step for step when the grid's ``t_prev`` equals diffusers'
-    ``t - T // N`` (the ``"leading"`` and ``"trailing"`` spacings with T divisible by N). Diffusers' ``"linspace"``
-    DDIM steps to ``t - T // N`` even where the grid's next point is elsewhere: that (inconsistent) rule is not
-    expressible here; run ``DDIMScheduler`` itself through :func:`tagdiff.scheduler_loop.sample_scheduler`.
+    (``set_alpha_to_one=False``). With 1 the last step's ``std`` is 0 and it lands on x0_hat; with ``alpha_bar[0]``
+    and ``eta > 0`` the last step has ``std > 0`` and adds ``std * noise`` like any other step, as diffusers does
+    (:func:`sample` draws that noise for ``partial(ddim_step, eta > 0, final_alpha_bar < 1)``, see
+    :func:`sample_ddim`). ``noise=None`` always skips the ``std * noise`` term (the direction still uses
+    ``sqrt(1 - ab_prev - std²)``).
+
+    Given the same x, ε̂ and noise, the result equals ``diffusers.DDIMScheduler.step(..., eta, variance_noise=noise,
+    use_clipped_model_output)`` at every step, the last one included for either ``set_alpha_to_one`` (float64:
+    to ~1e-12), when the grid's ``t_prev`` equals diffusers' ``t - T // N`` (the ``"leading"`` and ``"trailing"``
+    spacings with T divisible by N). Diffusers' ``"linspace"`` DDIM steps to ``t - T // N`` even where the grid's
+    next point is elsewhere: that (inconsistent) rule is not expressible here; run ``DDIMScheduler`` itself through
+    :func:`tagdiff.scheduler_loop.sample_scheduler`.
 
     Returns:
         ``(x_prev, x0_hat)``.
@@ -125,9 +132,21 @@ def _check_grid(timesteps: Tensor, schedule: VPSchedule) -> list[int]:
     return ts.tolist()
 
 
+def _adds_final_noise(step_fn: StepFn) -> bool:
+    """Whether ``step_fn`` adds noise on the last step (``t_prev = -1``): only DDIM(η > 0) ending at
+    ``final_alpha_bar < 1`` (diffusers' ``set_alpha_to_one=False``) does; with ᾱ = 1 its std there is 0 and DDPM's
+    last step is noiseless, so no noise is drawn for it (the generator is left where it was)."""
+    if isinstance(step_fn, partial) and step_fn.func is ddim_step and not step_fn.args:
+        kw = step_fn.keywords
+        return kw.get("eta", 0.0) > 0 and kw.get("final_alpha_bar", 1.0) != 1.0
+    return False
+
+
 class GridDriver:
     """tagdiff's own update: ``step_fn`` (:func:`ddpm_step`, ``partial(ddim_step, eta=...)``) over a decreasing
-    grid of integer training timesteps, in VP space; stateless (each step depends only on its inputs)."""
+    grid of integer training timesteps, in VP space; stateless (each step depends only on its inputs). Noise is
+    drawn (``needs_noise``) for every step but the last, and for the last one too where ``step_fn`` adds noise
+    there (DDIM(η > 0) with ``final_alpha_bar < 1``, see :func:`ddim_step`)."""
 
     stateful = False
 
@@ -135,6 +154,7 @@ class GridDriver:
                  needs_noise: bool, clip_x0: float | None):
         self.step_fn, self.schedule, self.randn_like = step_fn, schedule, randn_like
         self.needs_noise, self.clip_x0 = needs_noise, clip_x0
+        self.final_noise = needs_noise and _adds_final_noise(step_fn)
         self.ts = _check_grid(timesteps, schedule)
 
     def plan(self) -> list[Stage]:
@@ -148,7 +168,7 @@ class GridDriver:
         return 1.0
 
     def step_vp(self, x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, final: bool) -> Tensor:
-        noise = self.randn_like(x) if self.needs_noise and not final else None
+        noise = self.randn_like(x) if self.needs_noise and (self.final_noise or not final) else None
         return self.step_fn(x, eps_hat, t, t_prev, self.schedule, noise=noise, clip_x0=self.clip_x0)[0]
 
     def update(self, x: Tensor, pred: Prediction, stage: Stage, k: int) -> Tensor:
@@ -177,9 +197,12 @@ def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, s
             list order. TFG's recurrence and the Time-Shift retiming live in those step terms.
         cond: keyword conditioning for the model.
         randn_like: noise source; pass ``StackedRandomGenerator(seeds).randn_like`` for per-sample seeds.
-        needs_noise: whether ``step_fn`` consumes noise (False for deterministic DDIM).
+        needs_noise: whether ``step_fn`` consumes noise (False for deterministic DDIM). Noise is drawn before every
+            step but the last; before the last one too for ``partial(ddim_step, eta > 0, final_alpha_bar < 1)``,
+            whose last step is stochastic (as diffusers' ``DDIMScheduler(set_alpha_to_one=False)``).
         callback: called with a :class:`StepInfo` once per step (e.g. ``TimeGapRecorder``).
-        clip_x0: clamp x0_hat inside the step (images: 1.0); ``None`` disables.
+        clip_x0: clamp x0_hat inside the step (images: 1.0); ``None`` disables. Terms read it as ``ctx.clip_x0``
+            (:class:`~tagdiff.guidance.TFGGuidance` clamps its loss's x̂_0 the same way by default).
         progress: show a tqdm progress bar.
 
     Returns:
@@ -203,7 +226,11 @@ def sample_ddpm(eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPS
 def sample_ddim(eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, *, eta: float = 0.0,
                 final_alpha_bar: float = 1.0, use_clipped_model_output: bool = True, **kwargs: Any) -> Tensor:
     """DDIM(η) sampling (Song et al. 2021) over ``timesteps``; keyword arguments as in :func:`sample` and
-    :func:`ddim_step` (``final_alpha_bar``, ``use_clipped_model_output``)."""
+    :func:`ddim_step` (``final_alpha_bar``, ``use_clipped_model_output``).
+
+    With ``final_alpha_bar=schedule.alpha_bar[0]`` and ``eta > 0`` the last step adds noise (one more draw of
+    ``randn_like``), so that the chain equals ``DDIMScheduler(set_alpha_to_one=False).step(eta=eta)`` drawing from
+    the same generator; with the default ``final_alpha_bar=1`` the last step is noiseless and draws nothing."""
     if not eta >= 0:
         raise ValueError(f"eta must be a number >= 0, got {eta}")
     step = partial(ddim_step, eta=eta, final_alpha_bar=final_alpha_bar,

@@ -44,8 +44,8 @@ from ._utils import RandnLike, append_dims, check_finite
 from .predictions import eps_and_x0, model_prediction_type
 from .schedules import VPSchedule
 
-__all__ = ["Corrector", "is_clean", "Prediction", "ScoreTerm", "StepContext", "StepTerm", "Strength", "Term",
-           "guided_eps",
+__all__ = ["check_context", "Corrector", "is_clean", "Prediction", "ScoreTerm", "StepContext", "StepTerm", "Strength",
+           "Term", "guided_eps",
            "guided_eps_and_x0", "guided_prediction", "split_terms", "STRENGTH_SCHEDULES"]
 
 EpsModel = Callable[..., Tensor]
@@ -79,6 +79,9 @@ class StepContext:
         shared: per-step scratch dict (see the module docstring).
         final: whether ``t_prev`` is -1 (the step ends at clean data), known to the loop without reading the device;
             ``None`` outside a loop.
+        clip_x0: the ``clip_x0`` the sampling loop clamps x̂_0 with inside its update (``sample``/``sample_ddim``/
+            ``sample_scheduler``'s argument; a diffusers scheduler's own ``clip_sample`` is not reflected); ``None``
+            when it does not clamp, and outside a loop. :class:`~tagdiff.guidance.TFGGuidance` follows it by default.
     """
 
     schedule: VPSchedule
@@ -96,6 +99,7 @@ class StepContext:
     retain_graph: bool = True
     shared: dict[str, Any] = field(default_factory=dict)
     final: bool | None = None
+    clip_x0: float | None = None
 
     def ab_t(self, x: Tensor) -> Tensor:
         """ᾱ of the state entering this step, shape ``(B, 1, ..., 1)`` in x's dtype/device: the loop's exact
@@ -171,6 +175,26 @@ class Strength:
         return bool(((t >= self.window[0]) & (t <= self.window[1])).any())
 
 
+def _describe(value: Any) -> str:
+    if isinstance(value, VPSchedule):
+        return f"VPSchedule {value.describe()}"
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def check_context(ctx: Any, where: str, *, optional: bool = False) -> None:
+    """Raise a one-line ``TypeError`` naming ``ctx`` unless it is a :class:`StepContext` (or ``None`` where
+    ``optional``): a schedule passed positionally where a term method takes ``ctx`` would otherwise fail later
+    with an unrelated ``AttributeError``."""
+    if isinstance(ctx, StepContext) or (optional and ctx is None):
+        return
+    hint = ""
+    if isinstance(ctx, VPSchedule):
+        hint = ("; pass the schedule by keyword (schedule=...)" if optional else
+                "; wrap it: StepContext(schedule, eps_model, ...)")
+    raise TypeError(f"{where}: ctx must be a StepContext{' or None' if optional else ''}, got {_describe(ctx)}{hint}")
+
+
 def is_clean(t: Tensor, ctx: StepContext | None) -> bool:
     """Whether every entry of ``t`` is -1 (clean data). Where ``t`` is the loop's own ``ctx.t_prev`` the answer comes
     from the loop's plan (``ctx.final``: no device read, no GPU synchronisation), else from the tensor."""
@@ -215,7 +239,8 @@ class Corrector(Term):
 
     ``placement = "pre"`` corrects x_t before the step at the step's own ``t``; ``"post"`` corrects x_{t_prev}
     after it, at ``t_prev`` (``-1`` after the last step: each corrector says what it does there). ``pre`` and
-    ``post`` are what the loops call; subclasses override ``correct`` (and set ``placement``).
+    ``post`` are what the loops call; subclasses override ``correct`` (and set ``placement``). ``pre`` and
+    ``post`` refuse a ``ctx`` that is not a :class:`StepContext` (e.g. a schedule) with a ``TypeError``.
     """
 
     placement: str = "pre"
@@ -229,9 +254,11 @@ class Corrector(Term):
         return x
 
     def pre(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
+        check_context(ctx, f"{type(self).__name__}.pre")
         return self.correct(x, t, ctx) if self.placement == "pre" else x
 
     def post(self, x_prev: Tensor, t_prev: Tensor, ctx: StepContext) -> Tensor:
+        check_context(ctx, f"{type(self).__name__}.post")
         return self.correct(x_prev, t_prev, ctx) if self.placement == "post" else x_prev
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .._utils import check_finite
 from ..schedules import VPSchedule
-from ..terms import Corrector, StepContext, Strength, is_clean
+from ..terms import Corrector, StepContext, Strength, check_context, is_clean
 from ..time_predictor import TimePredictor
 
 __all__ = ["TemporalAlignment", "check_predictor_schedule", "check_time_predictor", "log_prob_from_logits", "tls"]
@@ -150,7 +150,15 @@ class TemporalAlignment(Corrector):
         """The displacement ``ω_t · TLS`` at timesteps ``t`` (shape ``(B,)``), shape of x; zeros where ω_t = 0.
 
         Non-finite TLS entries raise, or with ``on_nonfinite="skip"`` give zero for the affected samples.
+
+        Raises:
+            TypeError: if ``schedule`` is not a :class:`VPSchedule` or ``ctx`` not a :class:`StepContext` / None.
         """
+        if not isinstance(schedule, VPSchedule):
+            hint = " (pass ctx.schedule)" if isinstance(schedule, StepContext) else ""
+            raise TypeError(f"{type(self).__name__}.tls_step: schedule must be a VPSchedule, got "
+                            f"{type(schedule).__name__}{hint}")
+        check_context(ctx, f"{type(self).__name__}.tls_step", optional=True)
         c = None if self.condition is None else torch.as_tensor(self.condition, device=x.device)
         point = self.evaluation_point(x, t, ctx)
         shared = ctx.shared if ctx is not None and point is x else None
@@ -162,10 +170,19 @@ class TemporalAlignment(Corrector):
             grad = torch.where(ok.reshape(-1, *([1] * (x.ndim - 1))), grad, torch.zeros_like(grad))
         return self.strength(t, schedule, x) * grad
 
-    def correct(self, x: Tensor, t: Tensor, ctx: StepContext | None = None,
+    def correct(self, x: Tensor, t: Tensor, ctx: StepContext | None = None, *,
                 schedule: VPSchedule | None = None) -> Tensor:
         """Apply ``x + ω_t · TLS(x, t)`` at timesteps ``t`` (shape ``(B,)``); identity where ω_t = 0 and after the
-        last step (``t = -1``). ``schedule`` may be passed instead of ``ctx`` outside a sampler loop."""
+        last step (``t = -1``). Outside a sampler loop pass the schedule by keyword instead of ``ctx``:
+        ``correct(x, t, schedule=schedule)``.
+
+        Raises:
+            TypeError: if ``ctx`` is not a :class:`StepContext` or None (e.g. a schedule passed positionally), or
+                neither ``ctx`` nor ``schedule`` is given.
+        """
+        check_context(ctx, f"{type(self).__name__}.correct", optional=True)
+        if ctx is None and schedule is None:
+            raise TypeError(f"{type(self).__name__}.correct needs ctx (a StepContext) or schedule=... (a VPSchedule)")
         if not self.strength.active(t) or is_clean(t, ctx):
             return x
         schedule = ctx.schedule if schedule is None else schedule

@@ -33,6 +33,7 @@ from ..terms import Evaluate, StepContext, StepTerm, Update
 __all__ = ["TFG_SCHEDULES", "DPSNormalized", "TFGGuidance", "dps_as_tfg", "tfg_schedule"]
 
 TFG_SCHEDULES = ("increase", "decrease", "constant")
+SAMPLER_CLIP = "sampler"  # TFGGuidance(clip_x0=...): clamp the loss's x̂_0 as the sampler clamps its step
 LossFn = Callable[[Tensor], Tensor]
 
 
@@ -88,6 +89,14 @@ def _log_prob(loss_fn: LossFn, operator: LossFn | None, x0: Tensor, name: str) -
     return -loss
 
 
+def _check_clip(clip_x0: object) -> float | str | None:
+    if clip_x0 is None or clip_x0 == SAMPLER_CLIP:
+        return clip_x0  # type: ignore[return-value]
+    if isinstance(clip_x0, str) or not _check_nonneg(clip_x0, "clip_x0") > 0:
+        raise ValueError(f"clip_x0 must be {SAMPLER_CLIP!r}, None or a finite number > 0, got {clip_x0!r}")
+    return float(clip_x0)  # type: ignore[arg-type]
+
+
 def _require_grad(x: Tensor, name: str) -> None:
     if not x.requires_grad:
         raise RuntimeError(f"{name} needs x with requires_grad; run it through tagdiff's sampler loop")
@@ -120,10 +129,19 @@ class TFGGuidance(StepTerm):
     through the clamp, so clipped pixels get none) and Δ_0 (the iterations start from the clamped x̂_0), as the TFG
     benchmark does for images (``methods/base.py::_predict_x0`` with ``clip_x0``, used by ``methods/tfg.py``;
     ``clip_sample_range`` 1). The benchmark's DDIM step then starts from the same clamped x̂_0 and the ε re-derived
-    from it (``_predict_x_prev_from_zero``): run the sampler with ``clip_x0=c`` too (tagdiff's ``ddim_step`` with
-    ``use_clipped_model_output=True``, its default), and this term reproduces the benchmark's TFG update
-    (``tests/test_tfg.py`` checks a 50-step loop against a transcription). ``clip_x0=None`` (the default of the
-    class) keeps the unclipped x̂_0 in the loss; the label and inverse suites clip, as the benchmark does.
+    from it (``_predict_x_prev_from_zero``): one flag clips both the loss's x̂_0 and the step's. The default
+    ``clip_x0="sampler"`` follows that rule: the loss is clamped exactly where the sampling loop's own ``clip_x0``
+    clamps its step (``ctx.clip_x0``), so the pair always matches one of the two conventions:
+
+    * ``sample_ddim(..., eta=1.0, clip_x0=1.0, terms=[TFGGuidance(...)])`` is the benchmark's TFG for images
+      (``tests/test_tfg.py`` checks 1-, 3- and 50-step loops against a transcription);
+    * ``sample_ddim(..., terms=[TFGGuidance(...)])`` (no clipping anywhere) is TFG on unbounded data (latents,
+      toy data), where a clamp at 1 would be wrong.
+
+    A number ``c`` clamps the loss at ``c`` whatever the sampler does, ``None`` never clamps it (before this
+    default existed ``None`` was the default: a clipping sampler with ``clip_x0=None`` here gives the mixed variant
+    that matches neither convention; pass it explicitly to keep such results). A diffusers scheduler's own
+    ``clip_sample`` is not followed: pass ``clip_x0`` to :func:`tagdiff.sample_scheduler` instead.
     Not implemented from the TFG code: ``rescale_grad`` (a no-op for images), ``eps_bsz > 1`` (the image configs
     draw one smoothing sample).
 
@@ -137,12 +155,13 @@ class TFGGuidance(StepTerm):
         rho_schedule, mu_schedule: ``"increase"`` (TFG image default for both), ``"decrease"`` (TFG's μ for
             molecules) or ``"constant"``.
         operator: optional measurement operator A applied to x̂_0 before ``loss_fn``.
-        clip_x0: clamp x̂_0 to ``[-clip_x0, clip_x0]`` before the loss (the benchmark's images: 1.0); ``None``
-            (default) does not.
+        clip_x0: ``"sampler"`` (default): clamp x̂_0 before the loss exactly as the sampling loop's ``clip_x0``
+            clamps its step (the benchmark's rule; no clamp when the sampler has none); a number ``c``: clamp to
+            ``[-c, c]`` always; ``None``: never.
 
     Raises:
         ValueError: negative or non-finite ρ̄/μ̄/γ̄, num_iter < 0, num_recur < 1, an unknown schedule name, a
-            ``clip_x0`` that is not a finite number > 0;
+            ``clip_x0`` that is not ``"sampler"``, ``None`` or a finite number > 0;
             (when sampling) a loss not shaped ``(B,)`` or a context without the sampler grid.
 
     Reference: Ye et al. (2024), "TFG: Unified Training-Free Guidance for Diffusion Models", arXiv:2409.15761.
@@ -152,12 +171,10 @@ class TFGGuidance(StepTerm):
 
     def __init__(self, loss_fn: LossFn, rho: float = 0.0, mu: float = 0.0, gamma: float = 0.0, num_iter: int = 4,
                  num_recur: int = 1, rho_schedule: str = "increase", mu_schedule: str = "increase",
-                 operator: LossFn | None = None, clip_x0: float | None = None):
+                 operator: LossFn | None = None, clip_x0: float | str | None = "sampler"):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-        if clip_x0 is not None and not _check_nonneg(clip_x0, "clip_x0") > 0:
-            raise ValueError(f"clip_x0 must be None or a finite number > 0, got {clip_x0!r}")
-        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
+        self.clip_x0 = _check_clip(clip_x0)
         self.rho, self.mu = _check_nonneg(rho, "rho"), _check_nonneg(mu, "mu")
         self.gamma = _check_nonneg(gamma, "gamma")
         if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 0:
@@ -205,8 +222,9 @@ class TFGGuidance(StepTerm):
         if self.rho == 0 and not use_mu:
             return None
         _require_grad(x, "TFGGuidance")
-        if self.clip_x0 is not None:
-            x0_hat = x0_hat.clamp(-self.clip_x0, self.clip_x0)
+        clip = ctx.clip_x0 if self.clip_x0 == SAMPLER_CLIP else self.clip_x0
+        if clip is not None:
+            x0_hat = x0_hat.clamp(-clip, clip)
         ab_t = ctx.schedule.alpha_bar_at(t, x)
         ab_prev = ctx.schedule.alpha_bar_at(ctx.t_prev, x)
         mc_eps = self.gamma * (1 - ab_t).sqrt() * ctx.randn_like(x) if self.gamma > 0 else 0.0
@@ -231,8 +249,9 @@ class TFGGuidance(StepTerm):
 
 
 def dps_as_tfg(loss_fn: LossFn, rho: float, rho_schedule: str = "increase",
-               operator: LossFn | None = None, clip_x0: float | None = None) -> TFGGuidance:
-    """DPS in TFG's unified view: :class:`TFGGuidance` with ρ only (μ = γ = 0, no recurrence)."""
+               operator: LossFn | None = None, clip_x0: float | str | None = "sampler") -> TFGGuidance:
+    """DPS in TFG's unified view: :class:`TFGGuidance` with ρ only (μ = γ = 0, no recurrence); ``clip_x0`` as
+    there (default: follow the sampler's)."""
     return TFGGuidance(loss_fn, rho=rho, mu=0.0, gamma=0.0, num_recur=1, rho_schedule=rho_schedule,
                        operator=operator, clip_x0=clip_x0)
 
