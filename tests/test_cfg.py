@@ -1,6 +1,8 @@
 """The CFG family as tagdiff terms (tagdiff.guidance.cfg): CFG, rescaled CFG, CFG-Zero*, APG (against diffusers'
 guider), guidance intervals, CFG++, and composition with TAG."""
 
+import copy
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
@@ -183,26 +185,38 @@ def cfgpp_by_hand(model, schedule, x, ts, y, lam, clip=None):
     return x
 
 
-def test_cfgpp_equals_the_papers_ddim_update_on_tagdiff_and_diffusers_ddim(model, schedule):
+@pytest.fixture(scope="module")
+def model64(model):
+    """The same UNet in float64: the by-hand loop evaluates the two branches as two batches and tagdiff as one, so in
+    float32 their last bits differ by CPU; in float64 the comparison is tight on any machine."""
+    return copy.deepcopy(model).double()
+
+
+def test_cfgpp_equals_the_papers_ddim_update_on_tagdiff_and_diffusers_ddim(model64, schedule):
+    model = model64
     x, _, y = setup()
+    x = x.double()
     ts = schedule.timesteps(5, "leading")
     expected = cfgpp_by_hand(model, schedule, x, ts, y, 0.6)
     got = sample_ddim(model, x, ts, schedule, terms=[CFGPlusPlus(0.6, NULL)], cond={"y": y})
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)   # float64 rounding (measured 4e-11)
     ddim = DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=True)
     got_d = sample_scheduler(ddim, model, x, num_inference_steps=5, terms=[CFGPlusPlus(0.6, NULL)], cond={"y": y})
+    # diffusers keeps alphas_cumprod in float32 (relative error ≤ 6e-8 per ᾱ, amplified by 1/√ᾱ ≤ 60 over 5 steps):
+    # measured 1.2e-6; allowed 1e-4
     torch.testing.assert_close(got_d, expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(got, sample_ddim(model, x, ts, schedule, terms=[ClassifierFreeGuidance(0.6, NULL)],
                                                cond={"y": y}), atol=1e-3)
 
 
-def test_cfgpp_with_its_own_x0_clipping(model, schedule):
+def test_cfgpp_with_its_own_x0_clipping(model64, schedule):
+    model = model64
     x, _, y = setup()
-    x = 3 * x  # large states: the clamp is active
+    x = 3 * x.double()  # large states: the clamp is active
     ts = schedule.timesteps(4)
     expected = cfgpp_by_hand(model, schedule, x, ts, y, 0.8, clip=1.0)
     got = sample_ddim(model, x, ts, schedule, terms=[CFGPlusPlus(0.8, NULL, clip_x0=1.0)], cond={"y": y})
-    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)  # float32 rounding through ε_eff
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)  # float64 rounding (measured 3e-13)
     assert not torch.allclose(got, cfgpp_by_hand(model, schedule, x, ts, y, 0.8), atol=1e-2)
 
 

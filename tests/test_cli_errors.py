@@ -281,8 +281,13 @@ def test_interrupted_unet_export_keeps_the_training_state(tmp_path, monkeypatch,
 
 
 def test_dps_per_sample_seeds_are_batch_independent(tmp_path):
-    """With clipping (the default for images), a DPS sample with seed s is the same alone or in a batch to float
-    rounding; changing the other samples of the batch does not change it at all beyond rounding."""
+    """With clipping (the default for images), a DPS sample with seed s is the same alone or in a batch, up to float32
+    rounding amplified along the trajectory; a different seed gives a different sample.
+
+    The UNet's convolutions round differently for another batch size, and DPS differentiates through them at every
+    step. Measured max |diff| (values in [-1, 1]): 1e-6 on this project's machine, 2.9e-4 with MKL at AVX2 and generic
+    ATen kernels (an AMD EPYC's code path), 7e-4 between batches of 8 and 2 (DPSGuidance's docstring). Allowed: 1e-2,
+    14× the largest, while another seed's sample differs by O(1) (asserted)."""
     from tagdiff.generate import SampleConfig, generate
 
     def draw(n, seed, name):
@@ -292,6 +297,19 @@ def test_dps_per_sample_seeds_are_batch_independent(tmp_path):
         return np.load(tmp_path / name / "samples.npz")["x"]
 
     alone, batch = draw(1, 0, "alone"), draw(4, 0, "batch")
-    assert np.abs(alone[0] - batch[0]).max() < 1e-4
+    np.testing.assert_allclose(alone[0], batch[0], rtol=0, atol=1e-2)
     other = draw(3, 1, "other")  # seeds 1, 2, 3: the same as batch[1:]
-    assert np.abs(other - batch[1:]).max() < 1e-4
+    np.testing.assert_allclose(other, batch[1:], rtol=0, atol=1e-2)
+    assert np.abs(batch[0] - batch[1]).max() > 0.5
+
+
+def test_version_is_the_package_metadata_version(capsys):
+    """``tagdiff --version`` prints the version pip installed (pyproject.toml), the same as ``tagdiff.__version__``."""
+    from importlib.metadata import version
+
+    import tagdiff
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tagdiff {version('tagdiff')}" == f"tagdiff {tagdiff.__version__}"

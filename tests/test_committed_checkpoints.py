@@ -1,10 +1,13 @@
-"""The committed MNIST checkpoints (``checkpoints/mnist``, docs/RESULTS.md §4): each folder loads as the model its
-name says, for MNIST's 1×28×28 images and the UNet's schedule, holds only what the 5 MB rule allows, and records the
-command its README gives (so the README's regeneration commands are the ones that made the files)."""
+"""The committed checkpoints (``checkpoints/mnist``, ``checkpoints/mnist_latent``, docs/RESULTS.md §4) and the shipped
+digits/toy assets: each folder loads as the model its name says, holds only what the 10 MB rule allows, records the
+command its README gives, and computes on the machine at hand the held-out figures recorded beside it
+(``heldout.json``, written by ``checkpoints/heldout.py``) within the tolerances stated there."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ pytestmark = pytest.mark.skipif(not (ROOT / "unet").is_dir(), reason="checkpoint
 def _assert_committable(folder: Path) -> None:
     assert not (folder / "train_state.safetensors").exists()  # resume state stays in runs/, never committed
     for f in folder.iterdir():
-        assert f.stat().st_size <= 5 * 2**20, f
+        assert f.stat().st_size <= 10 * 2**20, f
 
 
 def _recorded_command(folder: Path) -> str:
@@ -58,11 +61,11 @@ def test_committed_mnist_class_conditional_unet_is_conditional_with_a_null_class
     assert not torch.allclose(eps[3], eps[7]) and not torch.allclose(eps[3], eps[10])
 
 
-@pytest.mark.parametrize("name", ["unet", "unet_class", *CLASSIFIERS])
+@pytest.mark.parametrize("name", ["unet", "unet_class", "time_predictor", *CLASSIFIERS])
 def test_committed_mnist_checkpoint_matches_its_readme_and_size_rule(name):
     folder = ROOT / name
     command = _recorded_command(folder)
-    assert f"--out runs/mnist/{name} " in f"{command} "
+    assert f"--out runs/mnist/{name} " in f"{command} " or f"--out checkpoints/mnist/{name} " in f"{command} "
     table = (ROOT / "README.md").read_text()
     assert f"`{command.removesuffix(' --quiet')}`" in table.replace("$D", "../shared/data/mnist"), command
     _assert_committable(folder)
@@ -93,3 +96,38 @@ def test_committed_latent_mnist_models_pair_with_their_vae_and_readme():
         assert f"`{_recorded_command(folder).removesuffix(' --quiet')}`" in table, folder
         assert not (folder / "latent_cache").exists()
         _assert_committable(folder)
+
+
+# ------------------------------------------------------------------------------ recorded held-out figures
+_spec = importlib.util.spec_from_file_location("heldout", ROOT.parent / "heldout.py")
+heldout = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(heldout)
+MNIST_DIR = Path(os.environ.get("TAGDIFF_MNIST_DIR", heldout.DEFAULT_MNIST))
+HAVE_MNIST = (MNIST_DIR / "t10k-images-idx3-ubyte").exists() or (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists()
+
+
+@pytest.mark.parametrize("name", list(heldout.all_folders()))
+def test_committed_model_computes_its_recorded_figures_here(name):
+    """The probe always (no data needed); the held-out figures where their data is here (MNIST: ``$TAGDIFF_MNIST_DIR``
+    or ``../shared/data/mnist``). Tolerances and their derivation: ``heldout.TOLERANCES``."""
+    kind = heldout.all_folders()[name]
+    recorded = json.loads((heldout.folder_path(name) / "heldout.json").read_text())
+    assert recorded["kind"] == kind
+    now = heldout.figures(name, kind, MNIST_DIR if HAVE_MNIST else None)
+    assert heldout.compare(recorded, now) == []
+    if name.startswith("mnist") and not HAVE_MNIST:
+        pytest.skip(f"probe checked; MNIST held-out figures need the IDX files in {MNIST_DIR}")
+    assert recorded["held_out"] is not None and now["held_out"] is not None
+
+
+def test_the_comparison_catches_a_changed_model():
+    """The tolerances are tight enough to see a changed model: a probe moved by 0.1 % (100× the tolerance, far less than
+    any retraining moves it) and a held-out accuracy moved by 4 flips are both refused."""
+    unet = json.loads((heldout.folder_path("digits/unet") / "heldout.json").read_text())
+    other = dict(unet, probe={k: v * (1 + 1e-3) for k, v in unet["probe"].items()})
+    assert any(line.startswith("probe") for line in heldout.compare(unet, other))
+    clf = json.loads((heldout.folder_path("digits/clf_eval") / "heldout.json").read_text())
+    moved = dict(clf, held_out=dict(clf["held_out"], accuracy=clf["held_out"]["accuracy"] + 4 / 359))
+    assert heldout.compare(clf, moved) == ["held_out accuracy: "
+                                           f"{moved['held_out']['accuracy']!r} against recorded "
+                                           f"{clf['held_out']['accuracy']!r}"]

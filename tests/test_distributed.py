@@ -34,7 +34,7 @@ def test_shard_refuses_bad_arguments():
 def _env():
     src = str(Path(__file__).resolve().parents[1] / "src")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1"}
 
 
 def _cli(*args):
@@ -141,15 +141,26 @@ def _sample(out, n, *extra, check=True):
 
 
 @needs_accelerate
-def test_two_process_sampling_equals_one_process_bit_for_bit(tmp_path):
-    # the toy MLP: a sample's arithmetic does not depend on its batch, so 4 + 3 samples equal 7 exactly
+def test_two_process_sampling_equals_one_process_up_to_float_rounding(tmp_path):
+    """4 + 3 toy samples in two processes equal 7 in one, to float32 rounding (not bit for bit).
+
+    A sample's arithmetic depends on its batch: the MLP's matrix products block and vectorise rows differently for a
+    batch of 7 than of 4, so a row's last bits depend on the CPU (bit-identical on some, ~3e-8 apart per call on an
+    AMD EPYC). Measured over 5 DDPM steps: max |diff| 5e-6 at |x| ≈ 10 (ATen default / avx2 / avx512 kernels, MKL at
+    AVX2 / SSE4.2 / native, 1 and 2 threads). Allowed: 1e-4, 20× that, and 100× below the distance between any two
+    seeds' samples (asserted below, so the tolerance cannot hide a shard that drew the wrong seeds)."""
     args = ("--checkpoint", "toy", "--per-sample-seeds", "--sampler", "ddpm", "--time-predictor", "toy/time_predictor")
     _sample(tmp_path / "one", 1, *args)
     _sample(tmp_path / "two", 2, *args)
     a, b = np.load(tmp_path / "one/samples.npz")["x"], np.load(tmp_path / "two/samples.npz")["x"]
-    assert a.shape == (7, 2) and np.array_equal(a, b)
+    assert a.shape == b.shape == (7, 2)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4)
+    # seeds give distinct samples (two in the same mode of the mixture can be close: measured min 0.36)
+    assert np.abs(a[:, None] - a[None]).max(-1)[~np.eye(7, dtype=bool)].min() > 1e-2
     s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
-    assert s1["time_gap_per_step"] == s2["time_gap_per_step"] and s2["num_samples"] == 7
+    # the Time Gap is a mean of argmax timesteps: a flip needs two logits within rounding; allow 1e-3 of T
+    np.testing.assert_allclose(s2["time_gap_per_step"], s1["time_gap_per_step"], rtol=0, atol=1.0)
+    assert s2["num_samples"] == 7
 
 
 @pytest.mark.slow  # a UNet in two processes (about 12 s on 2 busy cores)

@@ -141,9 +141,10 @@ def test_per_sample_seeds_are_batch_independent(ck, tmp_path):
     assert _sample(ck, tmp_path / "two", "--per-sample-seeds", *run, n=2) == 0
     assert _sample(ck, tmp_path / "one", "--per-sample-seeds", "--clip-x0", "1", "--seed", "4", n=1) == 0
     five = _x(tmp_path / "five")
-    # equal up to float rounding: the UNet's CPU convolutions may sum in another order for another batch size
-    np.testing.assert_allclose(_x(tmp_path / "two"), five[:2], rtol=0, atol=1e-5)
-    np.testing.assert_allclose(_x(tmp_path / "one")[0], five[1], rtol=0, atol=1e-5)  # sample i uses seed + i
+    # equal up to float rounding: the UNet's CPU convolutions sum in another order for another batch size (and CPU).
+    # Measured ≤ 3e-6 across kernel sets and thread counts; allowed 1e-4 (30×), against > 1e-2 for another noise
+    np.testing.assert_allclose(_x(tmp_path / "two"), five[:2], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(_x(tmp_path / "one")[0], five[1], rtol=0, atol=1e-4)  # sample i uses seed + i
     # without per-sample seeds the noise of later steps depends on the batch size
     assert _sample(ck, tmp_path / "b5", *run, n=5) == 0
     assert _sample(ck, tmp_path / "b2", *run, n=2) == 0

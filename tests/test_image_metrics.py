@@ -66,7 +66,10 @@ def test_fid_self_zero_and_matches_closed_form():
     got = fid(real, fake, net, batch_size=64)
     assert isinstance(got, float) and expected > 0.1
     assert got == pytest.approx(expected, rel=1e-6, abs=1e-8)
-    assert fid(real, fake, fx, batch_size=1000) == pytest.approx(got, rel=1e-9)   # batch size does not matter
+    # the batch size does not matter beyond float32 rounding of the features, which depends on the batch (another
+    # blocking of the network's matrix products): measured 1.1e-9 relative with MKL at AVX2, 0 natively; allowed
+    # 1e-6, the bound of the closed-form comparison above (dropping the 44-image partial batch changes FID by 2 %)
+    assert fid(real, fake, fx, batch_size=1000) == pytest.approx(got, rel=1e-6)
 
 
 def test_fid_reference_equals_fid_bit_for_bit_and_is_not_changed_by_use():

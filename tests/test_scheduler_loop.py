@@ -190,7 +190,8 @@ def test_v_prediction_models_are_converted():
     cfg = {**SCH.to_diffusers_config(), "clip_sample": False}
     a = sample_scheduler(diffusers.DDIMScheduler(**cfg), eps_model, noise, **kw)
     b = sample_scheduler(diffusers.DDIMScheduler(**{**cfg, "prediction_type": "v_prediction"}), VModel(), noise, **kw)
-    torch.testing.assert_close(a, b, rtol=0, atol=2e-5)  # diffusers converts v with float32 alphas
+    # diffusers converts v with float32 alphas (relative error ≤ 6e-8 each): measured ≤ 4e-6; allowed 1e-4
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 def test_zero_terminal_snr():

@@ -34,7 +34,10 @@ from .cli_latent import add_vae_arg, add_vae_parser, train_vae
 __all__ = ["build_parser", "main"]
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = Parser(prog="tagdiff", description="Temporal Alignment Guidance for diffusion models.")
+    parser.add_argument("--version", action="version", version=f"tagdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train an ε-model or a time predictor")
