@@ -12,10 +12,10 @@ setup: $(STAMP)
 
 # --system-site-packages lets a machine's own torch (e.g. a CUDA build) be used; torch==2.13.0 (CPU wheel here)
 # is installed only when no torch is importable. Everything else is the tested set of constraints.txt.
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml benchmarks/pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]" -e ./benchmarks
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -18,9 +18,9 @@ import statistics
 import time
 
 import torch
+from tagdiff_bench.common import load_setup, sample_metrics
 
-from tagdiff.bench.common import load_setup, sample_metrics
-from tagdiff.image_metrics import fid
+from tagdiff.metrics.images import fid
 
 
 def _direct(setup, x, y):

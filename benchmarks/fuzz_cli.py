@@ -161,7 +161,7 @@ def make_fixtures(root: Path) -> None:
     """The broken checkpoints, training folders and files the cases name, under ``root``."""
     from safetensors.torch import load_file, save_file
 
-    from tagdiff.cli import main
+    from tagdiff.cli.main import main
 
     root.mkdir(parents=True, exist_ok=True)
     (root / "a_file").write_text("not a folder\n")
@@ -221,7 +221,7 @@ def make_fixtures(root: Path) -> None:
 
 def run_case(case: Case, root: Path) -> tuple[bool, str]:
     """Run one case; ``(clear, what happened)``."""
-    from tagdiff.cli import main
+    from tagdiff.cli.main import main
 
     argv = [a.replace("{root}", str(root)) for a in case.argv]
     expect = case.expect.replace("{root}", str(root))

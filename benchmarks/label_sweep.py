@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import replace
 
-from tagdiff.bench.label import LabelConfig, run_label
+from tagdiff_bench.label import LabelConfig, run_label
 
 
 def main() -> None:

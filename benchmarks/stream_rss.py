@@ -43,7 +43,7 @@ def main() -> None:
 
     from tagdiff import SimpleCNNTimePredictor, VPSchedule
     from tagdiff.data.folder import ImageFolderDataset, load_folder
-    from tagdiff.training import TrainConfig, time_loss, train
+    from tagdiff.training.loop import TrainConfig, time_loss, train
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

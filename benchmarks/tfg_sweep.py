@@ -7,7 +7,7 @@ the score is accuracy − FID/100. Run: ``python benchmarks/tfg_sweep.py`` (abou
 import itertools
 import json
 
-from tagdiff.bench.label import LabelConfig, run_label
+from tagdiff_bench.label import LabelConfig, run_label
 
 rows = []
 for rho, mu in itertools.product((0.1, 0.25, 0.5, 1.0, 4.0), (0.5, 2.0, 8.0)):

@@ -15,9 +15,9 @@ import time
 import torch
 
 from tagdiff import LinearDrift, TemporalAlignment, VPSchedule, sample_ddpm, wasserstein1
-from tagdiff.assets import assets_dir
-from tagdiff.checkpoints import load_model
 from tagdiff.data import toy_mixture
+from tagdiff.models.assets import assets_dir
+from tagdiff.models.checkpoints import load_model
 
 
 def main() -> None:

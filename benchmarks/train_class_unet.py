@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from tagdiff import ClassifierFreeGuidance, StackedRandomGenerator, VPSchedule, sample_ddim
-from tagdiff.assets import assets_dir
-from tagdiff.checkpoints import load_model
-from tagdiff.classifiers import accuracy
+from tagdiff.cli.recipes import exporter
 from tagdiff.data import load_dataset
-from tagdiff.interop import UNetEpsModel, load_unet, make_unet
-from tagdiff.recipes import exporter
-from tagdiff.training import TrainConfig, eps_loss, train
+from tagdiff.models.assets import assets_dir
+from tagdiff.models.checkpoints import load_model
+from tagdiff.models.classifiers import accuracy
+from tagdiff.models.unet import UNetEpsModel, load_unet, make_unet
+from tagdiff.training.loop import TrainConfig, eps_loss, train
 
 
 def evaluate(model: UNetEpsModel, schedule: VPSchedule, scales: list[float], num_per_class: int, steps: int,

@@ -58,7 +58,7 @@ def worker(spec: dict) -> None:
     from torch import nn
 
     from tagdiff import SimpleCNNTimePredictor, VPSchedule
-    from tagdiff.training import TrainConfig, time_loss, train
+    from tagdiff.training.loop import TrainConfig, time_loss, train
 
     torch.set_num_threads(1)
     name, mode, steps = spec["dataset"], spec["mode"], spec["steps"]
@@ -89,7 +89,7 @@ def worker(spec: dict) -> None:
         import accelerate  # noqa: F401  (one-off imports and the process group are not per-step costs)
 
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            from tagdiff.distributed import make_accelerator
+            from tagdiff.training.distributed import make_accelerator
 
             make_accelerator("cpu").wait_for_everyone()
         t0 = time.perf_counter()
@@ -106,7 +106,7 @@ def worker(spec: dict) -> None:
 
 
 def run(spec: dict, processes: int) -> float:
-    from tagdiff.distributed import _free_port
+    from tagdiff.training.distributed import _free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     if processes > 1:

@@ -84,7 +84,7 @@ def digits_folders() -> dict[str, str]:
 def folder_path(name: str) -> Path:
     """A committed folder (``mnist/...``) under checkpoints/, a shipped one (``digits/...``, ``toy/...``) in the
     package."""
-    from tagdiff.checkpoints import shipped_models
+    from tagdiff.models.checkpoints import shipped_models
 
     return (ROOT / name) if name.startswith("mnist") else shipped_models()[name]
 
@@ -104,12 +104,12 @@ def _summary(out: torch.Tensor, seed: int = 7) -> dict[str, float]:
 
 def _load(name: str, kind: str) -> tuple[Any, Any]:
     """(model, schedule or None)."""
-    from tagdiff.checkpoints import load_model
-    from tagdiff.recipes import load_checkpoint
+    from tagdiff.models.checkpoints import load_model
+    from tagdiff.models.load import load_checkpoint
 
     path = folder_path(name)
     if kind == "vae":
-        from tagdiff.latent import LatentSpace
+        from tagdiff.models.latent import LatentSpace
 
         return LatentSpace.from_pretrained(path), None
     if kind.endswith("eps") or kind.endswith("eps_class"):
@@ -161,7 +161,7 @@ def _held_out_data(name: str, mnist_dir: Path | None, n: int) -> tuple[torch.Ten
 
 
 def _latent(x: torch.Tensor) -> torch.Tensor:
-    from tagdiff.latent import LatentSpace
+    from tagdiff.models.latent import LatentSpace
 
     space = LatentSpace.from_pretrained(ROOT / "mnist_latent" / "vae")
     with torch.no_grad():
@@ -171,9 +171,9 @@ def _latent(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def held_out(name: str, model: Any, schedule: Any, kind: str, mnist_dir: Path | None) -> dict[str, Any] | None:
     """The held-out figures of one model (None where its data is absent)."""
-    from tagdiff.classifiers import accuracy
-    from tagdiff.metrics import evaluate_time_predictor
-    from tagdiff.schedules import VPSchedule
+    from tagdiff.metrics.time_gap import evaluate_time_predictor
+    from tagdiff.models.classifiers import accuracy
+    from tagdiff.sampling.schedules import VPSchedule
 
     n = {"vae": N_VAE}.get(kind, N_CLASSIFIER if kind.startswith("classifier") else
                            N_PREDICTOR if "time_predictor" in kind else N_DENOISE)
@@ -189,7 +189,7 @@ def held_out(name: str, model: Any, schedule: Any, kind: str, mnist_dir: Path | 
         out["mse"] = float((rec.double() - x.double()).pow(2).mean())
     elif kind.startswith("classifier"):
         if kind == "classifier_noisy":   # on x_t = q_sample(x, t, seeded noise), at t = 0 and T/2
-            from tagdiff.checkpoints import read_config
+            from tagdiff.models.checkpoints import read_config
 
             sched = VPSchedule.from_dict(read_config(folder_path(name))["schedule"])
             T = sched.num_train_timesteps

@@ -1,6 +1,6 @@
 """CLI helpers shared by the tests that drive ``tagdiff.cli.main`` (imported like ``tfg_reference``)."""
 
-from tagdiff.cli import main
+from tagdiff.cli.main import main
 
 
 def run(*argv):

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tagdiff._utils import resolve_device
-from tagdiff.assets import MODEL_FOLDERS, assets_dir, load_label_models
-from tagdiff.checkpoints import CheckpointError
+from tagdiff.models.assets import MODEL_FOLDERS, assets_dir, load_label_models
+from tagdiff.models.checkpoints import CheckpointError
 
 pytest.importorskip("diffusers")
 
@@ -41,12 +41,12 @@ def test_unavailable_device_is_refused_before_loading(tmp_path, monkeypatch):
         load_label_models(tmp_path / "nothing", "cuda")  # the device check comes first: no CheckpointError
 
 
-def test_assets_imports_alone_without_the_bench_package():
-    """``tagdiff.assets`` is library code: importing it loads nothing of ``tagdiff.bench``; ``tagdiff.bench.common``
-    then imports in the same fresh interpreter (no import circle through a lazy import)."""
-    code = ("import sys, tagdiff.assets; assert not any(m.startswith('tagdiff.bench') for m in sys.modules), "
-            "sorted(m for m in sys.modules if m.startswith('tagdiff.bench')); import tagdiff.bench.common; "
-            "import tagdiff.bench.label; print('ok')")
+def test_assets_imports_alone_without_the_experiments():
+    """``tagdiff.models.assets`` is library code: importing it loads nothing of the experiments (``tagdiff_bench``),
+    which then import in the same fresh interpreter (no import circle through a lazy import)."""
+    code = ("import sys, tagdiff.models.assets; assert not any(m.startswith('tagdiff_bench') for m in sys.modules), "
+            "sorted(m for m in sys.modules if m.startswith('tagdiff_bench')); import tagdiff_bench.common; "
+            "import tagdiff_bench.label; print('ok')")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tagdiff.cli.recipes import attribute_labels, condition_labels
 from tagdiff.data import dataset_info, load_dataset
 from tagdiff.data.attributes import (
     ATTRIBUTES,
@@ -17,7 +18,6 @@ from tagdiff.data.attributes import (
     parse_targets,
     slant,
 )
-from tagdiff.recipes import attribute_labels, condition_labels
 
 
 def _stroke(slope: float, size: int = 28, width: int = 1, value: float = 1.0) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 from tagdiff import DPSGuidance, StackedRandomGenerator, StepContext, VPSchedule, sample_ddim, sample_ddpm
 from tagdiff.data.gmm import GaussianMixture
 from tagdiff.guidance import EpsilonScaling, LangevinCorrector, TimeCorrection, TimeShift
-from tagdiff.terms import guided_eps_and_x0
+from tagdiff.sampling.terms import guided_eps_and_x0
 
 F64 = torch.float64
 SCH = VPSchedule.linear(1000)

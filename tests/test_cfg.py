@@ -25,8 +25,8 @@ from tagdiff import (
     sample_scheduler,
 )
 from tagdiff.guidance.cfg import interval_from_sigma
-from tagdiff.interop import UNetEpsModel, make_unet
-from tagdiff.terms import guided_eps, guided_prediction
+from tagdiff.models.unet import UNetEpsModel, make_unet
+from tagdiff.sampling.terms import guided_eps, guided_prediction
 
 K = 10  # classes; label K is the null (dropped) label
 NULL = {"y": K}
@@ -251,7 +251,7 @@ def test_cfg_family_composes_with_tag_and_each_other(model, schedule):
 
 def test_null_class_label_minus_one_and_its_round_trip(tmp_path, schedule):
     """y = -1 (training's dropped label) selects the UNet's null class; the folder records it for load_unet."""
-    from tagdiff.interop import load_unet, save_unet
+    from tagdiff.models.unet import load_unet, save_unet
 
     torch.manual_seed(0)
     unet = make_unet(8, 1, widths=(8, 16), num_classes=K + 1)

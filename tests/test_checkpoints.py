@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from tagdiff import MLPEpsModel, MLPTimePredictor, SimpleCNNTimePredictor
-from tagdiff._utils import atomic_write_bytes
-from tagdiff.checkpoints import CheckpointError, load_model, load_tensors, read_config, save_model, save_tensors
+from tagdiff._io import atomic_write_bytes
+from tagdiff.models.checkpoints import CheckpointError, load_model, load_tensors, read_config, save_model, save_tensors
 
 
 @pytest.mark.parametrize(

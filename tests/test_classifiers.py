@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from tagdiff import VPSchedule
-from tagdiff.checkpoints import MODEL_CLASSES, load_model, save_model
-from tagdiff.classifiers import (
+from tagdiff.guidance.classifier import grad_log_prob
+from tagdiff.models.checkpoints import MODEL_CLASSES, load_model, save_model
+from tagdiff.models.classifiers import (
     CleanClassifier,
     EvalClassifier,
     NoisyClassifier,
@@ -17,8 +18,7 @@ from tagdiff.classifiers import (
     clean_classifier_loss,
     noisy_classifier_loss,
 )
-from tagdiff.guidance.classifier import grad_log_prob
-from tagdiff.training import TrainConfig, train
+from tagdiff.training.loop import TrainConfig, train
 
 SIZES = [(1, 8), (1, 28), (3, 5)]
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tagdiff.cli import main
+from tagdiff.cli.main import main
 
 
 def _one_line_error(capsys, code, rc=2):
@@ -99,8 +99,8 @@ def test_unet_training_resumes_across_processes(tmp_path):
 def test_a_time_predictor_is_tied_to_its_diffusion_model(tmp_path, capsys):
     """``train time-predictor --checkpoint DIR`` takes the model's schedule (here cosine, against the default linear
     flag) and shape; sampling refuses a predictor whose ᾱ differs from the model's, naming both schedules."""
-    from tagdiff.interop import load_unet, save_unet
-    from tagdiff.schedules import VPSchedule
+    from tagdiff.models.unet import load_unet, save_unet
+    from tagdiff.sampling.schedules import VPSchedule
 
     unet, _ = load_unet("src/tagdiff/assets/digits/unet")
     save_unet(unet, VPSchedule.cosine(1000), tmp_path / "cosine_unet")
@@ -147,7 +147,7 @@ def test_sample_through_diffusers_schedulers(tmp_path, capsys):
 def test_a_model_of_an_unsupported_prediction_type_is_refused(tmp_path, capsys):
     from diffusers import DDPMScheduler
 
-    from tagdiff.interop import load_unet
+    from tagdiff.models.unet import load_unet
 
     unet, _ = load_unet("src/tagdiff/assets/digits/unet")
     unet.unet.save_pretrained(tmp_path / "m")
@@ -163,7 +163,7 @@ def test_sample_with_classifier_free_guidance_on_the_class_conditional_unet(tmp_
     import numpy as np
     import torch
 
-    from tagdiff.checkpoints import load_model
+    from tagdiff.models.checkpoints import load_model
 
     out = tmp_path / "cfg"
     assert main(["sample", "--checkpoint", "digits/unet_class", "--target", "3", "--cfg-scale", "2",

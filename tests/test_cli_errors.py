@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tagdiff.cli import main
+from tagdiff.cli.main import main
 
 pytest.importorskip("diffusers")
 
@@ -71,7 +71,7 @@ def test_read_only_output_folder(tmp_path, capsys):
 
 def test_outputs_are_checked_before_sampling(tmp_path, capsys, monkeypatch):
     """A bad --out fails before any model is loaded or sampled."""
-    import tagdiff.generate as gen
+    import tagdiff.cli.sample as gen
 
     def boom(*a, **k):
         raise AssertionError("sampled before checking --out")
@@ -87,8 +87,9 @@ def test_outputs_are_checked_before_sampling(tmp_path, capsys, monkeypatch):
 
 def test_sample_defaults_are_the_demos(tmp_path, capsys):
     """DPS with the shipped models and no scale/clip options gives clean samples in [-1, 1] (not noise)."""
-    from tagdiff.bench.label import LabelConfig
-    from tagdiff.generate import DEFAULT_GUIDANCE_SCALE
+    from tagdiff_bench.label import LabelConfig
+
+    from tagdiff.cli.sample import DEFAULT_GUIDANCE_SCALE
 
     assert DEFAULT_GUIDANCE_SCALE["dps"] == LabelConfig().dps_scale
     assert DEFAULT_GUIDANCE_SCALE["cg"] == LabelConfig().cg_scale
@@ -99,7 +100,7 @@ def test_sample_defaults_are_the_demos(tmp_path, capsys):
     assert summary["guidance_scale"] == 16.0 and summary["clip_x0"] == 1.0
     x = np.load(tmp_path / "samples.npz")["x"]
     assert np.abs(x).max() <= 1.0 + 1e-6
-    from tagdiff.checkpoints import load_model
+    from tagdiff.models.checkpoints import load_model
 
     clf = load_model("digits/clf_eval")
     with torch.no_grad():
@@ -118,7 +119,7 @@ def test_help_shows_the_defaults(capsys):
 
 
 def test_shipped_names(capsys):
-    from tagdiff.checkpoints import CheckpointError, resolve_checkpoint
+    from tagdiff.models.checkpoints import CheckpointError, resolve_checkpoint
 
     assert resolve_checkpoint("digits").name == "unet" and resolve_checkpoint("toy").name == "score"
     assert resolve_checkpoint("digits/time_predictor").parent.name == "digits"
@@ -144,7 +145,7 @@ def test_resolve_device():
 
 def test_time_gap_refuses_nonfinite_logits():
     from tagdiff._utils import NonFiniteError
-    from tagdiff.metrics import time_gap
+    from tagdiff.metrics.time_gap import time_gap
 
     def predictor(x, c=None):
         logits = torch.zeros(x.shape[0], 10)
@@ -225,7 +226,7 @@ def test_sigint_resume_equals_uninterrupted(tmp_path, capsys, monkeypatch, when,
 
 
 def test_ctrl_c_before_training_saves_nothing(tmp_path, capsys, monkeypatch):
-    import tagdiff.cli_train as cli_train
+    import tagdiff.cli.train as cli_train
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -257,7 +258,7 @@ def test_rerun_with_the_same_options_resumes_a_finished_run(tmp_path, capsys):
 def test_interrupted_unet_export_keeps_the_training_state(tmp_path, monkeypatch, capsys):
     """Ctrl-C between the file moves of the UNet export: the training state survives, no mixed model is loadable,
     and rerunning the command finishes the export."""
-    import tagdiff.interop as interop
+    import tagdiff.models.unet as interop
 
     argv = ["train", "diffusion", "--dataset", "digits", "--widths", "8,16", "--steps", "2", "--batch-size", "8",
             "--out", str(tmp_path), "--quiet"]
@@ -274,7 +275,7 @@ def test_interrupted_unet_export_keeps_the_training_state(tmp_path, monkeypatch,
     assert (tmp_path / "train_state.safetensors").is_file()
     assert not (tmp_path / "config.json").exists()  # no half-moved model that loads
     assert main(argv) == 0
-    from tagdiff.recipes import load_checkpoint
+    from tagdiff.models.load import load_checkpoint
 
     load_checkpoint(tmp_path)
     assert not list(tmp_path.glob(".unet.*"))
@@ -288,7 +289,7 @@ def test_dps_per_sample_seeds_are_batch_independent(tmp_path):
     step. Measured max |diff| (values in [-1, 1]): 1e-6 on this project's machine, 2.9e-4 with MKL at AVX2 and generic
     ATen kernels (an AMD EPYC's code path), 7e-4 between batches of 8 and 2 (DPSGuidance's docstring). Allowed: 1e-2,
     14× the largest, while another seed's sample differs by O(1) (asserted)."""
-    from tagdiff.generate import SampleConfig, generate
+    from tagdiff.cli.sample import SampleConfig, generate
 
     def draw(n, seed, name):
         cfg = SampleConfig(checkpoint="digits", num_samples=n, num_steps=10, guidance="dps",

@@ -9,7 +9,7 @@ import torch
 
 from cli_helpers import error_line, run
 from tagdiff.data import load_dataset
-from tagdiff.latent import LatentSpace, posterior_means, scaling_factor, vae_hash
+from tagdiff.models.latent import LatentSpace, posterior_means, scaling_factor, vae_hash
 
 VAE = ["--dataset", "digits", "--widths", "8,16", "--steps", "20", "--batch-size", "16", "--quiet"]
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from image_helpers import write_class_folders
-from tagdiff.cli import main
+from tagdiff.cli.main import main
 
 pytest.importorskip("datasets")
 
@@ -43,7 +43,7 @@ def test_train_commands_hand_train_a_dataset(pngs, tmp_path, monkeypatch):
     """mnist / folder / hf reach train() as a lazy Dataset (labels inside the items), digits as a tensor."""
     import struct
 
-    import tagdiff.training as training
+    import tagdiff.training.loop as training
     from tagdiff.data.streaming import MNISTDataset, WithLabels
 
     def _idx(arr):
@@ -118,7 +118,7 @@ def test_bad_option_values_are_refused_at_parse_time(capsys, tmp_path):
 def test_held_out_report_sample_equals_the_whole_split_loader(pngs, tmp_path, monkeypatch, dataset):
     import argparse
 
-    from tagdiff.cli_train import held_out_sample, load_data
+    from tagdiff.cli.data import held_out_sample, load_data
 
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     args = argparse.Namespace(dataset=dataset, data_dir=pngs, image_size=6, channels=3, download=False,

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tagdiff.checkpoints import load_model, read_config
-from tagdiff.classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
-from tagdiff.recipes import load_checkpoint
+from tagdiff.models.checkpoints import load_model, read_config
+from tagdiff.models.classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
+from tagdiff.models.load import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist"
 CLASSIFIERS = {"clf_noisy": NoisyClassifier, "clf_clean": CleanClassifier, "clf_eval": EvalClassifier}
@@ -49,7 +49,7 @@ def test_committed_mnist_models_load_for_mnist_images():
 
 
 def test_committed_mnist_class_conditional_unet_is_conditional_with_a_null_class():
-    from tagdiff.interop import load_unet
+    from tagdiff.models.unet import load_unet
 
     model, schedule = load_unet(ROOT / "unet_class")
     assert model.null_class == 10 and tuple(model.sample_shape) == (1, 28, 28)
@@ -76,8 +76,8 @@ LATENT = ROOT.parent / "mnist_latent"
 
 @pytest.mark.skipif(not (LATENT / "vae").is_dir(), reason="checkpoints/mnist_latent is not in this checkout")
 def test_committed_latent_mnist_models_pair_with_their_vae_and_readme():
-    from tagdiff.interop import load_unet
-    from tagdiff.latent import LatentSpace, check_pairing
+    from tagdiff.models.latent import LatentSpace, check_pairing
+    from tagdiff.models.unet import load_unet
 
     space = LatentSpace.from_pretrained(LATENT / "vae")
     x = torch.zeros(2, 1, 28, 28).uniform_(-1, 1, generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tagdiff.data import DATASETS, dataset_info, images, load_dataset, mnist, toy_mixture, train_held_out_split
+from tagdiff.data import DATASETS, dataset_info, load_dataset, mnist, toy_mixture, train_held_out_split
 
 REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -152,8 +152,8 @@ def test_mnist_md5_mismatch_names_the_file(tmp_path):
     folder = tmp_path / "mnist"
     write_mnist(folder)                                            # the real md5 table: every file mismatches
     with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz: md5 .* expected 6bbc9ace"):
-        images.load_mnist("train", data_dir=folder)
-    x, _ = images.load_mnist("train", data_dir=folder, verify=False)
+        mnist.load_mnist("train", data_dir=folder)
+    x, _ = mnist.load_mnist("train", data_dir=folder, verify=False)
     assert x.shape == (12, 1, 28, 28)
 
 
@@ -161,7 +161,7 @@ def test_mnist_missing_files_name_folder_and_files(tmp_path, fake_mnist):
     with pytest.raises(FileNotFoundError) as e:
         load_dataset("mnist", data_dir=tmp_path / "nowhere")
     msg = str(e.value)
-    assert str(tmp_path / "nowhere") in msg and all(name in msg for name in images.MNIST_FILES)
+    assert str(tmp_path / "nowhere") in msg and all(name in msg for name in mnist.MNIST_FILES)
     assert "--data-dir" in msg
     folder, _ = fake_mnist
     (folder / "t10k-labels-idx1-ubyte").unlink()
@@ -174,7 +174,7 @@ def test_mnist_default_folder_from_env(tmp_path, monkeypatch):
     made = write_mnist(tmp_path / "mnist")
     monkeypatch.setattr(mnist, "MNIST_MD5", made["md5"])
     monkeypatch.setenv("TAGDIFF_DATA_DIR", str(tmp_path))
-    assert images.default_data_dir() == tmp_path
+    assert mnist.default_data_dir() == tmp_path
     assert load_dataset("mnist", "test")[0].shape == (5, 1, 28, 28)
 
 
@@ -191,7 +191,7 @@ def test_malformed_idx_raises_value_error_naming_file(tmp_path, corrupt, match):
     path = folder / "t10k-images-idx3-ubyte"
     path.write_bytes(corrupt(path.read_bytes()))
     with pytest.raises(ValueError, match=match) as e:
-        images.load_mnist("test", data_dir=folder, verify=False)
+        mnist.load_mnist("test", data_dir=folder, verify=False)
     assert str(path) in str(e.value)
 
 
@@ -200,25 +200,25 @@ def test_mnist_bad_gzip_wrong_shape_and_bad_labels(tmp_path):
     write_mnist(folder, gz=("t10k",))
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz is not a valid gzip file"):
-        images.load_mnist("test", data_dir=folder, verify=False)
+        mnist.load_mnist("test", data_dir=folder, verify=False)
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.full(5, 11, np.uint8))))
     with pytest.raises(ValueError, match="labels must be digits 0..9, found 11"):
-        images.load_mnist("test", data_dir=folder, verify=False)
+        mnist.load_mnist("test", data_dir=folder, verify=False)
     (folder / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros(4, np.uint8))))
     with pytest.raises(ValueError, match="expected 5 uint8 labels"):
-        images.load_mnist("test", data_dir=folder, verify=False)
+        mnist.load_mnist("test", data_dir=folder, verify=False)
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(idx_bytes(np.zeros((5, 27, 28), np.uint8))))
     with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, 28, 28\)"):
-        images.load_mnist("test", data_dir=folder, verify=False)
+        mnist.load_mnist("test", data_dir=folder, verify=False)
 
 
 def test_read_idx_other_dtypes(tmp_path):
     arr = np.arange(-6, 6, dtype=">i4").reshape(3, 4)
     (tmp_path / "a.idx").write_bytes(idx_bytes(arr))
-    out = images.read_idx(tmp_path / "a.idx")
+    out = mnist.read_idx(tmp_path / "a.idx")
     assert out.shape == (3, 4) and out.dtype == np.int32 and (out == np.arange(-6, 6).reshape(3, 4)).all()
     with pytest.raises(FileNotFoundError, match="b.idx"):
-        images.read_idx(tmp_path / "b.idx")
+        mnist.read_idx(tmp_path / "b.idx")
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason="no shared MNIST copy")
@@ -250,21 +250,21 @@ def test_download_falls_back_to_second_mirror_and_verifies(tmp_path, monkeypatch
     source = write_mnist(tmp_path / "source", gz=("train", "t10k"))
     monkeypatch.setattr(mnist, "MNIST_MD5", source["md5"])
     mirrors = ("https://down.example/mnist/", "https://up.example/mnist/")
-    served = {f"{mirrors[1]}{n}.gz": (tmp_path / "source" / f"{n}.gz").read_bytes() for n in images.MNIST_FILES}
+    served = {f"{mirrors[1]}{n}.gz": (tmp_path / "source" / f"{n}.gz").read_bytes() for n in mnist.MNIST_FILES}
     served[f"{mirrors[0]}train-images-idx3-ubyte.gz"] = gzip.compress(b"tampered")   # wrong md5: skipped
     opener = FakeOpener(served)
     monkeypatch.setattr(mnist, "_urlopen", opener)
     monkeypatch.setattr(mnist, "MNIST_MIRRORS", mirrors)
     target = tmp_path / "target"
-    images.download_mnist(target, mirrors=mirrors)
-    assert sorted(p.name for p in target.iterdir()) == sorted(f"{n}.gz" for n in images.MNIST_FILES)
+    mnist.download_mnist(target, mirrors=mirrors)
+    assert sorted(p.name for p in target.iterdir()) == sorted(f"{n}.gz" for n in mnist.MNIST_FILES)
     assert len(opener.calls) == 8
     x, y = load_dataset("mnist", "train", data_dir=target)
     assert torch.equal(y, torch.from_numpy(source["arrays"]["train-labels-idx1-ubyte"]).long())
     # present files are not fetched again
     opener.calls.clear()
     (target / "t10k-labels-idx1-ubyte.gz").unlink()
-    x_te, _ = images.load_mnist("test", data_dir=target, download=True)
+    x_te, _ = mnist.load_mnist("test", data_dir=target, download=True)
     assert x_te.shape == (5, 1, 28, 28)
     assert opener.calls == [f"{m}t10k-labels-idx1-ubyte.gz" for m in mnist.MNIST_MIRRORS]
 
@@ -272,12 +272,12 @@ def test_download_falls_back_to_second_mirror_and_verifies(tmp_path, monkeypatch
 def test_download_failure_is_clear_and_suggests_data_dir(tmp_path, monkeypatch):
     opener = FakeOpener({})
     monkeypatch.setattr(mnist, "_urlopen", opener)
-    with pytest.raises(images.DownloadError) as e:
+    with pytest.raises(mnist.DownloadError) as e:
         load_dataset("mnist", data_dir=tmp_path / "m", download=True)
     assert isinstance(e.value, FileNotFoundError)
     msg = str(e.value)
     assert "--data-dir" in msg and "Name or service not known" in msg
-    assert all(m in msg for m in images.MNIST_MIRRORS)
+    assert all(m in msg for m in mnist.MNIST_MIRRORS)
     assert not any((tmp_path / "m").glob("*.gz"))                   # nothing half-written
 
 

@@ -2,8 +2,6 @@
 sample_pipeline as the DDIMPipeline / DDPMPipeline equivalent on the shipped digits UNet."""
 
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,10 +25,10 @@ from diffusers import (  # noqa: E402
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
-from tagdiff import SimpleCNNTimePredictor, TemporalAlignment, VPSchedule  # noqa: E402
-from tagdiff.assets import assets_dir  # noqa: E402
-from tagdiff.checkpoints import load_model  # noqa: E402
-from tagdiff.diffusers import TAGCallback, callback_target, sample_pipeline  # noqa: E402
+from tagdiff import SimpleCNNTimePredictor, TemporalAlignment, VPSchedule
+from tagdiff.integrations.diffusers import TAGCallback, callback_target, sample_pipeline
+from tagdiff.models.assets import assets_dir
+from tagdiff.models.checkpoints import load_model
 
 LATENT = 8
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
@@ -201,35 +199,6 @@ def test_sample_pipeline_output_types_and_errors(digits):
         sample_pipeline(pipe, batch_size=2, generator=[torch.Generator()])
 
 
-# --------------------------------------------------------------------------- README
-
-
-def readme_snippets():
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text.split("## TAG in your diffusers pipeline", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```python\n(.*?)```", section, re.S)
-
-
-def test_readme_section_snippets_run(sd_pipe, latent_predictor, monkeypatch):
-    """The README's snippets, as written; the Stable Diffusion one with the tiny pipeline and a random latent
-    predictor in place of the hub model and a trained predictor (no downloads)."""
-    import tagdiff.checkpoints
-
-    sd, digits, cfg = readme_snippets()
-    monkeypatch.setattr(StableDiffusionPipeline, "from_pretrained", lambda *a, **k: sd_pipe)
-    monkeypatch.setattr(tagdiff.checkpoints, "load_model", lambda *a, **k: latent_predictor)
-    ns = {}
-    exec(compile(sd, "README:sd", "exec"), ns)
-    assert ns["image"].size == (LATENT, LATENT) and len(ns["tag"].history) == 29
-    monkeypatch.undo()
-    ns = {}
-    exec(compile(digits, "README:digits", "exec"), ns)
-    assert ns["tagged"].shape == (4, 8, 8, 1) and not np.array_equal(ns["own"], ns["tagged"])
-    ns = {}
-    exec(compile(cfg, "README:cfg", "exec"), ns)
-    assert all(torch.isfinite(ns[k]).all() for k in ("cfg", "interval", "apg", "cfgpp"))
-
-
 def test_callback_keeps_the_pipelines_dtype_and_skips_outside_window(latent_predictor):
     from types import SimpleNamespace
 
@@ -251,7 +220,7 @@ def test_shipped_class_conditional_unet_with_cfg_and_tag_in_ddim_pipeline(digits
     """unet_class (label dropout, null class 10 = y -1): CFG scale 1 is the conditional model bit for bit, CFG makes
     the requested digits, and CFG + TAG composes in the DDIMPipeline equivalent."""
     from tagdiff import ClassifierFreeGuidance
-    from tagdiff.interop import load_unet
+    from tagdiff.models.unet import load_unet
 
     path = assets_dir("digits") / "unet_class"
     model, _ = load_unet(path)

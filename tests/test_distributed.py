@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tagdiff.distributed import shard
+from tagdiff.training.distributed import shard
 
 needs_accelerate = pytest.mark.skipif(find_spec("accelerate") is None, reason="needs accelerate")
 
@@ -106,7 +106,7 @@ for out, steps in (("full", 8), ("res", 4), ("res", 8)):
 
 
 def _launch_script(script, tmp_path):
-    from tagdiff.distributed import _free_port
+    from tagdiff.training.distributed import _free_port
 
     env = {**_env(), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(_free_port())}
@@ -121,7 +121,7 @@ def test_two_process_train_resumed_equals_uninterrupted(tmp_path):
     _same_run(tmp_path / "full", tmp_path / "res")
     # the weighted shard losses average to the batch loss: the 1-process run matches up to float rounding
     from tagdiff import MLPTimePredictor, VPSchedule
-    from tagdiff.training import TrainConfig, time_loss, train
+    from tagdiff.training.loop import TrainConfig, time_loss, train
 
     data = torch.randn(200, 2, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(0)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tagdiff.checkpoints import load_model
-from tagdiff.cli import main
-from tagdiff.generate import SampleConfig, generate, save_grid
-from tagdiff.interop import UNetEpsModel
-from tagdiff.recipes import load_checkpoint
+from tagdiff.cli.main import main
+from tagdiff.cli.sample import SampleConfig, generate, save_grid
+from tagdiff.models.checkpoints import load_model
+from tagdiff.models.load import load_checkpoint
+from tagdiff.models.unet import UNetEpsModel
 
 pytest.importorskip("diffusers")
 
@@ -76,7 +76,7 @@ def test_sample_writes_outputs(ck, tmp_path, capsys):
 
 def test_samples_follow_the_library_sampler(ck, tmp_path):
     """The command's samples are the library's DDPM sampler on the checkpoint with x_T and noise of one generator."""
-    from tagdiff.samplers import sample_ddpm
+    from tagdiff.sampling.samplers import sample_ddpm
 
     assert _sample(ck, tmp_path / "a", "--sampler", "ddpm", "--clip-x0", "1", "--seed", "7", n=3, steps=4) == 0
     model, schedule = load_checkpoint(ck / "unet")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from tagdiff import VPSchedule, tls
 from tagdiff.data.gmm import ExactTimePosterior, GaussianMixture, toy_mixture
-from tagdiff.time_predictor import TimePredictor
+from tagdiff.models.time_predictor import TimePredictor
 
 F64 = torch.float64
 SCHEDULE = VPSchedule.linear(1000)

@@ -30,7 +30,7 @@ from tagdiff import (
     wasserstein1,
 )
 from tagdiff.data.gmm import ExactTimePosterior, GaussianMixture, toy_mixture
-from tagdiff.metrics import time_gap
+from tagdiff.metrics.time_gap import time_gap
 
 F64 = torch.float64
 SCH = VPSchedule.linear(1000)
@@ -281,9 +281,9 @@ def test_unclipped_dps_on_images_leaves_the_range_where_float32_is_exact_to_its_
     and in a batch of 4 to 1e-5. Clipped (the remedy the docstring gives), float32 stays in [-1, 1] and the batch
     comparison agrees to 1e-2 (float32 unclipped, batch of 8 vs 2: up to 986 apart at 10 steps, not asserted: the
     size of the rounding differences depends on the CPU kernels)."""
-    from tagdiff.checkpoints import load_model
     from tagdiff.guidance import label_loss
-    from tagdiff.recipes import load_checkpoint
+    from tagdiff.models.checkpoints import load_model
+    from tagdiff.models.load import load_checkpoint
 
     cpu = torch.device("cpu")
     model, schedule = load_checkpoint("digits", cpu)
@@ -728,7 +728,7 @@ def test_time_gap_recorder_logs_the_tls_norm_per_step():
     """TimeGapRecorder.tls_norm_per_step: per step, the mean ‖ω_t·TLS‖ of the step's TAG corrections, read lazily
     (post corrections write after the callback ran); 0 where TAG does not act (the last post step, ω = 0)."""
     from tagdiff import sample_ddim
-    from tagdiff.metrics import TimeGapRecorder
+    from tagdiff.metrics.time_gap import TimeGapRecorder
 
     s = VPSchedule.linear()
     torch.manual_seed(0)

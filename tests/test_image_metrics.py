@@ -9,8 +9,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from tagdiff.classifiers import EvalClassifier
-from tagdiff.image_metrics import FeatureExtractor, FIDReference, class_histogram, fid, kid
+from tagdiff.metrics.images import FeatureExtractor, FIDReference, class_histogram, fid, kid
+from tagdiff.models.classifiers import EvalClassifier
 
 
 def _features_net(size=8):

@@ -8,15 +8,16 @@ import json
 import pytest
 import torch
 
-from tagdiff.checkpoints import CheckpointError, save_model
-from tagdiff.classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
+from tagdiff.cli.recipes import exporter, make_classifier, make_eps_model, make_time_predictor
 from tagdiff.data import DatasetInfo, dataset_info
-from tagdiff.interop import UNetEpsModel, is_diffusers_folder, load_unet, make_unet, save_unet
-from tagdiff.nets import MLPEpsModel
-from tagdiff.recipes import exporter, load_checkpoint, make_classifier, make_eps_model, make_time_predictor
-from tagdiff.samplers import sample_ddpm
-from tagdiff.schedules import VPSchedule
-from tagdiff.time_predictor import MLPTimePredictor, SimpleCNNTimePredictor
+from tagdiff.models.checkpoints import CheckpointError, save_model
+from tagdiff.models.classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
+from tagdiff.models.load import load_checkpoint
+from tagdiff.models.nets import MLPEpsModel
+from tagdiff.models.time_predictor import MLPTimePredictor, SimpleCNNTimePredictor
+from tagdiff.models.unet import UNetEpsModel, is_diffusers_folder, load_unet, make_unet, save_unet
+from tagdiff.sampling.samplers import sample_ddpm
+from tagdiff.sampling.schedules import VPSchedule
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from tagdiff.checkpoints import CheckpointError
-from tagdiff.classifiers import CleanClassifier
 from tagdiff.data import load_dataset
 from tagdiff.guidance import DPSGuidance, label_loss
-from tagdiff.latent import (
+from tagdiff.models.checkpoints import CheckpointError
+from tagdiff.models.classifiers import CleanClassifier
+from tagdiff.models.latent import (
     LatentSpace,
     check_predictor_space,
     encode_dataset,
@@ -20,8 +20,8 @@ from tagdiff.latent import (
     through_decoder,
     vae_hash,
 )
-from tagdiff.schedules import VPSchedule
-from tagdiff.terms import StepContext
+from tagdiff.sampling.schedules import VPSchedule
+from tagdiff.sampling.terms import StepContext
 
 
 def tiny_vae(seed=0, size=8, latent_channels=4):
@@ -144,7 +144,7 @@ def test_the_decoder_adapter_gradient_is_autograd_of_the_explicit_composition():
 
 
 def test_sampling_space_and_predictor_checks_name_both_sides(tmp_path):
-    from tagdiff.checkpoints import load_model
+    from tagdiff.models.checkpoints import load_model
 
     tiny_vae(0).save_pretrained(tmp_path / "vae")
     assert sampling_space("digits", (1, 8, 8), None) is None  # a pixel model without a VAE

@@ -8,9 +8,9 @@ import torch
 
 import tagdiff._utils as U
 from tagdiff import DPSGuidance, NonFiniteError, TemporalAlignment, TimeGapRecorder, sample_ddim
-from tagdiff.checkpoints import load_model
 from tagdiff.guidance import label_loss
-from tagdiff.interop import load_unet
+from tagdiff.models.checkpoints import load_model
+from tagdiff.models.unet import load_unet
 
 ASSETS = "src/tagdiff/assets/digits"
 

@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 
-from tagdiff.checkpoints import CheckpointError, load_model
-from tagdiff.classifiers import CleanClassifier, NoisyClassifier
-from tagdiff.cli import main
+from tagdiff.cli.main import main
+from tagdiff.cli.recipes import make_time_predictor
 from tagdiff.data import DatasetInfo
-from tagdiff.recipes import make_time_predictor
-from tagdiff.schedules import VPSchedule
-from tagdiff.time_predictor import (
+from tagdiff.models.checkpoints import CheckpointError, load_model
+from tagdiff.models.classifiers import CleanClassifier, NoisyClassifier
+from tagdiff.models.time_predictor import (
     MLPTimePredictor,
     SimpleCNNTimePredictor,
     TimePredictor,
     UNetEncoderTimePredictor,
 )
+from tagdiff.sampling.schedules import VPSchedule
 
 
 def _n_params(m: torch.nn.Module) -> int:

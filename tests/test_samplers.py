@@ -29,7 +29,7 @@ from tagdiff import (
     sample_ddpm,
 )
 from tagdiff.data import toy_mixture
-from tagdiff.terms import StepTerm
+from tagdiff.sampling.terms import StepTerm
 
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 B = 16

@@ -23,10 +23,10 @@ from tagdiff import (
     sample_scheduler,
     wasserstein1,
 )
-from tagdiff.checkpoints import load_model
 from tagdiff.data import toy_mixture
-from tagdiff.interop import load_unet
-from tagdiff.scheduler_loop import SUPPORTED_SCHEDULERS, check_scheduler
+from tagdiff.models.checkpoints import load_model
+from tagdiff.models.unet import load_unet
+from tagdiff.sampling.schedulers import SUPPORTED_SCHEDULERS, check_scheduler
 
 ASSETS = "src/tagdiff/assets/digits"
 KARRAS = [e.name for e in diffusers.schedulers.KarrasDiffusionSchedulers]
@@ -240,17 +240,6 @@ def test_refusals_name_what_is_wrong(unet):
         sample_scheduler(dpm, toy_mixture().eps_model(SCH), torch.randn(2, 2), num_inference_steps=4,
                          terms=[TemporalAlignment(cosine_tp, 1.0)])
     assert math.isfinite(float(sample_scheduler(dpm, model, noise, num_inference_steps=2).sum()))
-
-
-def test_the_readme_scheduler_snippet_runs(capsys):
-    import pathlib
-    import re
-
-    readme = pathlib.Path("README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", readme[readme.index("## Any diffusers scheduler"):], re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler"]
 
 
 def test_pndm_refuses_correctors_but_guides(unet):

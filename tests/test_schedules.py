@@ -11,7 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from tagdiff import VPSchedule
-from tagdiff.schedules import SCHEDULE_KINDS, TIMESTEP_SPACINGS
+from tagdiff.sampling.schedules import SCHEDULE_KINDS, TIMESTEP_SPACINGS
 from tfg_reference import space_timesteps
 
 DIFFUSERS_NAME = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}

@@ -7,7 +7,7 @@ import torch
 from image_helpers import write_class_folders
 from tagdiff import SimpleCNNTimePredictor, VPSchedule
 from tagdiff.data.folder import ImageFolderDataset, load_folder
-from tagdiff.training import TrainConfig, time_loss, train
+from tagdiff.training.loop import TrainConfig, time_loss, train
 
 SCHED = VPSchedule.linear(50, beta_start=2e-3, beta_end=0.4)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tagdiff import MLPTimePredictor, SimpleCNNTimePredictor, TemporalAlignment, VPSchedule, tls
-from tagdiff.time_predictor import TimePredictor
+from tagdiff.models.time_predictor import TimePredictor
 
 F64 = torch.float64
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tagdiff import MLPTimePredictor, SimpleCNNTimePredictor, VPSchedule
-from tagdiff.checkpoints import CheckpointError, load_model, load_tensors, save_tensors
-from tagdiff.train_state import LR_SCHEDULERS, Precision, ema_decay_at
-from tagdiff.training import TrainConfig, _batch_indices, time_loss, train
+from tagdiff.models.checkpoints import CheckpointError, load_model, load_tensors, save_tensors
+from tagdiff.training.loop import TrainConfig, _batch_indices, time_loss, train
+from tagdiff.training.state import LR_SCHEDULERS, Precision, ema_decay_at
 
 SCHED = VPSchedule.linear(50, beta_start=2e-3, beta_end=0.4)
 DATA = torch.randn(300, 2, generator=torch.Generator().manual_seed(0))
@@ -63,7 +63,7 @@ def test_lr_per_update_equals_diffusers_get_scheduler(tmp_path, monkeypatch, nam
 
 
 def test_scheduler_names_match_the_cli():
-    from tagdiff.cli_args import LR_SCHEDULER_NAMES
+    from tagdiff.cli.args import LR_SCHEDULER_NAMES
 
     assert LR_SCHEDULER_NAMES == LR_SCHEDULERS
 
@@ -253,8 +253,8 @@ def test_accumulated_gradient_equals_the_batch_gradient(tmp_path, monkeypatch):
 def test_fp16_grad_scaler_state_resumes_exactly(tmp_path, monkeypatch):
     """The fp16 path (autocast + GradScaler) run on the CPU with the CUDA-only check lifted: the scaler's state is
     saved and restored, so the resumed run equals the uninterrupted one bit for bit."""
-    import tagdiff.train_state as ts
-    import tagdiff.training as tr
+    import tagdiff.training.loop as tr
+    import tagdiff.training.state as ts
 
     monkeypatch.setattr(ts, "check_precision", lambda mode, device: None)
     monkeypatch.setattr(tr, "check_precision", lambda mode, device: None)

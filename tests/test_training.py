@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tagdiff import GaussianMixture, MLPEpsModel, MLPTimePredictor, VPSchedule
-from tagdiff.checkpoints import CheckpointError, load_model, read_config
-from tagdiff.training import TrainConfig, eps_loss, time_loss, train
+from tagdiff.models.checkpoints import CheckpointError, load_model, read_config
+from tagdiff.training.loop import TrainConfig, eps_loss, time_loss, train
 
 SCHED = VPSchedule.linear(50, beta_start=2e-3, beta_end=0.4)
 GMM = GaussianMixture([[2.0, 2.0], [-2.0, -2.0]], stds=0.5)

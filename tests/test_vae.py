@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from tagdiff.cli.recipes import make_vae
 from tagdiff.data import dataset_info
-from tagdiff.recipes import make_vae
-from tagdiff.schedules import VPSchedule
-from tagdiff.vae import VAEModel, canvas_pad, reconstruction_metrics, vae_loss
+from tagdiff.models.vae import VAEModel, canvas_pad, reconstruction_metrics, vae_loss
+from tagdiff.sampling.schedules import VPSchedule
 
 
 @pytest.mark.parametrize("size, factor, pad", [(28, 4, (2, 2)), (8, 2, (0, 0)), (30, 4, (1, 1)), (27, 4, (2, 3)),

@@ -31,29 +31,43 @@ from .guidance import TimeCorrection as TimeCorrection
 from .guidance import TimeShift as TimeShift
 from .guidance import guided_eps as guided_eps
 from .guidance import tls as tls
-from .loop import StepInfo as StepInfo
-from .loop import run_loop as run_loop
-from .metrics import TimeGapRecorder as TimeGapRecorder
-from .metrics import evaluate_time_predictor as evaluate_time_predictor
-from .metrics import wasserstein1 as wasserstein1
-from .nets import MLPEpsModel as MLPEpsModel
-from .samplers import ddim_step as ddim_step
-from .samplers import ddpm_step as ddpm_step
-from .samplers import get_sampler as get_sampler
-from .samplers import sample as sample
-from .samplers import sample_ddim as sample_ddim
-from .samplers import sample_ddpm as sample_ddpm
-from .scheduler_loop import sample_scheduler as sample_scheduler
-from .schedules import VPSchedule as VPSchedule
-from .terms import Corrector as Corrector
-from .terms import ScoreTerm as ScoreTerm
-from .terms import StepTerm as StepTerm
-from .time_predictor import MLPTimePredictor as MLPTimePredictor
-from .time_predictor import SimpleCNNTimePredictor as SimpleCNNTimePredictor
-from .time_predictor import TimePredictor as TimePredictor
-from .time_predictor import UNetEncoderTimePredictor as UNetEncoderTimePredictor
+from .metrics.time_gap import TimeGapRecorder as TimeGapRecorder
+from .metrics.time_gap import evaluate_time_predictor as evaluate_time_predictor
+from .metrics.toy import wasserstein1 as wasserstein1
+from .models.load import load as load
+from .models.nets import MLPEpsModel as MLPEpsModel
+from .models.time_predictor import MLPTimePredictor as MLPTimePredictor
+from .models.time_predictor import SimpleCNNTimePredictor as SimpleCNNTimePredictor
+from .models.time_predictor import TimePredictor as TimePredictor
+from .models.time_predictor import UNetEncoderTimePredictor as UNetEncoderTimePredictor
+from .sampling.loop import StepInfo as StepInfo
+from .sampling.loop import run_loop as run_loop
+from .sampling.samplers import ddim_step as ddim_step
+from .sampling.samplers import ddpm_step as ddpm_step
+from .sampling.samplers import get_sampler as get_sampler
+from .sampling.samplers import sample as sample
+from .sampling.samplers import sample_ddim as sample_ddim
+from .sampling.samplers import sample_ddpm as sample_ddpm
+from .sampling.schedulers import sample_scheduler as sample_scheduler
+from .sampling.schedules import VPSchedule as VPSchedule
+from .sampling.terms import Corrector as Corrector
+from .sampling.terms import ScoreTerm as ScoreTerm
+from .sampling.terms import StepTerm as StepTerm
 
 __version__ = "0.1.0"
+
+# The diffusers integration imports diffusers' pipelines (seconds): loaded on first use, ``from tagdiff import
+# TAGCallback`` included (PEP 562).
+_LAZY = {"TAGCallback": "integrations.diffusers", "sample_pipeline": "integrations.diffusers",
+         "callback_target": "integrations.diffusers"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'tagdiff' has no attribute {name!r}")
 
 __all__ = [
     "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
@@ -63,6 +77,5 @@ __all__ = [
     "sample_ddim", "sample_ddpm", "sample_scheduler", "ScoreTerm", "SimpleCNNTimePredictor",
     "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment", "Term",
     "TFGGuidance", "TimeCorrection", "TimeGapRecorder", "TimePredictor", "TimeShift", "tls", "UNetEncoderTimePredictor",
-    "VPSchedule",
-    "wasserstein1",
+    "VPSchedule", "wasserstein1", "load", "TAGCallback", "sample_pipeline", "callback_target",
 ]

@@ -11,11 +11,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .common import DIGITS_SHAPE, MNIST_SHAPE, check_channels, check_image_size
+from .common import SPLITS as SPLITS
+from .common import train_held_out_split as train_held_out_split
+from .folder import folder_info, load_folder
 from .gmm import ExactTimePosterior as ExactTimePosterior
 from .gmm import GaussianMixture as GaussianMixture
 from .gmm import toy_mixture as toy_mixture
-from .images import SPLITS as SPLITS
-from .images import train_held_out_split as train_held_out_split
+from .images import load_digits
+from .mnist import load_mnist
+from .streaming import open_dataset
 
 __all__ = [
     "DATASETS",
@@ -50,8 +55,6 @@ def _unknown(name: object) -> ValueError:
 
 def _image_shape(shape: tuple[int, int, int], image_size: int | Sequence[int] | None,
                  channels: int | None) -> tuple[int, int, int]:
-    from .images import check_channels, check_image_size
-
     size, channels = check_image_size(image_size), check_channels(channels)
     return (channels or shape[0], *(size or shape[1:]))
 
@@ -70,8 +73,6 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None,
     Raises:
         ValueError: for an unknown name or bad options; the errors of :func:`tagdiff.data.images.folder_info`.
     """
-    from .images import DIGITS_SHAPE, MNIST_SHAPE, folder_info
-
     if name == "toy":
         mix = toy_mixture()
         return DatasetInfo("toy", (mix.dim,), mix.num_components)
@@ -85,8 +86,6 @@ def dataset_info(name: str, *, data_dir: str | os.PathLike | None = None,
         info = folder_info(data_dir, image_size=image_size, channels=channels)
         return DatasetInfo("folder", info.sample_shape, info.num_classes, info.class_names)
     if name == "hf":
-        from .streaming import open_dataset
-
         ds = open_dataset("hf", "all", data_dir=data_dir, image_size=image_size, channels=channels,
                           image_column=image_column, label_column=label_column)
         return DatasetInfo("hf", ds.sample_shape, ds.num_classes, ds.class_names)
@@ -133,22 +132,18 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
                                     or num_samples < 1):
         raise ValueError(f"num_samples must be a positive integer or None, got {num_samples!r}")
 
-    from . import images
-
     if name == "digits":
-        x, labels = images.load_digits(split, image_size=image_size, channels=channels,
+        x, labels = load_digits(split, image_size=image_size, channels=channels,
                                        held_out_fraction=held_out_fraction, split_seed=split_seed)
     elif name == "mnist":
-        x, labels = images.load_mnist(split, data_dir=data_dir, download=download, image_size=image_size,
+        x, labels = load_mnist(split, data_dir=data_dir, download=download, image_size=image_size,
                                       channels=channels)
     elif name == "folder":
         if data_dir is None:
             raise ValueError("the folder dataset needs data_dir (--data-dir): a directory of images or an .npz file")
-        x, labels = images.load_folder(data_dir, split, image_size=image_size, channels=channels,
+        x, labels = load_folder(data_dir, split, image_size=image_size, channels=channels,
                                        held_out_fraction=held_out_fraction, split_seed=split_seed)
     elif name == "hf":
-        from .streaming import open_dataset
-
         ds = open_dataset("hf", split, data_dir=data_dir, image_size=image_size, channels=channels,
                           held_out_fraction=held_out_fraction, split_seed=split_seed, image_column=image_column,
                           label_column=label_column)

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .common import check_channels, check_image_size, check_split, finish_images, select_split, train_held_out_split
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "FolderInfo",
@@ -143,7 +145,7 @@ def _plan_directory(root: Path, size: tuple[int, int] | None, channels: int | No
     return files, labels, names, channels, size
 
 
-def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zlib.error) as e:
@@ -167,7 +169,7 @@ def _npz_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     return x, y
 
 
-def _npz_layout(shape: tuple[int, ...], path: Path) -> str:
+def npz_layout(shape: tuple[int, ...], path: Path) -> str:
     if len(shape) == 3:
         return "NHW"
     if len(shape) == 4:
@@ -179,7 +181,7 @@ def _npz_layout(shape: tuple[int, ...], path: Path) -> str:
                      "C = 1 or 3")
 
 
-def _npz_rule(x: np.ndarray, path: Path) -> str:
+def npz_rule(x: np.ndarray, path: Path) -> str:
     """How :func:`load_folder` scales an image array: ``"int"`` (0..255), ``"unit"`` (float [0, 1]) or ``"signed"``
     (float [-1, 1]), decided from the whole array (without a float copy of it)."""
     if x.dtype == np.uint8:
@@ -204,8 +206,8 @@ def _npz_rule(x: np.ndarray, path: Path) -> str:
     raise ValueError(f"{path}: float images must lie in [0, 1] or [-1, 1], found {lo:g}..{hi:g}")
 
 
-def _npz_apply(x: np.ndarray, rule: str) -> np.ndarray:
-    """Pixel array (all of it or one item) -> float32 in [-1, 1] by a :func:`_npz_rule`."""
+def npz_apply(x: np.ndarray, rule: str) -> np.ndarray:
+    """Pixel array (all of it or one item) -> float32 in [-1, 1] by a :func:`npz_rule`."""
     x = x.astype(np.float32)
     if rule == "int":
         return x / np.float32(127.5) - np.float32(1.0)
@@ -213,11 +215,11 @@ def _npz_apply(x: np.ndarray, rule: str) -> np.ndarray:
 
 
 def npz_to_nchw(x: Tensor, layout: str) -> Tensor:
-    """A ``(N, H, W)`` / ``(N, H, W, C)`` / ``(N, C, H, W)`` tensor (``layout`` of :func:`_npz_layout`) as NCHW."""
+    """A ``(N, H, W)`` / ``(N, H, W, C)`` / ``(N, C, H, W)`` tensor (``layout`` of :func:`npz_layout`) as NCHW."""
     return {"NHW": lambda t: t.unsqueeze(1), "NHWC": lambda t: t.permute(0, 3, 1, 2), "NCHW": lambda t: t}[layout](x)
 
 
-def _npz_labels(y: np.ndarray | None, n: int, path: Path) -> Tensor:
+def npz_labels(y: np.ndarray | None, n: int, path: Path) -> Tensor:
     if y is None:
         return torch.zeros(n, dtype=torch.int64)
     y = np.asarray(y)
@@ -231,17 +233,15 @@ def _npz_labels(y: np.ndarray | None, n: int, path: Path) -> Tensor:
 
 
 def _load_npz(path: Path, size: tuple[int, int] | None, channels: int | None) -> tuple[Tensor, Tensor]:
-    from .images import finish_images
-
-    raw, y = _npz_arrays(path)
-    layout = _npz_layout(tuple(raw.shape), path)
+    raw, y = npz_arrays(path)
+    layout = npz_layout(tuple(raw.shape), path)
     if raw.shape[0] == 0:
         raise ValueError(f"{path}: image array has no images (shape {raw.shape})")
-    x = npz_to_nchw(torch.from_numpy(np.ascontiguousarray(_npz_apply(raw, _npz_rule(raw, path)))), layout)
-    return finish_images(x, size, channels), _npz_labels(y, raw.shape[0], path)
+    x = npz_to_nchw(torch.from_numpy(np.ascontiguousarray(npz_apply(raw, npz_rule(raw, path)))), layout)
+    return finish_images(x, size, channels), npz_labels(y, raw.shape[0], path)
 
 
-def _check_path(path: str | os.PathLike | None) -> Path:
+def check_path(path: str | os.PathLike | None) -> Path:
     if path is None:
         raise ValueError("the folder dataset needs a path: a directory of images or an .npz file (--data-dir)")
     p = Path(path).expanduser()
@@ -285,11 +285,9 @@ def load_folder(path: str | os.PathLike, split: str = "train", *, image_size: in
             without ``image_size``, an ``.npz`` with unknown keys / bad shape / dtype / range / labels, a file that
             is not an ``.npz``, fewer than 2 images for a train/held-out split, or a bad split / option.
     """
-    from .images import check_channels, check_image_size, check_split, select_split
-
     check_split(split)
     size, channels = check_image_size(image_size), check_channels(channels)
-    root = _check_path(path)
+    root = check_path(path)
     if root.is_file():
         x, labels = _load_npz(root, size, channels)
         return select_split(x, labels, split, held_out_fraction, split_seed, str(root))
@@ -301,8 +299,6 @@ def load_folder(path: str | os.PathLike, split: str = "train", *, image_size: in
 def _plan_split(root: Path, split: str, size: tuple[int, int] | None, channels: int | None,
                 held_out_fraction: float, split_seed: int):
     """Files and labels of ``split`` of a directory, with its class names, channels and size (no pixels decoded)."""
-    from .images import train_held_out_split
-
     files, all_labels, names, channels, size = _plan_directory(root, size, channels)
     labels = torch.tensor(all_labels, dtype=torch.int64)
     if split != "all":
@@ -338,11 +334,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, path: str | os.PathLike, split: str = "train", *,
                  image_size: int | Sequence[int] | None = None, channels: int | None = None,
                  held_out_fraction: float = 0.2, split_seed: int = 0, with_labels: bool = False):
-        from .images import check_channels, check_image_size, check_split
-
         check_split(split)
         size, channels = check_image_size(image_size), check_channels(channels)
-        root = _check_path(path)
+        root = check_path(path)
         if root.is_file():
             raise ValueError(f"{root} is an .npz archive; ImageFolderDataset reads a directory of images (load an "
                              ".npz whole with load_folder)")
@@ -366,16 +360,14 @@ def folder_info(path: str | os.PathLike, *, image_size: int | Sequence[int] | No
     Raises:
         The errors of :func:`load_folder` that do not need decoded pixels.
     """
-    from .images import check_channels, check_image_size
-
     size, channels = check_image_size(image_size), check_channels(channels)
-    root = _check_path(path)
+    root = check_path(path)
     if root.is_file():
-        raw, y = _npz_arrays(root)
-        layout = _npz_layout(tuple(raw.shape), root)
+        raw, y = npz_arrays(root)
+        layout = npz_layout(tuple(raw.shape), root)
         c = 1 if layout == "NHW" else raw.shape[3] if layout == "NHWC" else raw.shape[1]
         hw = raw.shape[1:3] if layout in ("NHW", "NHWC") else raw.shape[2:4]
-        labels = _npz_labels(y, raw.shape[0], root)
+        labels = npz_labels(y, raw.shape[0], root)
         k = int(labels.max()) + 1 if labels.numel() else 1
         return FolderInfo((channels or int(c), *(size or tuple(int(s) for s in hw))), k, None, int(raw.shape[0]))
     files, _, names, channels, size = _plan_directory(root, size, channels)

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..schedules import VPSchedule
-from ..time_predictor import TimePredictor
+from ..models.time_predictor import TimePredictor
+from ..sampling.schedules import VPSchedule
 
 __all__ = ["ExactTimePosterior", "GaussianMixture", "toy_mixture"]
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._utils import atomic_write_bytes
+from .._io import atomic_write_bytes
+from .common import MNIST_SHAPE, check_channels, check_image_size, check_split, finish_images
 
 __all__ = [
     "MNIST_FILES",
@@ -196,8 +197,6 @@ def load_mnist(split: str = "train", *, data_dir: str | os.PathLike | None = Non
         ValueError: naming the file, for an md5 mismatch or a malformed IDX file / content; for a bad split,
             ``image_size`` or ``channels``.
     """
-    from .images import check_channels, check_image_size, check_split, finish_images
-
     check_split(split)
     size, channels = check_image_size(image_size), check_channels(channels)
     images, labels = mnist_arrays(split, data_dir=data_dir, download=download, verify=verify)
@@ -213,8 +212,6 @@ def mnist_arrays(split: str = "train", *, data_dir: str | os.PathLike | None = N
     Raises:
         The errors of :func:`load_mnist`.
     """
-    from .images import MNIST_SHAPE, check_split
-
     check_split(split)
     folder = _mnist_dir(data_dir)
     if download:

@@ -29,6 +29,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .common import MNIST_SHAPE, check_channels, check_image_size, check_split, finish_images, train_held_out_split
+from .folder import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    check_path,
+    npz_apply,
+    npz_arrays,
+    npz_labels,
+    npz_layout,
+    npz_rule,
+    npz_to_nchw,
+    pil_array,
+)
+from .mnist import mnist_arrays
+
 __all__ = ["HFImageDataset", "MNISTDataset", "MissingDependencyError", "NpzDataset", "WithLabels", "open_dataset"]
 
 STREAMING_DATASETS = ("mnist", "folder", "hf")
@@ -40,8 +55,6 @@ class MissingDependencyError(ImportError):
 
 def _split_indices(n: int, split: str, held_out_fraction: float, split_seed: int, source: str) -> Tensor | None:
     """Indices of ``split`` of ``n`` samples by :func:`train_held_out_split` (``None`` for ``all``)."""
-    from .images import train_held_out_split
-
     if split == "all":
         return None
     if n < 2:
@@ -81,17 +94,12 @@ class MNISTDataset(_ImageDataset):
 
     def __init__(self, split: str = "train", *, data_dir: str | os.PathLike | None = None, download: bool = False,
                  verify: bool = True, image_size: int | Sequence[int] | None = None, channels: int | None = None):
-        from .images import MNIST_SHAPE, check_channels, check_image_size
-        from .mnist import mnist_arrays
-
         self.size, self.channels = check_image_size(image_size), check_channels(channels)
         self.images, labels = mnist_arrays(split, data_dir=data_dir, download=download, verify=verify)
         self.rows, self.labels, self.num_classes = None, torch.from_numpy(labels), 10
         self.sample_shape = (self.channels or 1, *(self.size or MNIST_SHAPE[1:]))
 
     def __getitem__(self, i: int) -> Tensor:
-        from .images import finish_images
-
         x = torch.from_numpy(self.images[self._row(i)]).float()[None, None] / 127.5 - 1.0
         return finish_images(x, self.size, self.channels)[0]
 
@@ -109,19 +117,16 @@ class NpzDataset(_ImageDataset):
     def __init__(self, path: str | os.PathLike, split: str = "train", *,
                  image_size: int | Sequence[int] | None = None, channels: int | None = None,
                  held_out_fraction: float = 0.2, split_seed: int = 0):
-        from .folder import _check_path, _npz_arrays, _npz_labels, _npz_layout, _npz_rule
-        from .images import check_channels, check_image_size, check_split
-
         check_split(split)
         self.size, self.channels = check_image_size(image_size), check_channels(channels)
-        self.path = _check_path(path)
-        raw, y = _npz_arrays(self.path)
-        self.layout = _npz_layout(tuple(raw.shape), self.path)
+        self.path = check_path(path)
+        raw, y = npz_arrays(self.path)
+        self.layout = npz_layout(tuple(raw.shape), self.path)
         if raw.shape[0] == 0:
             raise ValueError(f"{self.path}: image array has no images (shape {raw.shape})")
         self.raw = raw
-        self.rule = _npz_rule(raw, self.path)  # integer range check; float [0, 1] or [-1, 1]: once, on the whole array
-        labels = _npz_labels(y, raw.shape[0], self.path)
+        self.rule = npz_rule(raw, self.path)  # integer range check; float [0, 1] or [-1, 1]: once, on the whole array
+        labels = npz_labels(y, raw.shape[0], self.path)
         self.rows = _split_indices(raw.shape[0], split, held_out_fraction, split_seed, str(self.path))
         self.labels = labels if self.rows is None else labels[self.rows]
         self.num_classes = int(labels.max()) + 1 if labels.numel() else 1
@@ -130,10 +135,7 @@ class NpzDataset(_ImageDataset):
         self.sample_shape = (self.channels or int(c), *(self.size or tuple(int(s) for s in hw)))
 
     def __getitem__(self, i: int) -> Tensor:
-        from .folder import _npz_apply, npz_to_nchw
-        from .images import finish_images
-
-        arr = _npz_apply(self.raw[self._row(i)][None], self.rule)
+        arr = npz_apply(self.raw[self._row(i)][None], self.rule)
         x = npz_to_nchw(torch.from_numpy(np.ascontiguousarray(arr)), self.layout)
         return finish_images(x, self.size, self.channels)[0]
 
@@ -150,8 +152,6 @@ def _import_datasets() -> Any:
 def _hf_load(path: Path, cache_dir: str | None) -> Any:
     """The dataset at ``path``: ``load_from_disk`` for a ``save_to_disk`` folder, else ``load_dataset`` (the
     ``imagefolder`` builder for a folder of images only); a DatasetDict gives its ``train`` split (or its only one)."""
-    from .folder import IMAGE_EXTENSIONS
-
     datasets = _import_datasets()
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; expected a Hugging Face dataset folder (save_to_disk, an "
@@ -208,8 +208,6 @@ class HFImageDataset(_ImageDataset):
                  label_column: str | None = None, image_size: int | Sequence[int] | None = None,
                  channels: int | None = None, held_out_fraction: float = 0.2, split_seed: int = 0,
                  cache_dir: str | None = None):
-        from .images import check_channels, check_image_size, check_split
-
         check_split(split)
         self.size, self.channels = check_image_size(image_size), check_channels(channels)
         self.path = Path(path).expanduser()
@@ -266,8 +264,6 @@ class HFImageDataset(_ImageDataset):
         return ImageOps.exif_transpose(img)
 
     def __getitem__(self, i: int) -> Tensor:
-        from .folder import pil_array
-
         row = self._row(i)
         img = self._image(row)
         if self._fixed and (img.size[1], img.size[0]) != self.size:
@@ -318,8 +314,6 @@ def open_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
           "split_seed": split_seed}
     if name == "hf":
         return HFImageDataset(data_dir, split, image_column=image_column, label_column=label_column, **kw)
-    from .folder import ImageFolderDataset, _check_path
-
-    if _check_path(data_dir).is_file():
+    if check_path(data_dir).is_file():
         return NpzDataset(data_dir, split, **kw)
     return ImageFolderDataset(data_dir, split, **kw)

@@ -1,13 +1,13 @@
 """Composable perturbations, guidance terms and correctors behind one :class:`Term` interface."""
 
-from ..terms import STRENGTH_SCHEDULES as STRENGTH_SCHEDULES
-from ..terms import Corrector as Corrector
-from ..terms import ScoreTerm as ScoreTerm
-from ..terms import StepContext as StepContext
-from ..terms import StepTerm as StepTerm
-from ..terms import Strength as Strength
-from ..terms import Term as Term
-from ..terms import guided_eps as guided_eps
+from ..sampling.terms import STRENGTH_SCHEDULES as STRENGTH_SCHEDULES
+from ..sampling.terms import Corrector as Corrector
+from ..sampling.terms import ScoreTerm as ScoreTerm
+from ..sampling.terms import StepContext as StepContext
+from ..sampling.terms import StepTerm as StepTerm
+from ..sampling.terms import Strength as Strength
+from ..sampling.terms import Term as Term
+from ..sampling.terms import guided_eps as guided_eps
 from .baselines import EpsilonScaling as EpsilonScaling
 from .baselines import LangevinCorrector as LangevinCorrector
 from .baselines import TimeCorrection as TimeCorrection

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_finite
-from ..predictions import eps_and_x0, model_prediction_type
-from ..schedules import VPSchedule
-from ..terms import Corrector, Evaluate, ScoreTerm, StepContext, StepTerm, Update
+from ..sampling.predictions import eps_and_x0, model_prediction_type
+from ..sampling.schedules import VPSchedule
+from ..sampling.terms import Corrector, Evaluate, ScoreTerm, StepContext, StepTerm, Update
 from .temporal import check_time_predictor
 
 __all__ = ["EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift"]

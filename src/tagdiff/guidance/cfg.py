@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..predictions import eps_and_x0, model_prediction_type
-from ..schedules import VPSchedule
-from ..terms import ScoreTerm, StepContext, StepTerm, Strength
+from ..sampling.predictions import eps_and_x0, model_prediction_type
+from ..sampling.schedules import VPSchedule
+from ..sampling.terms import ScoreTerm, StepContext, StepTerm, Strength
 
 __all__ = ["APGMomentum", "AdaptiveProjectedGuidance", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
            "interval_from_sigma"]

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..terms import ScoreTerm, StepContext, Strength
+from ..sampling.terms import ScoreTerm, StepContext, Strength
 
 __all__ = ["ClassifierGuidance", "grad_log_prob"]
 

@@ -30,8 +30,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..predictions import eps_and_x0, model_prediction_type
-from ..terms import ScoreTerm, StepContext
+from ..sampling.predictions import eps_and_x0, model_prediction_type
+from ..sampling.terms import ScoreTerm, StepContext
 
 __all__ = ["SelfGuidance", "TimestepGuidance"]
 

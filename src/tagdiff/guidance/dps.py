@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..terms import ScoreTerm, StepContext, Strength
+from ..sampling.terms import ScoreTerm, StepContext, Strength
 
 __all__ = ["DPSGuidance", "label_loss"]
 

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from .._utils import check_finite
-from ..predictions import eps_and_x0, model_prediction_type
-from ..schedules import VPSchedule
-from ..terms import StepContext, Strength
+from ..sampling.predictions import eps_and_x0, model_prediction_type
+from ..sampling.schedules import VPSchedule
+from ..sampling.terms import StepContext, Strength
 from .temporal import TemporalAlignment, check_time_predictor
 
 __all__ = ["ETA_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]

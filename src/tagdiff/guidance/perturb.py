@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-from ..terms import Corrector, StepContext, Strength, is_clean
+from ..sampling.terms import Corrector, StepContext, Strength, is_clean
 
 __all__ = ["Corruption", "Drift", "LinearDrift"]
 

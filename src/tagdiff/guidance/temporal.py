@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from .._utils import check_finite
-from ..schedules import VPSchedule
-from ..terms import Corrector, StepContext, Strength, check_context, is_clean
-from ..time_predictor import TimePredictor
+from ..models.time_predictor import TimePredictor
+from ..sampling.schedules import VPSchedule
+from ..sampling.terms import Corrector, StepContext, Strength, check_context, is_clean
 
 __all__ = ["TemporalAlignment", "check_predictor_schedule", "check_time_predictor", "log_prob_from_logits", "tls"]
 

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from .._utils import append_dims, check_finite
-from ..schedules import VPSchedule
-from ..terms import Evaluate, StepContext, StepTerm, Update
+from ..sampling.schedules import VPSchedule
+from ..sampling.terms import Evaluate, StepContext, StepTerm, Update
 
 __all__ = ["TFG_SCHEDULES", "DPSNormalized", "TFGGuidance", "dps_as_tfg", "tfg_schedule"]
 

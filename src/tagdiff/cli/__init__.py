@@ -1,0 +1,4 @@
+"""The ``tagdiff`` command line (an application of the library; ``pip install tagdiff[cli]``). Name → class tables
+live here only."""
+
+from .main import main as main

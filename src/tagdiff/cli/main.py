@@ -1,0 +1,209 @@
+"""The ``tagdiff`` command line: train, evaluate and sample. Name registries live here only.
+
+Other packages add commands through the ``tagdiff.commands`` entry-point group: each entry point is a function
+``register(subparsers) -> {command: handler}`` that adds its sub-parsers and returns ``handler(args, argv)`` per
+command. The experiments (``tagdiff bench ...``, ``tagdiff demo``) come that way from ``tagdiff_bench``
+(``benchmarks/`` in the repository, installed by the README's set-up); the library knows nothing of them.
+
+Errors in what the user passed (a bad value, a missing or corrupt checkpoint or data folder, a non-finite
+gradient) print one line ``tagdiff: error: ...`` on stderr and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from .args import (
+    OnDevice,
+    Parser,
+    add_data_args,
+    add_device_arg,
+    add_sample_args,
+    add_train_args,
+    error_message,
+    interrupted,
+    positive_int,
+    print_models,
+    unit_interval,
+)
+from .latent import add_vae_arg, add_vae_parser, train_vae
+
+__all__ = ["build_parser", "main"]
+
+Handler = Callable[[argparse.Namespace, list[str]], "dict[str, Any] | None"]
+
+
+def plugin_commands(sub: Any) -> dict[str, Handler]:
+    """The commands that installed packages register (entry-point group ``tagdiff.commands``)."""
+    handlers: dict[str, Handler] = {}
+    for ep in entry_points(group="tagdiff.commands"):
+        handlers.update(ep.load()(sub))
+    return handlers
+
+
+def build_parser(handlers: dict[str, Handler] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command; ``handlers`` (if given) receives the plugin commands' handlers."""
+    from .. import __version__
+
+    parser = Parser(prog="tagdiff", description="Temporal Alignment Guidance for diffusion models.")
+    parser.add_argument("--version", action="version", version=f"tagdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train an ε-model or a time predictor")
+    tsub = train.add_subparsers(dest="what", required=True, metavar="WHAT")
+    dif = tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)")
+    add_train_args(dif)
+    dif.add_argument("--class-conditional", action="store_true",
+                     help="a class-conditional UNet with a 'no label' class, for --cfg-scale (CFG)")
+    dif.add_argument("--cond-drop", type=unit_interval, default=0.1,
+                     help="with --class-conditional: P(label dropped) in training (default 0.1)")
+    add_vae_arg(dif, "a latent model on its latents (sample shape = latent shape)")
+    tp = tsub.add_parser("time-predictor",
+                         help="time predictor p(t | x_t) or p(t | x_t, c) (MLP, SimpleCNN or UNet encoder)")
+    add_train_args(tp)
+    tp.add_argument("--arch", choices=("simplecnn", "unet-encoder", "mlp"), default=None,
+                    help="simplecnn: the paper's SimpleCNN (images); unet-encoder: the encoder half of a diffusers "
+                         "UNet (channels --widths) + linear head (images); mlp: vector data (default: mlp for "
+                         "vectors, simplecnn for images)")
+    tp.add_argument("--checkpoint", default=None,
+                    help="the diffusion model the predictor serves (folder or shipped name): its schedule replaces "
+                         "--schedule / --num-train-timesteps, and its sample shape must match the data")
+    tp.add_argument("--condition", choices=("none", "class", "class_ink", "class_slant"), default="none",
+                    help="c: none; class (y); class_ink / class_slant (2y + attribute above its class median; bench "
+                         "multicond)")
+    tp.add_argument("--cond-drop", type=unit_interval, default=0.1,
+                    help="conditional: P(c = null) in training (default 0.1)")
+    add_vae_arg(tp, "a predictor on its latents (with --checkpoint: the VAE of that latent model)")
+    clf = tsub.add_parser("classifier", help="label classifier: noisy (guidance), clean (DPS) or eval (metrics)")
+    add_train_args(clf)
+    clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
+                     help="noisy: p(y|x_t,t) for classifier guidance; clean: p(y|x) for DPS; eval: independent "
+                          "evaluation classifier (use another --seed and --split-seed than the guidance models)")
+    clf.add_argument("--attribute", choices=("ink", "slant"), default=None,
+                     help="label = the attribute's level (above its class median), not the class (bench multicond)")
+    clf.add_argument("--split-seed", type=int, default=0,
+                     help="seed of the train/held-out split (digits, folder); default 0 as for the other models")
+    add_vae_parser(tsub)
+
+    ev = sub.add_parser("eval", help="evaluate a trained model")
+    esub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")
+    etp = esub.add_parser("time-predictor", help="accuracy and |argmax - t| per timestep bucket on held-out data")
+    etp.add_argument("--checkpoint", required=True,
+                     help="time predictor: a folder or a shipped name, e.g. digits/time_predictor (tagdiff models)")
+    add_data_args(etp)
+    etp.add_argument("--num-samples", type=positive_int, default=2000, help="held-out samples (default: 2000)")
+    etp.add_argument("--seed", type=int, default=12345, help="noise seed (default: 12345)")
+    etp.add_argument("--out", type=Path, default=None,
+                     help="write the report as JSON to this file, and a PNG figure beside it")
+    add_vae_arg(etp, "the VAE of a latent time predictor")
+    add_device_arg(etp)
+
+    add_sample_args(smp := sub.add_parser("sample", help="sample from a checkpoint with optional guidance, "
+                                                         "corruption and TAG"))
+    add_vae_arg(smp, "the VAE of a latent --checkpoint; samples are decoded at the end")
+    sub.add_parser("models", help="list the shipped models and the names --checkpoint accepts for them")
+    found = plugin_commands(sub)
+    if handlers is not None:
+        handlers.update(found)
+
+    return parser
+
+
+def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
+    from .._io import ensure_output_file
+    from .._utils import resolve_device
+    from ..models.load import load_checkpoint
+    from ..models.time_predictor import TimePredictor
+    from .train import time_predictor_report
+
+    device = resolve_device(args.device)
+    if args.out is not None:
+        ensure_output_file(args.out)
+    predictor, schedule = load_checkpoint(args.checkpoint, device)
+    if not isinstance(predictor, TimePredictor):
+        raise ValueError(f"--checkpoint {args.checkpoint} holds a {type(predictor).__name__}, not a time predictor "
+                         "(e.g. --checkpoint digits/time_predictor or toy/time_predictor)")
+    if not all(bool(p.isfinite().all()) for p in predictor.parameters()):
+        raise ValueError(f"--checkpoint {args.checkpoint} has non-finite (NaN/Inf) weights")
+    if device.type != "cpu":  # the held-out data and the noise stay on the CPU; the network runs on the device
+        predictor = OnDevice(predictor, device)
+    return time_predictor_report(predictor, schedule, args, args.out, num_samples=args.num_samples, seed=args.seed)
+
+
+def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    from .sample import SampleConfig, generate
+
+    opt = {k: getattr(args, k) for k in ("num_samples", "sampler", "num_steps", "eta", "seed", "guidance", "target",
+                                         "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
+                                         "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
+                                         "device", "allow_pickle", "timestep_spacing", "steps_offset", "vae",
+                                         "checkpoint", "classifier", "time_predictor")}
+    from ..training.distributed import launch, world_size
+
+    if args.num_processes > 1 and not args.per_sample_seeds:
+        raise ValueError("--num-processes > 1 needs --per-sample-seeds (each sample its own seed)")
+    if args.num_processes > 1 and world_size() == 1:  # start the sampling in N processes (each runs this command)
+        return {"exit_code": launch(argv, args.num_processes)}
+    summary = generate(SampleConfig(**opt), args.out, progress=not args.quiet)
+    if not summary:  # a data-parallel process other than the main one
+        return summary
+    tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
+    scale = f", guidance scale {summary['guidance_scale']:g}" if args.guidance != "none" else ""
+    print(f"wrote {args.num_samples} samples to {args.out} ({summary['seconds']:.1f} s{tg}{scale}, "
+          f"clip_x0 {summary['clip_x0']})")
+    return summary
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """Check output folders before any work (a file, or a folder that cannot be written, fails at once)."""
+    from .._io import ensure_output_dir
+
+    if args.command not in ("train", "eval", "models") and getattr(args, "out", None) is not None:
+        ensure_output_dir(args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        handlers: dict[str, Handler] = {}
+        args = build_parser(handlers).parse_args(argv)
+    except KeyboardInterrupt as e:
+        return interrupted(e)
+    try:
+        _check_out(args)
+        if args.command == "models":
+            print_models()
+        elif args.command == "train":
+            from .train import train_command
+
+            code = (train_vae if args.what == "vae" else train_command)(args, argv).get("exit_code", 0)
+            if code:
+                return code
+        elif args.command == "eval":
+            _eval_time_predictor(args)
+        elif args.command == "sample":
+            code = _sample(args, argv).get("exit_code", 0)
+            if code:
+                return code
+        elif args.command in handlers:
+            code = (handlers[args.command](args, argv) or {}).get("exit_code", 0)
+            if code:
+                return code
+    except KeyboardInterrupt as e:
+        return interrupted(e)
+    except Exception as e:
+        msg = error_message(e, args)
+        if msg is None:
+            raise
+        print(f"tagdiff: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""TAG inside the tools users already have: diffusers pipelines and schedulers (:mod:`.diffusers`)."""

@@ -1,0 +1,13 @@
+"""Sampling: VP schedules, prediction types, the term contract, the loop, tagdiff's DDPM/DDIM and the driver of any
+diffusers scheduler. Samplers know nothing of guidance; terms (:mod:`tagdiff.guidance`) act through the loop."""
+
+from .loop import run_loop as run_loop
+from .samplers import sample as sample
+from .samplers import sample_ddim as sample_ddim
+from .samplers import sample_ddpm as sample_ddpm
+from .schedulers import sample_scheduler as sample_scheduler
+from .schedules import VPSchedule as VPSchedule
+from .terms import Corrector as Corrector
+from .terms import ScoreTerm as ScoreTerm
+from .terms import StepContext as StepContext
+from .terms import StepTerm as StepTerm
