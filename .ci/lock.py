@@ -14,8 +14,8 @@ from pathlib import Path
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-EXTRAS = ("test",)
-SKIP = {"tagdiff", "torch"}
+EXTRAS = ("test", "cli", "metrics", "data", "train")
+SKIP = {"tagdiff", "tagdiff-bench", "torch"}
 
 
 def closure(name: str, extras: tuple[str, ...], seen: dict[str, str]) -> None:
@@ -36,13 +36,14 @@ def closure(name: str, extras: tuple[str, ...], seen: dict[str, str]) -> None:
 def main() -> int:
     seen: dict[str, str] = {}
     closure("tagdiff", EXTRAS, seen)
+    closure("tagdiff-bench", (), seen)   # the experiments (benchmarks/), installed by the same set-up
     import torch
 
     pins = sorted(v for k, v in seen.items() if k not in SKIP)
     head = [
         "# The version set `make test` and .ci/run passed with (Python "
         f"{sys.version_info.major}.{sys.version_info.minor}, torch {torch.__version__.split('+')[0]} CPU).",
-        "# Installed by the Makefile's set-up: pip install -c constraints.txt -e '.[test]'.",
+        "# Installed by the Makefile's set-up: pip install -c constraints.txt -e '.[test]' -e ./benchmarks.",
         "# Regenerate with `make lock` after a passing .ci/run; torch is pinned in the Makefile, not here.",
     ]
     out = Path(__file__).resolve().parents[1] / "constraints.txt"

@@ -6,7 +6,7 @@ value, no traceback.
 Prints ``N tried, N clear (exit 2, one line), N other`` (and, for each "other", what happened). The commands run in
 this process through :func:`tagdiff.cli.main` (an exception escaping ``main`` is what a user would see as a
 traceback). Broken checkpoints are made from copies of the shipped models in a temporary folder. ``CASES`` (one
-``Case`` per bad input, with the failure class it belongs to) is also used by ``tests/test_cli_errors.py``.
+``Case`` per bad input, with the failure class it belongs to) is also used by ``tests/cli/test_cli_errors.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
     PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/train_throughput.py \
         [--datasets digits,mnist] [--rounds 3] [--mnist-dir ../shared/data/mnist]
 
-Freshly initialised SimpleCNN time predictors (the paper's, TAG.md §5.2; T = 1000, Adam 1e-3, grad clip 1, seed 0):
+Freshly initialised SimpleCNN time predictors (the paper's, docs/notation.md §2.2; T = 1000, Adam 1e-3, grad clip 1,
+seed 0):
 
 * ``digits``: 8×8, batch 256, ``--digits-steps`` (60) steps, data an in-memory tensor (the CLI's digits path);
 * ``mnist``: 28×28, batch 64, ``--mnist-steps`` (30) steps, data the lazy :class:`~tagdiff.data.streaming.MNISTDataset`

@@ -9,7 +9,8 @@ Each model folder under ``checkpoints/`` (and each shipped digits/toy asset) rec
   official t10k files, or digits' held-out split): a classifier's accuracy, a time predictor's exact-t accuracy,
   mean |argmax − t| and cross-entropy, an ε-model's denoising MSE, a VAE's reconstruction MSE.
 
-``tests/test_committed_checkpoints.py`` recomputes both and compares with ``TOLERANCES`` below, whose derivation is
+``tests/models/test_committed_checkpoints.py`` recomputes both and compares with ``TOLERANCES`` below, whose
+derivation is
 written beside each entry. Commands::
 
     python checkpoints/heldout.py --data-dir ../shared/data/mnist --write   # (re)record every heldout.json

@@ -240,7 +240,8 @@ def cfg_terms(method: str, scale: float, omega: float, setup: Setup, cfg: CFGCon
     if base == "cfg":
         terms: list = [ClassifierFreeGuidance(scale, NULL)]
     elif base == "apg":
-        terms = [AdaptiveProjectedGuidance(scale, NULL, eta=cfg.apg_eta, norm_threshold=cfg.apg_norm_threshold)]
+        terms = [AdaptiveProjectedGuidance(scale, NULL, parallel_weight=cfg.apg_eta,
+                                           norm_threshold=cfg.apg_norm_threshold)]
     elif base == "interval":
         terms = [ClassifierFreeGuidance(scale, NULL, window=window)]
     elif base == "cfg++":

@@ -62,14 +62,17 @@ def register(sub: Any) -> dict[str, Any]:
     """Add ``bench`` and ``demo`` to the ``tagdiff`` sub-parsers; return their handlers."""
     bench = sub.add_parser("bench", help="reproduce an experiment of the paper")
     bsub = bench.add_subparsers(dest="what", required=True, metavar="WHAT")
-    toy = bsub.add_parser("toy", help="two-Gaussian toy with external drift, W1 with/without TAG (TAG.md §9.1)")
+    toy = bsub.add_parser("toy", help="two-Gaussian toy with external drift, W1 with/without TAG "
+                                           "(docs/notation.md §6.1)")
     toy.add_argument("--out", required=True, type=Path, help="output folder for results.json and toy.png")
     toy.add_argument("--num-samples", type=positive_int, default=10_000, help="samples per run (default: 10000)")
     toy.add_argument("--num-steps", type=positive_int, default=100, help="DDPM steps (default: 100)")
     toy.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     toy.add_argument("--omega", type=finite_float, default=None, help="TAG strength ω_0 (default: the toy's default)")
-    toy.add_argument("--score-checkpoint", type=Path, default=None, help="default: the shipped toy score model")
-    toy.add_argument("--predictor-checkpoint", type=Path, default=None, help="default: the shipped toy predictor")
+    toy.add_argument("--checkpoint", "--score-checkpoint", dest="score_checkpoint", type=Path, default=None,
+                     help="the toy ε-model, as in `tagdiff sample` (default: the shipped toy/score)")
+    toy.add_argument("--time-predictor", "--predictor-checkpoint", dest="predictor_checkpoint", type=Path,
+                     default=None, help="the toy time predictor (default: the shipped toy/time_predictor)")
     add_device_arg(toy)
     toy.add_argument("--quiet", action="store_true")
 

@@ -342,8 +342,8 @@ RunFn = Callable[..., dict[str, Any]]
 def tag_comparison(cache: RunCache, key: dict[str, Any], run: RunFn, *, omegas: Sequence[float],
                    seeds: Sequence[int], sweep_seed: int, n: int, sweep_n: int, metric: str = "fid",
                    variants: Sequence[str] = ()) -> dict[str, Any]:
-    """The ω sweep: choose ω_0 by grid search on a validation seed (the paper tunes ω_0 per task this way, TAG.md
-    §3.2), then compare ω = 0 with the chosen ω_0 over the evaluation seeds. Ties go to the smaller ω.
+    """The ω sweep: choose ω_0 by grid search on a validation seed (the paper tunes ω_0 per task this way,
+    docs/notation.md §3.3), then compare ω = 0 with the chosen ω_0 over the evaluation seeds. Ties go to the smaller ω.
 
     Args:
         cache: where finished runs are kept (resume).

@@ -1,4 +1,5 @@
-"""The corrupted reverse process with and without TAG (TAG.md §4.2 Alg. 2, §9.2; Tables 1, 10, 11, 12 analogue).
+"""The corrupted reverse process with and without TAG (docs/notation.md §3.5 Alg. 2, §9.2; Tables 1, 10, 11, 12
+analogue).
 
 Unconditional DDIM sampling where fresh N(0, σ²I) noise (σ = ``corruption_std``, one run per value of
 ``corruption_stds``) is added to x_t before every reverse step; TAG corrects
@@ -37,7 +38,8 @@ from .common import (
 
 __all__ = ["CorruptedConfig", "run_corrupted", "PAPER"]
 
-PAPER = {"source": "TAG.md Tables 11/12 (CIFAR-10, DDIM 50 steps, 50k samples): FID without -> with TAG at the best ω",
+PAPER = {"source": "the paper's Tables 11/12 (CIFAR-10, DDIM 50 steps, 50k samples): FID without -> with TAG "
+                   "at the best ω",
          "fid": {"0.0": [11.799, 11.799], "0.05": [78.882, 62.463], "0.1": [193.653, 115.578],
                  "0.2": [351.318, 230.899], "0.3": [410.127, 223.227]},
          "best_omega": {"0.05": 0.2, "0.1": 1.25, "0.2": 4.5, "0.3": 200}}

@@ -1,4 +1,4 @@
-"""Few-step unconditional sampling with and without TAG (TAG.md §9.5; Tables 4 and 17 analogue).
+"""Few-step unconditional sampling with and without TAG (docs/notation.md §7.4; Tables 4 and 17 analogue).
 
 The discretisation error of a coarse grid acts as the "external noise" TAG corrects. For each sampler (DDIM η = 0
 and DDPM) and step count, ω_0 and the placement (Alg. 1 "pre" / Alg. 2 "post") are chosen together on a validation
@@ -44,7 +44,7 @@ from .common import (
 
 __all__ = ["FewStepConfig", "run_fewstep", "PAPER"]
 
-PAPER = {"source": "TAG.md Table 4 (CIFAR-10 FID without -> with TAG; the caption says DDPM sampling)",
+PAPER = {"source": "the paper's Table 4 (CIFAR-10 FID without -> with TAG; the caption says DDPM sampling)",
          "fid": {"1": [460.0, 271.1], "3": [234.1, 160.5], "5": [158.6, 118.8], "10": [106.3, 93.1],
                  "50": [71.8, 70.9], "100": [67.6, 66.5]}}
 

@@ -1,12 +1,12 @@
-"""Inverse problems with DPS and TFG, with and without TAG (TAG.md §9.3, Table 2 deblur/SR analogue).
+"""Inverse problems with DPS and TFG, with and without TAG (docs/notation.md §7.2, Table 2 deblur/SR analogue).
 
 For each measurement operator A (:mod:`tagdiff.operators`: ×2 super-resolution, Gaussian deblur, box and random
 inpainting, denoising) a fixed set of ground-truth held-out images x* (the first ``num_images`` after a permutation
 seeded with 0, the same for every seed) is measured once, ``y = A(x*) + σ_y n`` (noise seeded with 0), and
 reconstructed by sampling with the guidance loss ``ℓ(x̂_0) = ‖A(x̂_0) − y‖₂`` (the norm, as the DPS/TFG code):
 
-* **DPS**: ``DPSGuidance(ℓ, dps_scale)``, score-space, gradient through the ε-model (TAG.md Eq. 9);
-* **TFG**: ``TFGGuidance(ℓ, ρ̄, μ̄, γ̄)``, N_iter = 4, no recurrence, "increase" schedules (TAG.md §6.3);
+* **DPS**: ``DPSGuidance(ℓ, dps_scale)``, score-space, gradient through the ε-model (the paper's Eq. 9);
+* **TFG**: ``TFGGuidance(ℓ, ρ̄, μ̄, γ̄)``, N_iter = 4, no recurrence, "increase" schedules (docs/notation.md §4.3);
 * **+TAG**: ``TemporalAlignment`` before each step (Alg. 1), ω_t = ω_0 (1 − ᾱ_t).
 
 Sampler: DDIM(η = 1), ``num_steps`` trailing steps, x̂_0 clipped to [-1, 1]. The evaluation seed varies x_T and the
@@ -20,7 +20,7 @@ Defaults (digits): ``dps_scale = 16`` and ``(ρ̄, μ̄, γ̄) = (1, 2, 0.01)`` 
 (64 images, ω = 0, operators sr2 and inpaint_box): DPS scale ∈ {1, 4, 16, 64} gave PSNR 9.3/11.2/14.2/15.9 dB on sr2
 (17.3 dB at 16, 18.5 at 64 on inpaint_box); 16 is the smallest scale that brings the consistency near the noise
 floor, while 64 fits below it on sr2 (it fits the noise) and raises the Time Gap from 128 to 170-180. For TFG, (ρ̄, μ̄)
-∈ {(0.25, 2), (1, 2), (4, 2), (1, 8)} with γ̄ = 0.01 (TFG's SR/deblur value, TAG.md Table 14): (1, 2) had the best
+∈ {(0.25, 2), (1, 2), (4, 2), (1, 8)} with γ̄ = 0.01 (TFG's SR/deblur value, the paper's Table 14): (1, 2) had the best
 PSNR (16.2 / 18.4 dB) and consistency on both operators. Each value is an ω = 0 row of the validation grid in
 ``table.md`` of ``tagdiff bench inverse --operators sr2,inpaint_box --dps-scale S --tfg-rho R --tfg-mu M``.
 ``sr4`` is available but not a default: on 8×8 digits it
@@ -71,7 +71,7 @@ from .common import (
 __all__ = ["InverseConfig", "run_inverse", "PAPER", "BASES"]
 
 BASES = ("dps", "tfg")
-PAPER = {"source": "TAG.md Table 2 (Cat 256×256, DDPM; SR is 256 -> 64, i.e. ×4): FID; LPIPS without -> with TAG",
+PAPER = {"source": "the paper's Table 2 (Cat 256×256, DDPM; SR is 256 -> 64, i.e. ×4): FID; LPIPS without -> with TAG",
          "deblur": {"dps": {"fid": [139.7, 128.9], "lpips": [0.613, 0.570]},
                     "tfg": {"fid": [64.2, 62.7], "lpips": [0.154, 0.151]}},
          "sr": {"dps": {"fid": [139.0, 128.3], "lpips": [0.614, 0.572]},

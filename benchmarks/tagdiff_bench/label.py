@@ -1,4 +1,4 @@
-"""Label guidance with and without TAG on real digits (TAG.md §9.3, Tables 2/8 analogue).
+"""Label guidance with and without TAG on real digits (docs/notation.md §7.2, Tables 2/8 analogue).
 
 For each target class: unguided sampling; DPS label guidance (loss -log p(y | x0_hat) of the clean classifier,
 gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aware classifier; classifier guidance +
@@ -66,10 +66,10 @@ __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "method_terms", "label_run",
            "run_label", "run_label_seeds"]
 
 METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")  # the demo's suite
-BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift", "dps+tsg", "dps+sg")  # TAG.md §7, on DPS
+BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift", "dps+tsg", "dps+sg")  # docs/notation.md §5, on DPS
 ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
-                "source": "TAG.md Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
+                "source": "the paper's Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
 PREVIEW_PER_TARGET = 8  # samples per target class kept for the figure
 
 
@@ -97,7 +97,8 @@ class LabelConfig:
     # The grid: VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset); "linspace" is the TFG benchmark's.
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
-    # TFG (Ye et al. 2024; TAG.md §6.3): ρ̄, μ̄, γ̄ and recurrence, "increase" schedules, N_iter = 4. ρ̄ and μ̄ chosen
+    # TFG (Ye et al. 2024; docs/notation.md §4.3): ρ̄, μ̄, γ̄ and recurrence, "increase" schedules, N_iter = 4.
+    # ρ̄ and μ̄ chosen
     # by benchmarks/tfg_sweep.py on validation targets/seed; γ̄ = 0.001 as TFG's CIFAR-10 label settings.
     tfg_rho: float = 0.1
     tfg_mu: float = 0.5
@@ -105,13 +106,13 @@ class LabelConfig:
     tfg_recur: int = 1
     tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss (the benchmark's clip_x0 = True); 0 = off (the runs before 12)
     dps_tfg_scale: float = 1.0  # the benchmark's DPS strength (``guidance_strength``)
-    # Baselines (TAG.md §7; the paper does not report their settings): ES λ (ADM-ES/ComfyUI default 1.005),
+    # Baselines (docs/notation.md §5; the paper does not report their settings): ES λ (ADM-ES/ComfyUI default 1.005),
     # Langevin snr (score_sde's 0.16), Time-Shift window and cutoff (training timesteps).
     es_lambda: float = 1.005
     langevin_snr: float = 0.16
     timeshift_window: int = 20
     timeshift_cutoff: int = 300
-    # Timestep Guidance (Sadat et al. 2024) and Self-Guidance (Li et al. 2024b), TAG.md §7.5: scale w and time
+    # Timestep Guidance (Sadat et al. 2024) and Self-Guidance (Li et al. 2024b), docs/notation.md §5.5: scale w and time
     # perturbation δ (timesteps). Not reported by the paper and not tuned here: w = 1 with δ = 50 (TSG std) / 20 (SG).
     tsg_scale: float = 1.0
     tsg_delta: float = 50.0

@@ -1,7 +1,9 @@
-r"""Multi-condition guidance with and without TAG on digits: class + stroke thickness or slant (TAG.md §3.4, §9.4;
+r"""Multi-condition guidance with and without TAG on digits: class + stroke thickness or slant (docs/notation.md
+§3.7, §7.3;
 Table 5 analogue).
 
-Two conditions are guided at once, with TFG's combined guidance (the per-condition losses are summed, TAG.md §6.4):
+Two conditions are guided at once, with TFG's combined guidance (the per-condition losses are summed,
+docs/notation.md §4.4):
 
 * **class** c_1 = y: ``ℓ_1(x̂_0) = −log p(y | x̂_0)`` of the clean classifier ``clf_clean`` (DPS label loss);
 * **stroke thickness** c_2 ∈ {thin, thick}: the ink mass ``m(x) = mean over pixels of (x + 1)/2`` (the fraction of
@@ -29,7 +31,8 @@ class median has ℓ_2 = 1, one two quartile-widths off has ℓ_2 = 4, the range
 Both losses matter at s = 0.025 (the ink term lifts the ink success from chance to 97% while the class accuracy stays
 near 96%), and it is the strongest ink term before the summed guidance breaks down (s <= 0.02): FID is already about
 twice that of class guidance alone, i.e. the summed guidance pushes samples off the data manifold, the regime TAG
-targets (the sum of per-condition scores is not the joint score, TAG.md §3.4). The ink loss is taken on the unclipped
+targets (the sum of per-condition scores is not the joint score, docs/notation.md §3.7). The ink loss is taken on the
+unclipped
 x̂_0 (its gradient never vanishes); the evaluation uses the final sample.
 
 **Second attribute classifier** (``attribute="slant"``): c_2 ∈ {left, right}, the slant ``s(x) = −μ₁₁/μ₀₂`` of
@@ -40,7 +43,7 @@ guidance sums the losses); success is judged by the measured slant against the h
 classifier. The joint predictor is ``time_predictor_class_slant`` (``--condition class_slant``).
 
 Both losses enter one ``DPSGuidance(combined_loss(ℓ_1, ℓ_2), dps_scale)`` (the gradient goes through the ε-model).
-Methods (TAG.md Table 5 rows; TAG is applied before each reverse step, Alg. 1, ω_t = ω_0 (1 − ᾱ_t)):
+Methods (the paper's Table 5 rows; TAG is applied before each reverse step, Alg. 1, ω_t = ω_0 (1 − ᾱ_t)):
 
 * **DPS** (the baseline, no TAG);
 * **joint** (option a, "Multi"): a predictor conditioned on the joint condition ``c = 2 y + b`` (b = 1 thick / right,
@@ -50,11 +53,13 @@ Methods (TAG.md Table 5 rows; TAG is applied before each reverse step, Alg. 1, �
 * **unconditional** (option c, Prop. B.2): the shipped unconditional predictor at x″ (reparameterised by ℓ_1 = class,
   then ℓ_2; the paper does not fix the order).
 
-η_t² = η_0² (1 − ᾱ_t) (:mod:`tagdiff.guidance.multicond`, its ``eta``). Here η_0 is called the *reparameterisation
+η_t² = η_0² (1 − ᾱ_t) (:mod:`tagdiff.guidance.multicond`, its ``reparam_scale``). Here η_0 is called the
+*reparameterisation
 scale* (``reparam_scale``; DDIM's η is ``ddim_eta``, a different thing). The paper gives no η_0; it is swept over
 ``reparam_scales``. With
 η_0² = ``dps_scale`` (η_0 = 4 at the default scale 16) the reparameterisation moves x_t by about as much as the DPS
-term does in one step (TAG.md §3.4 [INFERRED]: "reuse the guidance step"), so the default grid {0, 1, 2, 4} spans
+term does in one step (docs/notation.md §3.7 [INFERRED]: "reuse the guidance step"), so the default grid {0, 1, 2, 4}
+spans
 "no reparameterisation" to "the DPS step". η_0 = 0 evaluates the predictor at x itself.
 
 Protocol: every setting (ω_0 ∈ ``omegas`` for each variant, and η_0 ∈ ``reparam_scales`` for single/unconditional)
@@ -104,7 +109,7 @@ __all__ = ["MultiCondConfig", "Targets", "run_multicond", "ink_mass", "ink_loss"
            "resolve_targets", "INK_LEVELS", "METHODS", "PAPER", "DEFAULT_TARGETS"]
 
 METHODS = ("dps", "joint", "single", "unconditional")
-PAPER = {"source": "TAG.md Table 5 (CelebA-HQ, accuracy % = all target attributes correct; log-KID)",
+PAPER = {"source": "the paper's Table 5 (CelebA-HQ, accuracy % = all target attributes correct; log-KID)",
          "accuracy": {"dps": [80.5, 92.1], "joint": [87.1, 94.9], "single": [91.0, 96.1],
                       "unconditional": [89.1, 96.0]},
          "log_kid": {"dps": [-2.75, -3.16], "joint": [-2.85, -3.19], "single": [-2.86, -3.27],
@@ -215,7 +220,7 @@ def load_predictors(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
 def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Targets, cfg: MultiCondConfig,
                     omega: float = 0.0, reparam_scale: float = 0.0) -> list[Term]:
     """``[MultiConditionTAG (if method != "dps"), DPSGuidance(ℓ_class + ℓ_attr)]`` for per-sample targets ``tg``;
-    ``reparam_scale`` is η_0 of x′ / x″ (MultiConditionTAG's ``eta``), ``omega`` TAG's ω_0.
+    ``reparam_scale`` is η_0 of x′ / x″ (MultiConditionTAG's ``reparam_scale``), ``omega`` TAG's ω_0.
 
     ℓ_attr is ``(m(x̂_0) − m*)² / ink_scale²`` for ink and ``−log p(b | x̂_0)`` of the attribute classifier
     (``preds["attribute"]``) for slant.
@@ -232,10 +237,10 @@ def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Target
         terms.append(MultiConditionTAG(preds["joint"], omega, "joint", condition=joint_condition(tg.classes, tg.bins)))
     elif method == "single":  # c_1 = the attribute, reflected in x′ (Prop. B.1); c_2 = class, given to the predictor
         terms.append(MultiConditionTAG(preds["single"], omega, "single", condition=tg.classes, losses=[l_attr],
-                                       eta=reparam_scale))
+                                       reparam_scale=reparam_scale))
     elif method == "unconditional":  # x″: class, then the attribute (Prop. B.2)
         terms.append(MultiConditionTAG(preds["unconditional"], omega, "unconditional", losses=[l_class, l_attr],
-                                       eta=reparam_scale))
+                                       reparam_scale=reparam_scale))
     terms.append(DPSGuidance(combined_loss(l_class, l_attr), cfg.dps_scale))
     return terms
 

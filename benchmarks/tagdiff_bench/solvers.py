@@ -1,4 +1,5 @@
-"""Label guidance through fast diffusers solvers, with and without TAG (issue 10; TAG.md §9.5's question for solvers).
+"""Label guidance through fast diffusers solvers, with and without TAG (issue 10; docs/notation.md §7.4's question
+for solvers).
 
 Does TAG help fast solvers, where the discretisation error of a few large steps adds to the guidance error? For each
 solver (DDIM η = 0, DPM-Solver++ 2M, UniPC, Euler; every one a diffusers scheduler driven by

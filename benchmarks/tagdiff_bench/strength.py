@@ -1,4 +1,4 @@
-"""Rising DPS strength with and without TAG (TAG.md §9.3, Table 3 analogue).
+"""Rising DPS strength with and without TAG (docs/notation.md §7.2, Table 3 analogue).
 
 Table 3's strengths 1, 1.5, 2.5 and 5 multiply the tuned DPS strength (its 1.0 row equals Table 2's DPS). Here they
 multiply the suite's tuned DPS guidance scale (``dps_scale``, by default ``LabelConfig.dps_scale``, 16 on digits).
@@ -36,7 +36,7 @@ from .label import LabelConfig
 
 __all__ = ["StrengthConfig", "run_strength", "PAPER"]
 
-PAPER = {"source": "TAG.md Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy %)",
+PAPER = {"source": "the paper's Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy %)",
          "1.0": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
          "1.5": {"fid": [269.5, 231.9], "accuracy": [51.4, 62.3]},
          "2.5": {"fid": [334.1, 289.7], "accuracy": [41.9, 51.9]},

@@ -1,4 +1,4 @@
-"""The paper's toy experiment (TAG.md §9.1, App. E.1, Table 9): two Gaussians, an external drift, W1.
+"""The paper's toy experiment (docs/notation.md §6.1, App. E.1, Table 9): two Gaussians, an external drift, W1.
 
 Data ``½N((10,10), I) + ½N((-10,-10), I)``; VP DDPM, linear β, T = 1000 training timesteps, 100 reverse steps
 ("trailing" grid); drift ``v(x, t) = -0.01 x`` added to the state before every reverse step. Four runs: no
@@ -34,7 +34,7 @@ __all__ = ["DEFAULT_OMEGA", "run_toy", "time_gap_axis_label"]
 DEFAULT_OMEGA = 2.0  # chosen by benchmarks/toy_omega_sweep.py on a validation seed (docs/RESULTS.md)
 DRIFT_COEF = -0.01
 RUNS = ("no_drift", "drift", "drift_tag_learned", "drift_tag_exact")
-PAPER = {"w1": {"drift": 6.458, "drift_tag_learned": 1.716}, "source": "TAG.md Table 9 (1-layer predictor 1.716; "
+PAPER = {"w1": {"drift": 6.458, "drift_tag_learned": 1.716}, "source": "the paper's Table 9 (1-layer predictor 1.716; "
          "depths 1-6 give 1.68-1.98)"}
 
 

@@ -1,6 +1,7 @@
 """``tagdiff bench cfg`` (tagdiff.bench.cfg): a tiny end-to-end run on the shipped class-conditional digits UNet,
 the identities the table rests on, the saturation measure and the CLI's errors. That CFG at s = 1 is the conditional
-sampler bit for bit is tested on a toy UNet in ``tests/test_cfg.py::test_cfg_scale_one_is_the_conditional_model_bit_
+sampler bit for bit is tested on a toy UNet in
+``tests/guidance/test_cfg.py::test_cfg_scale_one_is_the_conditional_model_bit_
 for_bit``; here the bench's s = 1 row is checked against the conditional sampling path of the bench itself."""
 
 from __future__ import annotations

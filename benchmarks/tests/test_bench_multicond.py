@@ -1,4 +1,5 @@
-"""Multi-condition guidance bench (``tagdiff bench multicond``, TAG.md §9.4 Table 5 analogue): the ink-mass loss
+"""Multi-condition guidance bench (``tagdiff bench multicond``, docs/notation.md §7.3 Table 5 analogue): the ink-mass
+loss
 against its closed form, the joint condition index, the ω = 0 identity with DPS, a tiny end-to-end run on the shipped
 digits models checked against an independent recomputation, the CLI's bad-input errors, and conditional
 time-predictor training."""
@@ -98,7 +99,7 @@ def test_terms_of_each_variant(setup):
     assert joint[0].variant == "joint" and joint[0].condition.tolist() == [7, 7, 10, 10]
     single = multicond_terms("single", setup, preds, tg, cfg, 1.0, 2.0)
     assert single[0].variant == "single" and single[0].condition.tolist() == [3, 3, 5, 5]
-    assert len(single[0].losses) == 1 and single[0].eta == 2.0 and single[0].time_predictor.num_classes == 10
+    assert len(single[0].losses) == 1 and single[0].reparam_scale == 2.0 and single[0].time_predictor.num_classes == 10
     unc = multicond_terms("unconditional", setup, preds, tg, cfg, 1.0, 2.0)
     assert unc[0].condition is None and len(unc[0].losses) == 2 and unc[0].time_predictor.num_classes is None
     assert len(multicond_terms("dps", setup, preds, tg, cfg)) == 1

@@ -5,11 +5,13 @@ File IO (atomic writes, the directory lock, deferred Ctrl-C, output checks) is i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "require",
     "NonFiniteError",
     "deferred_finite_checks",
     "StackedRandomGenerator",
@@ -148,3 +150,14 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if kind == "mps" and not has_mps:
         raise ValueError(f"device {str(name)!r} is not available on this machine (no MPS); use --device cpu or auto")
     return torch.device(s)
+
+
+def require(module: str, extra: str, what: str) -> Any:
+    """Import the optional dependency ``module`` (an extra of ``pip install tagdiff[extra]``) or raise an ImportError
+    that says which extra brings it."""
+    from importlib import import_module
+
+    try:
+        return import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{what} needs {module.split('.')[0]}: pip install 'tagdiff[{extra}]'") from e

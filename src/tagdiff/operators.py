@@ -1,7 +1,8 @@
 """Measurement operators A for inverse problems on images: super-resolution, deblurring, inpainting, denoising.
 
-The tasks follow the TFG benchmark (Ye et al. 2024) used by TAG (TAG.md §9.3): a measurement ``y = A(x_0) + σ_y n``
-and the per-sample DPS/TFG loss ``ℓ(x̂_0) = ‖A(x̂_0) − y‖₂`` (TAG.md §6.4; the norm, not its square).
+The tasks follow the TFG benchmark (Ye et al. 2024) used by TAG (docs/notation.md §7.2): a measurement ``y = A(x_0) +
+σ_y n``
+and the per-sample DPS/TFG loss ``ℓ(x̂_0) = ‖A(x̂_0) − y‖₂`` (docs/notation.md §4.4; the norm, not its square).
 
 Shapes: images are ``(B, C, H, W)`` in VP space, i.e. pixel values in ``[-1, 1]``. Every operator here is linear and
 has a closed-form adjoint ``Aᵀ`` (checked against autograd in ``tests/test_operators.py``). Every constructor also

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._utils import require
+
 __all__ = ["plot_time_predictor_report"]
 
 
 def plot_time_predictor_report(report: dict[str, Any], path: str | Any, title: str = "time predictor") -> None:
     """Figure of an :func:`evaluate_time_predictor` report: accuracy and mean |argmax - t| against t."""
-    import matplotlib
+    matplotlib = require("matplotlib", "cli", "the report figure")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,9 +1,9 @@
 """Which network and which defaults for which dataset: the one place the CLI's training recipes live.
 
 * vectors (``toy``): :class:`~tagdiff.nets.MLPEpsModel` (3 layers) and :class:`~tagdiff.time_predictor.MLPTimePredictor`
-  (5 layers), as in the paper's toy (TAG.md §9.1);
+  (5 layers), as in the paper's toy (docs/notation.md §6.1);
 * images (``digits``, ``mnist``, ``folder``, ``hf``): a CPU-sized diffusers ``UNet2DModel`` (no attention) and the
-  paper's SimpleCNN time predictor (TAG.md §5.2).
+  paper's SimpleCNN time predictor (docs/notation.md §2.2).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def make_time_predictor(info: DatasetInfo, num_train_timesteps: int, *, hidden: 
     """A time predictor for the dataset.
 
     ``arch`` (:data:`TIME_PREDICTOR_ARCHS`): ``"mlp"`` (:class:`MLPTimePredictor`, ``hidden``/``layers``; vector
-    data), ``"simplecnn"`` (the paper's SimpleCNN, TAG.md §5.2; images), ``"unet-encoder"``
+    data), ``"simplecnn"`` (the paper's SimpleCNN, docs/notation.md §2.2; images), ``"unet-encoder"``
     (:class:`UNetEncoderTimePredictor` with the UNet ``widths``, the paper's Table 18 comparison; images).
     ``None`` chooses by the data's shape: the MLP for vectors, the SimpleCNN for images.
 

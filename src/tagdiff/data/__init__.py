@@ -99,7 +99,7 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
     """Load a dataset by name. Returns ``(x0, labels)``: ``x0`` of shape ``(N, *D)`` float32, ``labels`` ``(N,)`` int64.
 
     * ``"toy"``: ``num_samples`` (default 40,000, as in the paper) draws of the paper's two-Gaussian mixture
-      (TAG.md §9.1) with ``seed``; ``split`` and the image options are ignored.
+      (docs/notation.md §6.1) with ``seed``; ``split`` and the image options are ignored.
     * ``"digits"``: scikit-learn's bundled 8×8 digits, ``(N, 1, 8, 8)`` in ``[-1, 1]``; the embedded default image
       dataset (no download).
     * ``"mnist"``: the MNIST IDX files in ``data_dir`` (default ``$TAGDIFF_DATA_DIR/mnist`` or

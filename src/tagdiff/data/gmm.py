@@ -7,7 +7,7 @@ is again a mixture: ``p_t(x) = Σ_k π_k N(x; a μ_k, v_k I)`` with ``v_k = ᾱ_
 * exact score: ``∇ log p_t(x) = Σ_k r_k · (-(x - a μ_k) / v_k)``; exact ε: ``-sqrt(1 - ᾱ_t) · score``;
 * exact Tweedie: ``x0_hat = Σ_k r_k [μ_k + (a s_k² / v_k)(x - a μ_k)]``;
 * exact time posterior over the T training timesteps, uniform prior: ``p(t | x) ∝ p_t(x)``, so the exact TLS is
-  ``∇_x log p(t | x)`` by autograd (TAG.md Thm 3.3 is this identity in closed form).
+  ``∇_x log p(t | x)`` by autograd (the paper's Thm 3.3 is this identity in closed form).
 
 The adapters :meth:`GaussianMixture.eps_model`, :meth:`GaussianMixture.time_posterior` and
 :meth:`GaussianMixture.classifier` stand in for the ε-model, the time predictor and the noisy classifier.
@@ -232,5 +232,5 @@ class ExactTimePosterior(TimePredictor):
 
 
 def toy_mixture() -> GaussianMixture:
-    """The paper's toy data, ``½ N((10, 10), I) + ½ N((-10, -10), I)`` (TAG.md §9.1)."""
+    """The paper's toy data, ``½ N((10, 10), I) + ½ N((-10, -10), I)`` (docs/notation.md §6.1)."""
     return GaussianMixture([[10.0, 10.0], [-10.0, -10.0]], stds=1.0)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._utils import require
 from .common import DIGITS_SHAPE, check_channels, check_image_size, check_split, finish_images, select_split
 
 __all__ = ["load_digits"]
@@ -47,7 +48,7 @@ def load_digits(split: str = "train", *, image_size: int | Sequence[int] | None 
     Raises:
         ValueError: for an unknown split, a bad ``image_size`` / ``channels`` or ``held_out_fraction``.
     """
-    from sklearn.datasets import load_digits as _sk_load_digits
+    _sk_load_digits = require("sklearn.datasets", "data", "the digits dataset (scikit-learn)").load_digits
 
     check_split(split)
     size, channels = check_image_size(image_size), check_channels(channels)

@@ -23,8 +23,8 @@ from .contrastive import SelfGuidance as SelfGuidance
 from .contrastive import TimestepGuidance as TimestepGuidance
 from .dps import DPSGuidance as DPSGuidance
 from .dps import label_loss as label_loss
-from .multicond import ETA_SCHEDULES as ETA_SCHEDULES
 from .multicond import MULTICOND_VARIANTS as MULTICOND_VARIANTS
+from .multicond import REPARAM_SCHEDULES as REPARAM_SCHEDULES
 from .multicond import MultiConditionTAG as MultiConditionTAG
 from .multicond import combined_loss as combined_loss
 from .multicond import reparameterize as reparameterize
@@ -44,5 +44,5 @@ __all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorr
            "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
            "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
-           "interval_from_sigma", "SelfGuidance", "TimestepGuidance", "ETA_SCHEDULES", "MULTICOND_VARIANTS",
+           "interval_from_sigma", "SelfGuidance", "TimestepGuidance", "REPARAM_SCHEDULES", "MULTICOND_VARIANTS",
            "MultiConditionTAG", "combined_loss", "reparameterize"]

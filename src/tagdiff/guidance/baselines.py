@@ -1,14 +1,14 @@
-r"""Correction baselines that TAG is compared against (TAG.md §7), behind the same :class:`Term` interface.
+r"""Correction baselines that TAG is compared against (docs/notation.md §5), behind the same :class:`Term` interface.
 
 Swap TAG for a baseline by replacing one entry of ``terms``::
 
     terms=[DPSGuidance(...), TemporalAlignment(tp)]      # TAG
-    terms=[DPSGuidance(...), TimeCorrection(tp)]         # TCS / TACS      (TAG.md §7.1, post hook)
-    terms=[DPSGuidance(...), EpsilonScaling(1.005)]      # ES              (TAG.md §7.2, delta_score)
-    terms=[DPSGuidance(...), LangevinCorrector(0.16)]    # PC corrector    (TAG.md §7.3, pre hook)
-    terms=[DPSGuidance(...), TimeShift(20, 300)]         # Time-Shift      (TAG.md §7.4, a step term)
+    terms=[DPSGuidance(...), TimeCorrection(tp)]         # TCS / TACS      (docs/notation.md §5.1, post hook)
+    terms=[DPSGuidance(...), EpsilonScaling(1.005)]      # ES              (docs/notation.md §5.2, delta_score)
+    terms=[DPSGuidance(...), LangevinCorrector(0.16)]    # PC corrector    (docs/notation.md §5.3, pre hook)
+    terms=[DPSGuidance(...), TimeShift(20, 300)]         # Time-Shift      (docs/notation.md §5.4, a step term)
 
-Timestep Guidance and Self-Guidance (TAG.md §7.5) are not implemented. Notation: ``ab_t`` -> ᾱ_t,
+Timestep Guidance and Self-Guidance (docs/notation.md §5.5) are not implemented. Notation: ``ab_t`` -> ᾱ_t,
 ``eps_hat`` -> ε_θ, ``x0_hat`` -> x̂_0 (Tweedie), ``score`` -> ∇_x log p_t = -ε_θ / sqrt(1 - ᾱ_t).
 """
 
@@ -52,7 +52,8 @@ def _per_sample_norm(v: Tensor) -> Tensor:
 class TimeCorrection(Corrector):
     r"""Time Correction Sampler (TCS; Jung et al., NeurIPS 2024, arXiv 2411.00551), a ``post`` hook.
 
-    Follows TAG.md §7.1's **[reconstructed]** update rule exactly (TACS has no public code; the rule is inferred
+    Follows docs/notation.md §5.1's **[reconstructed]** update rule exactly (TACS has no public code; the rule is
+    inferred
     from TAG's description, "a hard temporal reassignment"). After the ordinary step gives x'_{t_prev}::
 
         t_pred = argmax_s p_φ(s | x')                      # per sample
@@ -229,21 +230,22 @@ class TimeShift(StepTerm):
     r"""Time-Shift sampler (Li et al., ICLR 2024, "Alleviating exposure bias ... shifted time steps"), a step term:
     ``terms=[..., TimeShift(...)]`` in tagdiff's own loop (diffusers schedulers step on their own grid and refuse it).
 
-    **[INFERRED]** (TAG.md §7.4; not checked against the paper's code). At steps with ``t <= cutoff`` (the paper
+    **[INFERRED]** (docs/notation.md §5.4; not checked against the paper's code). At steps with ``t <= cutoff`` (the
+    paper
     shifts only in the later, low-noise part of sampling), replace the grid's t per sample by::
 
         s* = argmin_{s in W} | Var(x) - (ᾱ_s · data_var + 1 - ᾱ_s) |,
-        W  = {t - window//2, ..., t + window//2} ∩ (t_prev, T - 1]
+        W  = {t - width//2, ..., t + width//2} ∩ (t_prev, T - 1]
 
     where Var(x) is the per-sample unbiased variance over all non-batch dims (the sample's own mean removed).
-    ``data_var = 0`` is TAG.md's rule (match 1 - ᾱ_s); set it to the clean data's expected per-sample variance
+    ``data_var = 0`` is the paper's rule (match 1 - ᾱ_s); set it to the clean data's expected per-sample variance
     (same estimator) so on-manifold samples keep s* ≈ t; with ``data_var = 0`` samples of data with non-zero
     variance are always shifted towards larger s. Ties go to the candidate nearest t. The chosen s
     is used for the model call, the score terms and the step; the next step starts from the grid again. Correctors
     of the step run at the grid's t (before the retiming) and t_prev.
 
     Args:
-        window: total width of the search window in training timesteps (int >= 1).
+        width: total width of the search window in training timesteps (int >= 1).
         cutoff: shift only where ``t <= cutoff`` (int >= 0); other steps return t unchanged.
         data_var: per-pixel variance of the clean data (>= 0).
 
@@ -251,20 +253,20 @@ class TimeShift(StepTerm):
         ``(B,)`` int64 timesteps with ``t_prev < s <= T - 1``.
 
     Raises:
-        ValueError: for a bad window, cutoff or data_var; samples with fewer than 2 values.
+        ValueError: for a bad width, cutoff or data_var; samples with fewer than 2 values.
     """
 
-    def __init__(self, window: int = 20, cutoff: int = 300, data_var: float = 0.0):
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"TimeShift window must be an integer >= 1 (training timesteps), got {window!r}")
+    def __init__(self, width: int = 20, cutoff: int = 300, data_var: float = 0.0):
+        if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+            raise ValueError(f"TimeShift width must be an integer >= 1 (training timesteps), got {width!r}")
         if not isinstance(cutoff, int) or isinstance(cutoff, bool) or cutoff < 0:
             raise ValueError(f"TimeShift cutoff must be an integer >= 0, got {cutoff!r}")
         if not isinstance(data_var, int | float) or not math.isfinite(data_var) or data_var < 0:
             raise ValueError(f"TimeShift data_var must be a finite number >= 0, got {data_var!r}")
-        self.window, self.cutoff, self.data_var = window, cutoff, float(data_var)
+        self.width, self.cutoff, self.data_var = width, cutoff, float(data_var)
 
     def __repr__(self) -> str:
-        return f"TimeShift(window={self.window}, cutoff={self.cutoff}, data_var={self.data_var})"
+        return f"TimeShift(width={self.width}, cutoff={self.cutoff}, data_var={self.data_var})"
 
     def step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: StepContext, evaluate: Evaluate,
              update: Update) -> Tensor:
@@ -283,7 +285,7 @@ class TimeShift(StepTerm):
             return t.clone()
         if x[0].numel() < 2:
             raise ValueError(f"TimeShift needs samples with >= 2 values to estimate Var(x), got shape {tuple(x.shape)}")
-        T, half = schedule.num_train_timesteps, self.window // 2
+        T, half = schedule.num_train_timesteps, self.width // 2
         # candidates ordered 0, -1, +1, -2, +2, ...: argmin's first-index tie-break prefers s nearest t
         offsets = torch.tensor([0] + [o for d in range(1, half + 1) for o in (-d, d)], device=t.device)
         cand = t[:, None] + offsets[None]                                          # (B, C)

@@ -77,18 +77,18 @@ def _check_steps(steps: tuple[float, float] | None) -> tuple[float, float] | Non
 
 
 class _TwoBranch:
-    """What the CFG family shares: scale, null condition, interval, the unconditional branch."""
+    """What the CFG family shares: guidance scale, null condition, interval, the unconditional branch."""
 
-    def __init__(self, scale: float, null_cond: Mapping[str, Any], window: tuple[int, int] | None,
+    def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], window: tuple[int, int] | None,
                  steps: tuple[float, float] | None):
         if not isinstance(null_cond, Mapping) or not null_cond:
             raise ValueError(f"null_cond must be a non-empty dict of conditioning keywords, got {null_cond!r}")
-        self.strength = Strength(float(scale), "constant", window)
+        self.strength = Strength(float(guidance_scale), "constant", window)
         self.null_cond = dict(null_cond)
         self.steps = _check_steps(steps)
 
     @property
-    def scale(self) -> float:
+    def guidance_scale(self) -> float:
         return self.strength.scale
 
     def is_active(self, t: Tensor, ctx: StepContext) -> bool:
@@ -142,7 +142,7 @@ class ClassifierFreeGuidance(_TwoBranch, ScoreTerm):
     """Classifier-free guidance ``ε̂ = ε_u + s (ε_c - ε_u)`` (Ho & Salimans 2022) as a score term.
 
     Args:
-        scale: s (1 = the conditional model, exactly; 0 = unconditional). Typical 1.5-8.
+        guidance_scale: s (1 = the conditional model, exactly; 0 = unconditional). Typical 1.5-8.
         null_cond: the null condition (module docstring), e.g. ``{"y": num_classes}``.
         window, steps: the guidance interval (module docstring); outside it the conditional model.
         rescale: φ in [0, 1] of rescaled CFG (Lin et al. 2024 §3.4, diffusers' ``guidance_rescale``): the guided ε̂
@@ -155,19 +155,19 @@ class ClassifierFreeGuidance(_TwoBranch, ScoreTerm):
         ValueError: a non-finite scale, an empty null condition, a bad window / steps / rescale.
     """
 
-    def __init__(self, scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
+    def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
                  steps: tuple[float, float] | None = None, rescale: float = 0.0):
-        super().__init__(scale, null_cond, window, steps)
+        super().__init__(guidance_scale, null_cond, window, steps)
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"rescale must be in [0, 1], got {rescale}")
         self.rescale = float(rescale)
 
     def combine(self, eps_c: Tensor, eps_u: Tensor) -> Tensor:
         """The guided ε̂ from the two branches (subclasses change this)."""
-        return eps_u + self.scale * (eps_c - eps_u)
+        return eps_u + self.guidance_scale * (eps_c - eps_u)
 
     def delta_score(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
-        if self.scale == 1.0 or not self.is_active(t, ctx):
+        if self.guidance_scale == 1.0 or not self.is_active(t, ctx):
             return None
         ab = ctx.ab_t(x)
         eps_c = self.cond_eps(x, x0_hat, ab)
@@ -191,7 +191,7 @@ class CFGZeroStar(ClassifierFreeGuidance):
         c, u = eps_c.flatten(1).float(), eps_u.flatten(1).float()
         alpha = ((c * u).sum(1, keepdim=True) / ((u**2).sum(1, keepdim=True) + 1e-8)).to(eps_c.dtype)
         eps_u = eps_u * alpha.reshape(-1, *([1] * (eps_c.ndim - 1)))
-        return eps_u + self.scale * (eps_c - eps_u)
+        return eps_u + self.guidance_scale * (eps_c - eps_u)
 
 
 class APGMomentum:
@@ -233,8 +233,9 @@ class AdaptiveProjectedGuidance(_TwoBranch, ScoreTerm):
     guider, which switches itself off at s = 1).
 
     Args:
-        scale: s. null_cond, window, steps: as :class:`ClassifierFreeGuidance`.
-        eta: η, weight of the parallel component (diffusers' default 1; the paper's 0).
+        guidance_scale: s. null_cond, window, steps: as :class:`ClassifierFreeGuidance`.
+        parallel_weight: η of the APG paper and diffusers' ``eta``: the weight of the parallel component (diffusers'
+            default 1; the paper's 0).
         norm_threshold: r (diffusers' ``adaptive_projected_guidance_rescale``, default 15); 0 disables.
         momentum: ``None`` or an :class:`APGMomentum` buffer (diffusers' ``adaptive_projected_guidance_momentum``).
         space: ``"eps"`` (what the model's ε-predictions are, as the guider in diffusers pipelines) or ``"x0"``
@@ -244,17 +245,19 @@ class AdaptiveProjectedGuidance(_TwoBranch, ScoreTerm):
         ValueError: a bad space / threshold, and as :class:`ClassifierFreeGuidance`.
     """
 
-    def __init__(self, scale: float, null_cond: Mapping[str, Any], *, eta: float = 1.0, norm_threshold: float = 15.0,
+    def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], *, parallel_weight: float = 1.0,
+                 norm_threshold: float = 15.0,
                  momentum: APGMomentum | None = None, space: str = "eps", window: tuple[int, int] | None = None,
                  steps: tuple[float, float] | None = None):
-        super().__init__(scale, null_cond, window, steps)
+        super().__init__(guidance_scale, null_cond, window, steps)
         if space not in ("eps", "x0"):
             raise ValueError(f"space must be 'eps' or 'x0', got {space!r}")
         if not norm_threshold >= 0:
             raise ValueError(f"norm_threshold must be >= 0, got {norm_threshold}")
         if momentum is not None and not isinstance(momentum, APGMomentum):
             raise ValueError(f"momentum must be None or an APGMomentum buffer, got {momentum!r}")
-        self.eta, self.norm_threshold, self.momentum, self.space = float(eta), float(norm_threshold), momentum, space
+        self.parallel_weight, self.norm_threshold = float(parallel_weight), float(norm_threshold)
+        self.momentum, self.space = momentum, space
 
     def project(self, pred_c: Tensor, pred_u: Tensor, ctx: StepContext | None = None) -> Tensor:
         """The guided prediction from the two branches (diffusers' ``normalized_guidance``)."""
@@ -267,11 +270,11 @@ class AdaptiveProjectedGuidance(_TwoBranch, ScoreTerm):
                                                                                               keepdim=True))
         v0, v1 = diff.double(), torch.nn.functional.normalize(pred_c.double(), dim=dims)
         parallel = (v0 * v1).sum(dim=dims, keepdim=True) * v1
-        update = (v0 - parallel).to(diff.dtype) + self.eta * parallel.to(diff.dtype)
-        return pred_u + self.scale * update
+        update = (v0 - parallel).to(diff.dtype) + self.parallel_weight * parallel.to(diff.dtype)
+        return pred_u + self.guidance_scale * update
 
     def delta_score(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
-        if math.isclose(self.scale, 1.0) or not self.is_active(t, ctx):
+        if math.isclose(self.guidance_scale, 1.0) or not self.is_active(t, ctx):
             return None
         ab = ctx.ab_t(x)
         eps_c = self.cond_eps(x, x0_hat, ab)
@@ -300,7 +303,7 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
     read from the update itself with ε = 0. Any other update is refused, not approximated.
 
     Args:
-        scale: λ (the paper uses λ in [0, 1], e.g. 0.6; λ = 0 is the unconditional DDIM). Must be >= 0.
+        guidance_scale: λ (the paper uses λ in [0, 1], e.g. 0.6; λ = 0 is the unconditional DDIM). Must be >= 0.
         null_cond, window, steps: as :class:`ClassifierFreeGuidance`; outside the interval the plain step runs.
         clip_x0: clamp x̂_0^λ to ``[-clip_x0, clip_x0]`` before renoising (the sampler itself must not clip; images
             often need it, see INTEGRATION.md); ``None`` (default) is the paper's update.
@@ -310,13 +313,13 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
             deterministic DDIM step (DDPM, DDIM with η > 0, x̂_0 clipping).
     """
 
-    def __init__(self, scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
+    def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
                  steps: tuple[float, float] | None = None, clip_x0: float | None = None):
-        if not scale >= 0:
-            raise ValueError(f"CFG++ scale lambda must be >= 0, got {scale}")
+        if not guidance_scale >= 0:
+            raise ValueError(f"CFG++ scale lambda must be >= 0, got {guidance_scale}")
         if clip_x0 is not None and not clip_x0 > 0:
             raise ValueError(f"clip_x0 must be None or > 0, got {clip_x0}")
-        super().__init__(scale, null_cond, window, steps)
+        super().__init__(guidance_scale, null_cond, window, steps)
         self.clip_x0 = clip_x0
 
     def step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: StepContext, evaluate: Any, update: Any) -> Tensor:
@@ -337,7 +340,7 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
         A = A.reshape(-1, *([1] * (x.ndim - 1)))
         ab_prev = (A**2 * ab).clamp(max=1.0)
         eps_u, _ = self.uncond(x, t, ctx)
-        eps_lam = eps_u + self.scale * (pred.eps_hat - eps_u)
+        eps_lam = eps_u + self.guidance_scale * (pred.eps_hat - eps_u)
         x0_lam = (x - (1 - ab).sqrt() * eps_lam) / ab.sqrt()
         if self.clip_x0 is not None:
             x0_lam = x0_lam.clamp(-self.clip_x0, self.clip_x0)

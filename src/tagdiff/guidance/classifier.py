@@ -1,4 +1,4 @@
-"""Classifier guidance with a noise-aware classifier p(y | x_t, t) (Dhariwal & Nichol 2021; TAG.md §6.5)."""
+"""Classifier guidance with a noise-aware classifier p(y | x_t, t) (Dhariwal & Nichol 2021; docs/notation.md §4.1)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 r"""Time-input contrastive guidance: Timestep Guidance (Sadat et al. 2024) and Self-Guidance (Li et al. 2024b).
 
-TAG.md §7.5: both perturb the score model's time input (τ ± δτ) and use the difference of the outputs as a
+docs/notation.md §5.5: both perturb the score model's time input (τ ± δτ) and use the difference of the outputs as a
 contrastive guidance direction, CFG-style::
 
     ε̂ = ε_θ(x_t, t) + w · (ε_θ(x_t, t) - ε_θ(x_t, t̃))
@@ -17,7 +17,7 @@ so that the sample moves away from what the model predicts at the "wrong" time. 
   prediction at a higher noise level is the "bad" branch.
 
 Both are score terms: the loop folds ``Δs = -Δε / sqrt(1 - ᾱ_t)`` into ε̂ (``Δε = w (ε - ε̃)``); the unguided ε is
-recovered from ``(x, x̂_0)``, so each costs one extra model call per step (without autograd). TAG.md does not report
+recovered from ``(x, x̂_0)``, so each costs one extra model call per step (without autograd). the paper does not report
 the scales the paper used (§7); the label suite's defaults are stated there as not tuned.
 
 Notation: ``eps`` -> ε_θ(x_t, t), ``eps_tilde`` -> ε_θ(x_t, t̃), ``w`` -> guidance scale, ``delta`` -> δ (timesteps).

@@ -1,7 +1,7 @@
 """DPS-style training-free guidance: the gradient of a loss on x0_hat, taken through the model.
 
-TAG.md Eq. 9/29 (Chung et al. 2023): ``∇_{x_t} log p_t(c | x_t) ≈ -∇_{x_t} ℓ(A(x0_hat(x_t)), c)``, folded into
-the score as in the paper's composite score (TAG.md §3.3, with the sign corrected: ``score - scale ∇ℓ``).
+the paper's Eq. 9/29 (Chung et al. 2023): ``∇_{x_t} log p_t(c | x_t) ≈ -∇_{x_t} ℓ(A(x0_hat(x_t)), c)``, folded into
+the score as in the paper's composite score (docs/notation.md §3.6, with the sign corrected: ``score - scale ∇ℓ``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class DPSGuidance(ScoreTerm):
     """Δs = -scale_t · ∇_{x_t} ℓ(A(x0_hat(x_t))), with the gradient through the ε-model.
 
     The loss must be **per sample**, shape ``(B,)``: no norm over the whole batch (the original DPS code
-    takes ``torch.linalg.norm`` over the batch, so each sample's step depends on the others; TAG.md §6.2).
+    takes ``torch.linalg.norm`` over the batch, so each sample's step depends on the others; docs/notation.md §4.2).
     Summing per-sample losses before ``autograd.grad`` keeps the gradients independent.
 
     **Unclipped on images, the result is rounding noise beyond a few digits.** Without ``clip_x0`` in the sampler,

@@ -1,4 +1,4 @@
-r"""TAG for several conditions: the multi-condition reparameterisation (TAG.md §3.4, §4.3-4.4; Table 5).
+r"""TAG for several conditions: the multi-condition reparameterisation (docs/notation.md §3.7; the paper's Table 5).
 
 For conditions c_1, …, c_k the guided density factorises as p_t(x | c) ∝ p_t(x) Π_j p(c_j | …) p(t | x, c)
 (Eq. 14/36). The time likelihood p(t | x, c) can come from three kinds of predictor (``variant``):
@@ -12,16 +12,17 @@ For conditions c_1, …, c_k the guided density factorises as p_t(x | c) ∝ p_t
   x″ = x′ − η̃_t² ∇_{x′} ℓ_2(x̂_0(x′)), … . With η̃ = η this is Eq. 43-44 with each gradient taken at the
   point it is evaluated at (not chained back to x_t).
 
-Choices where TAG.md is silent (§12.1 item 2):
+Choices where the paper is silent (§12.1 item 2):
 
-* **η_t.** Default ``η_t² = η_0² (1 − ᾱ_t)`` (``eta_schedule="one_minus_alpha_bar"``): the prior
+* **η_t.** Default ``η_t² = η_0² (1 − ᾱ_t)`` (``reparam_schedule="one_minus_alpha_bar"``): the prior
   p(x_t | x′_t) = N(x′_t, η_t² I) of Prop. B.1 then has a width that is the fraction η_0 of the forward-process
   noise std sqrt(1 − ᾱ_t). It vanishes as t → 0, where x̂_0 ≈ x_t and a fixed step would be a large jump, and it
   mirrors TAG's own ω_t = ω_0 (1 − ᾱ_t) (§3.2). ``"constant"`` (η_t = η_0) and callables are available.
-  η̃_t (``eta_tilde``) defaults to η_t.
+  η̃_t (``reparam_scale_tilde``) defaults to η_t.
 * **Gradient through x′.** The TLS is evaluated at the reparameterised point and applied to the state:
   ``x <- x + ω_t ∇_{x′} log p_φ(t | x′, c)|_{x′ = x′(x)}``, with x′ detached. This is the paper's "in practice,
-  one updates x_t → x′_t before applying ℓ_t" and the [INFERRED] reading of TAG.md §4.4. It avoids a second-order
+  one updates x_t → x′_t before applying ℓ_t" and the [INFERRED] reading of docs/notation.md §3.7. It avoids a
+  second-order
   backward pass through the ε-model and differs from the chained gradient by (I − η_t² ∇²ℓ) only. The state
   itself is not moved to x′: App. B Alg. 1 takes the reverse step from x_t, and the condition guidance proper is
   the job of the DPS/TFG term next to this one (moving x would count it twice).
@@ -41,27 +42,28 @@ from ..sampling.schedules import VPSchedule
 from ..sampling.terms import StepContext, Strength
 from .temporal import TemporalAlignment, check_time_predictor
 
-__all__ = ["ETA_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]
+__all__ = ["REPARAM_SCHEDULES", "MULTICOND_VARIANTS", "MultiConditionTAG", "combined_loss", "reparameterize"]
 
 LossFn = Callable[[Tensor], Tensor]
-ETA_SCHEDULES = ("constant", "one_minus_alpha_bar")
+REPARAM_SCHEDULES = ("constant", "one_minus_alpha_bar")
 MULTICOND_VARIANTS = ("joint", "single", "unconditional")
 
 
-def _eta_sq(eta: float, eta_schedule: str | Callable[[Tensor, VPSchedule], Tensor]) -> Strength:
-    eta = float(eta)
-    if not math.isfinite(eta) or eta < 0:
-        raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-    if isinstance(eta_schedule, str) and eta_schedule not in ETA_SCHEDULES:
-        raise ValueError(f"unknown eta_schedule {eta_schedule!r}; expected one of {', '.join(ETA_SCHEDULES)} "
+def _reparam_sq(reparam_scale: float, reparam_schedule: str | Callable[[Tensor, VPSchedule], Tensor]) -> Strength:
+    reparam_scale = float(reparam_scale)
+    if not math.isfinite(reparam_scale) or reparam_scale < 0:
+        raise ValueError(f"reparam_scale must be a finite number >= 0, got {reparam_scale!r}")
+    if isinstance(reparam_schedule, str) and reparam_schedule not in REPARAM_SCHEDULES:
+        raise ValueError(f"unknown reparam_schedule {reparam_schedule!r}; expected one of "
+                         f"{', '.join(REPARAM_SCHEDULES)} "
                          "or a callable (t, schedule) -> weights w(t) with η_t² = η_0² w(t)")
-    return Strength(eta * eta, eta_schedule)
+    return Strength(reparam_scale * reparam_scale, reparam_schedule)
 
 
-def reparameterize(x: Tensor, t: Tensor, loss_fn: LossFn, eta: float, schedule: VPSchedule,
-                   eta_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
+def reparameterize(x: Tensor, t: Tensor, loss_fn: LossFn, reparam_scale: float, schedule: VPSchedule,
+                   reparam_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
                    ctx: StepContext | None = None) -> Tensor:
-    """The condition-reflecting point ``x′_t = x_t − η_t² ∇_{x_t} ℓ(·)`` of Prop. B.1 (TAG.md Eq. 15/40).
+    """The condition-reflecting point ``x′_t = x_t − η_t² ∇_{x_t} ℓ(·)`` of Prop. B.1 (the paper's Eq. 15/40).
 
     With ``ctx`` (the paper's practical form) the loss is taken on the Tweedie estimate
     ``x0_hat = x0_from_eps(x, t, ctx.eps_model(x, t, **ctx.cond))`` and the gradient flows through the model, as
@@ -71,9 +73,9 @@ def reparameterize(x: Tensor, t: Tensor, loss_fn: LossFn, eta: float, schedule: 
     Args:
         x: state x_t, shape ``(B, *D)``. t: training timesteps, shape ``(B,)`` int64.
         loss_fn: per-sample loss ``(B, *D) -> (B,)`` (e.g. ``label_loss``; see :func:`combined_loss`).
-        eta: η_0 >= 0. ``eta = 0`` returns ``x`` itself (bit for bit, no model call).
+        reparam_scale: η_0 >= 0. ``reparam_scale = 0`` returns ``x`` itself (bit for bit, no model call).
         schedule: the VP schedule.
-        eta_schedule: ``"one_minus_alpha_bar"`` (η_t² = η_0² (1 − ᾱ_t), default; see the module docstring),
+        reparam_schedule: ``"one_minus_alpha_bar"`` (η_t² = η_0² (1 − ᾱ_t), default; see the module docstring),
             ``"constant"`` (η_t = η_0), or a callable ``(t, schedule) -> (B,)`` weights w(t), η_t² = η_0² w(t).
         ctx: step context whose ``eps_model``/``cond`` define x0_hat; ``None`` puts the loss on x_t.
 
@@ -81,11 +83,11 @@ def reparameterize(x: Tensor, t: Tensor, loss_fn: LossFn, eta: float, schedule: 
         x′_t, shape/dtype of ``x``, detached.
 
     Raises:
-        ValueError: for η < 0 or non-finite, an unknown ``eta_schedule``, or a loss not shaped ``(B,)``.
+        ValueError: for η < 0 or non-finite, an unknown ``reparam_schedule``, or a loss not shaped ``(B,)``.
         NonFiniteError: if the loss gradient has NaN/Inf.
     """
-    eta_sq = _eta_sq(eta, eta_schedule)
-    if eta_sq.is_zero:
+    reparam_sq = _reparam_sq(reparam_scale, reparam_schedule)
+    if reparam_sq.is_zero:
         return x
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
@@ -97,7 +99,7 @@ def reparameterize(x: Tensor, t: Tensor, loss_fn: LossFn, eta: float, schedule: 
                              f"got {tuple(loss.shape)}")
         (grad,) = torch.autograd.grad(loss.sum(), x_in)
     grad = check_finite(grad, f"reparameterisation gradient at t={int(t.reshape(-1)[0])}")
-    return x.detach() - eta_sq(t, schedule, x) * grad
+    return x.detach() - reparam_sq(t, schedule, x) * grad
 
 
 def combined_loss(*loss_fns: LossFn, weights: Sequence[float] | None = None) -> LossFn:
@@ -145,8 +147,9 @@ class MultiConditionTAG(TemporalAlignment):
             ``"unconditional"`` (the predictor is called with ``c=None``).
         losses: per-sample losses ``x0_hat -> (B,)`` of the conditions *not* given to the predictor, reflected in
             order (``"single"``: ℓ_1, …, ℓ_{k−1}; ``"unconditional"``: ℓ_1, …, ℓ_k). Must be empty for ``"joint"``.
-        eta, eta_tilde: η_0 for the first reparameterisation and η̃_0 for the following ones (default η_0).
-        eta_schedule: as in :func:`reparameterize`; shared by η and η̃.
+        reparam_scale, reparam_scale_tilde: η_0 for the first reparameterisation and η̃_0 for the following ones
+            (default η_0).
+        reparam_schedule: as in :func:`reparameterize`; shared by η and η̃.
         omega_schedule: ``"one_minus_alpha_bar"`` (ω_t = ω_0 (1 − ᾱ_t), default), ``"constant"`` or a callable.
         window: optional inclusive ``(t_min, t_max)`` range of training timesteps where the term acts.
         through_model: take the losses on x0_hat through the ε-model (default, Eq. 40); False puts them on x_t.
@@ -159,9 +162,9 @@ class MultiConditionTAG(TemporalAlignment):
     """
 
     def __init__(self, time_predictor: Callable[..., Tensor], omega: float = 1.0, variant: str = "single",
-                 condition: Tensor | int | None = None, losses: Sequence[LossFn] = (), eta: float = 1.0,
-                 eta_tilde: float | None = None,
-                 eta_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
+                 condition: Tensor | int | None = None, losses: Sequence[LossFn] = (), reparam_scale: float = 1.0,
+                 reparam_scale_tilde: float | None = None,
+                 reparam_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
                  omega_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
                  window: tuple[int, int] | None = None, through_model: bool = True, placement: str = "pre",
                  on_nonfinite: str = "raise"):
@@ -179,14 +182,14 @@ class MultiConditionTAG(TemporalAlignment):
         if variant != "unconditional" and condition is None:
             raise ValueError(f"variant {variant!r} needs a condition for the predictor (-1 = null embedding)")
         _check_condition(condition, time_predictor)
-        _eta_sq(eta, eta_schedule)
-        _eta_sq(eta if eta_tilde is None else eta_tilde, eta_schedule)
+        _reparam_sq(reparam_scale, reparam_schedule)
+        _reparam_sq(reparam_scale if reparam_scale_tilde is None else reparam_scale_tilde, reparam_schedule)
         super().__init__(time_predictor, omega, omega_schedule, placement, window, condition, on_nonfinite)
         self.variant = variant
         self.losses = losses
-        self.eta = float(eta)
-        self.eta_tilde = self.eta if eta_tilde is None else float(eta_tilde)
-        self.eta_schedule = eta_schedule
+        self.reparam_scale = float(reparam_scale)
+        self.reparam_scale_tilde = self.reparam_scale if reparam_scale_tilde is None else float(reparam_scale_tilde)
+        self.reparam_schedule = reparam_schedule
         self.through_model = through_model
 
     def check(self, x: Tensor, schedule: VPSchedule) -> None:
@@ -198,8 +201,8 @@ class MultiConditionTAG(TemporalAlignment):
     def reparameterized(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         """The point x′ (``"joint"``: x itself) at which the time predictor is evaluated; detached."""
         for j, loss_fn in enumerate(self.losses):
-            x = reparameterize(x, t, loss_fn, self.eta if j == 0 else self.eta_tilde, ctx.schedule,
-                               self.eta_schedule, ctx if self.through_model else None)
+            x = reparameterize(x, t, loss_fn, self.reparam_scale if j == 0 else self.reparam_scale_tilde, ctx.schedule,
+                               self.reparam_schedule, ctx if self.through_model else None)
         return x
 
     def evaluation_point(self, x: Tensor, t: Tensor, ctx: StepContext | None) -> Tensor:

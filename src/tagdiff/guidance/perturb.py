@@ -1,7 +1,7 @@
 """External perturbations of the reverse process: a drift v(x, t) and per-step Gaussian corruption.
 
-These are the off-manifold stressors of the paper: the toy experiment's external drift (TAG.md §9.1,
-App. E.1) and the corrupted reverse process (TAG.md §4.2, Alg. 2, App. E.2).
+These are the off-manifold stressors of the paper: the toy experiment's external drift (docs/notation.md §6.1,
+App. E.1) and the corrupted reverse process (docs/notation.md §3.5, Alg. 2, App. E.2).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def _check_placement(placement: str) -> str:
 class Drift(Corrector):
     """Add an external drift to the state at every step: ``x <- x + scale_t * v(x, t)``.
 
-    The toy experiment (TAG.md §9.1) adds ``v(x, t) = -0.01 x`` "at every step". We read this as a
+    The toy experiment (docs/notation.md §6.1) adds ``v(x, t) = -0.01 x`` "at every step". We read this as a
     displacement of the state per reverse step (not as a term added to the score, which the DDPM step
     would multiply by β_t and make ~100x weaker); with this reading the exact-score W1 under drift is of
     the paper's size (see docs/RESULTS.md).
@@ -53,7 +53,7 @@ class Drift(Corrector):
 
 
 class LinearDrift(Drift):
-    """``v(x, t) = coef * x``; the toy experiment uses ``coef = -0.01`` (TAG.md §9.1)."""
+    """``v(x, t) = coef * x``; the toy experiment uses ``coef = -0.01`` (docs/notation.md §6.1)."""
 
     def __init__(self, coef: float = -0.01, placement: str = "pre"):
         self.coef = float(coef)
@@ -63,7 +63,7 @@ class LinearDrift(Drift):
 class Corruption(Corrector):
     """Corrupt the state with fresh Gaussian noise at every step: ``x_t <- x_t + std * z``, ``z ~ N(0, I)``.
 
-    This is line 3 of TAG.md Alg. 2 (the corrupted reverse process, App. E.2), applied before each reverse
+    This is line 3 of the paper's Alg. 2 (the corrupted reverse process, App. E.2), applied before each reverse
     step (``placement="pre"``). ``std`` is the paper's corruption σ (0.05 ... 0.3), unrelated to the step's
     noise std and to sigma-space σ. Noise comes from ``ctx.randn_like``, so per-sample seeds keep samples
     independent of the batch.

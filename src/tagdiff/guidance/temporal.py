@@ -1,4 +1,4 @@
-r"""Temporal Alignment Guidance (TAG): the Time-Linked Score as a corrector (TAG.md §3-4).
+r"""Temporal Alignment Guidance (TAG): the Time-Linked Score as a corrector (docs/notation.md §3).
 
 ``TLS(x, t) = ∇_x log p_φ(t | x)`` (Def. 3.1, Eq. 6). TAG moves the state along it with strength ω_t:
 ``x <- x + ω_t · TLS(x, t)`` (Alg. 1, line 3), with ``ω_t = ω_0 (1 - ᾱ_t)`` by default (§3.2).
@@ -7,7 +7,7 @@ Placement:
 
 * ``"pre"`` (Alg. 1): correct x_t at the step's own timestep t, before the reverse step.
 * ``"post"`` (Alg. 2 / App. E.2): correct x_{t_prev} after the step, targeting t_prev (the training timestep
-  the step moved to, not the step index; TAG.md §2.3 [INFERRED]). Skipped after the final step (t_prev = -1).
+  the step moved to, not the step index; docs/notation.md §1.3 [INFERRED]). Skipped after the final step (t_prev = -1).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def log_prob_from_logits(logits: Tensor, t: Tensor, dtype: torch.dtype) -> Tenso
 
 
 def tls(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None = None) -> Tensor:
-    """Time-Linked Score ``∇_x log p_φ(t | x[, c])`` per sample (TAG.md Eq. 6), shape of ``x``.
+    """Time-Linked Score ``∇_x log p_φ(t | x[, c])`` per sample (the paper's Eq. 6), shape of ``x``.
 
     ``time_predictor`` follows :class:`~tagdiff.time_predictor.TimePredictor` (``log_prob(x, t, c) -> (B,)``).
     Equals ``-∇_x CE(f_φ(x), t)``. Per sample: log-probs are summed before the gradient, which leaves each
@@ -93,7 +93,7 @@ def check_time_predictor(time_predictor: Any, x: Tensor, schedule: VPSchedule) -
 
 
 class TemporalAlignment(Corrector):
-    """The TAG corrector ``x <- x + ω_t · TLS(x, t)`` (TAG.md Alg. 1 / Alg. 2).
+    """The TAG corrector ``x <- x + ω_t · TLS(x, t)`` (the paper's Alg. 1 / Alg. 2).
 
     Works with every sampler (tagdiff's and diffusers' schedulers) and on top of any guidance term. ``omega = 0``
     (or a step outside ``window``) returns the state object unchanged, so the corrected sampler reproduces the
@@ -102,7 +102,7 @@ class TemporalAlignment(Corrector):
     Args:
         time_predictor: a :class:`~tagdiff.time_predictor.TimePredictor` (learned, or exact, e.g.
             ``GaussianMixture.time_posterior(schedule)``). Put networks in ``eval()`` mode.
-        omega: ω_0, the TAG strength (TAG.md: ~0.15 for label guidance, ~1 under mild corruption, up to 10²
+        omega: ω_0, the TAG strength (the paper: ~0.15 for label guidance, ~1 under mild corruption, up to 10²
             under heavy corruption).
         omega_schedule: ``"one_minus_alpha_bar"`` (ω_t = ω_0 (1 - ᾱ_t), the paper's default), ``"constant"``
             or a callable ``(t, schedule) -> (B,)`` weights.

@@ -2,7 +2,7 @@ r"""TFG (Ye et al., NeurIPS 2024, "TFG: Unified Training-Free Guidance") and the
 
 Both are step terms (:class:`~tagdiff.terms.StepTerm`): they displace x_prev after the sampler's own step, by an
 amount computed at x_t through the model, as the TFG code (``YWolfeee/Training-Free-Guidance``, ``methods/tfg.py``
-and ``methods/dps.py``) does; TFG also owns its recurrence. TAG.md §6.2-6.4.
+and ``methods/dps.py``) does; TFG also owns its recurrence. docs/notation.md §4.2–4.4.
 
 DPS therefore appears three times in tagdiff:
 
@@ -103,7 +103,7 @@ def _require_grad(x: Tensor, name: str) -> None:
 
 
 class TFGGuidance(StepTerm):
-    r"""Training-Free Guidance (Ye et al. 2024, Alg. 1; TAG.md §6.3), as a ``shift`` of x_prev.
+    r"""Training-Free Guidance (Ye et al. 2024, Alg. 1; docs/notation.md §4.3), as a ``shift`` of x_prev.
 
     With log p(c | x̂_0) = -loss(A(x̂_0)) and one smoothing draw mc_eps ~ N(0, γ_t² I) per step::
 
@@ -134,7 +134,7 @@ class TFGGuidance(StepTerm):
     clamps its step (``ctx.clip_x0``), so the pair always matches one of the two conventions:
 
     * ``sample_ddim(..., eta=1.0, clip_x0=1.0, terms=[TFGGuidance(...)])`` is the benchmark's TFG for images
-      (``tests/test_tfg.py`` checks 1-, 3- and 50-step loops against a transcription);
+      (``tests/guidance/test_tfg.py`` checks 1-, 3- and 50-step loops against a transcription);
     * ``sample_ddim(..., terms=[TFGGuidance(...)])`` (no clipping anywhere) is TFG on unbounded data (latents,
       toy data), where a clamp at 1 would be wrong.
 
@@ -257,7 +257,7 @@ def dps_as_tfg(loss_fn: LossFn, rho: float, rho_schedule: str = "increase",
 
 
 class DPSNormalized(StepTerm):
-    r"""DPS as in the TFG benchmark (``methods/dps.py``; TAG.md §6.2), as a ``shift`` of x_prev::
+    r"""DPS as in the TFG benchmark (``methods/dps.py``; docs/notation.md §4.2), as a ``shift`` of x_prev::
 
         x_prev = step(x_t, ε̂) + s ∇_{x_t} log p(c | x̂_0(x_t)) / |log p(c | x̂_0(x_t))|
 

@@ -3,7 +3,7 @@ the pipelines without callbacks (``DDPMPipeline``, ``DDIMPipeline``), and where 
 
 **Pipelines with ``callback_on_step_end``** (``StableDiffusionPipeline`` and most others). The callback runs after
 ``latents = scheduler.step(...)``, so the ``latents`` it sees are x_{t_prev} and a correction there is TAG's Alg. 2
-placement (TAG.md App. E.2) with target the timestep the step moved to::
+placement (the paper's App. E.2) with target the timestep the step moved to::
 
     pipe(prompt, callback_on_step_end=TAGCallback(time_predictor, omega=0.5))
 
@@ -96,7 +96,7 @@ class TAGCallback(_CallbackBase):
     Args:
         time_predictor: a :class:`~tagdiff.time_predictor.TimePredictor` over the pipeline's latents (VP space, the
             pipeline scheduler's T training timesteps), in ``eval()`` mode, on the pipeline's device.
-        omega: ω_0; the correction is ω_t · TLS with ω_t = ω_0 (1 - ᾱ_t) by default (TAG.md §3.2).
+        omega: ω_0; the correction is ω_t · TLS with ω_t = ω_0 (1 - ᾱ_t) by default (docs/notation.md §3.3).
         omega_schedule, window, condition, on_nonfinite: as in :class:`tagdiff.TemporalAlignment`.
         schedule: the VP schedule the predictor was trained on; ``None`` reads it from the pipeline's scheduler
             (:meth:`VPSchedule.from_diffusers`) at the first call.

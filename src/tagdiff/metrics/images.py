@@ -1,6 +1,7 @@
 r"""Image-set metrics in a small classifier's feature space: FID, KID and the predicted-class histogram.
 
-The TFG benchmark (TAG.md §6.4, §9.3) scores label guidance by FID against images of the target class and by the
+The TFG benchmark (docs/notation.md §4.4, §7.2) scores label guidance by FID against images of the target class and
+by the
 accuracy of an independent classifier. On 8×8 / 28×28 one-channel data there is no pretrained Inception, so the
 features come from our own :class:`tagdiff.classifiers.EvalClassifier` (its penultimate ``features``), never
 from a guidance network. The statistics are torchmetrics' ``FrechetInceptionDistance`` and
@@ -27,7 +28,8 @@ Small-sample bias: FID is the Fréchet distance between Gaussians fitted to the 
 estimate is biased **upwards** by roughly ``O(d / n)`` (finite-sample covariance noise), so FID of two independent
 samples of the *same* distribution is > 0 and shrinks as n grows; with ``n < d`` the covariances are singular.
 Compare FIDs only at equal sample counts (and equal feature network); the benchmark's large absolute FIDs come
-from its small sample counts (TAG.md §9.3). KID is unbiased (it can be slightly negative) and is preferable for
+from its small sample counts (docs/notation.md §7.2). KID is unbiased (it can be slightly negative) and is preferable
+for
 small n.
 """
 
@@ -40,16 +42,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._utils import require
+
 __all__ = ["FIDReference", "FeatureExtractor", "class_histogram", "fid", "kid"]
 
 
 def _torchmetrics_image() -> Any:
-    try:
-        from torchmetrics.image import fid as tm_fid
-        from torchmetrics.image import kid as tm_kid
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("tagdiff.image_metrics needs torchmetrics: pip install torchmetrics") from e
-    return tm_fid, tm_kid
+    return (require("torchmetrics.image.fid", "metrics", "FID/KID"),
+            require("torchmetrics.image.kid", "metrics", "FID/KID"))
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -199,7 +199,8 @@ def fid(real: Tensor | FIDReference, fake: Tensor, feature_model: nn.Module | No
 
     Args:
         real, fake: ``(N, C, H, W)`` images in ``[-1, 1]`` (clamped; uint8 is rescaled), ``N >= 2`` each; N may
-            differ. For label guidance, ``real`` are held-out images of the target class (TAG.md §9.3). ``real``
+            differ. For label guidance, ``real`` are held-out images of the target class (docs/notation.md §7.2).
+            ``real``
             may be a :class:`FIDReference` (its features computed once; then ``feature_model`` is not needed).
         feature_model: an :class:`~tagdiff.classifiers.EvalClassifier` (its ``features`` are used), any module
             returning ``(N, d)``, or a :class:`FeatureExtractor`.
@@ -225,7 +226,8 @@ def kid(real: Tensor, fake: Tensor, feature_model: nn.Module, *, subset_size: in
 
     The unbiased MMD² with the cubic polynomial kernel ``k(a, b) = (a·b / d + 1)³``, averaged over ``subsets``
     random subsets of ``subset_size`` images from each set (std: over subsets, population form), float64.
-    ``subset_size`` is capped at ``min(len(real), len(fake))``, as the TFG code does (``min(n, 50)``, TAG.md §6.4).
+    ``subset_size`` is capped at ``min(len(real), len(fake))``, as the TFG code does (``min(n, 50)``,
+    docs/notation.md §4.4).
     The mean is ≈ 0 (and may be slightly negative) for identical distributions. ``seed`` fixes the subsets.
 
     Args: as :func:`fid`.

@@ -1,4 +1,4 @@
-"""The Time-Gap diagnostic (TAG.md Def. F.1) and the held-out evaluation of a time predictor."""
+"""The Time-Gap diagnostic (the paper's Def. F.1) and the held-out evaluation of a time predictor."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def time_gap(time_predictor: Any, x: Tensor, t: Tensor, c: Tensor | None = None)
 
 
 class TimeGapRecorder:
-    """Sampling callback recording the per-step Time Gap ``|argmax p_φ(· | x_t) - t|`` (TAG.md Def. F.1, Eq. 128).
+    """Sampling callback recording the per-step Time Gap ``|argmax p_φ(· | x_t) - t|`` (the paper's Def. F.1, Eq. 128).
 
     Measured on the state x_t entering each step (after the previous step's ``post`` correctors, before this
     step's ``pre`` correctors), i.e. on the sampler's trajectory. Pass it as ``callback=`` to any sampler.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from .._utils import require
+
 __all__ = ["wasserstein1"]
 
 
@@ -15,7 +17,7 @@ def wasserstein1(a: Tensor | np.ndarray, b: Tensor | np.ndarray, max_iter: int =
     Raises:
         ValueError: if the point sets have different dimensions or contain NaN/Inf.
     """
-    import ot
+    ot = require("ot", "metrics", "wasserstein1 (the POT package)")
 
     a = np.asarray(a.detach().cpu() if isinstance(a, Tensor) else a, dtype=np.float64)
     b = np.asarray(b.detach().cpu() if isinstance(b, Tensor) else b, dtype=np.float64)

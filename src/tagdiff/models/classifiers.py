@@ -1,4 +1,4 @@
-r"""Label classifiers for guidance and evaluation on small images (TAG.md §6.4, §6.5, §9.3).
+r"""Label classifiers for guidance and evaluation on small images (docs/notation.md §4.4, §4.1, §7.2).
 
 Three roles, three networks, all on images ``(B, C, H, W)`` in ``[-1, 1]`` (tagdiff's convention):
 
@@ -7,7 +7,7 @@ Three roles, three networks, all on images ``(B, C, H, W)`` in ``[-1, 1]`` (tagd
 * :class:`CleanClassifier`: p(y | x) on clean images, for **DPS / TFG label guidance** through Tweedie's x0_hat,
   with loss ℓ = -log p(y | x0_hat) (:class:`tagdiff.guidance.DPSGuidance`). ``forward(x) -> (B, K)``.
 * :class:`EvalClassifier`: an **independent evaluation** classifier (the TFG benchmark scores accuracy with a
-  separate classifier, TAG.md §9.3) that is never used for guidance. It has a different architecture from
+  separate classifier, docs/notation.md §7.2) that is never used for guidance. It has a different architecture from
   :class:`CleanClassifier` (residual blocks, GroupNorm, GELU, max-pooling, dropout); train it with another seed and,
   ideally, on another data split. Its penultimate ``features(x) -> (B, feature_dim)`` are the feature space of
   :mod:`tagdiff.image_metrics` (FID/KID).
@@ -109,7 +109,7 @@ class _FiLMResBlock(nn.Module):
 
 @register_model
 class NoisyClassifier(_ImageClassifier):
-    """Noise-aware classifier p(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021; TAG.md §6.5).
+    """Noise-aware classifier p(y | x_t, t) for classifier guidance (Dhariwal & Nichol 2021; docs/notation.md §4.1).
 
     Layout: per width ``w``: a residual block (two 3×3 convs, GroupNorm, SiLU) whose first activation is
     modulated by FiLM from a sinusoidal timestep embedding (:func:`tagdiff.nets.timestep_embedding` → Linear → SiLU
@@ -210,7 +210,7 @@ def noisy_classifier_loss(model: nn.Module, x0: Tensor, t: Tensor, noise: Tensor
 
 @register_model
 class CleanClassifier(_ImageClassifier):
-    """Classifier p(y | x) on clean images, for DPS/TFG label guidance through x0_hat (TAG.md §6.2, §6.4).
+    """Classifier p(y | x) on clean images, for DPS/TFG label guidance through x0_hat (docs/notation.md §4.2, §4.4).
 
     Layout: per width ``w``: [3×3 conv, SiLU, 3×3 conv, SiLU, 2×2 average pool (``ceil_mode``)]; flatten;
     Linear → SiLU → Linear → K logits. Smooth activations (SiLU) and average pooling keep ∇_x log p(y | x)
@@ -286,7 +286,7 @@ class _ResBlock(nn.Module):
 
 @register_model
 class EvalClassifier(_ImageClassifier):
-    """Independent evaluation classifier (TAG.md §9.3: accuracy and FID come from a classifier never used for
+    """Independent evaluation classifier (docs/notation.md §7.2: accuracy and FID come from a classifier never used for
     guidance). Do not guide with it.
 
     Layout: 3×3 stem conv; per width ``w``: a pre-activation residual block (GroupNorm, GELU) and 2×2 max pooling
@@ -343,7 +343,7 @@ def accuracy(model: nn.Module, x: Tensor, labels: Tensor | int, *, t: Tensor | i
 
     Runs ``model(x)`` (``t=None``) or ``model(x, t)`` (noise-aware classifiers: pass the noisy ``x_t`` and its
     timestep(s), a scalar or ``(N,)``) in eval mode and restores the model's train/eval mode afterwards.
-    Evaluate on held-out data; for generated samples, this is the benchmark's "accuracy" (TAG.md §9.3).
+    Evaluate on held-out data; for generated samples, this is the benchmark's "accuracy" (docs/notation.md §7.2).
 
     Raises:
         ValueError: empty ``x``, or ``labels``/``t`` whose length is not ``N``.

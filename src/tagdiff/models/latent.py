@@ -15,7 +15,7 @@ Conventions (Stable Diffusion's):
 
 Every diffusion-side object (ε-model, time predictor, TAG, the sampler) then works on latents unchanged; losses
 defined on images (DPS label loss with a clean classifier, TFG) reach latents through the decoder,
-:meth:`LatentSpace.image_loss` (DPS through a VAE, as the SD experiments of TAG.md do).
+:meth:`LatentSpace.image_loss` (DPS through a VAE, as the paper's Stable Diffusion experiments do).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class MLPEpsModel(nn.Module):
     """ε-prediction MLP for vectors: ``model(x, t) -> eps_hat``, x of shape ``(B, dim)``, t ``(B,)`` int64.
 
     The input is ``[x, emb(t)]`` with a sinusoidal timestep embedding; ``num_layers`` linear layers
-    (the paper's toy score net is a 3-layer MLP, TAG.md §9.1).
+    (the paper's toy score net is a 3-layer MLP, docs/notation.md §6.1).
 
     Raises:
         ValueError: if x is not shaped ``(B, dim)``.

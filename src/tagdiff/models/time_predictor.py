@@ -1,4 +1,4 @@
-r"""Time predictors p_φ(t | x_t): classifiers over the T training timesteps (TAG.md §5).
+r"""Time predictors p_φ(t | x_t): classifiers over the T training timesteps (docs/notation.md §2).
 
 Every time predictor (learned network or exact posterior) follows one contract, :class:`TimePredictor`:
 
@@ -81,7 +81,7 @@ class _CondEmbedding(nn.Module):
 class MLPTimePredictor(TimePredictor):
     """MLP time predictor for vectors ``(B, dim)`` -> logits ``(B, T)``.
 
-    ``num_layers`` linear layers with SiLU (the paper's toy predictor is a 5-layer MLP, TAG.md §5.2). With
+    ``num_layers`` linear layers with SiLU (the paper's toy predictor is a 5-layer MLP, docs/notation.md §2.2). With
     ``num_classes`` set, a learned condition embedding is concatenated to the input (p_φ(t | x, c)).
     """
 
@@ -104,13 +104,14 @@ class MLPTimePredictor(TimePredictor):
 
 @register_model
 class SimpleCNNTimePredictor(TimePredictor):
-    """The paper's SimpleCNN (TAG.md §5.2): 4 × [3×3 conv ("same" padding), ReLU, 2×2 avg-pool] with
+    """The paper's SimpleCNN (docs/notation.md §2.2): 4 × [3×3 conv ("same" padding), ReLU, 2×2 avg-pool] with
     32/64/128/256 channels, flatten, optional concatenated condition embedding, Linear -> T logits.
 
     Pooling uses ``ceil_mode=True`` so that small images (8×8 digits: 8→4→2→1→1) keep a non-empty map; for
     32×32 inputs this is identical to the paper's layout.
 
-    Parameter count at the paper's size (32×32×3, T = 1000; the paper reports 1.48 M, TAG.md §5.2, which is 8.5% of
+    Parameter count at the paper's size (32×32×3, T = 1000; the paper reports 1.48 M, docs/notation.md §2.2, which is
+    8.5% of
     the 17.38 M UNet-encoder classifier it is compared with in Table 18): convs 896 + 18 496 + 73 856 + 295 168 =
     388 416; flatten gives 2·2·256 = 1024 features; ``num_classes=10, cond_dim=64`` adds an 11 × 64 = 704 embedding
     (10 classes + the null row) and 64 head inputs, so the head is (1024 + 64)·1000 + 1000 = 1 089 000. Total
@@ -160,7 +161,7 @@ class UNetEncoderTimePredictor(TimePredictor):
     """A time predictor on the encoder half of a diffusers ``UNet2DModel``, with a linear head to T logits.
 
     The paper compares its SimpleCNN with the Dhariwal & Nichol UNet-encoder classifier (17.38 M parameters,
-    TAG.md §5.2, Table 18); this is that family at tagdiff's CPU size. Layout, as ``UNet2DModel``'s first half
+    docs/notation.md §2.2, Table 18); this is that family at tagdiff's CPU size. Layout, as ``UNet2DModel``'s first half
     (:func:`tagdiff.interop.make_unet` with the same ``widths``): ``conv_in`` (3×3 → ``widths[0]``), one diffusers
     ``DownBlock2D`` per width (``AttnDownBlock2D`` for the last with ``attention``; each but the last halves the
     resolution), ``UNetMidBlock2D``; then GroupNorm, SiLU, global average pooling, optional concatenated condition

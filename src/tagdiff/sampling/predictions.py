@@ -1,7 +1,7 @@
 r"""Model parameterisations: ε-, v- and x0-prediction, converted with diffusers' formulas.
 
 A model's ``prediction_type`` attribute (diffusers' names) says what it outputs; a model without one predicts ε.
-With ``a = sqrt(ᾱ_t)`` and ``s = sqrt(1 - ᾱ_t)`` (VP space, TAG.md §2; diffusers ``DDPMScheduler.step``)::
+With ``a = sqrt(ᾱ_t)`` and ``s = sqrt(1 - ᾱ_t)`` (VP space, docs/notation.md §1; diffusers ``DDPMScheduler.step``)::
 
     "epsilon":       eps = out                      x0 = (x - s eps) / a
     "v_prediction":  x0  = a x - s out              eps = s x + a out          (Salimans & Ho 2022)

@@ -1,11 +1,11 @@
 r"""Variance-preserving (VP) noise schedules in discrete time.
 
-Convention (TAG.md §2, STYLE.md §0): the forward process is
+Convention (docs/notation.md §1, STYLE.md §0): the forward process is
 ``x_t = sqrt(alpha_bar[t]) * x_0 + sqrt(1 - alpha_bar[t]) * eps`` with an **integer training timestep**
 ``t in {0, ..., T-1}``. ``t = -1`` denotes clean data (``alpha_bar = 1``): it is the "previous timestep"
 of the last reverse step. All tables are float64; values are cast to the dtype of ``x`` on use.
 
-Conversions (Ho et al. 2020; Tweedie, TAG.md Eq. 4/26; score from ε, TAG.md Eq. 25)::
+Conversions (Ho et al. 2020; Tweedie, the paper's Eq. 4/26; score from ε, the paper's Eq. 25)::
 
     x0_hat = (x_t - sqrt(1 - alpha_bar) * eps_hat) / sqrt(alpha_bar)
     eps_hat = (x_t - sqrt(alpha_bar) * x0_hat) / sqrt(1 - alpha_bar)
@@ -316,7 +316,7 @@ class VPSchedule:
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
 
     def x0_from_eps(self, x: Tensor, t: Tensor, eps_hat: Tensor) -> Tensor:
-        """Tweedie estimate ``x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar)`` (TAG.md Eq. 4)."""
+        """Tweedie estimate ``x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar)`` (the paper's Eq. 4)."""
         ab = self.alpha_bar_at(t, x)
         return (x - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
 
@@ -326,7 +326,7 @@ class VPSchedule:
         return (x - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
 
     def score_from_eps(self, x: Tensor, t: Tensor, eps_hat: Tensor) -> Tensor:
-        """``score = ∇_x log p_t(x) = -eps_hat / sqrt(1 - alpha_bar)`` (TAG.md Eq. 25)."""
+        """``score = ∇_x log p_t(x) = -eps_hat / sqrt(1 - alpha_bar)`` (the paper's Eq. 25)."""
         return -eps_hat / (1 - self.alpha_bar_at(t, x)).sqrt()
 
     def eps_from_score(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:

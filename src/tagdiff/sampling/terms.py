@@ -13,7 +13,7 @@ timestep ``t`` to ``t_prev`` (the predictor/corrector split of Song et al. 2021,
 
 * :class:`ScoreTerm` changes ε̂ (classifier guidance, DPS, Epsilon Scaling, CFG): ``delta_score`` returns a
   correction Δs to ∇_x log p_t(x). Folding Δs into ε̂ through ``sqrt(1 - alpha_bar)`` is guided-diffusion's
-  ``condition_score`` (TAG.md §6.5): ``score = -eps / sqrt(1 - alpha_bar)``.
+  ``condition_score`` (docs/notation.md §4.1): ``score = -eps / sqrt(1 - alpha_bar)``.
 * :class:`Corrector` changes the state x at a fixed timestep (TAG, Langevin, TCS, corruption, drift):
   ``correct(x, t, ctx)``, applied before the step at ``t`` (``placement="pre"``) or after it at ``t_prev``
   (``"post"``; ``t_prev = -1`` after the last step).
@@ -117,7 +117,7 @@ class Strength:
     Args:
         scale: base strength (ω_0 for TAG, the guidance scale otherwise).
         schedule: ``"constant"`` (w = 1), ``"one_minus_alpha_bar"`` (w = 1 - ᾱ_t; TAG's default,
-            TAG.md §3.2), ``"sqrt_one_minus_alpha_bar"`` (w = sqrt(1 - ᾱ_t)), or a callable
+            docs/notation.md §3.3), ``"sqrt_one_minus_alpha_bar"`` (w = sqrt(1 - ᾱ_t)), or a callable
             ``(t, vp_schedule) -> Tensor (B,)`` returning w(t).
         window: optional inclusive ``(t_min, t_max)`` range of training timesteps where the term acts.
 

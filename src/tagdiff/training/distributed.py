@@ -52,7 +52,8 @@ def make_accelerator(device_type: str, mixed_precision: str = "no") -> Any:
     try:
         from accelerate import Accelerator
     except ImportError:
-        raise RuntimeError("data-parallel training needs Hugging Face accelerate: pip install accelerate") from None
+        raise RuntimeError("data-parallel training needs Hugging Face accelerate: "
+                           "pip install 'tagdiff[train]'") from None
     return Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision)
 
 

@@ -4,7 +4,7 @@ schedules, streaming data and exact resume.
 Both losses draw ``t ~ U{0..T-1}`` and ``x_t ~ q(x_t | x_0)``:
 
 * :func:`eps_loss`: ``||ε_θ(x_t, t) - ε||²`` (Ho et al. 2020, "simple" loss);
-* :func:`time_loss`: ``CE(f_φ(x_t), t)`` (TAG.md Eq. 8: the time predictor is a classifier over timesteps).
+* :func:`time_loss`: ``CE(f_φ(x_t), t)`` (the paper's Eq. 8: the time predictor is a classifier over timesteps).
 
 Batch ``i`` depends only on ``(seed, i)``, so a run interrupted and resumed from its last checkpoint follows
 the same trajectory as an uninterrupted one. The training state (weights, EMA, Adam moments, step) is one
@@ -65,7 +65,7 @@ def eps_loss(model: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, schedule: V
 
 def time_loss(predictor: nn.Module, x0: Tensor, t: Tensor, noise: Tensor, schedule: VPSchedule,
               c: Tensor | None = None) -> Tensor:
-    """Cross-entropy of the time predictor's logits against the true timestep (TAG.md Eq. 8)."""
+    """Cross-entropy of the time predictor's logits against the true timestep (the paper's Eq. 8)."""
     xt = schedule.q_sample(x0, t, noise)
     return F.cross_entropy(predictor(xt, c).float(), t)
 

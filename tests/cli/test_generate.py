@@ -17,7 +17,7 @@ from tagdiff.models.unet import UNetEpsModel
 
 pytest.importorskip("diffusers")
 
-TOY = Path(__file__).resolve().parents[1] / "src" / "tagdiff" / "assets" / "toy"
+TOY = Path(__file__).resolve().parents[2] / "src" / "tagdiff" / "assets" / "toy"
 TRAIN = ["--dataset", "digits", "--steps", "2", "--batch-size", "8", "--quiet"]
 
 

@@ -359,7 +359,7 @@ def test_tag_reduces_the_time_gap_along_a_drifted_trajectory():
 
 
 def test_exact_tag_reduces_w1_on_the_drifted_toy():
-    """TAG.md §9.1: toy mixture, 100-step DDPM, drift -0.01 x per step; exact TAG (ω = 1) reduces W1."""
+    """docs/notation.md §6.1: toy mixture, 100-step DDPM, drift -0.01 x per step; exact TAG (ω = 1) reduces W1."""
     gmm = toy_mixture()
     model, tp = gmm.eps_model(SCH), gmm.time_posterior(SCH)
     n = 1000

@@ -1,7 +1,8 @@
 """Exact Gaussian mixtures (tagdiff.data.gmm): every quantity checked against an independent ground truth.
 
 Ground truths used here: ``torch.distributions`` densities, autograd of the exact log-density, Tweedie's formula,
-central finite differences, the closed form of TAG.md Thm 3.3 (§8.2), and Monte-Carlo moments of the forward process.
+central finite differences, the closed form of the paper's Thm 3.3 (§8.2), and Monte-Carlo moments of the forward
+process.
 """
 
 from __future__ import annotations
@@ -246,7 +247,7 @@ def test_tls_matches_central_finite_differences(name, t):
 @pytest.mark.parametrize("name", MIXTURES)
 @pytest.mark.parametrize("t", [0, 5, 20, 49])
 def test_tls_matches_thm_3_3_closed_form(name, t):
-    """TAG.md §8.2: ∇ log p(t_i | x) = ∇ log p_{t_i}(x) - Σ_k p(t_k | x) ∇ log p_{t_k}(x)."""
+    """docs/notation.md §6.3: ∇ log p(t_i | x) = ∇ log p_{t_i}(x) - Σ_k p(t_k | x) ∇ log p_{t_k}(x)."""
     gmm = MIXTURES[name]
     tp = gmm.time_posterior(SMALL)
     x = _points(gmm, n=8, scale=1.5)

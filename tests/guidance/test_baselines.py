@@ -283,7 +283,7 @@ DATA_VAR = float((MIX_TS.weights * MIX_TS.means.var(dim=1)).sum()) + 0.3**2
 def test_time_shift_on_manifold_stays_near_t_and_inflated_goes_up(t):
     n = 256
     x = _q_t(MIX_TS, n, t, seed=t)
-    shift = TimeShift(window=20, cutoff=1000, data_var=DATA_VAR)
+    shift = TimeShift(width=20, cutoff=1000, data_var=DATA_VAR)
     tt, tp = torch.full((n,), t), torch.full((n,), t - 10)
     s = shift.retime(x, tt, tp, SCH)
     assert s.dtype == torch.int64 and s.shape == (n,)
@@ -292,20 +292,20 @@ def test_time_shift_on_manifold_stays_near_t_and_inflated_goes_up(t):
     assert abs(float(off.mean())) <= 4 * float(off.std()) / math.sqrt(n) + 0.5   # unbiased around t
     s_up = shift.retime(1.05 * x, tt, tp, SCH)  # variance ×1.1: the window's noisiest end
     assert (s_up >= s).all() and float((s_up - t).to(F64).mean()) > 8
-    # TAG.md's literal rule (data_var = 0) ignores the data's own variance and shifts on-manifold samples up
+    # the paper's literal rule (data_var = 0) ignores the data's own variance and shifts on-manifold samples up
     assert float((TimeShift(20, 1000).retime(x, tt, tp, SCH) - t).to(F64).mean()) > 8
 
 
 def test_time_shift_respects_bounds_and_cutoff():
     n = 32
     x = _q_t(MIX_TS, n, 990, seed=16)
-    shift = TimeShift(window=20, cutoff=1000, data_var=DATA_VAR)
+    shift = TimeShift(width=20, cutoff=1000, data_var=DATA_VAR)
     tt, tp = torch.full((n,), 995), torch.full((n,), 992)
     assert (shift.retime(3 * x, tt, tp, SCH) == 999).all()       # wants far more noise: capped at T - 1
     assert (shift.retime(0.3 * x, tt, tp, SCH) == 993).all()     # wants far less: capped just above t_prev
     x = _q_t(MIX_TS, 4, 400, seed=17)
     t = torch.tensor([400, 200, 301, 300])
-    s = TimeShift(window=20, cutoff=300, data_var=DATA_VAR).retime(2 * x, t, t - 20, SCH)
+    s = TimeShift(width=20, cutoff=300, data_var=DATA_VAR).retime(2 * x, t, t - 20, SCH)
     assert s[[0, 2]].tolist() == [400, 301] and (s[[1, 3]] == t[[1, 3]] + 10).all()
 
 
@@ -332,7 +332,7 @@ def test_time_shift_in_sampler():
     (lambda: LangevinCorrector(0.1, norms="mean"), "mean"),
     (lambda: TimeCorrection(MIX_T.time_posterior(SCH), window=(5,)), r"\(5,\)"),
     (lambda: TimeCorrection(MIX_T.time_posterior(SCH), clip_x0=0), "clip_x0.*0"),
-    (lambda: TimeShift(window=0), "window.*0"),
+    (lambda: TimeShift(width=0), "width.*0"),
     (lambda: TimeShift(cutoff=-1), "cutoff.*-1"),
     (lambda: TimeShift(data_var=-0.5), "-0.5"),
 ])

@@ -17,7 +17,7 @@ from tagdiff.models.checkpoints import load_model, read_config
 from tagdiff.models.classifiers import CleanClassifier, EvalClassifier, NoisyClassifier
 from tagdiff.models.load import load_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1] / "checkpoints" / "mnist"
+ROOT = Path(__file__).resolve().parents[2] / "checkpoints" / "mnist"
 CLASSIFIERS = {"clf_noisy": NoisyClassifier, "clf_clean": CleanClassifier, "clf_eval": EvalClassifier}
 
 pytestmark = pytest.mark.skipif(not (ROOT / "unet").is_dir(), reason="checkpoints/mnist is not in this checkout")

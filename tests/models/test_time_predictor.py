@@ -17,7 +17,7 @@ def _n_params(m: torch.nn.Module) -> int:
 
 def _simplecnn_count(in_channels: int, image_size: int, T: int, widths=(32, 64, 128, 256), cond: int = 0,
                      num_classes: int = 0) -> int:
-    """Parameter count of TAG.md §5.2's SimpleCNN: 3x3 convs, 2x2 pools (ceil), flatten, Linear(-> T)."""
+    """Parameter count of docs/notation.md §2.2's SimpleCNN: 3x3 convs, 2x2 pools (ceil), flatten, Linear(-> T)."""
     n, c, s = 0, in_channels, image_size
     for w in widths:
         n += c * w * 9 + w
@@ -65,7 +65,8 @@ def test_simplecnn_outputs_B_by_T_logits(in_channels, size, num_classes):
 
 
 def test_simplecnn_parameter_count_matches_paper():
-    """TAG.md §5.2: 32x32x3, T=1000, flatten (2x2x256 = 1024) -> Linear(1000) gives ≈1.41 M parameters; adding a 64-d
+    """docs/notation.md §2.2: 32x32x3, T=1000, flatten (2x2x256 = 1024) -> Linear(1000) gives ≈1.41 M parameters;
+    adding a 64-d
     class embedding before the linear layer gives ≈1.48 M, the paper's reported count."""
     uncond = _n_params(SimpleCNNTimePredictor(3, 32, 1000))
     convs = (3 * 32 + 32 * 64 + 64 * 128 + 128 * 256) * 9 + (32 + 64 + 128 + 256)

@@ -85,19 +85,22 @@ def test_rescaled_cfg_and_cfg_zero_star_equal_diffusers(model, schedule):
     torch.testing.assert_close(got, guider.forward(eps_c, eps_u).pred, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(eta=1.0, norm_threshold=15.0), dict(eta=0.0, norm_threshold=0.5),
-                                    dict(eta=0.3, norm_threshold=0.0), dict(eta=1.0, norm_threshold=0.5)])
+@pytest.mark.parametrize("kwargs", [dict(parallel_weight=1.0, norm_threshold=15.0),
+                                    dict(parallel_weight=0.0, norm_threshold=0.5),
+                                    dict(parallel_weight=0.3, norm_threshold=0.0),
+                                    dict(parallel_weight=1.0, norm_threshold=0.5)])
 def test_apg_equals_diffusers_guider_on_the_same_inputs(model, schedule, kwargs):
     x, t, y = setup()
     eps_c, eps_u = branches(model, x, t, y)
-    guider = DiffusersAPG(guidance_scale=5.0, eta=kwargs["eta"],
+    guider = DiffusersAPG(guidance_scale=5.0, eta=kwargs["parallel_weight"],
                           adaptive_projected_guidance_rescale=kwargs["norm_threshold"])
     guider.set_state(step=0, num_inference_steps=10, timestep=t[0])
     expected = guider.forward(eps_c, eps_u).pred
     got = guided_eps(model, schedule, [AdaptiveProjectedGuidance(5.0, NULL, **kwargs)])(x, t, y=y)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     cfg = eps_u + 5.0 * (eps_c - eps_u)  # APG with eta = 1 and an inactive threshold is CFG
-    assert torch.allclose(got, cfg, atol=1e-4) == (kwargs["eta"] == 1.0 and kwargs["norm_threshold"] == 15.0)
+    plain = kwargs["parallel_weight"] == 1.0 and kwargs["norm_threshold"] == 15.0
+    assert torch.allclose(got, cfg, atol=1e-4) == plain
 
 
 def test_apg_momentum_and_step_window_equal_diffusers_over_a_run(model, schedule):
@@ -125,7 +128,7 @@ def test_apg_x0_space_is_the_projection_of_x0_predictions(model, schedule):
     eps_c, eps_u = branches(model, x, t, y)
     ab = schedule.alpha_bar_at(t, x)
     x0_c, x0_u = [(x - (1 - ab).sqrt() * e) / ab.sqrt() for e in (eps_c, eps_u)]
-    term = AdaptiveProjectedGuidance(5.0, NULL, eta=0.0, norm_threshold=2.0, space="x0")
+    term = AdaptiveProjectedGuidance(5.0, NULL, parallel_weight=0.0, norm_threshold=2.0, space="x0")
     x0_hat = term.project(x0_c, x0_u)
     got = guided_eps(model, schedule, [term])(x, t, y=y)
     torch.testing.assert_close(got, (x - ab.sqrt() * x0_hat) / (1 - ab).sqrt(), rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""Multi-condition TAG (TAG.md §3.4, Props. B.1/B.2): reparameterisation against closed forms, and the three
+"""Multi-condition TAG (docs/notation.md §3.7, Props. B.1/B.2): reparameterisation against closed forms, and the three
 predictor variants against plain TemporalAlignment."""
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ def test_joint_null_condition_equals_condition_none():
 def test_single_and_unconditional_with_eta_zero_equal_plain_tag():
     x, t = _x(), T_MIXED
     ctx = StepContext(SCH, MODEL, t=t)
-    single = MultiConditionTAG(CTP, 0.9, "single", condition=1, losses=[quad], eta=0.0)
+    single = MultiConditionTAG(CTP, 0.9, "single", condition=1, losses=[quad], reparam_scale=0.0)
     assert torch.equal(single.pre(x, t, ctx), TemporalAlignment(CTP, 0.9, condition=1).pre(x, t, ctx))
-    uncond = MultiConditionTAG(TP, 0.9, "unconditional", losses=[quad, LABEL], eta=0.0)
+    uncond = MultiConditionTAG(TP, 0.9, "unconditional", losses=[quad, LABEL], reparam_scale=0.0)
     assert torch.equal(uncond.pre(x, t, ctx), TemporalAlignment(TP, 0.9).pre(x, t, ctx))
 
 
@@ -159,11 +159,12 @@ def test_tls_is_taken_at_the_reparameterised_point_and_applied_to_x():
     x, t, omega = _x(), T_MIXED, 0.9
     ctx = StepContext(SCH, MODEL, t=t)
     w = (omega * (1 - SCH.alpha_bar[t]))[:, None]
-    single = MultiConditionTAG(CTP, omega, "single", condition=1, losses=[quad], eta=0.8).pre(x, t, ctx)
+    single = MultiConditionTAG(CTP, omega, "single", condition=1, losses=[quad], reparam_scale=0.8).pre(x, t, ctx)
     x1 = reparameterize(x, t, quad, 0.8, SCH, ctx=ctx)
     torch.testing.assert_close(single, x + w * tls(CTP, x1, t, torch.tensor(1)), rtol=1e-12, atol=1e-12)
-    uncond = MultiConditionTAG(TP, omega, "unconditional", losses=[quad, LABEL], eta=0.8, eta_tilde=0.5,
-                               eta_schedule="constant").pre(x, t, ctx)
+    uncond = MultiConditionTAG(TP, omega, "unconditional", losses=[quad, LABEL], reparam_scale=0.8,
+                               reparam_scale_tilde=0.5,
+                               reparam_schedule="constant").pre(x, t, ctx)
     x2 = reparameterize(reparameterize(x, t, quad, 0.8, SCH, "constant", ctx), t, LABEL, 0.5, SCH, "constant", ctx)
     torch.testing.assert_close(uncond, x + w * tls(TP, x2, t), rtol=1e-12, atol=1e-12)
     assert not torch.allclose(uncond, TemporalAlignment(TP, omega).pre(x, t, ctx))  # η > 0 changes the result
@@ -175,8 +176,8 @@ def test_tls_is_taken_at_the_reparameterised_point_and_applied_to_x():
 def test_omega_zero_and_outside_window_are_identity(variant, kw):
     x, t = _x(), T_MIXED
     ctx = StepContext(SCH, MODEL, t=t)
-    for term in (MultiConditionTAG(CTP, 0.0, variant, eta=0.5, **kw),
-                 MultiConditionTAG(CTP, 2.0, variant, eta=0.5, window=(1, 50), **kw)):
+    for term in (MultiConditionTAG(CTP, 0.0, variant, reparam_scale=0.5, **kw),
+                 MultiConditionTAG(CTP, 2.0, variant, reparam_scale=0.5, window=(1, 50), **kw)):
         out = term.pre(x, t, ctx)
         assert out is x and torch.equal(out, _x())
 
@@ -187,7 +188,7 @@ def test_in_sampler_omega_zero_is_bit_identical_and_batch_independent():
     ref = sample_ddim(MODEL, x, grid, SCH, terms=[dps])
     off = sample_ddim(MODEL, x, grid, SCH, terms=[MultiConditionTAG(TP, 0.0, "unconditional", losses=[quad]), dps])
     assert torch.equal(off, ref)
-    tag = MultiConditionTAG(CTP, 0.3, "single", condition=2, losses=[quad], eta=0.5)
+    tag = MultiConditionTAG(CTP, 0.3, "single", condition=2, losses=[quad], reparam_scale=0.5)
     out = sample_ddim(MODEL, x, grid, SCH, terms=[tag, dps])
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     alone = sample_ddim(MODEL, x[1:2], grid, SCH, terms=[tag, dps])
@@ -203,9 +204,9 @@ def test_bad_eta_raises_naming_the_value():
     with pytest.raises(ValueError, match="'cosine'"):
         reparameterize(_x(), T_MIXED, quad, 1.0, SCH, "cosine")
     with pytest.raises(ValueError, match="-2.0"):
-        MultiConditionTAG(CTP, 1.0, "single", condition=0, losses=[quad], eta=-2.0)
+        MultiConditionTAG(CTP, 1.0, "single", condition=0, losses=[quad], reparam_scale=-2.0)
     with pytest.raises(ValueError, match="-0.1"):
-        MultiConditionTAG(TP, 1.0, "unconditional", losses=[quad, quad], eta_tilde=-0.1)
+        MultiConditionTAG(TP, 1.0, "unconditional", losses=[quad, quad], reparam_scale_tilde=-0.1)
 
 
 def test_bad_variant_and_condition_raise():

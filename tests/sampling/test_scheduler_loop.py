@@ -88,7 +88,8 @@ def test_ddim_scheduler_equals_sample_ddim_on_the_same_grid(unet):
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "DDPMScheduler"])
 def test_exact_tag_lowers_the_drifted_toy_w1_with_every_solver(name):
-    """TAG.md §9.1 toy (two Gaussians at ±(10, 10)), drift x <- x - 0.01 x per step, exact ε and exact TLS, 25 steps.
+    """docs/notation.md §6.1 toy (two Gaussians at ±(10, 10)), drift x <- x - 0.01 x per step, exact ε and exact TLS,
+    25 steps.
     Threshold derived from the exact model itself: TAG must undo at least a quarter of the drift's damage,
     W1(tag) < W1(drift) - (W1(drift) - W1(no drift)) / 4."""
     gmm = toy_mixture()

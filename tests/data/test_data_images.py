@@ -20,7 +20,7 @@ from PIL import Image
 
 from tagdiff.data import DATASETS, dataset_info, load_dataset, mnist, toy_mixture, train_held_out_split
 
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+REAL_MNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 

@@ -29,7 +29,7 @@ def _n_params(m: torch.nn.Module) -> int:
 
 
 def test_simplecnn_is_the_papers_1_48_m_at_32x32x3_with_a_64d_class_embedding():
-    """TAG.md §5.2 reports 1.48 M. Exact count: convs 388 416 + head (1024 + 64)·1000 + 1000 + embedding 11·64
+    """docs/notation.md §2.2 reports 1.48 M. Exact count: convs 388 416 + head (1024 + 64)·1000 + 1000 + embedding 11·64
     = 1 478 120; it must round to 1.48 M, i.e. lie within ±5 000 (half the last reported digit) of 1.48e6."""
     m = SimpleCNNTimePredictor(3, 32, 1000, num_classes=10, cond_dim=64)
     n = _n_params(m)

@@ -22,7 +22,7 @@ from tagdiff.cli.main import main
 
 pytest.importorskip("diffusers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("fuzz_cli", ROOT / "benchmarks" / "fuzz_cli.py")
 fuzz = importlib.util.module_from_spec(_spec)
 sys.modules["fuzz_cli"] = fuzz
