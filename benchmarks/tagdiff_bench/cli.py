@@ -46,7 +46,7 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=nonneg_float, default=d.eta, help="DDIM η (default 1, as the TFG benchmark)")
     p.add_argument("--dps-scale", type=nonneg_float, default=d.dps_scale)
     p.add_argument("--cg-scale", type=nonneg_float, default=d.cg_scale)
-    p.add_argument("--omega", type=finite_float, default=d.omega, help="TAG ω_0")
+    p.add_argument("--omega", type=nonneg_float, default=d.omega, help="TAG ω_0 (>= 0)")
     p.add_argument("--placement", choices=("pre", "post"), default=d.placement)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--seeds", type=lambda v: int_list(v, "seeds"), default=None,
@@ -68,7 +68,7 @@ def register(sub: Any) -> dict[str, Any]:
     toy.add_argument("--num-samples", type=positive_int, default=10_000, help="samples per run (default: 10000)")
     toy.add_argument("--num-steps", type=positive_int, default=100, help="DDPM steps (default: 100)")
     toy.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    toy.add_argument("--omega", type=finite_float, default=None, help="TAG strength ω_0 (default: the toy's default)")
+    toy.add_argument("--omega", type=nonneg_float, default=None, help="TAG strength ω_0 (default: the toy's default)")
     toy.add_argument("--checkpoint", "--score-checkpoint", dest="score_checkpoint", type=Path, default=None,
                      help="the toy ε-model, as in `tagdiff sample` (default: the shipped toy/score)")
     toy.add_argument("--time-predictor", "--predictor-checkpoint", dest="predictor_checkpoint", type=Path,

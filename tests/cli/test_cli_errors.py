@@ -231,7 +231,7 @@ def test_ctrl_c_before_training_saves_nothing(tmp_path, capsys, monkeypatch):
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_train, "load_data", interrupted)
+    monkeypatch.setattr(cli_train, "train_data", interrupted)
     assert main([*TOY_TP, "--steps", "2", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err
     assert "nothing was saved" in err and "saved to" not in err
@@ -314,3 +314,24 @@ def test_version_is_the_package_metadata_version(capsys):
         main(["--version"])
     assert e.value.code == 0
     assert capsys.readouterr().out.strip() == f"tagdiff {version('tagdiff')}" == f"tagdiff {tagdiff.__version__}"
+
+
+def test_negative_omega_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", "toy", "--time-predictor", "toy/time_predictor", "--omega", "-1",
+              "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--omega" in err and "'-1'" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_help_names_every_schedule_kind_and_what_train_trains(capsys):
+    from tagdiff.sampling.schedules import SCHEDULE_KINDS
+
+    with pytest.raises(SystemExit):
+        main(["train", "diffusion", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(kind in text for kind in SCHEDULE_KINDS)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "a classifier or a VAE" in " ".join(capsys.readouterr().out.split())

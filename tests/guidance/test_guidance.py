@@ -746,3 +746,22 @@ def test_time_gap_recorder_logs_the_tls_norm_per_step():
     rec = TimeGapRecorder(predictor)
     sample_ddim(lambda x, t: 0.1 * x, x_T, grid, s, callback=rec)
     assert torch.equal(rec.tls_norm_per_step, torch.zeros(4))
+
+
+def test_tag_takes_a_predictor_by_name_and_refuses_mistakes_in_one_line():
+    """``TemporalAlignment`` / ``TAGCallback`` take a time predictor, its folder or a shipped name (loaded at
+    construction); anything else, a classifier's folder, and a negative or non-finite ω are refused before sampling."""
+    from tagdiff import SimpleCNNTimePredictor, TAGCallback
+
+    for term in (TemporalAlignment("digits/time_predictor", 1.0), TAGCallback("digits/time_predictor").tag):
+        assert isinstance(term.time_predictor, SimpleCNNTimePredictor)
+        assert term.time_predictor.num_train_timesteps == 1000
+    with pytest.raises(TypeError, match="CleanClassifier, not a time predictor"):
+        TemporalAlignment("digits/clf_clean", 1.0)
+    with pytest.raises(TypeError, match="time_predictor must be a TimePredictor.*got int 3"):
+        TemporalAlignment(3, 1.0)
+    for omega in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="omega must be a finite number >= 0"):
+            TemporalAlignment(TP, omega)
+        with pytest.raises(ValueError, match="omega must be a finite number >= 0"):
+            TAGCallback(TP, omega)

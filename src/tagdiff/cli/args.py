@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..sampling.schedules import GRID_SPACINGS, SCHEDULE_KINDS
+
 __all__ = ["DATASETS", "OnDevice", "Parser", "add_data_args", "add_device_arg", "add_grid_args",
            "add_sample_args",
            "add_train_args", "check_model_memory", "clip_value", "error_message", "finite_float", "int_list",
@@ -153,7 +155,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--widths", type=int_tuple, default=(32, 64, 64),
                    help="UNet channels, also of --arch unet-encoder (default: 32,64,64)")
     p.add_argument("--num-train-timesteps", type=positive_int, default=1000, help="T (default: 1000)")
-    p.add_argument("--schedule", default="linear", help="noise schedule: linear | cosine (default: linear)")
+    p.add_argument("--schedule", default="linear", choices=SCHEDULE_KINDS,
+                   help="noise schedule (default: linear; scaled_linear is Stable Diffusion's)")
     p.add_argument("--save-every", type=positive_int, default=1000,
                    help="steps between resumable checkpoints (default: 1000)")
     p.add_argument("--ema-decay", type=open_unit_interval, default=None,
@@ -215,7 +218,7 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
                      help="guidance strength (default: the demo's, 16 for dps, 4 for cg)")
     smp.add_argument("--time-predictor", default=None,
                      help="records the Time Gap; with --omega: TAG (e.g. digits/time_predictor)")
-    smp.add_argument("--omega", type=finite_float, default=0.0, help="TAG ω_0 (default 0: off; the demo uses 1)")
+    smp.add_argument("--omega", type=nonneg_float, default=0.0, help="TAG ω_0 (default 0: off; the demo uses 1)")
     smp.add_argument("--omega-schedule", choices=("one_minus_alpha_bar", "constant", "sqrt_one_minus_alpha_bar"),
                      default="one_minus_alpha_bar", help="ω_t over t (default: one_minus_alpha_bar, ω_0 (1 − ᾱ_t))")
     smp.add_argument("--placement", choices=("pre", "post"), default="pre",
@@ -240,8 +243,6 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
 
 def add_grid_args(p: argparse.ArgumentParser, default: str) -> None:
     """``--timestep-spacing`` and ``--steps-offset`` (VPSchedule.timesteps)."""
-    from ..sampling.schedules import GRID_SPACINGS
-
     p.add_argument("--timestep-spacing", choices=GRID_SPACINGS, default=default, help=f"grid (default: {default}; "
                    "linspace = the TFG benchmark's space_timesteps: one step is [0])")
     p.add_argument("--steps-offset", type=int, default=0, help="diffusers' steps_offset (leading grid only)")

@@ -54,7 +54,7 @@ def build_parser(handlers: dict[str, Handler] | None = None) -> argparse.Argumen
     parser.add_argument("--version", action="version", version=f"tagdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    train = sub.add_parser("train", help="train an ε-model or a time predictor")
+    train = sub.add_parser("train", help="train an ε-model, a time predictor, a classifier or a VAE")
     tsub = train.add_subparsers(dest="what", required=True, metavar="WHAT")
     dif = tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)")
     add_train_args(dif)

@@ -337,4 +337,5 @@ def time_predictor_report(predictor: TimePredictor, schedule: VPSchedule, held_o
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         plot_time_predictor_report(report, out.with_suffix(".png"), title)
+        print(f"wrote {out} and {out.with_suffix('.png')} (accuracy and |argmax - t| per timestep)")
     return report

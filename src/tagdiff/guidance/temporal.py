@@ -12,6 +12,8 @@ Placement:
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .._utils import check_finite
+from ..models.load import load
 from ..models.time_predictor import TimePredictor
 from ..sampling.schedules import VPSchedule
 from ..sampling.terms import Corrector, StepContext, Strength, check_context, is_clean
@@ -92,6 +95,20 @@ def check_time_predictor(time_predictor: Any, x: Tensor, schedule: VPSchedule) -
         check_input(x)
 
 
+def _time_predictor(time_predictor: Any) -> Callable[..., Tensor]:
+    """A time predictor given as a module, or as a folder / shipped name (loaded with :func:`tagdiff.load`)."""
+    if isinstance(time_predictor, str | os.PathLike):
+        model = load(time_predictor)
+        if not isinstance(model, TimePredictor):
+            raise TypeError(f"{time_predictor} holds a {type(model).__name__}, not a time predictor "
+                            "(e.g. 'digits/time_predictor', or a folder written by tagdiff train time-predictor)")
+        return model
+    if not callable(time_predictor):
+        raise TypeError(f"time_predictor must be a TimePredictor (or its folder or shipped name), got "
+                        f"{type(time_predictor).__name__} {time_predictor!r:.60}")
+    return time_predictor
+
+
 class TemporalAlignment(Corrector):
     """The TAG corrector ``x <- x + ω_t · TLS(x, t)`` (the paper's Alg. 1 / Alg. 2).
 
@@ -125,7 +142,9 @@ class TemporalAlignment(Corrector):
             raise ValueError(f"TAG placement must be 'pre' (Alg. 1) or 'post' (Alg. 2), got {placement!r}")
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
-        self.time_predictor = time_predictor
+        if isinstance(omega, bool) or not isinstance(omega, int | float) or not math.isfinite(omega) or omega < 0:
+            raise ValueError(f"TAG omega must be a finite number >= 0 (ω_0 = 0 turns TAG off), got {omega!r}")
+        self.time_predictor = _time_predictor(time_predictor)
         self.strength = Strength(float(omega), omega_schedule, window)
         self.placement = placement
         self.condition = condition
