@@ -62,9 +62,12 @@ def test_usage_errors_are_one_line(argv, capsys):
 
 
 def test_unknown_schedule_name(tmp_path, capsys):
-    msg = _one_line_error(capsys, main(["train", "diffusion", "--out", str(tmp_path), "--schedule", "zigzag",
-                                        "--steps", "1", "--quiet"]))
-    assert "zigzag" in msg
+    """Refused by the parser (``--schedule`` lists its choices), in one line, exit 2, before any work."""
+    with pytest.raises(SystemExit) as e:
+        main(["train", "diffusion", "--out", str(tmp_path / "o"), "--schedule", "zigzag", "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1
+    assert "zigzag" in err and "scaled_linear" in err and not (tmp_path / "o").exists()
 
 
 def test_bench_toy_small(tmp_path, capsys):
