@@ -243,3 +243,25 @@ def test_shipped_class_conditional_unet_with_cfg_and_tag_in_ddim_pipeline(digits
     both = sample_pipeline(pipe, terms=[ClassifierFreeGuidance(3.0, {"y": -1}), TemporalAlignment(predictor, 0.5)],
                            generator=torch.Generator().manual_seed(0), **run).images
     assert torch.isfinite(both).all() and not torch.equal(both, cfg)
+
+
+def test_callback_refuses_unipc_with_its_corrector_at_the_first_call(sd_pipe, latent_predictor):
+    """UniPC's corrector rebuilds each sample from its history and drops most of a correction made between steps: the
+    callback refuses it at its first call (after step 0, before any correction), naming the fix; with the corrector
+    disabled on every step it corrects, and at ω = 0 it is the pipeline's own output bit for bit."""
+    from diffusers import UniPCMultistepScheduler
+
+    fix = r"UniPCMultistepScheduler's corrector .* disable_corrector=list\(range\(4\)\)"
+    with pytest.raises(ValueError, match=fix):
+        run_sd(sd_pipe, UniPCMultistepScheduler, TAGCallback(latent_predictor, omega=50.0))
+    sd_pipe.scheduler = UniPCMultistepScheduler.from_config(sd_pipe.scheduler.config, disable_corrector=[0, 1, 2, 3])
+
+    def run(callback=None):
+        return sd_pipe(["ab", "cd"], num_inference_steps=4, guidance_scale=3.0, height=LATENT, width=LATENT,
+                       generator=torch.Generator().manual_seed(0), output_type="latent",
+                       callback_on_step_end=callback).images
+
+    plain, zero = run(), run(TAGCallback(latent_predictor, omega=0.0))
+    cb = TAGCallback(latent_predictor, omega=50.0)
+    tagged = run(cb)
+    assert torch.equal(plain, zero) and not torch.equal(plain, tagged) and [h[0] for h in cb.history] == [0, 1, 2]

@@ -52,7 +52,14 @@ from torch import Tensor
 
 from ..guidance.temporal import TemporalAlignment, check_time_predictor
 from ..models.unet import UNetEpsModel
-from ..sampling.schedulers import SIGMA_SPACE_SCHEDULERS, check_scheduler, sample_scheduler, state_alpha_bar, vp_scale
+from ..sampling.schedulers import (
+    SIGMA_SPACE_SCHEDULERS,
+    check_keeps_corrections,
+    check_scheduler,
+    sample_scheduler,
+    state_alpha_bar,
+    vp_scale,
+)
 from ..sampling.schedules import VPSchedule
 from ..sampling.terms import Term
 
@@ -105,8 +112,9 @@ class TAGCallback(_CallbackBase):
         history: one ``(step_index, t_prev, ‖Δx_VP‖ per sample)`` per correction of the last run (cleared at step 0).
 
     Raises:
-        ValueError (at the first call): an unsupported scheduler, or a predictor whose T, schedule or input shape does
-            not match the pipeline's.
+        ValueError (at the first call, before any correction): an unsupported scheduler, a scheduler that discards
+            corrections between steps (UniPC with its corrector on: pass ``disable_corrector``; PNDM), or a predictor
+            whose T, schedule or input shape does not match the pipeline's.
     """
 
     tensor_inputs = ["latents"]
@@ -128,9 +136,10 @@ class TAGCallback(_CallbackBase):
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
                     ) -> dict[str, Any]:
-        if step_index == 0:
-            self.history = []
         scheduler = pipeline.scheduler
+        if step_index == 0:   # the first call, before any correction: refuse a scheduler that would drop them
+            self.history = []
+            check_keeps_corrections(scheduler, [self.tag], len(scheduler.timesteps))
         schedule = self._schedule_of(scheduler)
         target = callback_target(scheduler, step_index, schedule)
         latents = callback_kwargs["latents"]

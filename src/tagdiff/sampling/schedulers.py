@@ -55,7 +55,8 @@ from .predictions import check_grid_prediction, check_prediction_type, from_eps,
 from .schedules import VPSchedule
 from .terms import Corrector, EpsModel, Prediction, Term
 
-__all__ = ["SCHEDULER_ALIASES", "SIGMA_SPACE_SCHEDULERS", "SUPPORTED_SCHEDULERS", "SchedulerDriver", "check_scheduler",
+__all__ = ["SCHEDULER_ALIASES", "SIGMA_SPACE_SCHEDULERS", "SUPPORTED_SCHEDULERS", "SchedulerDriver",
+           "check_keeps_corrections", "check_scheduler",
            "make_scheduler", "sample_scheduler", "state_alpha_bar", "vp_scale"]
 
 SIGMA_SPACE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
@@ -265,9 +266,14 @@ class SchedulerDriver:
         return self._step(self._output(x_vp, pred.eps_hat, pred.x0_hat, pred.raw, pred.guided, stage), x, k)
 
 
-def _check_unipc(scheduler: Any, terms: Sequence[Term], num_steps: int) -> None:
+def check_keeps_corrections(scheduler: Any, terms: Sequence[Term], num_steps: int) -> None:
     """Refuse correctors where the scheduler discards state changes made between steps (module doc): UniPC's
-    corrector, and PNDM, whose Runge-Kutta warm-up restarts from saved states and repeats timesteps."""
+    corrector, and PNDM, whose Runge-Kutta warm-up restarts from saved states and repeats timesteps. Checked
+    against diffusers' UniPCMultistepScheduler / PNDMScheduler; the other multistep schedulers tagdiff drives
+    (DPM-Solver++ 2M/SDE, DEIS) keep their model outputs, not their samples, so a corrected sample carries on.
+
+    Raises:
+        ValueError: naming the scheduler, the correctors and the fix."""
     name = type(scheduler).__name__
     correctors = [type(term).__name__ for term in terms if isinstance(term, Corrector) and term.active]
     if not correctors:
@@ -318,7 +324,7 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
     """
     if num_inference_steps is None and timesteps is None:
         raise ValueError("give num_inference_steps or timesteps")
-    _check_unipc(scheduler, terms, num_inference_steps if timesteps is None else len(timesteps))
+    check_keeps_corrections(scheduler, terms, num_inference_steps if timesteps is None else len(timesteps))
     schedule = VPSchedule.from_diffusers(scheduler)
     kind = model_prediction_type(eps_model)
     kw = dict(step_kwargs or {})
