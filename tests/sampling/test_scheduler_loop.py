@@ -223,7 +223,7 @@ def test_refusals_name_what_is_wrong(unet):
     cfg = schedule.to_diffusers_config()
     with pytest.raises(ValueError, match="EDMEulerScheduler is not supported"):
         check_scheduler(diffusers.EDMEulerScheduler())
-    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler is not supported"):
+    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler is a flow-matching"):
         check_scheduler(diffusers.FlowMatchEulerDiscreteScheduler())
     dpm = diffusers.DPMSolverMultistepScheduler(**cfg)
     with pytest.raises(ValueError, match="recurrence"):

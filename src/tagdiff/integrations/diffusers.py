@@ -137,8 +137,9 @@ class TAGCallback(_CallbackBase):
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
                     ) -> dict[str, Any]:
         scheduler = pipeline.scheduler
-        if step_index == 0:   # the first call, before any correction: refuse a scheduler that would drop them
+        if step_index == 0:   # the first call, before any correction: refuse what TAG cannot correct
             self.history = []
+            check_scheduler(scheduler)
             check_keeps_corrections(scheduler, [self.tag], len(scheduler.timesteps))
         schedule = self._schedule_of(scheduler)
         target = callback_target(scheduler, step_index, schedule)

@@ -107,7 +107,13 @@ def check_scheduler(scheduler: Any) -> str:
     Raises:
         ValueError: naming the scheduler (EDM schedulers with the reason) and listing the supported ones.
     """
-    name = _check_name(type(scheduler).__name__)
+    name = type(scheduler).__name__
+    if name.startswith("FlowMatch") or scheduler.config.get("use_flow_sigmas"):
+        raise ValueError(f"{name}{' with use_flow_sigmas' if not name.startswith('FlowMatch') else ''} is a "
+                         "flow-matching scheduler (SD3, Flux, ...), which tagdiff does not support yet: its TAG, time "
+                         "predictors and terms are written for VP diffusion schedules (ᾱ_t); use a VP scheduler "
+                         "(DDIM, DPM-Solver++, Euler, ...) with a diffusion model")
+    name = _check_name(name)
     check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
     return name
 
@@ -325,6 +331,7 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
     if num_inference_steps is None and timesteps is None:
         raise ValueError("give num_inference_steps or timesteps")
     check_keeps_corrections(scheduler, terms, num_inference_steps if timesteps is None else len(timesteps))
+    check_scheduler(scheduler)   # before reading its schedule: a flow-matching scheduler has none
     schedule = VPSchedule.from_diffusers(scheduler)
     kind = model_prediction_type(eps_model)
     kw = dict(step_kwargs or {})
