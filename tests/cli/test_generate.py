@@ -243,3 +243,34 @@ def test_generate_library_errors(ck, tmp_path):
                  progress=False)
     model, _ = load_checkpoint(ck / "unet")
     assert isinstance(model, UNetEpsModel)
+
+
+@pytest.fixture(scope="module")
+def vz_folder(tmp_path_factory):
+    """A tiny v-prediction UNet on Stable Diffusion's schedule rescaled to zero terminal SNR, built from configs."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    path = tmp_path_factory.mktemp("vz")
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=4).save_pretrained(path)
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True,
+                  prediction_type="v_prediction", timestep_spacing="trailing").save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "dpmpp2m", "unipc", "euler"])
+def test_sample_runs_a_zero_terminal_snr_v_prediction_folder(vz_folder, tmp_path, sampler):
+    """The first step starts at ᾱ = 0, where ε̂ cannot give x̂_0: tagdiff's own steps take the v-model's x̂_0 = -v
+    there, and the diffusers schedulers are built for the model's prediction type (x̂_0 clipped at 1, the default)."""
+    from tagdiff import load
+
+    out = tmp_path / sampler
+    assert main(["sample", "--checkpoint", str(vz_folder), "--sampler", sampler, "--num-samples", "2",
+                 "--num-steps", "5", "--out", str(out), "--quiet"]) == 0
+    x = _x(out)
+    assert x.shape == (2, 1, 8, 8) and np.isfinite(x).all()
+    model = load(vz_folder)
+    assert float(model.schedule.alpha_bar[-1]) == 0.0
+    assert model.schedule.to_diffusers_config(prediction_type="v_prediction")["prediction_type"] == "v_prediction"

@@ -22,6 +22,7 @@ from ..guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlig
 from ..metrics.time_gap import TimeGapRecorder
 from ..models.checkpoints import load_model
 from ..models.load import load_checkpoint
+from ..sampling.predictions import model_prediction_type
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.schedulers import make_scheduler, sample_scheduler
 from ..sampling.schedules import VPSchedule
@@ -226,7 +227,8 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     space = sampling_space(cfg.checkpoint, eps_model.sample_shape, cfg.vae, device)  # None: a pixel model
     if cfg.compile:  # the wrapper keeps its attributes (sample_shape, prediction_type); only forward is compiled
         eps_model.forward = torch.compile(eps_model.forward)
-    scheduler = None if cfg.sampler in SAMPLERS else make_scheduler(cfg.sampler, schedule.to_diffusers_config())
+    scheduler = None if cfg.sampler in SAMPLERS else make_scheduler(
+        cfg.sampler, schedule.to_diffusers_config(prediction_type=model_prediction_type(eps_model)))
     sampler = None if scheduler is not None else get_sampler(cfg.sampler)
     predictor = load_model(cfg.time_predictor, device) if cfg.time_predictor else None
     if predictor is not None:

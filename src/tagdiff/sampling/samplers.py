@@ -35,7 +35,8 @@ def _clip(x0_hat: Tensor, clip_x0: float | None) -> Tensor:
 
 
 def ddpm_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: VPSchedule,
-              noise: Tensor | None = None, clip_x0: float | None = None) -> tuple[Tensor, Tensor]:
+              noise: Tensor | None = None, clip_x0: float | None = None,
+              x0_hat: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""One ancestral DDPM step from ``t`` to ``t_prev`` (Ho et al. 2020, Eq. 6-7), for strided grids.
 
     With ``alpha = ab_t / ab_prev`` and ``beta = 1 - alpha``::
@@ -49,6 +50,8 @@ def ddpm_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
     Args:
         x, eps_hat: shape ``(B, *D)``. t, t_prev: shape ``(B,)`` int64. noise: N(0, I) of x's shape.
         clip_x0: clamp x0_hat to ``[-clip_x0, clip_x0]`` (diffusers' ``clip_sample``); ``None`` disables.
+        x0_hat: the model's x̂_0 where ε̂ cannot give it: at ᾱ_t = 0 (zero terminal SNR, a v-model's first step)
+            x̂_0 = (x - √(1-ᾱ) ε̂) / √ᾱ divides by zero; the loops pass the v-model's x̂_0 = -v there.
 
     Returns:
         ``(x_prev, x0_hat)``.
@@ -57,7 +60,7 @@ def ddpm_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
     ab_prev = schedule.alpha_bar_at(t_prev, x)
     alpha = ab_t / ab_prev
     beta = 1 - alpha
-    x0_hat = _clip(schedule.x0_from_eps(x, t, eps_hat), clip_x0)
+    x0_hat = _clip(schedule.x0_from_eps(x, t, eps_hat) if x0_hat is None else x0_hat, clip_x0)
     mean = (ab_prev.sqrt() * beta / (1 - ab_t)) * x0_hat + (alpha.sqrt() * (1 - ab_prev) / (1 - ab_t)) * x
     if noise is not None:
         var = ((1 - ab_prev) / (1 - ab_t) * beta).clamp(min=1e-20)
@@ -67,7 +70,8 @@ def ddpm_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
 
 def ddim_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: VPSchedule,
               noise: Tensor | None = None, clip_x0: float | None = None, eta: float = 0.0,
-              final_alpha_bar: float = 1.0, use_clipped_model_output: bool = True) -> tuple[Tensor, Tensor]:
+              final_alpha_bar: float = 1.0, use_clipped_model_output: bool = True,
+              x0_hat: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""One DDIM(η) step from ``t`` to ``t_prev`` (Song et al. 2021, Eq. 12 and 16).
 
     ::
@@ -108,7 +112,7 @@ def ddim_step(x: Tensor, eps_hat: Tensor, t: Tensor, t_prev: Tensor, schedule: V
     if final_alpha_bar != 1.0:
         ab_prev = torch.where(append_dims(t_prev < 0, x.ndim).to(x.device), torch.full_like(ab_prev, final_alpha_bar),
                               ab_prev)
-    x0_hat = schedule.x0_from_eps(x, t, eps_hat)
+    x0_hat = schedule.x0_from_eps(x, t, eps_hat) if x0_hat is None else x0_hat
     if clip_x0 is not None:
         x0_hat = _clip(x0_hat, clip_x0)
         if use_clipped_model_output:
@@ -174,7 +178,10 @@ class GridDriver:
         t_prev = full_timesteps(stage.t_prev, x) if t_prev is None else t_prev
         final = stage.t_prev < 0
         noise = self.randn_like(x) if self.needs_noise and (self.final_noise or not final) else None
-        return self.step_fn(x, pred.eps_hat, t, t_prev, self.schedule, noise=noise, clip_x0=self.clip_x0)[0]
+        # at zero terminal SNR (ᾱ_t = 0) ε̂ cannot give x̂_0; the prediction's own x̂_0 (a v-model's -v) is used there
+        x0 = pred.x0_hat if self.schedule.alpha_bar_host(stage.t) == 0.0 else None
+        return self.step_fn(x, pred.eps_hat, t, t_prev, self.schedule, noise=noise, clip_x0=self.clip_x0,
+                            **({} if x0 is None else {"x0_hat": x0}))[0]
 
 
 def sample(step_fn: StepFn, eps_model: EpsModel, x: Tensor, timesteps: Tensor, schedule: VPSchedule, *,

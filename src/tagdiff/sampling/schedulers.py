@@ -260,6 +260,10 @@ class SchedulerDriver:
         if self.clip_x0 is not None:
             x0_hat = x0_hat.clamp(-self.clip_x0, self.clip_x0)
             eps_hat = (x_vp - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+        if self.kind == "v_prediction":   # from the pair (ε̂, x̂_0): defined at ᾱ = 0 too (zero terminal SNR)
+            return ab.sqrt() * eps_hat - (1 - ab).sqrt() * x0_hat
+        if self.kind == "sample":
+            return x0_hat
         return from_eps(eps_hat, x_vp, ab, self.kind)
 
     def _step(self, out: Tensor, x: Tensor, k: int) -> Tensor:

@@ -225,10 +225,11 @@ class VPSchedule:
         T = int(d.pop("num_train_timesteps", 1000))
         return cls.from_name(kind, T, rescale_zero_snr=bool(d.pop("rescale_zero_snr", False)), **d)
 
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """A diffusers scheduler config describing the same schedule (for ``DDPMScheduler.from_config``)."""
+    def to_diffusers_config(self, prediction_type: str = "epsilon") -> dict[str, Any]:
+        """A diffusers scheduler config describing the same schedule (for ``DDPMScheduler.from_config``), for a
+        model of ``prediction_type`` (``"epsilon"``, ``"v_prediction"`` or ``"sample"``)."""
         kind = self.spec.get("kind")
-        cfg: dict[str, Any] = {"num_train_timesteps": self.num_train_timesteps, "prediction_type": "epsilon"}
+        cfg: dict[str, Any] = {"num_train_timesteps": self.num_train_timesteps, "prediction_type": prediction_type}
         if kind in ("linear", "scaled_linear", "sigmoid"):
             cfg.update(beta_schedule=kind, beta_start=self.spec["beta_start"], beta_end=self.spec["beta_end"])
         elif kind == "cosine":
