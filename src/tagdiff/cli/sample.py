@@ -26,7 +26,7 @@ from ..sampling.predictions import model_prediction_type
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.schedulers import make_scheduler, sample_scheduler
 from ..sampling.schedules import VPSchedule
-from ..training.distributed import make_accelerator, shard
+from ..training.distributed import finish, make_accelerator, shard
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "SampleConfig", "generate", "resolved_clip", "resolved_scale", "save_grid"]
 
@@ -276,6 +276,7 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
         parts = gather_object([(x0, None if target is None else target.cpu(), gaps)])
         cfg = full
         if not acc.is_main_process:
+            finish(acc)   # waits for the main process to write the outputs
             return {}
         x0 = torch.cat([p[0] for p in parts])
         target = None if target is None else torch.cat([p[1] for p in parts])
@@ -296,6 +297,7 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     if x0.ndim == 4:
         save_grid(x0, out_dir / "grid.png")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    finish(acc)
     return summary
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["launch", "make_accelerator", "shard", "world_size"]
+__all__ = ["finish", "launch", "make_accelerator", "shard", "world_size"]
 
 
 def world_size() -> int:
@@ -55,6 +55,19 @@ def make_accelerator(device_type: str, mixed_precision: str = "no") -> Any:
         raise RuntimeError("data-parallel training needs Hugging Face accelerate: "
                            "pip install 'tagdiff[train]'") from None
     return Accelerator(cpu=device_type == "cpu", mixed_precision=mixed_precision)
+
+
+def finish(acc: Any) -> None:
+    """End this process's part of a data-parallel run: wait for every process, then tear the process group down.
+    A group left to the interpreter's exit can abort it ("terminate called without an active exception", seen with
+    gloo on one process of a finished two-process run). A no-op when ``acc`` is ``None`` (one process)."""
+    if acc is None:
+        return
+    import torch.distributed as dist
+
+    acc.wait_for_everyone()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _free_port() -> int:
