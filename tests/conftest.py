@@ -9,11 +9,13 @@ by the other-CPU pass, whose kernels they do not exercise).
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["TAGDIFF_CACHE"] = tempfile.mkdtemp(prefix="tagdiff-test-cache-")  # latent caches: never the user's
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 IO_ONLY = {"test_data_images.py", "test_data_streaming.py", "test_streaming.py",

@@ -4,6 +4,8 @@ counts every fence of the file, from 0).
 
 * ```python blocks run with ``exec`` in a fresh namespace, in an empty temporary folder as the working directory,
   with ``HF_HUB_OFFLINE=1``.
+* A page with the HTML comment ``<!-- blocks share one folder -->`` is a walk-through: its blocks run in order in
+  one temporary folder, each seeing what the ones before it wrote.
 * ```bash blocks hold ``tagdiff ...`` commands (one per line; a trailing ``\\`` continues a line; ``#`` starts a
   comment). Each runs through ``tagdiff.cli.main(argv)`` (shlex-split, the leading ``tagdiff`` dropped), in order,
   in an empty temporary folder, and must exit 0. A block whose commands are all ``make ...`` is skipped (the
@@ -66,11 +68,21 @@ def collect():
     return params
 
 
+SHARED = "<!-- blocks share one folder -->"
+_shared_dirs: dict[str, Path] = {}
+
+
 @pytest.fixture
-def in_tmp_dir(tmp_path, monkeypatch):
+def in_tmp_dir(request, tmp_path, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    name = request.node.callspec.params["name"]
+    folder = tmp_path
+    if SHARED in (ROOT / name).read_text():
+        if name not in _shared_dirs:
+            _shared_dirs[name] = tmp_path_factory.mktemp(Path(name).stem)
+        folder = _shared_dirs[name]
+    monkeypatch.chdir(folder)
+    return folder
 
 
 @pytest.mark.parametrize("name, index, kind, code, reason", collect())

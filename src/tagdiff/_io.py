@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["atomic_write_bytes", "LockError", "DeferInterrupt", "dir_lock", "ensure_output_dir", "ensure_output_file"]
+__all__ = ["atomic_write_bytes", "LockError", "DeferInterrupt", "dir_lock", "ensure_output_dir", "ensure_output_file",
+           "user_cache_dir"]
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -167,3 +168,14 @@ def ensure_output_file(path: str | os.PathLike, option: str = "--out") -> Path:
         raise ValueError(f"{option} {path}: the file is not writable")
     _probe_writable(parent, option, path)
     return path
+
+
+def user_cache_dir(kind: str) -> Path:
+    """tagdiff's cache folder for ``kind`` (e.g. ``"latents"``): ``$TAGDIFF_CACHE/kind`` if set, else
+    ``$XDG_CACHE_HOME/tagdiff/kind``, else ``~/.cache/tagdiff/kind``. Caches never go inside a model folder (that may be
+    the Hugging Face cache, or read-only). The folder is not created here."""
+    root = os.environ.get("TAGDIFF_CACHE")
+    if root:
+        return Path(root) / kind
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return Path(xdg or Path.home() / ".cache") / "tagdiff" / kind

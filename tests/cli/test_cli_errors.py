@@ -335,3 +335,16 @@ def test_help_names_every_schedule_kind_and_what_train_trains(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "a classifier or a VAE" in " ".join(capsys.readouterr().out.split())
+
+
+def test_dataset_name_with_folder_sets_the_data_dir_and_bad_specs_are_refused(capsys):
+    from tagdiff.cli.main import build_parser
+
+    args = build_parser().parse_args(["eval", "time-predictor", "--checkpoint", "x", "--dataset", "folder:my/images"])
+    assert args.dataset == "folder" and str(args.data_dir) == "my/images"
+    for bad in ("pictures", "digits:somewhere", "folder:"):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(["eval", "time-predictor", "--checkpoint", "x", "--dataset", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "folder:DIR" in err[0] and repr(bad) in err[0]

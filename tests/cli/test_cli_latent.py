@@ -2,6 +2,8 @@
 train time-predictor --vae -> sample --vae (TAG in latent space, DPS through the decoder), and the refusals."""
 
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,7 +58,8 @@ def test_latent_models_record_their_vae_and_have_the_latent_shape(latent):
     tp = json.loads((latent / "tp" / "config.json").read_text())
     assert tp["class"] == "SimpleCNNTimePredictor" and tp["config"]["in_channels"] == 4
     assert tp["config"]["image_size"] == 4 and tp["vae"]["hash"] == h
-    cache = sorted(p.name for p in (latent / "vae" / "latent_cache").iterdir())
+    assert not (latent / "vae" / "latent_cache").exists()  # never inside a model folder: the user cache
+    cache = sorted(p.name for p in (Path(os.environ["TAGDIFF_CACHE"]) / "latents").iterdir())
     assert any(n.startswith(f"digits-train-{h[:16]}") for n in cache)
     assert any(n.startswith(f"digits-held_out-{h[:16]}") for n in cache)  # the predictor's held-out report
 
@@ -93,8 +96,12 @@ def test_eval_time_predictor_on_latents(latent, tmp_path, capsys):
     run("eval", "time-predictor", "--checkpoint", latent / "tp", "--dataset", "digits", "--vae", latent / "vae",
         "--num-samples", "20", "--out", tmp_path / "rep.json")
     assert json.loads((tmp_path / "rep.json").read_text())["accuracy"] >= 0
-    msg = error_line(capsys, "eval", "time-predictor", "--checkpoint", latent / "tp", "--dataset", "digits")
-    assert "is a latent model" in msg and f"pass --vae {latent / 'vae'}" in msg
+    # without --vae: the VAE the predictor recorded (its folder is still there), the same report
+    run("eval", "time-predictor", "--checkpoint", latent / "tp", "--dataset", "digits", "--num-samples", "20",
+        "--out", tmp_path / "rep2.json")
+    a, b = (json.loads((tmp_path / f).read_text()) for f in ("rep.json", "rep2.json"))
+    assert a["accuracy"] == b["accuracy"] and a["mean_abs_error"] == b["mean_abs_error"]  # argmax: identical
+    assert b["cross_entropy"] == pytest.approx(a["cross_entropy"], rel=1e-9)  # float sums: measured 4e-12
 
 
 @pytest.fixture(scope="module")

@@ -288,3 +288,17 @@ def test_flow_matching_schedulers_are_refused_naming_what_is_not_supported(laten
         assert "betas" not in str(e.value) and "not understood" not in str(e.value)
         with pytest.raises(ValueError, match="flow-matching scheduler"):
             sample_scheduler(sched, lambda x, t: torch.zeros_like(x), latents, num_inference_steps=4)
+
+
+def test_sample_pipeline_shows_a_progress_bar_as_the_pipeline_does(digits, capsys):
+    """Like the pipeline's own call: a bar unless ``set_progress_bar_config(disable=True)``; ``progress=`` overrides."""
+    unet, path, _ = digits
+    pipe = DDIMPipeline(unet, DDIMScheduler.from_pretrained(path))
+    capsys.readouterr()
+    sample_pipeline(pipe, batch_size=1, num_inference_steps=3, output_type="np")
+    assert "0/3" in capsys.readouterr().err
+    sample_pipeline(pipe, batch_size=1, num_inference_steps=3, output_type="np", progress=False)
+    assert "0/3" not in capsys.readouterr().err
+    pipe.set_progress_bar_config(disable=True)
+    sample_pipeline(pipe, batch_size=1, num_inference_steps=3, output_type="np")
+    assert "0/3" not in capsys.readouterr().err

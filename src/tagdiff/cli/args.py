@@ -128,8 +128,25 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
                    help="where models run: auto = cuda if available, else mps, else cpu (default: auto)")
 
 
-def add_data_args(p: argparse.ArgumentParser, default: str = "toy") -> None:
-    p.add_argument("--dataset", choices=DATASETS, default=default, help=f"data set (default: {default})")
+class DatasetAction(argparse.Action):
+    """``--dataset NAME`` or ``--dataset NAME:DIR`` (``folder:images/``, ``mnist:data/mnist``): the second form also
+    sets ``--data-dir DIR``."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        name, sep, where = str(values).partition(":")
+        if name not in DATASETS or (sep and (name in ("toy", "digits") or not where)):
+            raise argparse.ArgumentError(self, f"expected one of {', '.join(DATASETS)}, or mnist:DIR, folder:DIR, "
+                                               f"hf:DIR; got {values!r}")
+        setattr(namespace, self.dest, name)
+        if sep:
+            namespace.data_dir = Path(where)
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str | None = "toy") -> None:
+    shown = "none: required with --checkpoint, else toy" if default is None else default
+    p.add_argument("--dataset", action=DatasetAction, default=default, metavar="{" + ",".join(DATASETS) + "}[:DIR]",
+                   help=f"data set; NAME:DIR also sets --data-dir (e.g. folder:my_images) (default: {shown})")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="mnist: folder of the IDX files; folder: image folder or .npz file; hf: a Hugging Face "
                         "datasets folder (save_to_disk, an image folder, or one load_dataset reads)")
@@ -142,8 +159,8 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "toy") -> None:
                    help="hf: the integer label column (default: 'label' if present, else unlabelled)")
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
-    add_data_args(p)
+def add_train_args(p: argparse.ArgumentParser, dataset_default: str | None = "toy") -> None:
+    add_data_args(p, dataset_default)
     p.add_argument("--out", required=True, type=Path, help="output folder (checkpoint, training state, history)")
     p.add_argument("--steps", type=positive_int, default=None, help="optimisation steps (default: per recipe)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="batch size (default: per recipe)")
@@ -193,14 +210,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def add_sample_args(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--checkpoint", required=True,
-                     help="ε-model: a folder (tagdiff MLP or diffusers UNet) or a shipped name, e.g. digits or toy "
-                          "(tagdiff models lists them)")
+                     help="the model: a tagdiff folder, a diffusers UNet folder, a diffusers pipeline folder "
+                          "(model_index.json; a latent one decodes with its vae/, a text-conditional one needs "
+                          "--prompt), or a shipped name, e.g. digits or toy (tagdiff models lists them)")
     smp.add_argument("--out", required=True, type=Path, help="output folder (samples.npz, grid.png, summary.json)")
     smp.add_argument("--num-samples", type=positive_int, default=64, help="samples to draw (default: 64)")
     add_grid_args(smp, "trailing")
     smp.add_argument("--sampler", default="ddim",
-                     help="ddim | ddpm (tagdiff's steps), or a diffusers scheduler: dpmpp2m | unipc | euler | "
-                          "euler_a | heun | pndm | lms | deis | any supported class name (default: ddim)")
+                     help="ddim | ddpm (tagdiff's steps), or a diffusers scheduler: dpmpp2m | unipc | unipc_p (UniPC "
+                          "with its corrector off: keeps TAG's corrections) | euler | euler_a | heun | pndm | lms | "
+                          "deis | any supported class name (default: ddim)")
+    smp.add_argument("--prompt", default=None,
+                     help="text-conditional pipeline folders (Stable Diffusion style): the prompt; the pipeline runs "
+                          "its own call with CFG at --cfg-scale (default 7.5) and TAG as TAGCallback")
     smp.add_argument("--num-steps", type=positive_int, default=50, help="sampling steps (default: 50)")
     smp.add_argument("--eta", type=nonneg_float, default=1.0, help="DDIM η >= 0 (default: 1)")
     smp.add_argument("--seed", type=int, default=0, help="seed of x_T and the sampling noise (default: 0)")

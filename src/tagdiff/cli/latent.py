@@ -19,7 +19,13 @@ from .args import add_data_args, add_device_arg, int_tuple, nonneg_float, positi
 
 __all__ = ["add_vae_arg", "add_vae_parser", "latent_data", "latent_held_out", "train_vae"]
 
-LATENT_CACHE = "latent_cache"  # the latent cache's sub-folder of the VAE folder (not part of its content hash)
+
+
+def _latent_cache() -> Path:
+    """Where encoded latents are cached: the user cache (:func:`tagdiff._io.user_cache_dir`), never a model folder."""
+    from .._io import user_cache_dir
+
+    return user_cache_dir("latents")
 
 
 def add_vae_arg(p: argparse.ArgumentParser, what: str) -> None:
@@ -99,7 +105,8 @@ def _space(vae: str | Path) -> Any:
 
 def latent_data(args: argparse.Namespace, x: Any, info: Any, split: str = "train") -> tuple[Any, Any, dict[str, Any]]:
     """``(data, info, meta)`` of a training command: unchanged without ``--vae``; with it the cached latents
-    (:func:`tagdiff.latent.encode_dataset`, in ``VAE/latent_cache``), ``info`` with the latent shape and
+    (:func:`tagdiff.latent.encode_dataset`, cached in ``$TAGDIFF_CACHE/latents`` or
+    ``~/.cache/tagdiff/latents``, keyed by the VAE's content hash and the images), ``info`` with the latent shape and
     ``meta = {"vae": ...}`` for the model's config. ``--checkpoint`` (the diffusion model a time predictor serves)
     must have been trained on the same VAE.
 
@@ -120,7 +127,7 @@ def latent_data(args: argparse.Namespace, x: Any, info: Any, split: str = "train
     if tuple(info.sample_shape) != tuple(space.image_shape):
         raise ValueError(f"--vae {vae} encodes images of shape {tuple(space.image_shape)} but --dataset "
                          f"{args.dataset} has images of shape {tuple(info.sample_shape)}")
-    z = encode_dataset(space, x, dataset=args.dataset, split=split, cache_dir=Path(vae) / LATENT_CACHE)
+    z = encode_dataset(space, x, dataset=args.dataset, split=split, cache_dir=_latent_cache())
     return z, replace(info, sample_shape=tuple(space.latent_shape)), {
         "vae": {**space.describe(), "path": str(Path(vae).resolve())}}
 
@@ -137,4 +144,4 @@ def latent_held_out(args: argparse.Namespace, x: Any) -> Any:
         check_pairing(vae, space, args.checkpoint, "--checkpoint")
     if space is None:
         return x
-    return encode_dataset(space, x, dataset=args.dataset, split="held_out", cache_dir=Path(vae) / LATENT_CACHE)
+    return encode_dataset(space, x, dataset=args.dataset, split="held_out", cache_dir=_latent_cache())

@@ -65,14 +65,16 @@ def build_parser(handlers: dict[str, Handler] | None = None) -> argparse.Argumen
     add_vae_arg(dif, "a latent model on its latents (sample shape = latent shape)")
     tp = tsub.add_parser("time-predictor",
                          help="time predictor p(t | x_t) or p(t | x_t, c) (MLP, SimpleCNN or UNet encoder)")
-    add_train_args(tp)
+    add_train_args(tp, dataset_default=None)
     tp.add_argument("--arch", choices=("simplecnn", "unet-encoder", "mlp"), default=None,
                     help="simplecnn: the paper's SimpleCNN (images); unet-encoder: the encoder half of a diffusers "
                          "UNet (channels --widths) + linear head (images); mlp: vector data (default: mlp for "
                          "vectors, simplecnn for images)")
     tp.add_argument("--checkpoint", default=None,
-                    help="the diffusion model the predictor serves (folder or shipped name): its schedule replaces "
-                         "--schedule / --num-train-timesteps, and its sample shape must match the data")
+                    help="the diffusion model the predictor serves: a tagdiff or diffusers model folder, a diffusers "
+                         "pipeline folder (model_index.json; a latent pipeline's vae/ encodes the images), or a "
+                         "shipped name; its schedule replaces --schedule / --num-train-timesteps, and its sample "
+                         "shape must match the data (--image-size / --channels default to the model's)")
     tp.add_argument("--condition", choices=("none", "class", "class_ink", "class_slant"), default="none",
                     help="c: none; class (y); class_ink / class_slant (2y + attribute above its class median; bench "
                          "multicond)")
@@ -130,9 +132,27 @@ def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
                          "(e.g. --checkpoint digits/time_predictor or toy/time_predictor)")
     if not all(bool(p.isfinite().all()) for p in predictor.parameters()):
         raise ValueError(f"--checkpoint {args.checkpoint} has non-finite (NaN/Inf) weights")
+    _defaults_from_predictor(args, predictor)
     if device.type != "cpu":  # the held-out data and the noise stay on the CPU; the network runs on the device
         predictor = OnDevice(predictor, device)
     return time_predictor_report(predictor, schedule, args, args.out, num_samples=args.num_samples, seed=args.seed)
+
+
+def _defaults_from_predictor(args: argparse.Namespace, predictor: Any) -> None:
+    """What the predictor recorded fills what the command left open: the VAE of a latent predictor (if its folder is
+    still there), and the image size and channels of folder / hf images (the VAE's image shape, else the
+    predictor's input shape)."""
+    from ..models.latent import recorded_vae
+
+    rec = recorded_vae(args.checkpoint) or {}
+    if args.vae is None and rec.get("path") and Path(rec["path"]).is_dir():
+        args.vae = rec["path"]
+    shape = rec.get("image_shape") or tuple(getattr(predictor, "sample_shape", ()) or ())
+    if args.dataset in ("folder", "hf") and len(shape) == 3:
+        if args.image_size is None and shape[1] == shape[2]:
+            args.image_size = int(shape[1])
+        if args.channels is None and shape[0] in (1, 3):
+            args.channels = int(shape[0])
 
 
 def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -142,7 +162,7 @@ def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                                          "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
                                          "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
                                          "device", "allow_pickle", "timestep_spacing", "steps_offset", "vae",
-                                         "checkpoint", "classifier", "time_predictor")}
+                                         "checkpoint", "classifier", "time_predictor", "prompt")}
     from ..training.distributed import launch, world_size
 
     if args.num_processes > 1 and not args.per_sample_seeds:
@@ -154,8 +174,8 @@ def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         return summary
     tg = "" if summary["time_gap"] is None else f", time gap {summary['time_gap']:.1f}"
     scale = f", guidance scale {summary['guidance_scale']:g}" if args.guidance != "none" else ""
-    print(f"wrote {args.num_samples} samples to {args.out} ({summary['seconds']:.1f} s{tg}{scale}, "
-          f"clip_x0 {summary['clip_x0']})")
+    clip = f", clip_x0 {summary['clip_x0']}" if "clip_x0" in summary else f", {summary.get('scheduler')}"
+    print(f"wrote {args.num_samples} samples to {args.out} ({summary['seconds']:.1f} s{tg}{scale}{clip})")
     return summary
 
 
@@ -174,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(handlers).parse_args(argv)
     except KeyboardInterrupt as e:
         return interrupted(e)
+    out = getattr(args, "out", None)
+    fresh_out = out is not None and not Path(out).exists()  # removed again if the run fails before writing to it
     try:
         _check_out(args)
         if args.command == "models":
@@ -195,14 +217,25 @@ def main(argv: list[str] | None = None) -> int:
             if code:
                 return code
     except KeyboardInterrupt as e:
+        _drop_if_empty(out, fresh_out)
         return interrupted(e)
     except Exception as e:
+        _drop_if_empty(out, fresh_out)
         msg = error_message(e, args)
         if msg is None:
             raise
         print(f"tagdiff: error: {msg}", file=sys.stderr)
         return 2
     return 0
+
+
+def _drop_if_empty(out: Any, fresh: bool) -> None:
+    """Remove the ``--out`` folder a failed run created if it holds no file (a run that wrote something, e.g. a
+    resumable training state, keeps it)."""
+    import shutil
+
+    if fresh and out is not None and Path(out).is_dir() and not any(p.is_file() for p in Path(out).rglob("*")):
+        shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.schedulers import make_scheduler, sample_scheduler
 from ..sampling.schedules import VPSchedule
 from ..training.distributed import finish, make_accelerator, shard
+from .plots import save_grid
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "SampleConfig", "generate", "resolved_clip", "resolved_scale", "save_grid"]
 
@@ -76,6 +77,7 @@ class SampleConfig:
     timestep_spacing: str = "trailing"  # VPSchedule.timesteps; "linspace" is the TFG benchmark's grid (1 step: [0])
     steps_offset: int = 0
     vae: str | None = None             # the AutoencoderKL folder of a latent checkpoint (decoded at the end)
+    prompt: str | None = None          # text-conditional pipelines (tagdiff.cli.pipeline): the prompt of every sample
 
 
 def resolved_scale(cfg: SampleConfig) -> float:
@@ -202,11 +204,23 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
         ValueError / CheckpointError: bad options or checkpoints (T or shape mismatches, a checkpoint of the wrong
             kind, an unwritable ``out_dir``, a device this machine lacks).
     """
+    from ..models.checkpoints import resolve_checkpoint
     from ..models.latent import check_predictor_space, sampling_space
     from ..models.nets import MLPEpsModel
+    from ..models.pipeline import is_diffusers_model_folder, read_diffusers_folder
     from ..models.time_predictor import TimePredictor
     from ..models.unet import UNetEpsModel
 
+    if is_diffusers_model_folder(path := resolve_checkpoint(cfg.checkpoint)):
+        folder = read_diffusers_folder(path)
+        if folder.is_text_conditional:  # a Stable-Diffusion-style pipeline: its own call, TAG as its callback
+            from .pipeline import generate_with_pipeline
+
+            return generate_with_pipeline(cfg, out_dir, folder, progress=progress)
+        if cfg.vae is None and folder.vae_dir is not None:  # a latent pipeline decodes with its own VAE
+            cfg = replace(cfg, vae=str(folder.vae_dir))
+    if cfg.prompt is not None:
+        raise ValueError(f"--prompt is for text-conditional pipelines; {cfg.checkpoint} has no text encoder")
     t0 = time.time()
     device = resolve_device(cfg.device)
     acc, full = make_accelerator(device.type), cfg  # acc: None unless WORLD_SIZE > 1 (sample --num-processes)
@@ -297,22 +311,9 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     if x0.ndim == 4:
         save_grid(x0, out_dir / "grid.png")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if recorder is not None:
+        from .plots import plot_time_gap
+
+        plot_time_gap(summary, out_dir / "time_gap.png")
     finish(acc)
     return summary
-
-
-def save_grid(x: torch.Tensor, path: str | Path, ncol: int | None = None) -> None:
-    """Save images ``(N, C, H, W)`` in [-1, 1] as one PNG grid (Pillow)."""
-    from PIL import Image
-
-    n, c, h, w = x.shape
-    ncol = ncol or int(np.ceil(np.sqrt(n)))
-    nrow = int(np.ceil(n / ncol))
-    grid = torch.full((c, nrow * (h + 1) + 1, ncol * (w + 1) + 1), -1.0)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
-    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr.squeeze(-1) if c == 1 else arr)
-    scale = max(1, 256 // img.width)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)

@@ -37,13 +37,18 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if args.num_processes > 1 and world_size() == 1:  # start the run in N processes (each runs this command)
         return {"exit_code": launch(argv, args.num_processes)}
     device = resolve_device(args.device)
+    folder = _resolve_model_data(args)
     ensure_output_dir(args.out)
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
     data, labels, info = train_data(args)
     if getattr(args, "vae", None) is not None:  # latents are encoded once from the whole split, then cached
         data = pixels(data)
     data, info, latent_meta = latent_data(args, data, info)  # --vae: the cached latents (unchanged without)
-    if getattr(args, "checkpoint", None) is not None:  # tie the predictor to its diffusion model's schedule
+    if folder is not None:  # a diffusers model or pipeline folder: its scheduler's schedule, its UNet's shape
+        schedule = folder.schedule
+        _check_shape(args.checkpoint, folder.sample_shape, tuple(info.sample_shape))
+        args.num_train_timesteps = schedule.num_train_timesteps
+    elif getattr(args, "checkpoint", None) is not None:  # tie the predictor to its diffusion model's schedule
         schedule = _model_schedule(args.checkpoint, tuple(info.sample_shape))
         args.num_train_timesteps = schedule.num_train_timesteps
     T = args.num_train_timesteps
@@ -89,14 +94,50 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     return result
 
 
+def _resolve_model_data(args: argparse.Namespace) -> Any:
+    """Fill what ``--checkpoint`` implies: a time predictor for a model needs the model's data (``--dataset``, no
+    default then); a diffusers model or pipeline folder gives the schedule, its ``vae/`` (a latent pipeline: the
+    images are encoded by it unless ``--vae`` names another) and the image size and channels of folder / hf data.
+    Returns the :class:`~tagdiff.models.pipeline.DiffusersFolder`, or ``None`` for a tagdiff checkpoint.
+
+    Raises:
+        ValueError: ``--checkpoint`` without ``--dataset``; CheckpointError: an unreadable model folder.
+    """
+    from ..models.checkpoints import resolve_checkpoint
+    from ..models.pipeline import is_diffusers_model_folder, read_diffusers_folder
+
+    checkpoint = getattr(args, "checkpoint", None)
+    if args.dataset is None:
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint {checkpoint}: name the images the predictor learns from with --dataset "
+                             "(digits, mnist[:DIR], folder:DIR or hf:DIR); the toy data fits no image model")
+        args.dataset = "toy"
+    if checkpoint is None or not is_diffusers_model_folder(path := resolve_checkpoint(checkpoint)):
+        return None
+    folder = read_diffusers_folder(path)
+    if folder.vae_dir is not None and getattr(args, "vae", None) is None:
+        args.vae = str(folder.vae_dir)
+    c, h, w = folder.image_shape
+    if args.dataset in ("folder", "hf"):
+        if args.image_size is None and h == w:
+            args.image_size = h
+        if args.channels is None and c in (1, 3):
+            args.channels = c
+    return folder
+
+
+def _check_shape(checkpoint: Any, shape: tuple[int, ...], sample_shape: tuple[int, ...]) -> None:
+    if tuple(shape) != tuple(sample_shape):
+        raise ValueError(f"--checkpoint {checkpoint} makes samples of shape {tuple(shape)} but the data has "
+                         f"{tuple(sample_shape)}")
+
+
 def _model_schedule(checkpoint: Any, sample_shape: tuple[int, ...]) -> Any:
     """The schedule of the diffusion model at ``checkpoint``; its samples must have the data's shape."""
     from ..models.load import load_checkpoint
 
     model, schedule = load_checkpoint(checkpoint)
-    shape = tuple(getattr(model, "sample_shape", sample_shape))
-    if shape != sample_shape:
-        raise ValueError(f"--checkpoint {checkpoint} makes samples of shape {shape} but the data has {sample_shape}")
+    _check_shape(checkpoint, tuple(getattr(model, "sample_shape", sample_shape)), sample_shape)
     return schedule
 
 

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..guidance.temporal import TemporalAlignment, check_time_predictor
+from ..metrics.time_gap import time_gap
 from ..models.unet import UNetEpsModel
 from ..sampling.schedulers import (
     SIGMA_SPACE_SCHEDULERS,
@@ -107,9 +108,12 @@ class TAGCallback(_CallbackBase):
         omega_schedule, window, condition, on_nonfinite: as in :class:`tagdiff.TemporalAlignment`.
         schedule: the VP schedule the predictor was trained on; ``None`` reads it from the pipeline's scheduler
             (:meth:`VPSchedule.from_diffusers`) at the first call.
+        record_time_gap: also record the Time Gap |argmax p_φ(· | x_VP) − t_prev| of every state the callback sees
+            (before its correction; one more predictor evaluation per step, the latents untouched), also at ω = 0.
 
     Attributes:
         history: one ``(step_index, t_prev, ‖Δx_VP‖ per sample)`` per correction of the last run (cleared at step 0).
+        time_gaps: with ``record_time_gap``, one ``(step_index, t_prev, gap per sample)`` per state with a target.
 
     Raises:
         ValueError (at the first call, before any correction): an unsupported scheduler, a scheduler that discards
@@ -122,14 +126,16 @@ class TAGCallback(_CallbackBase):
     def __init__(self, time_predictor: Callable[..., Tensor], omega: float = 1.0,
                  omega_schedule: str | Callable[[Tensor, VPSchedule], Tensor] = "one_minus_alpha_bar",
                  window: tuple[int, int] | None = None, condition: Tensor | int | None = None,
-                 schedule: VPSchedule | None = None, on_nonfinite: str = "raise"):
+                 schedule: VPSchedule | None = None, on_nonfinite: str = "raise", record_time_gap: bool = False):
         if _CallbackBase is not object:
             super().__init__()
         self.tag = TemporalAlignment(time_predictor, omega, omega_schedule, placement="post", window=window,
                                      condition=condition, on_nonfinite=on_nonfinite)
         self.schedule = schedule
+        self.record_time_gap = record_time_gap
         self._checked: tuple[int, ...] | None = None
         self.history: list[tuple[int, int, Tensor]] = []
+        self.time_gaps: list[tuple[int, int, Tensor]] = []
 
     def _schedule_of(self, scheduler: Any) -> VPSchedule:
         return self.schedule if self.schedule is not None else VPSchedule.from_diffusers(scheduler)
@@ -138,18 +144,29 @@ class TAGCallback(_CallbackBase):
                     ) -> dict[str, Any]:
         scheduler = pipeline.scheduler
         if step_index == 0:   # the first call, before any correction: refuse what TAG cannot correct
-            self.history = []
+            self.history, self.time_gaps = [], []
             check_scheduler(scheduler)
             check_keeps_corrections(scheduler, [self.tag], len(scheduler.timesteps))
         schedule = self._schedule_of(scheduler)
         target = callback_target(scheduler, step_index, schedule)
         latents = callback_kwargs["latents"]
-        if target is None or self.tag.omega == 0.0:
+        if target is None or (self.tag.omega == 0.0 and not self.record_time_gap):
             return callback_kwargs
         t_prev, scale = target
         t = torch.full((latents.shape[0],), t_prev, dtype=torch.long, device=latents.device)
-        if not self.tag.strength.active(t):
+        x_vp = self._vp_state(latents, scale, schedule)
+        if self.record_time_gap:
+            c = None if self.tag.condition is None else torch.as_tensor(self.tag.condition, device=x_vp.device)
+            self.time_gaps.append((step_index, t_prev, time_gap(self.tag.time_predictor, x_vp, t, c).cpu()))
+        if self.tag.omega == 0.0 or not self.tag.strength.active(t):
             return callback_kwargs
+        step = self.tag.tls_step(x_vp, t, schedule)
+        self.history.append((step_index, t_prev, step.reshape(step.shape[0], -1).norm(dim=-1).detach()))
+        callback_kwargs["latents"] = latents + (scale * step).to(latents.dtype)
+        return callback_kwargs
+
+    def _vp_state(self, latents: Tensor, scale: float, schedule: VPSchedule) -> Tensor:
+        """x_VP = latents / scale in the predictor's dtype, checked against the predictor once per shape."""
         x_vp = latents.detach() / scale
         params = getattr(self.tag.time_predictor, "parameters", None)
         first = next(iter(params()), None) if callable(params) else None
@@ -159,10 +176,7 @@ class TAGCallback(_CallbackBase):
         if self._checked != shape:
             check_time_predictor(self.tag.time_predictor, x_vp, schedule)
             self._checked = shape
-        step = self.tag.tls_step(x_vp, t, schedule)
-        self.history.append((step_index, t_prev, step.reshape(step.shape[0], -1).norm(dim=-1).detach()))
-        callback_kwargs["latents"] = latents + (scale * step).to(latents.dtype)
-        return callback_kwargs
+        return x_vp
 
     def __call__(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
                  ) -> dict[str, Any]:
@@ -176,7 +190,7 @@ def sample_pipeline(pipeline: Any, *, terms: Sequence[Term] = (), batch_size: in
                     num_inference_steps: int = 50, generator: torch.Generator | list[torch.Generator] | None = None,
                     eta: float = 0.0, use_clipped_model_output: bool | None = None, clip_x0: float | None = None,
                     cond: dict[str, Any] | None = None, null_class: int | None = None, output_type: str = "pil",
-                    return_dict: bool = True, progress: bool = False) -> Any:
+                    return_dict: bool = True, progress: bool | None = None) -> Any:
     """``DDPMPipeline`` / ``DDIMPipeline.__call__`` with tagdiff terms: the pipeline's own UNet and scheduler.
 
     Draws x_T exactly as the pipeline does (``randn_tensor`` of the UNet's sample shape with ``generator``), runs
@@ -196,15 +210,26 @@ def sample_pipeline(pipeline: Any, *, terms: Sequence[Term] = (), batch_size: in
             :class:`tagdiff.interop.UNetEpsModel`), so that CFG terms can use ``null_cond={"y": -1}``.
         output_type: ``"pil"``, ``"np"`` (``(B, H, W, C)`` in [0, 1]) or ``"pt"`` (``(B, C, H, W)``).
         return_dict: return an ``ImagePipelineOutput`` (else a 1-tuple), as the pipeline.
+        progress: a progress bar; ``None`` (default) shows one unless the pipeline's was disabled
+            (``pipeline.set_progress_bar_config(disable=True)``), as the pipeline's own call does.
 
     Raises:
-        ValueError: a bad ``output_type`` or generator list, and everything :func:`tagdiff.sample_scheduler` raises.
+        ValueError: a bad ``output_type`` or generator list, a pipeline that is not an unconditional ``UNet2DModel``
+            one (e.g. ``StableDiffusionPipeline``: the message points to :class:`TAGCallback`), and everything
+            :func:`tagdiff.sample_scheduler` raises.
     """
     from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
     from diffusers.utils.torch_utils import randn_tensor
 
     if output_type not in ("pil", "np", "pt"):
         raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+    unet_class = type(getattr(pipeline, "unet", None)).__name__
+    if unet_class != "UNet2DModel" or not hasattr(pipeline, "scheduler"):
+        raise ValueError(f"sample_pipeline drives unconditional pixel pipelines (DDPMPipeline, DDIMPipeline: a "
+                         f"UNet2DModel and a scheduler); {type(pipeline).__name__} has a {unet_class}: pass "
+                         "callback_on_step_end=TAGCallback(time_predictor, omega) to the pipeline's own call instead")
+    if progress is None:  # as the pipeline: a bar unless set_progress_bar_config(disable=True)
+        progress = not getattr(pipeline, "_progress_bar_config", {}).get("disable", False)
     if isinstance(generator, list) and len(generator) != batch_size:
         raise ValueError(f"got {len(generator)} generators for batch_size={batch_size}")
     unet, scheduler = pipeline.unet, pipeline.scheduler

@@ -12,6 +12,7 @@ from . import classifiers as _classifiers  # noqa: F401  (registers the classes 
 from . import nets as _nets  # noqa: F401
 from . import time_predictor as _time_predictor  # noqa: F401
 from .checkpoints import CheckpointError, load_model, read_config, resolve_checkpoint
+from .pipeline import DiffusersFolder, is_diffusers_model_folder, read_diffusers_folder
 from .unet import is_diffusers_folder, load_unet
 
 __all__ = ["load", "load_checkpoint"]
@@ -25,6 +26,9 @@ def load(path: str | Path, device: Any = "cpu", *, allow_pickle: bool = False) -
     * a tagdiff folder (``config.json`` + ``model.safetensors``: an MLP ε-model, a time predictor, a classifier);
     * a diffusers ``UNet2DModel`` folder with its ``scheduler_config.json``, or a pipeline-style folder holding
       ``unet/`` and ``scheduler/``: an ε-, v- or x0-prediction model (``prediction_type`` of the scheduler config);
+    * a text-conditional pipeline folder (``model_index.json`` with a ``UNet2DConditionModel``, Stable Diffusion
+      style): the ``DiffusionPipeline`` itself, to sample with :class:`~tagdiff.integrations.diffusers.TAGCallback`
+      (the layouts: :func:`tagdiff.models.pipeline.read_diffusers_folder`);
     * a shipped name (``"digits"``, ``"digits/time_predictor"``, ``"toy"``; ``tagdiff models`` lists them).
 
     Returns:
@@ -38,6 +42,8 @@ def load(path: str | Path, device: Any = "cpu", *, allow_pickle: bool = False) -
             file.
     """
     path = resolve_checkpoint(path)
+    if is_diffusers_model_folder(path) and (folder := read_diffusers_folder(path)).is_text_conditional:
+        return _load_pipeline(folder, device, allow_pickle)
     if is_diffusers_folder(path) or is_diffusers_folder(f"{path}/unet"):
         model, schedule = load_unet(path, device, allow_pickle=allow_pickle)
         model.schedule = schedule
@@ -71,3 +77,16 @@ def _schedule(path: Path, entry: Any) -> VPSchedule:
         raise CheckpointError(f"{path}/config.json: malformed 'schedule' entry {entry!r}; expected an "
                               "object like {\"kind\": \"linear\", \"num_train_timesteps\": 1000} "
                               f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+
+
+def _load_pipeline(folder: DiffusersFolder, device: Any, allow_pickle: bool) -> Any:
+    from diffusers import DiffusionPipeline
+
+    try:
+        pipe = DiffusionPipeline.from_pretrained(folder.root, use_safetensors=not allow_pickle or None)
+    except Exception as e:  # diffusers raises many types for a bad folder
+        raise CheckpointError(f"could not load the pipeline in {folder.root}: "
+                              f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+    pipe = pipe.to(device)
+    pipe.schedule = folder.schedule
+    return pipe

@@ -55,7 +55,7 @@ from .predictions import check_grid_prediction, check_prediction_type, from_eps,
 from .schedules import VPSchedule
 from .terms import Corrector, EpsModel, Prediction, Term
 
-__all__ = ["SCHEDULER_ALIASES", "SIGMA_SPACE_SCHEDULERS", "SUPPORTED_SCHEDULERS", "SchedulerDriver",
+__all__ = ["ALIAS_CONFIG", "SCHEDULER_ALIASES", "SIGMA_SPACE_SCHEDULERS", "SUPPORTED_SCHEDULERS", "SchedulerDriver",
            "check_keeps_corrections", "check_scheduler",
            "make_scheduler", "sample_scheduler", "state_alpha_bar", "vp_scale"]
 
@@ -73,7 +73,10 @@ SCHEDULER_ALIASES = {"dpmpp2m": "DPMSolverMultistepScheduler", "unipc": "UniPCMu
                      "euler": "EulerDiscreteScheduler", "euler_a": "EulerAncestralDiscreteScheduler",
                      "heun": "HeunDiscreteScheduler", "pndm": "PNDMScheduler", "lms": "LMSDiscreteScheduler",
                      "deis": "DEISMultistepScheduler", "ddim_diffusers": "DDIMScheduler",
-                     "ddpm_diffusers": "DDPMScheduler"}
+                     "ddpm_diffusers": "DDPMScheduler", "unipc_p": "UniPCMultistepScheduler"}
+# Aliases that also set scheduler config: unipc_p is UniPC with its corrector off (UniP), which keeps TAG's
+# corrections (check_keeps_corrections); disable_corrector lists every step index a run can have.
+ALIAS_CONFIG: dict[str, dict[str, Any]] = {"unipc_p": {"disable_corrector": list(range(10_000))}}
 
 
 def make_scheduler(name: str, schedule_config: dict[str, Any], **kwargs: Any) -> Any:
@@ -86,6 +89,7 @@ def make_scheduler(name: str, schedule_config: dict[str, Any], **kwargs: Any) ->
     import diffusers
 
     cls_name = SCHEDULER_ALIASES.get(name, name)
+    kwargs = {**ALIAS_CONFIG.get(name, {}), **kwargs}
     cls = getattr(diffusers, cls_name, None) if cls_name.endswith("Scheduler") else None
     if cls is None:
         raise ValueError(f"unknown scheduler {name!r}; expected ddim, ddpm (tagdiff's own steps), one of "
@@ -290,13 +294,14 @@ def check_keeps_corrections(scheduler: Any, terms: Sequence[Term], num_steps: in
         return
     if name == "PNDMScheduler":
         raise ValueError(f"PNDMScheduler restarts its warm-up steps from saved states, discarding the changes "
-                         f"{', '.join(correctors)} make between steps; use DPMSolverMultistepScheduler or "
-                         "DDIMScheduler")
+                         f"{', '.join(correctors)} make between steps; use another scheduler, e.g. "
+                         "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)")
     disabled = set(scheduler.config.get("disable_corrector") or [])
     if name == "UniPCMultistepScheduler" and not set(range(num_steps)) <= disabled:
         raise ValueError(f"UniPCMultistepScheduler's corrector recomputes each state from the previous one and "
                          f"discards the changes {', '.join(correctors)} make between steps; build it with "
-                         f"disable_corrector=list(range({num_steps})) or use DPMSolverMultistepScheduler")
+                         f"disable_corrector=list(range({num_steps})) (tagdiff sample --sampler unipc_p) or use "
+                         "DPMSolverMultistepScheduler")
 
 
 def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_inference_steps: int | None = None,
