@@ -1,4 +1,4 @@
-"""Classifier-free guidance and its fixes, with and without TAG, from scale 1 to collapse (issue 13, item 5).
+"""Classifier-free guidance and its fixes, with and without TAG, from scale 1 to collapse.
 
 The question: at high guidance scales, does TAG keep samples on the manifold as well as, or better than, the CFG
 fixes (APG, the guidance interval, CFG++), and do they combine? One class-conditional ε-model trained with label
@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,11 @@ from .common import (
     preview,
     sample_metrics,
     tag_comparison,
-    write_outputs,
 )
+from .runner import Experiment, run
 
 __all__ = ["METHODS", "ALL_METHODS", "CFGConfig", "cfg_terms", "load_cfg_setup", "load_decoder", "run_cfg",
-           "saturation"]
+           "saturation", "EXPERIMENT"]
 
 METHODS = ("cfg", "cfg+tag", "apg", "apg+tag", "interval", "interval+tag", "cfg++")
 ALL_METHODS = (*METHODS, "cfg+++tag", "cfg+ctag", "apg+ctag", "interval+ctag", "cfg+++ctag")
@@ -285,12 +285,16 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
     Raises:
         ValueError / CheckpointError: bad settings or checkpoints (see :class:`CFGConfig`, :func:`load_cfg_setup`).
     """
-    setup = load_cfg_setup(cfg)
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
+
+
+def _measure(setup: Setup, cfg: CFGConfig, cache: RunCache, progress: bool) -> dict[str, Any]:
+    """Every (family, scale): the base method over the seeds and, when asked, the comparison with "+tag" and
+    "+ctag" (ω_0 chosen on the validation seed); then the held-out reference and the guidance window."""
     K = setup.models["clf_eval"].num_classes
     window = interval_from_sigma(setup.schedule, *cfg.interval_sigma)
     space = setup.models.get("latent_space")
     decode = (lambda z: z) if space is None else load_decoder(cfg.vae, setup.device, space)
-    cache = RunCache(out_dir, resume)
     results: dict[str, Any] = {"runs": {}}
     families = [f for f in ("cfg", "apg", "interval", "cfg++")
                 if any(m in cfg.methods for m in (f, f"{f}+tag", f"{f}+ctag"))]
@@ -340,14 +344,23 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
     results["reference"] = {"saturation_held_out": saturation(setup.held_x, setup.held_x)["saturation"],
                             "held_out_images": int(setup.held_x.shape[0])}
     results["window"] = list(window)
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "null_cond": NULL, "sampler": "ddim",
-                         "ddim_eta": 0.0, "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
-                         "omega_choice": "per (family, scale), by FID on the validation seed",
-                         "classes": K, "torch": torch.__version__,
-                         "latent": None if space is None else {**space.describe(), "decode": "LatentSpace.decode, "
-                                                               "clamped to [-1, 1], before every metric; Time Gap "
-                                                               "of the latent predictor on latents"}}
     results["figure"] = "cfg.png"
-    write_outputs(out_dir, results, table(results, cfg))
-    figure(Path(out_dir) / "cfg.png", results, cfg)
     return results
+
+
+def _record(setup: Setup, cfg: CFGConfig) -> dict[str, Any]:
+    space = setup.models.get("latent_space")
+    return {"null_cond": NULL, "sampler": "ddim", "ddim_eta": 0.0, "tag_placement": "pre",
+            "omega_schedule": "one_minus_alpha_bar",
+            "omega_choice": "per (family, scale), by FID on the validation seed",
+            "classes": setup.models["clf_eval"].num_classes, "torch": torch.__version__,
+            "latent": None if space is None else {**space.describe(), "decode": "LatentSpace.decode, clamped to "
+                                                  "[-1, 1], before every metric; Time Gap of the latent predictor on "
+                                                  "latents"}}
+
+
+EXPERIMENT = Experiment(
+    "cfg", CFGConfig, "classifier-free guidance scale 1-32: CFG, APG, interval, CFG++, with/without TAG "
+                      "(class-conditional UNet)", lambda cfg: None, table,
+    measure=_measure, load=load_cfg_setup, record=_record, tail=("figure",),
+    figure=lambda path, results, cfg, setup: figure(path, results, cfg))

@@ -101,7 +101,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         return _bench_toy(args.out, args)
     if args.what == "speed":
         return _bench_speed(args)
-    if args.what in EXPERIMENTS:
+    if args.what in {e.name for e in EXPERIMENTS}:
         return run_experiment(args)
     return _bench_label(args)
 

@@ -41,7 +41,7 @@ kernel_size=3``); larger ones (28×28 MNIST) the standard 11×11 Gaussian window
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +54,18 @@ from tagdiff.operators import OPERATORS, Operator, make_operator
 
 from .common import (
     ExperimentConfig,
-    RunCache,
     Setup,
     draw,
     fmt_ms,
     grid_key,
     image_grid,
-    load_setup,
     markdown_table,
     preview,
     sample_metrics,
-    tag_comparison,
-    write_outputs,
 )
+from .runner import Comparison, Experiment, run
 
-__all__ = ["InverseConfig", "run_inverse", "PAPER", "BASES"]
+__all__ = ["InverseConfig", "run_inverse", "PAPER", "BASES", "EXPERIMENT"]
 
 BASES = ("dps", "tfg")
 PAPER = {"source": "the paper's Table 2 (Cat 256×256, DDPM; SR is 256 -> 64, i.e. ×4): FID; LPIPS without -> with TAG",
@@ -97,6 +94,47 @@ class InverseConfig(ExperimentConfig):
     num_steps: int = 50
 
 
+def _validate(cfg: InverseConfig) -> None:
+    bad = [name for name in cfg.operators if name not in OPERATORS]
+    if bad or not cfg.operators:
+        raise ValueError(f"unknown operator {', '.join(map(repr, bad)) or '(none given)'}; valid names: "
+                         f"{', '.join(sorted(OPERATORS))}")
+    if not cfg.noise_std >= 0:
+        raise ValueError(f"noise_std (σ_y) must be >= 0, got {cfg.noise_std}")
+    if min(cfg.omegas, default=0) < 0 or min(cfg.dps_scale, cfg.tfg_rho, cfg.tfg_mu, cfg.tfg_gamma) < 0:
+        raise ValueError(f"omegas, dps_scale and tfg_rho/mu/gamma must be >= 0, got {cfg.omegas}, {cfg.dps_scale}, "
+                         f"{cfg.tfg_rho}/{cfg.tfg_mu}/{cfg.tfg_gamma}")
+
+
+def _comparisons(setup: Setup, cfg: InverseConfig) -> Any:
+    """Per operator, its measurement of the fixed ground truth, then one comparison per base guidance (DPS, TFG)
+    judged by FID (PSNR, SSIM and consistency recorded alongside)."""
+    if not 2 <= cfg.num_images <= len(setup.held_x):
+        raise ValueError(f"num_images must be in [2, {len(setup.held_x)}] (the held-out split), got {cfg.num_images}")
+    g = torch.Generator().manual_seed(0)
+    x_true = setup.held_x[torch.randperm(len(setup.held_x), generator=g)[: cfg.num_images]]
+    for name in cfg.operators:
+        A = make_operator(name, tuple(x_true.shape[-2:]), cfg.noise_std)
+        y = A.measure(x_true.cpu(), generator=torch.Generator().manual_seed(0)).to(setup.device)  # noise on the CPU
+        context = {"gt_consistency": _consistency(A, x_true, y),
+                   "measurement": preview(_visualise(y, x_true.shape), _NUM_PREVIEW),
+                   "ground_truth": preview(x_true, _NUM_PREVIEW)}
+        for base in BASES:
+            def run(omega: float, seed: int, n: int, base: str = base, A: Operator = A, y: Tensor = y) -> dict:
+                return _run(setup, cfg, base, A, x_true, y, omega, seed)
+
+            params = {"scale": cfg.dps_scale} if base == "dps" else \
+                {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma,
+                 **({"tfg_clip": cfg.tfg_clip_x0} if cfg.tfg_clip_x0 else {})}
+            key = {"exp": "inverse", "dataset": cfg.dataset, "op": name, "sigma_y": cfg.noise_std, "base": base,
+                   **params, "steps": cfg.num_steps, **grid_key(cfg)}
+            yield Comparison((name, base), key, run, n=cfg.num_images, sweep_n=cfg.num_images, omegas=cfg.omegas,
+                             context=context, line=lambda r, name=name, base=base: (
+                                 f"  {name:<14} {base.upper()}  ω*={r['best_omega']:<4} PSNR "
+                                 f"{fmt_ms(r['without']['psnr'], 2)} -> {fmt_ms(r['with']['psnr'], 2)}  FID "
+                                 f"{fmt_ms(r['without']['fid'])} -> {fmt_ms(r['with']['fid'])}"))
+
+
 def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, progress: bool = True,
                 resume: bool = True) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, ``table.md`` and ``inverse.png`` in ``out_dir``.
@@ -109,53 +147,7 @@ def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, pr
             fewer than 2 or more than the held-out images, a sweep seed that is also an evaluation seed, or an
             unavailable device.
     """
-    bad = [name for name in cfg.operators if name not in OPERATORS]
-    if bad or not cfg.operators:
-        raise ValueError(f"unknown operator {', '.join(map(repr, bad)) or '(none given)'}; valid names: "
-                         f"{', '.join(sorted(OPERATORS))}")
-    if not cfg.noise_std >= 0:
-        raise ValueError(f"noise_std (σ_y) must be >= 0, got {cfg.noise_std}")
-    if min(cfg.omegas, default=0) < 0 or min(cfg.dps_scale, cfg.tfg_rho, cfg.tfg_mu, cfg.tfg_gamma) < 0:
-        raise ValueError(f"omegas, dps_scale and tfg_rho/mu/gamma must be >= 0, got {cfg.omegas}, {cfg.dps_scale}, "
-                         f"{cfg.tfg_rho}/{cfg.tfg_mu}/{cfg.tfg_gamma}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    if not 2 <= cfg.num_images <= len(setup.held_x):
-        raise ValueError(f"num_images must be in [2, {len(setup.held_x)}] (the held-out split), got {cfg.num_images}")
-    g = torch.Generator().manual_seed(0)
-    x_true = setup.held_x[torch.randperm(len(setup.held_x), generator=g)[: cfg.num_images]]
-    cache = RunCache(out_dir, resume)
-    results: dict[str, Any] = {"operators": {}}
-    for name in cfg.operators:
-        A = make_operator(name, tuple(x_true.shape[-2:]), cfg.noise_std)
-        y = A.measure(x_true.cpu(), generator=torch.Generator().manual_seed(0)).to(setup.device)  # noise on the CPU
-        res: dict[str, Any] = {"gt_consistency": _consistency(A, x_true, y),
-                               "measurement": preview(_visualise(y, x_true.shape), _NUM_PREVIEW),
-                               "ground_truth": preview(x_true, _NUM_PREVIEW)}
-        for base in BASES:
-            def run(omega: float, seed: int, n: int, base: str = base, A: Operator = A, y: Tensor = y) -> dict:
-                return _run(setup, cfg, base, A, x_true, y, omega, seed)
-
-            params = {"scale": cfg.dps_scale} if base == "dps" else \
-                {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma,
-                 **({"tfg_clip": cfg.tfg_clip_x0} if cfg.tfg_clip_x0 else {})}
-            key = {"exp": "inverse", "dataset": cfg.dataset, "op": name, "sigma_y": cfg.noise_std, "base": base,
-                   **params, "steps": cfg.num_steps, **grid_key(cfg)}
-            res[base] = r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds,
-                                           sweep_seed=cfg.sweep_seed, n=cfg.num_images, sweep_n=cfg.num_images)
-            if progress:
-                print(f"  {name:<14} {base.upper()}  ω*={r['best_omega']:<4} PSNR {fmt_ms(r['without']['psnr'], 2)}"
-                      f" -> {fmt_ms(r['with']['psnr'], 2)}  FID {fmt_ms(r['without']['fid'])} -> "
-                      f"{fmt_ms(r['with']['fid'])}", flush=True)
-        results["operators"][name] = res
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "sampler": "ddim", "eta": 1.0,
-                         "clip_x0": 1.0, "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
-                         "omega_selected_by": "fid", "loss": "||A(x0_hat) - y||_2", "tfg_num_iter": 4,
-                         "ground_truth": "held-out[randperm(seed 0)[:num_images]]", "measurement_noise_seed": 0,
-                         "fid_reference": "all held-out images", "torch": torch.__version__}
-    results["paper"] = PAPER
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "inverse.png", results, tuple(setup.eps_model.sample_shape))
-    return results
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
 
 
 def _ssim_kwargs(h: int, w: int) -> dict[str, Any]:
@@ -220,7 +212,8 @@ def _pad(x: Tensor) -> Tensor:
     return torch.cat([x, -torch.ones(_NUM_PREVIEW - len(x), *x.shape[1:])])
 
 
-def _figure(path: Path, results: dict[str, Any], shape: tuple[int, ...]) -> None:
+def _figure(path: Path, results: dict[str, Any], cfg: InverseConfig, setup: Setup) -> None:
+    shape = tuple(setup.eps_model.sample_shape)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,3 +239,13 @@ def _figure(path: Path, results: dict[str, Any], shape: tuple[int, ...]) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+EXPERIMENT = Experiment(
+    "inverse", InverseConfig, "SR/deblur/inpainting/denoising with DPS and TFG, with/without TAG (Table 2)",
+    _validate, _table, section="operators", comparisons=_comparisons, paper=PAPER, figure=_figure,
+    record=lambda setup, cfg: {
+        "sampler": "ddim", "eta": 1.0, "clip_x0": 1.0, "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
+        "omega_selected_by": "fid", "loss": "||A(x0_hat) - y||_2", "tfg_num_iter": 4,
+        "ground_truth": "held-out[randperm(seed 0)[:num_images]]", "measurement_noise_seed": 0,
+        "fid_reference": "all held-out images"})

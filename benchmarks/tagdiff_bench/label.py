@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,6 @@ from tagdiff.metrics.images import class_histogram, fid
 from .common import (
     RunCache,
     Setup,
-    check_classes,
     draw,
     fmt_ms,
     image_grid,
@@ -61,6 +60,7 @@ from .common import (
     short_hash,
     write_outputs,
 )
+from .runner import Experiment, run, stopwatch
 
 __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "method_terms", "label_run",
            "run_label", "run_label_seeds"]
@@ -185,13 +185,19 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
         ValueError: an unknown method, a target class the classifiers do not have, or an unavailable device.
         CheckpointError: missing or corrupt checkpoints.
     """
-    t_start = time.time()
+    return run(label_experiment(methods), out_dir, cfg, progress=progress, resume=resume)
+
+
+def _validate(cfg: LabelConfig, methods: tuple[str, ...] = METHODS) -> None:
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected some of {', '.join(ALL_METHODS)}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    check_classes(cfg.targets, setup)
-    cache = RunCache(out_dir, resume)
+
+
+def _measure(setup: Setup, cfg: LabelConfig, cache: RunCache, progress: bool,
+             methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """Every method at ``cfg.seed`` (one cached run each); the samples shown go to the figure only."""
+    seconds = stopwatch()
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "device")}
     base = {"exp": "label", "dataset": cfg.dataset, "targets": ",".join(map(str, cfg.targets)),
             "n": cfg.num_per_target, "steps": cfg.num_steps, "eta": cfg.eta,
@@ -209,16 +215,15 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
                   f"{r['seconds']:5.1f} s", flush=True)
     if "unguided" in runs:
         results["sanity"] = runs["unguided"]["sanity"]
-    n_ref = {str(y): int((setup.held_y == y).sum()) for y in cfg.targets}
-    results["config"] = {**asdict(cfg), "sampler": "ddim", "clip_x0": "1.0 (dps_tfg: none)",
-                         "reference_images_per_target": n_ref, "fid_features": "EvalClassifier.features (128-d)",
-                         "checkpoints": setup.checkpoints, "torch": torch.__version__}
-    results["paper"] = PAPER_TABLE2
-    results["seconds"] = time.time() - t_start
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "label.png", {m: r["preview"] for m, r in runs.items()}, results, cfg,
-            tuple(setup.eps_model.sample_shape))
+    results["_figure"] = {m: r["preview"] for m, r in runs.items()}
+    results["seconds"] = seconds()
     return results
+
+
+def _record(setup: Setup, cfg: LabelConfig) -> dict[str, Any]:
+    return {"sampler": "ddim", "clip_x0": "1.0 (dps_tfg: none)",
+            "reference_images_per_target": {str(y): int((setup.held_y == y).sum()) for y in cfg.targets},
+            "fid_features": "EvalClassifier.features (128-d)"}
 
 
 def _table(results: dict[str, Any], cfg: LabelConfig) -> str:
@@ -244,10 +249,10 @@ def _sanity(unguided: Tensor, held_x: Tensor, clf_eval: Any, seed: int) -> dict[
             "max_entropy": math.log(len(counts))}
 
 
-def _figure(path: Path, previews: dict[str, list], results: dict[str, Any], cfg: LabelConfig,
-            shape: tuple[int, ...]) -> None:
+def _figure(path: Path, results: dict[str, Any], cfg: LabelConfig, setup: Setup) -> None:
     """Samples of every method (rows: the target classes; tiles separated by a white border) above the Time Gap
     per reverse step."""
+    previews, shape = results["_figure"], tuple(setup.eps_model.sample_shape)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +308,7 @@ def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...
     Raises:
         ValueError / CheckpointError: as :func:`run_label`.
     """
-    from .common import fmt_ci, markdown_table, paired_ci, write_outputs
+    from .common import fmt_ci, paired_ci
 
     per_seed = [run_label(Path(out_dir) / f"seed_{seed}", replace(cfg, seed=seed), progress=progress,
                           methods=methods, resume=resume) for seed in seeds]
@@ -326,3 +331,14 @@ def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...
     write_outputs(out_dir, results, head + markdown_table(["method", "FID", "ΔFID [95% CI]", "accuracy", "Time Gap",
                                                            "seconds"], rows))
     return results
+
+
+EXPERIMENT = Experiment(
+    "label", LabelConfig, "label guidance: unguided / DPS / DPS+TAG / CG / CG+TAG (Table 2 analogue)", _validate,
+    _table, measure=_measure, paper=PAPER_TABLE2, record=_record, figure=_figure, check_targets=True,
+    tail=("seconds",), load=lambda cfg: load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device))
+
+
+def label_experiment(methods: tuple[str, ...] = METHODS) -> Experiment:
+    """The label suite over ``methods`` (:data:`ALL_METHODS`)."""
+    return replace(EXPERIMENT, validate=partial(_validate, methods=methods), measure=partial(_measure, methods=methods))

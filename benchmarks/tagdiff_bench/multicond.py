@@ -77,7 +77,7 @@ target classes) and the Time Gap of the unconditional predictor.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +95,17 @@ from .common import (
     draw,
     fmt_ms,
     grid_key,
-    load_setup,
     mean_std,
     preview,
     sample_metrics,
     short_hash,
-    write_outputs,
 )
 from .multicond_report import PREVIEW_PER_TARGET, cell_name, figure, table
+from .runner import Experiment, run
 
 __all__ = ["MultiCondConfig", "Targets", "run_multicond", "ink_mass", "ink_loss", "ink_bins", "ink_quantiles",
            "joint_condition", "parse_targets", "make_targets", "multicond_terms", "evaluate", "load_predictors",
-           "resolve_targets", "INK_LEVELS", "METHODS", "PAPER", "DEFAULT_TARGETS"]
+           "resolve_targets", "INK_LEVELS", "METHODS", "PAPER", "DEFAULT_TARGETS", "EXPERIMENT"]
 
 METHODS = ("dps", "joint", "single", "unconditional")
 PAPER = {"source": "the paper's Table 5 (CelebA-HQ, accuracy % = all target attributes correct; log-KID)",
@@ -321,12 +320,14 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
             seed that is also an evaluation seed, a time predictor with the wrong number of conditions, or a wrong
             attribute classifier. CheckpointError: missing models.
     """
-    _validate(cfg)
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    attr = get_attribute(cfg.attribute)
-    parse_targets(resolve_targets(cfg), setup.models["clf_eval"].num_classes, attr.levels)
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
+
+
+def _measure(setup: Setup, cfg: MultiCondConfig, cache: RunCache, progress: bool) -> dict[str, Any]:
+    """Every cell of the grid on the validation seed, then the chosen cells over the evaluation seeds (module
+    docstring): ``{"rows", "sweep", "attribute_stats", "preview"}``."""
+    parse_targets(resolve_targets(cfg), setup.models["clf_eval"].num_classes, get_attribute(cfg.attribute).levels)
     preds = load_predictors(setup, cfg)
-    cache = RunCache(out_dir, resume)
     numeric = _numeric(cfg.attribute)
     targets = ",".join(resolve_targets(cfg))  # long strings are hashed: a cached run's file name must stay short
     paths = (setup.checkpoints, cfg.class_predictor, cfg.joint_predictor, cfg.data_dir)
@@ -385,24 +386,30 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
                   f"{fmt_ms(mm['class_accuracy'], 3)}  {cfg.attribute} {fmt_ms(mm[numeric[2]], 3)}  FID "
                   f"{fmt_ms(mm['fid'], 2)}  TG {fmt_ms(mm['time_gap'])}", flush=True)
     _, attribute_stats = make_targets(setup, cfg, 1)
+    return {"rows": rows,
+            "sweep": {"grid": grid, "seed": cfg.sweep_seed, "criterion": "max joint_success, then min fid, then "
+                      "smallest ω_0, η_0",
+                      "best": {m: {"omega": w, "reparam_scale": e} for m, (w, e) in chosen.items()}},
+            "attribute_stats": attribute_stats, "preview": previews}
+
+
+def _record(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
+    attr = get_attribute(cfg.attribute)
     lo, hi = attr.levels
     l_attr = "(m(x0_hat) - m*)^2 / ink_scale^2" if cfg.attribute == "ink" else "-log p_clf_slant(b | x0_hat)"
-    results = {"rows": rows,
-               "sweep": {"grid": grid, "seed": cfg.sweep_seed, "criterion": "max joint_success, then min fid, then "
-                         "smallest ω_0, η_0",
-                         "best": {m: {"omega": w, "reparam_scale": e} for m, (w, e) in chosen.items()}},
-               "attribute_stats": attribute_stats, "preview": previews,
-               "config": {**asdict(cfg), "targets": list(resolve_targets(cfg)), "checkpoints": setup.checkpoints,
-                          "sampler": "ddim", "clip_x0": 1.0,
-                          "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
-                          "reparam_scale_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
-                          "losses": f"-log p_clf_clean(y | x0_hat) + {l_attr}",
-                          "joint_condition": f"2 * class + {cfg.attribute}_bin (1 = {hi})",
-                          "measure": f"{cfg.attribute}: {attr.description}",
-                          f"{cfg.attribute}_success": f"m(x0) > held-out class median ({hi}) / < median ({lo})",
-                          "fid_reference": "held-out images of the target class (clf_eval features)",
-                          "time_gap_predictor": "unconditional time_predictor", "torch": torch.__version__},
-               "paper": PAPER}
-    write_outputs(out_dir, results, table(results, cfg))
-    figure(Path(out_dir) / "multicond.png", results, cfg, tuple(setup.eps_model.sample_shape))
-    return results
+    return {"targets": list(resolve_targets(cfg)), "sampler": "ddim", "clip_x0": 1.0,
+            "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
+            "reparam_scale_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
+            "losses": f"-log p_clf_clean(y | x0_hat) + {l_attr}",
+            "joint_condition": f"2 * class + {cfg.attribute}_bin (1 = {hi})",
+            "measure": f"{cfg.attribute}: {attr.description}",
+            f"{cfg.attribute}_success": f"m(x0) > held-out class median ({hi}) / < median ({lo})",
+            "fid_reference": "held-out images of the target class (clf_eval features)",
+            "time_gap_predictor": "unconditional time_predictor"}
+
+
+EXPERIMENT = Experiment(
+    "multicond", MultiCondConfig,
+    "class + stroke thickness (or slant) guided together; joint/single/unconditional TAG (Table 5)", _validate,
+    table, measure=_measure, paper=PAPER, record=_record,
+    figure=lambda path, results, cfg, setup: figure(path, results, cfg, tuple(setup.eps_model.sample_shape)))

@@ -10,7 +10,7 @@ images of the target class, in the evaluation classifier's features), accuracy a
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +18,11 @@ import torch
 
 from tagdiff.guidance import DPSGuidance, TemporalAlignment, Term, label_loss
 
-from .common import (
-    ExperimentConfig,
-    RunCache,
-    check_classes,
-    draw,
-    fmt_ci,
-    fmt_ms,
-    grid_key,
-    load_setup,
-    markdown_table,
-    sample_metrics,
-    tag_comparison,
-    write_outputs,
-)
+from .common import ExperimentConfig, Setup, draw, fmt_ci, fmt_ms, grid_key, markdown_table, sample_metrics
 from .label import LabelConfig
+from .runner import Comparison, Experiment, run
 
-__all__ = ["StrengthConfig", "run_strength", "PAPER"]
+__all__ = ["StrengthConfig", "run_strength", "PAPER", "EXPERIMENT"]
 
 PAPER = {"source": "the paper's Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy %)",
          "1.0": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
@@ -56,20 +44,13 @@ class StrengthConfig(ExperimentConfig):
     num_steps: int = 50
 
 
-def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *, progress: bool = True,
-                 resume: bool = True) -> dict[str, Any]:
-    """Run the experiment; write ``results.json`` and ``table.md`` (and ``strength.png``) in ``out_dir``.
-
-    Raises:
-        ValueError: a non-positive strength, a negative ω, a target class the classifiers do not have, or an
-            unavailable device.
-    """
+def _validate(cfg: StrengthConfig) -> None:
     if min(cfg.strengths) <= 0 or min(cfg.omegas) < 0:
         raise ValueError(f"strengths must be > 0 and omegas >= 0, got {cfg.strengths} and {cfg.omegas}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    check_classes(cfg.targets, setup)
-    cache = RunCache(out_dir, resume)
-    results: dict[str, Any] = {"strength": {}}
+
+
+def _comparisons(setup: Setup, cfg: StrengthConfig) -> Any:
+    """One comparison per strength: DPS at ``strength × dps_scale``, judged by FID and accuracy on the targets."""
     for strength in cfg.strengths:
         def run(omega: float, seed: int, n: int, strength: float = strength) -> dict[str, Any]:
             target = torch.tensor(cfg.targets).repeat_interleave(n // len(cfg.targets)).to(setup.device)
@@ -83,19 +64,23 @@ def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *,
 
         key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.dps_scale, "steps": cfg.num_steps,
                "targets": ",".join(map(str, cfg.targets)), **grid_key(cfg)}
-        r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
-                           n=cfg.num_per_target * len(cfg.targets), sweep_n=cfg.sweep_per_target * len(cfg.targets))
-        results["strength"][str(strength)] = r
-        if progress:
-            print(f"  strength {strength:<4} ω*={r['best_omega']:<4} FID {fmt_ms(r['without']['fid'])} -> "
-                  f"{fmt_ms(r['with']['fid'])}  acc {fmt_ms(r['without']['accuracy'], 3)} -> "
-                  f"{fmt_ms(r['with']['accuracy'], 3)}", flush=True)
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "sampler": "ddim", "eta": 1.0,
-                         "clip_x0": 1.0, "torch": torch.__version__}
-    results["paper"] = PAPER
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "strength.png", results)
-    return results
+        yield Comparison((str(strength),), key, run, n=cfg.num_per_target * len(cfg.targets),
+                         sweep_n=cfg.sweep_per_target * len(cfg.targets), omegas=cfg.omegas,
+                         line=lambda r, strength=strength: (
+                             f"  strength {strength:<4} ω*={r['best_omega']:<4} FID {fmt_ms(r['without']['fid'])} -> "
+                             f"{fmt_ms(r['with']['fid'])}  acc {fmt_ms(r['without']['accuracy'], 3)} -> "
+                             f"{fmt_ms(r['with']['accuracy'], 3)}"))
+
+
+def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *, progress: bool = True,
+                 resume: bool = True) -> dict[str, Any]:
+    """Run the experiment; write ``results.json`` and ``table.md`` (and ``strength.png``) in ``out_dir``.
+
+    Raises:
+        ValueError: a non-positive strength, a negative ω, a target class the classifiers do not have, or an
+            unavailable device.
+    """
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
 
 
 def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
@@ -116,7 +101,7 @@ def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
                                   "acc DPS+TAG", "Time Gap", "paper (CIFAR-10) FID; acc"], rows)
 
 
-def _figure(path: Path, results: dict[str, Any]) -> None:
+def _figure(path: Path, results: dict[str, Any], cfg: StrengthConfig, setup: Setup) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,3 +119,9 @@ def _figure(path: Path, results: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+EXPERIMENT = Experiment(
+    "strength", StrengthConfig, "DPS strength 1-5× with/without TAG (Table 3)", _validate, _table,
+    section="strength", comparisons=_comparisons, paper=PAPER, check_targets=True, figure=_figure,
+    record=lambda setup, cfg: {"sampler": "ddim", "eta": 1.0, "clip_x0": 1.0})
