@@ -36,20 +36,22 @@ def main() -> None:
     def run(cfg: LabelConfig, methods: tuple[str, ...]) -> None:
         res = run_label("runs/label_sweep_tmp", cfg, progress=False, methods=methods)
         for m, v in res["methods"].items():
-            row = {"method": m, "dps_scale": cfg.dps_scale, "cg_scale": cfg.cg_scale, "omega": cfg.omega, **v}
+            row = {"method": m, "dps_guidance_scale": cfg.dps_guidance_scale,
+                   "cg_guidance_scale": cfg.cg_guidance_scale, "omega": cfg.omega, **v}
             rows.append(row)
-            print(f"{m:8s} dps {cfg.dps_scale:5.1f} cg {cfg.cg_scale:4.1f} omega {cfg.omega:5.2f}  FID {v['fid']:7.2f}"
-                  f"  acc {v['accuracy']:.3f}  TG {v['time_gap']:6.1f}", flush=True)
+            print(f"{m:8s} dps {cfg.dps_guidance_scale:5.1f} cg {cfg.cg_guidance_scale:4.1f} omega {cfg.omega:5.2f}  "
+                  f"FID {v['fid']:7.2f}  acc {v['accuracy']:.3f}  TG {v['time_gap']:6.1f}", flush=True)
 
     run(base, ("unguided",))
     for s in (float(v) for v in args.dps_scales.split(",")):
-        run(replace(base, dps_scale=s), ("dps",))
+        run(replace(base, dps_guidance_scale=s), ("dps",))
     for s in (float(v) for v in args.cg_scales.split(",")):
-        run(replace(base, cg_scale=s), ("cg",))
+        run(replace(base, cg_guidance_scale=s), ("cg",))
     best_dps = max((r for r in rows if r["method"] == "dps"), key=lambda r: r["accuracy"] - r["fid"] / 100)
     best_cg = max((r for r in rows if r["method"] == "cg"), key=lambda r: r["accuracy"] - r["fid"] / 100)
     for w in (float(v) for v in args.omegas.split(",")):
-        cfg = replace(base, dps_scale=best_dps["dps_scale"], cg_scale=best_cg["cg_scale"], omega=w)
+        cfg = replace(base, dps_guidance_scale=best_dps["dps_guidance_scale"],
+                      cg_guidance_scale=best_cg["cg_guidance_scale"], omega=w)
         run(cfg, ("dps+tag", "cg+tag"))
     with open(args.out, "w") as fh:
         json.dump({"rows": rows, "config": vars(args), "seconds": time.time() - t0}, fh, indent=2)

@@ -51,17 +51,18 @@ def add_experiment_parsers(bsub: Any) -> None:
             flag = "--" + f.name.replace("_", "-")
             hint = hints[f.name]
             if f.name == "dataset":
-                p.add_argument(flag, choices=("digits", "mnist"), default=f.default)
+                kw: dict[str, Any] = {"choices": ("digits", "mnist")}
             elif typing.get_origin(hint) is tuple:
-                kind = typing.get_args(hint)[0]
                 default = ",".join(map(str, f.default)) or "empty: see the docs"
-                p.add_argument(flag, type=_tuple_parser(kind), default=f.default,
-                               help=f.metadata.get("help", f"comma-separated (default: {default})"))
+                kw = {"type": _tuple_parser(typing.get_args(hint)[0]),
+                      "help": f.metadata.get("help", f"comma-separated (default: {default})")}
             elif hint in (int, float):
-                p.add_argument(flag, type=hint, default=f.default, help=f"(default: {f.default})")
+                kw = {"type": hint, "help": f"(default: {f.default})"}
             else:
-                p.add_argument(flag, type=str, default=f.default, choices=f.metadata.get("choices"),
-                               help=f.metadata.get("help"))
+                kw = {"type": str, "choices": f.metadata.get("choices"), "help": f.metadata.get("help")}
+            p.add_argument(flag, default=f.default, **kw)
+            for old in f.metadata.get("aliases", ()):  # a former name, still accepted, not listed
+                p.add_argument(old, dest=f.name, default=argparse.SUPPRESS, **{**kw, "help": argparse.SUPPRESS})
         p.add_argument("--no-resume", action="store_true", help="recompute runs already cached in OUT/runs")
         p.add_argument("--quiet", action="store_true")
 

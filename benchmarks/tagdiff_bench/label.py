@@ -14,7 +14,8 @@ and the sampling noise (common random numbers), so their differences are the eff
 The suite goes through the shared pipeline of :mod:`tagdiff.bench.common` (load the models, build each method's
 terms, draw, metrics, table and figure): every (method, seed) run is a cached run of ``OUT/runs/`` (an interrupted
 or repeated run resumes), its metrics are :func:`~tagdiff.bench.common.sample_metrics`. Names: ``omega`` is TAG's
-ω_0; ``dps_scale`` / ``cg_scale`` are the guidance scales of DPS and of classifier guidance; ``eta`` is DDIM's η.
+ω_0; ``dps_guidance_scale`` / ``cg_guidance_scale`` are the guidance scales of DPS and of classifier guidance;
+``eta`` is DDIM's η.
 """
 
 from __future__ import annotations
@@ -71,27 +72,29 @@ ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "the paper's Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
 PREVIEW_PER_TARGET = 8  # samples per target class kept for the figure
+# the run cache's names of renamed LabelConfig fields (part of every cached run's key)
+KEY_NAMES = {"models_dir": "checkpoints", "dps_guidance_scale": "dps_scale", "cg_guidance_scale": "cg_scale"}
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     """Settings of the label-guidance suite. The digits defaults (DPS scale 16, CG scale 4, ω_0 = 1) were chosen by
     ``benchmarks/label_sweep.py`` on other targets (1, 4, 8) and another seed (100) than the demo reports.
-    ``dps_scale`` / ``cg_scale`` are the guidance scales of DPS and classifier guidance, ``omega`` TAG's ω_0,
-    ``eta`` DDIM's η; ``device`` is ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda`` or ``mps``."""
+    ``dps_guidance_scale`` / ``cg_guidance_scale`` are the guidance scales of DPS and classifier guidance, ``omega``
+    TAG's ω_0, ``eta`` DDIM's η; ``device`` is ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda`` or ``mps``."""
 
     dataset: str = "digits"
     targets: tuple[int, ...] = (0, 3, 7)
     num_per_target: int = 64
     num_steps: int = 50
     eta: float = 1.0
-    dps_scale: float = 16.0
-    cg_scale: float = 4.0
+    dps_guidance_scale: float = 16.0
+    cg_guidance_scale: float = 4.0
     omega: float = 1.0
     placement: str = "pre"
     seed: int = 0
     data_dir: str | None = None
-    checkpoints: str | None = None
+    models_dir: str | None = None  # the folder of the models (default: the shipped assets/<dataset>)
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
     # The grid: VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset); "linspace" is the TFG benchmark's.
@@ -126,9 +129,9 @@ def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: Label
     if method.startswith("dps_tfg"):
         terms.append(DPSNormalized(label_loss(models["clf_clean"], target), cfg.dps_tfg_scale))
     elif method.startswith("dps"):
-        terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_scale))
+        terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_guidance_scale))
     elif method.startswith("cg"):
-        terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_scale))
+        terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_guidance_scale))
     elif method.startswith("tfg"):
         terms.append(TFGGuidance(label_loss(models["clf_clean"], target), rho=cfg.tfg_rho, mu=cfg.tfg_mu,
                                  gamma=cfg.tfg_gamma, num_recur=cfg.tfg_recur, clip_x0=cfg.tfg_clip_x0 or None))
@@ -198,10 +201,11 @@ def _measure(setup: Setup, cfg: LabelConfig, cache: RunCache, progress: bool,
              methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     """Every method at ``cfg.seed`` (one cached run each); the samples shown go to the figure only."""
     seconds = stopwatch()
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "device")}
+    # the settings' digest names the fields as the cache always has (KEY_NAMES), so cached runs still resume
+    settings = {KEY_NAMES.get(k, k): v for k, v in asdict(cfg).items() if k not in ("seed", "device")}
     base = {"exp": "label", "dataset": cfg.dataset, "targets": ",".join(map(str, cfg.targets)),
             "n": cfg.num_per_target, "steps": cfg.num_steps, "eta": cfg.eta,
-            "settings": short_hash(json.dumps({**settings, "checkpoints": setup.checkpoints}, sort_keys=True))}
+            "settings": short_hash(json.dumps({**settings, "checkpoints": setup.models_dir}, sort_keys=True))}
     results: dict[str, Any] = {"methods": {}, "per_target": {}, "time_gap_per_step": {}}
     runs: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -336,7 +340,7 @@ def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...
 EXPERIMENT = Experiment(
     "label", LabelConfig, "label guidance: unguided / DPS / DPS+TAG / CG / CG+TAG (Table 2 analogue)", _validate,
     _table, measure=_measure, paper=PAPER_TABLE2, record=_record, figure=_figure, check_targets=True,
-    tail=("seconds",), load=lambda cfg: load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device))
+    tail=("seconds",), load=lambda cfg: load_setup(cfg.dataset, cfg.models_dir, cfg.data_dir, cfg.device))
 
 
 def label_experiment(methods: tuple[str, ...] = METHODS) -> Experiment:

@@ -58,7 +58,7 @@ class Comparison:
 
 def load_config_setup(cfg: Any) -> Setup:
     """The models and held-out split named by an :class:`~tagdiff_bench.common.ExperimentConfig`."""
-    return load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
+    return load_setup(cfg.dataset, cfg.models_dir, cfg.data_dir, cfg.device)
 
 
 def _no_record(setup: Setup, cfg: Any) -> dict[str, Any]:
@@ -142,7 +142,7 @@ def run(experiment: Experiment, out_dir: str | Path, cfg: Any, *, progress: bool
                 print(c.line(r), flush=True)
     private = results.pop("_figure", None)
     tail = {k: results.pop(k) for k in experiment.tail if k in results}
-    config = {**asdict(cfg), "checkpoints": setup.checkpoints, **experiment.record(setup, cfg)}
+    config = {**asdict(cfg), "models_dir": setup.models_dir, **experiment.record(setup, cfg)}
     config.setdefault("torch", torch.__version__)
     results["config"] = config
     if experiment.paper is not None:

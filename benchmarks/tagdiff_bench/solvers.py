@@ -13,7 +13,8 @@ Choices, all recorded in ``results.json["config"]``:
   ``use_clipped_model_output``): gradient guidance diverges without it on images (INTEGRATION.md);
 * UniPC runs with its corrector disabled (UniP-2M): UniC recomputes the state from the previous step and would
   discard TAG's correction (see :mod:`tagdiff.scheduler_loop`); the no-TAG row uses the same solver;
-* guidance scales are the label suite's (``LabelConfig.dps_scale``, ``cg_scale``), TAG's placement is Alg. 1.
+* guidance scales are the label suite's (``LabelConfig.dps_guidance_scale``, ``cg_guidance_scale``), TAG's placement
+  is Alg. 1.
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class SolversConfig(ExperimentConfig):
     targets: tuple[int, ...] = (0, 3, 7)
     num_per_target: int = 32
     sweep_per_target: int = 16
-    dps_scale: float = LabelConfig().dps_scale
-    cg_scale: float = LabelConfig().cg_scale
+    dps_guidance_scale: float = field(default=LabelConfig().dps_guidance_scale, metadata={"aliases": ("--dps-scale",)})
+    cg_guidance_scale: float = field(default=LabelConfig().cg_guidance_scale, metadata={"aliases": ("--cg-scale",)})
     timestep_spacing: str = field(default="trailing", metadata={"choices": ("trailing", "leading", "linspace"),
                                                                 "help": "the schedulers' timestep_spacing (default: "
                                                                         "trailing, the first step at T - 1)"})
@@ -92,9 +93,10 @@ def _comparisons(setup: Setup, cfg: SolversConfig) -> Any:
                     per = n // len(cfg.targets)
                     target = torch.tensor(cfg.targets).repeat_interleave(per).to(setup.device)
                     if guidance == "dps":
-                        terms: list = [DPSGuidance(label_loss(setup.models["clf_clean"], target), cfg.dps_scale)]
+                        terms: list = [DPSGuidance(label_loss(setup.models["clf_clean"], target),
+                                                   cfg.dps_guidance_scale)]
                     else:
-                        terms = [ClassifierGuidance(setup.models["clf_noisy"], target, cfg.cg_scale)]
+                        terms = [ClassifierGuidance(setup.models["clf_noisy"], target, cfg.cg_guidance_scale)]
                     if omega > 0:
                         terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
                     out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=steps,
@@ -105,7 +107,7 @@ def _comparisons(setup: Setup, cfg: SolversConfig) -> Any:
 
                 key = {"exp": "solvers", "dataset": cfg.dataset, "guidance": guidance, "solver": solver,
                        "steps": steps, "targets": ",".join(map(str, cfg.targets)),
-                       "scale": cfg.dps_scale if guidance == "dps" else cfg.cg_scale,
+                       "scale": cfg.dps_guidance_scale if guidance == "dps" else cfg.cg_guidance_scale,
                        **({} if cfg.timestep_spacing == "trailing" and not cfg.steps_offset
                           else {"grid": cfg.timestep_spacing, "offset": cfg.steps_offset})}
                 yield Comparison((f"{guidance}/{solver}/{steps}",), key, run, n=cfg.num_per_target * len(cfg.targets),
@@ -138,11 +140,10 @@ def _table(results: dict[str, Any], cfg: SolversConfig) -> str:
                      f"{a['seconds']['mean']:.1f} → {b['seconds']['mean']:.1f}"])
     head = (f"Label guidance through diffusers solvers, {cfg.dataset}: targets {list(cfg.targets)}, ω_0 chosen on seed "
             f"{cfg.sweep_seed} ({cfg.sweep_per_target} per target) over {list(cfg.omegas)}; mean ± std over seeds "
-            f"{list(cfg.seeds)} with {cfg.num_per_target} samples per target. DPS scale {cfg.dps_scale}, CG scale "
-            f"{cfg.cg_scale}; {cfg.timestep_spacing} grids, x̂_0 clipped to [-1, 1] before every step. FID per target "
-            "class in the "
-            "evaluation classifier's features. ΔFID: the paired change over the seeds with its Student-t 95 % "
-            "interval; (noise) where it holds 0.\n\n")
+            f"{list(cfg.seeds)} with {cfg.num_per_target} samples per target. DPS scale "
+            f"{cfg.dps_guidance_scale}, CG scale {cfg.cg_guidance_scale}; {cfg.timestep_spacing} grids, x̂_0 clipped to "
+            "[-1, 1] before every step. FID per target class in the evaluation classifier's features. ΔFID: the paired "
+            "change over the seeds with its Student-t 95 % interval; (noise) where it holds 0.\n\n")
     return head + markdown_table(["guidance", "solver", "steps", "ω*", "FID without", "FID with TAG", "ΔFID [95% CI]",
                                   "accuracy", "Time Gap", "seconds"], rows)
 

@@ -1,16 +1,17 @@
 """Rising DPS strength with and without TAG (docs/notation.md §7.2, Table 3 analogue).
 
 Table 3's strengths 1, 1.5, 2.5 and 5 multiply the tuned DPS strength (its 1.0 row equals Table 2's DPS). Here they
-multiply the suite's tuned DPS guidance scale (``dps_scale``, by default ``LabelConfig.dps_scale``, 16 on digits).
-DPS is the score-space label guidance of the label suite (``-log p(y | x0_hat)`` of the clean classifier, through
-the ε-model), sampled with DDIM(η = 1), 50 trailing steps, x0_hat clipped to [-1, 1]. For each strength, ω_0 is
-chosen on a validation seed by FID; the table reports mean ± std over the evaluation seeds of FID (against held-out
-images of the target class, in the evaluation classifier's features), accuracy and Time Gap.
+multiply the suite's tuned DPS guidance scale (``dps_guidance_scale``, by default
+``LabelConfig.dps_guidance_scale``, 16 on digits). DPS is the score-space label guidance of the label suite (``-log
+p(y | x0_hat)`` of the clean classifier, through the ε-model), sampled with DDIM(η = 1), 50 trailing steps, x0_hat
+clipped to [-1, 1]. For each strength, ω_0 is chosen on a validation seed by FID; the table reports mean ± std over
+the evaluation seeds of FID (against held-out images of the target class, in the evaluation classifier's features),
+accuracy and Time Gap.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,11 @@ PAPER = {"source": "the paper's Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy 
 
 @dataclass(frozen=True)
 class StrengthConfig(ExperimentConfig):
-    """Settings: ``strengths`` multiply ``dps_scale`` (the tuned DPS guidance scale); ``omegas`` is the TAG ω_0 grid."""
+    """Settings: ``strengths`` multiply ``dps_guidance_scale`` (the tuned DPS guidance scale); ``omegas`` is the TAG
+    ω_0 grid."""
 
     strengths: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
-    dps_scale: float = LabelConfig.dps_scale
+    dps_guidance_scale: float = field(default=LabelConfig.dps_guidance_scale, metadata={"aliases": ("--dps-scale",)})
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     targets: tuple[int, ...] = tuple(range(10))
     num_per_target: int = 32
@@ -50,20 +52,21 @@ def _validate(cfg: StrengthConfig) -> None:
 
 
 def _comparisons(setup: Setup, cfg: StrengthConfig) -> Any:
-    """One comparison per strength: DPS at ``strength × dps_scale``, judged by FID and accuracy on the targets."""
+    """One comparison per strength: DPS at ``strength × dps_guidance_scale``, judged by FID and accuracy on the
+    targets."""
     for strength in cfg.strengths:
         def run(omega: float, seed: int, n: int, strength: float = strength) -> dict[str, Any]:
             target = torch.tensor(cfg.targets).repeat_interleave(n // len(cfg.targets)).to(setup.device)
             terms: list[Term] = [DPSGuidance(label_loss(setup.models["clf_clean"], target),
-                                             strength * cfg.dps_scale)]
+                                             strength * cfg.dps_guidance_scale)]
             if omega > 0:
                 terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
             out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=cfg.num_steps,
                        timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
             return {**sample_metrics(setup, out["x0"], target), "time_gap": out["time_gap"], "seconds": out["seconds"]}
 
-        key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.dps_scale, "steps": cfg.num_steps,
-               "targets": ",".join(map(str, cfg.targets)), **grid_key(cfg)}
+        key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.dps_guidance_scale,
+               "steps": cfg.num_steps, "targets": ",".join(map(str, cfg.targets)), **grid_key(cfg)}
         yield Comparison((str(strength),), key, run, n=cfg.num_per_target * len(cfg.targets),
                          sweep_n=cfg.sweep_per_target * len(cfg.targets), omegas=cfg.omegas,
                          line=lambda r, strength=strength: (
@@ -88,7 +91,7 @@ def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
     for s, r in results["strength"].items():
         a, b = r["without"], r["with"]
         p = PAPER.get(s)
-        rows.append([s, f"{float(s) * cfg.dps_scale:g}", r["best_omega"], fmt_ms(a["fid"]), fmt_ms(b["fid"]),
+        rows.append([s, f"{float(s) * cfg.dps_guidance_scale:g}", r["best_omega"], fmt_ms(a["fid"]), fmt_ms(b["fid"]),
                      fmt_ci(r["paired"]["fid"], "t"),
                      fmt_ms(a["accuracy"], 3), fmt_ms(b["accuracy"], 3),
                      f"{a['time_gap']['mean']:.1f} → {b['time_gap']['mean']:.1f}",
