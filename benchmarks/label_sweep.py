@@ -4,7 +4,7 @@ Uses targets and a seed distinct from the demo's (demo: targets 0,3,7, seed 0), 
 on the numbers it reports. Prints FID / accuracy / Time Gap per setting and writes them as JSON. The TAG sweep runs
 on the guidance scales that maximise ``accuracy - FID / 100`` (accuracy first; FID breaks near-ties).
 
-    python benchmarks/label_sweep.py --checkpoints runs/digits --out runs/label_sweep.json
+    python benchmarks/label_sweep.py --models-dir runs/digits --out runs/label_sweep.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tagdiff_bench.label import LabelConfig, run_label
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoints", default=None, help="default: the shipped digits models")
+    p.add_argument("--models-dir", "--checkpoints", default=None, help="default: the shipped digits models")
     p.add_argument("--targets", default="1,4,8")
     p.add_argument("--seed", type=int, default=100)
     p.add_argument("--num-per-target", type=int, default=32)
@@ -29,7 +29,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/label_sweep.json")
     args = p.parse_args()
     base = LabelConfig(targets=tuple(int(v) for v in args.targets.split(",")), seed=args.seed,
-                       num_per_target=args.num_per_target, checkpoints=args.checkpoints,
+                       num_per_target=args.num_per_target, models_dir=args.models_dir,
                        timestep_spacing="trailing")  # the grid of the sweep behind the documented defaults
     rows, t0 = [], time.time()
 

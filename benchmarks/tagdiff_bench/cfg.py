@@ -306,7 +306,8 @@ def _measure(setup: Setup, cfg: CFGConfig, cache: RunCache, progress: bool) -> d
                 y = torch.arange(K).repeat_interleave(n // K).to(setup.device)
                 method = family + (f"+{variant or 'tag'}" if omega else "")
                 out = draw(setup, cfg_terms(method, scale, omega, setup, cfg, window, y), n=y.numel(), seed=seed,
-                           num_steps=cfg.num_steps, eta=0.0, clip_x0=None if family == "cfg++" else (cfg.clip_x0 or None),
+                           num_steps=cfg.num_steps, eta=0.0,
+                           clip_x0=None if family == "cfg++" else (cfg.clip_x0 or None),
                            timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset,
                            cond={"y": y}, clamp=cfg.vae is None)
                 x0 = decode(out["x0"])

@@ -49,8 +49,8 @@ class ExperimentConfig:
     (``VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset)``) and the device the models run on
     (``auto``: CUDA, else MPS, else CPU; the noise is drawn on the CPU either way, so a CPU run is the same bit for
     bit whatever device it is later compared with; the run cache does not record the device). The default grid is the
-    TFG benchmark's ``space_timesteps`` (``"linspace"``), which the paper's experiments ran on; ``"trailing"`` is the
-    grid of the runs made before issue 12."""
+    TFG benchmark's ``space_timesteps`` (``"linspace"``), which the paper's experiments ran on; ``"trailing"`` starts
+    the first step at t = T − 1."""
 
     dataset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -62,7 +62,7 @@ class ExperimentConfig:
     device: str = field(default="auto", metadata={"help": f"{' | '.join(DEVICES)} (default: auto)"})
     timestep_spacing: str = field(default="linspace", metadata={"choices": GRID_SPACINGS, "help": (
         "sampling grid (default: linspace, the TFG benchmark's space_timesteps at the paper's step counts; "
-        "trailing: the runs before issue 12)")})
+        "trailing: the first step at T - 1)")})
     steps_offset: int = 0
 
     def __post_init__(self) -> None:
@@ -128,8 +128,8 @@ def check_classes(targets: Sequence[int], setup: Setup) -> None:
 
 
 def grid_key(cfg: Any) -> dict[str, Any]:
-    """The grid's part of a run-cache key: empty for the trailing grid without offset (the runs before issue 12,
-    whose cached results therefore still resume), else ``{"spacing": ..., ["offset": ...]}``."""
+    """The grid's part of a run-cache key: empty for the trailing grid without offset (so runs cached on that grid
+    keep their keys), else ``{"spacing": ..., ["offset": ...]}``."""
     spacing, offset = getattr(cfg, "timestep_spacing", "trailing"), getattr(cfg, "steps_offset", 0)
     if spacing == "trailing" and not offset:
         return {}

@@ -8,7 +8,7 @@ The grid is the TFG benchmark's by default (``timestep_spacing="linspace"``, equ
 ``YWolfeee/Training-Free-Guidance/diffusion/unet/openai.py`` at the paper's step counts; diffusers' ``"leading"``
 agrees for one step): one step is ``[0]``, three ``[999, 500, 0]``. So the paper's one-step sampler evaluates
 ε_θ(x_T, t = 0), and Alg. 1 ("pre") corrects x_T, which is maximally off the t = 0 manifold, toward class 0; Alg. 2
-("post") has no timestep to target after the last step. On the ``"trailing"`` grid (the runs before issue 12) one
+("post") has no timestep to target after the last step. On the ``"trailing"`` grid one
 step starts at t = T − 1, where x_T is already on the manifold. Each run records the per-step ‖ω_t·TLS‖
 (``tls_norm_per_step``) so the tables can show where TAG acted; with the default ω schedule ω_t = ω_0 (1 − ᾱ_t) is
 only ω_0 · 1e-4 at t = 0 (``omega_schedule="constant"`` lifts that).

@@ -5,7 +5,7 @@ gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aw
 TAG; TFG (x̂_0 clipped in its loss, as the benchmark) and the benchmark's own DPS (``dps_tfg``:
 :class:`~tagdiff.guidance.DPSNormalized`, ∇log p / |log p|, no clipping in its loss or its step, as
 ``methods/dps.py``). Sampler: DDIM(η = 1), as the TFG benchmark, over its ``space_timesteps`` grid by default
-(``timestep_spacing="linspace"``, the same grid at 50 steps; the runs before issue 12 used ``"trailing"``), x0_hat
+(``timestep_spacing="linspace"``, the same grid at 50 steps; ``"trailing"`` is also available), x0_hat
 clipped to [-1, 1] inside the step except for ``dps_tfg``. Metrics, as the TFG benchmark computes them: FID against
 the held-out images of the target class in the feature space of the independent evaluation classifier, that
 classifier's accuracy on the target, the mean Time Gap (learned time predictor) and wall time. All methods share x_T
@@ -107,7 +107,7 @@ class LabelConfig:
     tfg_mu: float = 0.5
     tfg_gamma: float = 0.001
     tfg_recur: int = 1
-    tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss (the benchmark's clip_x0 = True); 0 = off (the runs before 12)
+    tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss (the benchmark's clip_x0 = True); 0 = off
     dps_tfg_scale: float = 1.0  # the benchmark's DPS strength (``guidance_strength``)
     # Baselines (docs/notation.md §5; the paper does not report their settings): ES λ (ADM-ES/ComfyUI default 1.005),
     # Langevin snr (score_sde's 0.16), Time-Shift window and cutoff (training timesteps).

@@ -223,7 +223,8 @@ def test_cli_bench_label(ck, tmp_path, capsys):
 
 
 def test_cli_bench_label_errors(ck, tmp_path, capsys):
-    rc = main(["bench", "label", "--checkpoints", str(ck), "--targets", "0,12",  # the former name still works "--num-per-target", "2",
+    # --checkpoints: the former name of --models-dir, still accepted
+    rc = main(["bench", "label", "--checkpoints", str(ck), "--targets", "0,12", "--num-per-target", "2",
                "--num-steps", "2", "--out", str(tmp_path / "a"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("tagdiff: error:") and "12" in err[0]
