@@ -1,7 +1,7 @@
 """Time a benchmark run's evaluation with and without :class:`tagdiff.image_metrics.FIDReference`.
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/fid_reference.py \
-        [--dataset mnist --data-dir ../shared/data/mnist --checkpoints runs/mnist] [--samples 512 --rounds 5]
+        [--dataset mnist --data-dir ../shared/data/mnist --models-dir runs/mnist] [--samples 512 --rounds 5]
 
 ``sample_metrics`` (the evaluation of every ``bench`` run) used to recompute the evaluation classifier's features of
 every held-out image (10,000 on MNIST) for each FID; it now keeps one ``FIDReference`` per class in the ``Setup``.
@@ -39,11 +39,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="digits")
     ap.add_argument("--data-dir")
-    ap.add_argument("--checkpoints")
+    ap.add_argument("--models-dir", "--checkpoints")
     ap.add_argument("--samples", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    setup = load_setup(args.dataset, args.checkpoints, args.data_dir, "cpu")
+    setup = load_setup(args.dataset, args.models_dir, args.data_dir, "cpu")
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(setup.held_x), generator=g)[: args.samples]
     x = (setup.held_x[idx] + 0.3 * torch.randn(setup.held_x[idx].shape, generator=g)).clamp(-1, 1)

@@ -67,7 +67,7 @@ def _cases() -> list[Case]:
         ("sample", "--checkpoint", "digits", "--out", "{root}/s", "--omega"): ("nan", "inf"),
         ("sample", "--checkpoint", "digits", "--out", "{root}/s", "--num-samples"): ("0", "-1"),
         ("sample", "--checkpoint", "digits", "--out", "{root}/s", "--num-steps"): ("0",),
-        ("bench", "label", "--out", "{root}/b", "--dps-scale"): ("nan", "-1"),
+        ("bench", "label", "--out", "{root}/b", "--dps-guidance-scale"): ("nan", "-1"),
         ("bench", "label", "--out", "{root}/b", "--targets"): ("a,b",),
         ("bench", "toy", "--out", "{root}/b", "--omega"): ("nan",),
     }

@@ -11,7 +11,7 @@ from tagdiff_bench.label import LabelConfig, run_label
 
 rows = []
 for rho, mu in itertools.product((0.1, 0.25, 0.5, 1.0, 4.0), (0.5, 2.0, 8.0)):
-    # the grid and unclipped TFG loss of the sweep that chose the documented ρ̄, μ̄ (before issue 12)
+    # the grid and unclipped TFG loss of the sweep that chose the documented ρ̄, μ̄ (trailing grid, TFG loss unclipped)
     cfg = LabelConfig(targets=(1, 4, 8), num_per_target=16, seed=100, tfg_rho=rho, tfg_mu=mu, tfg_gamma=0.001,
                       timestep_spacing="trailing", tfg_clip_x0=0.0)
     m = run_label("runs/tfg_sweep_tmp", cfg, progress=False, methods=("tfg",))["methods"]["tfg"]

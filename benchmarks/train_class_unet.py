@@ -1,6 +1,6 @@
 """Train a class-conditional digits UNet with label dropout (one network: ε(x, y) and ε(x, ∅)), then check CFG on it.
 
-Standalone until the CLI wires it (``tagdiff train diffusion --class-conditional --cond-drop P``; issue 13): the
+The CLI equivalent is ``tagdiff train diffusion --class-conditional --cond-drop P``; this script: the
 model is a ``UNet2DModel`` with ``num_class_embeds = K + 1`` whose last embedding is the null label (``y = -1`` in
 tagdiff, :class:`tagdiff.interop.UNetEpsModel` ``null_class``), trained by :func:`tagdiff.training.train` with
 ``cond_drop`` (dropped labels become -1). The exported folder is a diffusers UNet folder with ``null_class`` in

@@ -187,7 +187,7 @@ def test_make_operator_specific_defaults():
     assert make_operator("inpaint_box", 28).box == (7, 7, 14, 14)
     assert make_operator("inpaint_box", 8).box == (2, 2, 4, 4)
     blur = make_operator("deblur", 28)
-    assert (blur.kernel_size, blur.sigma) == (13, 1.75)
+    assert (blur.kernel_size, blur.blur_std) == (13, 1.75)
     assert make_operator("sr4", (8, 12))(torch.zeros(1, 1, 8, 12)).shape == (1, 1, 2, 3)
 
 

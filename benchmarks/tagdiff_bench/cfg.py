@@ -1,8 +1,8 @@
-"""Classifier-free guidance and its fixes, with and without TAG, from scale 1 to collapse (issue 13, item 5).
+"""Classifier-free guidance and its fixes, with and without TAG, from scale 1 to collapse.
 
 The question: at high guidance scales, does TAG keep samples on the manifold as well as, or better than, the CFG
 fixes (APG, the guidance interval, CFG++), and do they combine? One class-conditional ε-model trained with label
-dropout (``CHECKPOINTS/unet_class``; the null label is ``y = -1``, :class:`tagdiff.interop.UNetEpsModel`) samples
+dropout (``MODELS_DIR/unet_class``; the null label is ``y = -1``, :class:`tagdiff.interop.UNetEpsModel`) samples
 ``num_per_target`` images of every class of the evaluation classifier, for every guidance scale s of ``scales``
 (diffusers' convention: ε̂ = ε_u + s (ε_c - ε_u), s = 1 is the conditional model) and every method:
 
@@ -16,8 +16,8 @@ dropout (``CHECKPOINTS/unet_class``; the null label is ``y = -1``, :class:`tagdi
   paper's λ ∈ [0, 1] is not a CFG scale); it needs DDIM's unclipped update, so the sampler does not clip and CFG++
   clamps its own x̂_0^λ to ±``cfgpp_clip_x0`` (without it this model collapses at every λ; docs/RESULTS.md §15);
 * ``<method>+tag``: the same with :class:`~tagdiff.guidance.TemporalAlignment` (Alg. 1, ω_t = ω_0 (1 − ᾱ_t), the
-  unconditional time predictor ``CHECKPOINTS/time_predictor``);
-* ``<method>+ctag``: TAG with the class-conditional time predictor p_φ(t | x, y) of ``CHECKPOINTS/
+  unconditional time predictor ``MODELS_DIR/time_predictor``);
+* ``<method>+ctag``: TAG with the class-conditional time predictor p_φ(t | x, y) of ``MODELS_DIR/
   time_predictor_class`` (``tagdiff train time-predictor --condition class``) at the sample's own class, so that
   TAG pulls toward the manifold of the class being guided to rather than toward the unconditional one.
 
@@ -49,7 +49,7 @@ latents). The pairing is checked (:func:`tagdiff.latent.sampling_space`, :func:`
 check_predictor_space`): a latent model without ``vae`` or with another VAE, a pixel time predictor with a latent
 model (or the reverse), or a pixel model with ``vae`` is refused in one line naming both.
 
-Checkpoint folder (``--checkpoints DIR``; default the shipped ``assets/<dataset>``): ``DIR/unet_class/`` (a
+Models folder (``--models-dir DIR``; default the shipped ``assets/<dataset>``): ``DIR/unet_class/`` (a
 class-conditional diffusers ``UNet2DModel`` folder with ``num_class_embeds = K + 1`` and ``tagdiff.json`` recording
 ``null_class``, as ``benchmarks/train_class_unet.py`` writes), ``DIR/time_predictor/`` and ``DIR/clf_eval/``
 (``tagdiff train time-predictor`` / ``train classifier --kind eval``). With ``vae``: ``DIR/unet_class/`` and
@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +91,11 @@ from .common import (
     preview,
     sample_metrics,
     tag_comparison,
-    write_outputs,
 )
+from .runner import Experiment, run
 
 __all__ = ["METHODS", "ALL_METHODS", "CFGConfig", "cfg_terms", "load_cfg_setup", "load_decoder", "run_cfg",
-           "saturation"]
+           "saturation", "EXPERIMENT"]
 
 METHODS = ("cfg", "cfg+tag", "apg", "apg+tag", "interval", "interval+tag", "cfg++")
 ALL_METHODS = (*METHODS, "cfg+++tag", "cfg+ctag", "apg+ctag", "interval+ctag", "cfg+++ctag")
@@ -107,7 +107,7 @@ SATURATION_LEVEL = 0.98
 class CFGConfig(ExperimentConfig):
     """Settings of ``tagdiff bench cfg`` (module docstring). ``scales``: CFG scales s (> 0); ``cfgpp_lambdas``:
     CFG++'s λ (>= 0); ``omegas``: the ω_0 grid (0 is always added); ``num_per_target`` / ``sweep_per_target``:
-    samples per class on each evaluation / the validation seed; ``steps``: DDIM steps; ``clip_x0``: the sampler's
+    samples per class on each evaluation / the validation seed; ``num_steps``: DDIM steps; ``clip_x0``: the sampler's
     x̂_0 clamp (0 = off); ``unet``: the sub-folder of the class-conditional model; ``vae``: the VAE folder of
     latent models (module docstring; forces ``clip_x0 = cfgpp_clip_x0 = 0``)."""
 
@@ -117,7 +117,7 @@ class CFGConfig(ExperimentConfig):
     omegas: tuple[float, ...] = (0.25, 1.0, 4.0)
     num_per_target: int = 32
     sweep_per_target: int = 16
-    steps: int = 20
+    num_steps: int = field(default=20, metadata={"aliases": ("--steps",)})
     clip_x0: float = 1.0
     interval_sigma: tuple[float, ...] = (0.28, 5.42)
     apg_eta: float = 0.0
@@ -142,8 +142,8 @@ class CFGConfig(ExperimentConfig):
         for name, v in (("num_per_target", self.num_per_target), ("sweep_per_target", self.sweep_per_target)):
             if v < 2:
                 raise ValueError(f"{name} must be >= 2 (FID needs two samples per class), got {v}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
         for name, v in (("clip_x0", self.clip_x0), ("cfgpp_clip_x0", self.cfgpp_clip_x0),
                         ("apg_norm_threshold", self.apg_norm_threshold)):
             if not (math.isfinite(v) and v >= 0):
@@ -175,10 +175,10 @@ def load_decoder(path: str | Path, device: str | torch.device = "cpu",
 
 
 def load_cfg_setup(cfg: CFGConfig) -> Setup:
-    """The class-conditional ε-model (``CHECKPOINTS/<cfg.unet>``), the time predictor, the evaluation classifier and
+    """The class-conditional ε-model (``MODELS_DIR/<cfg.unet>``), the time predictor, the evaluation classifier and
     the held-out split of ``cfg.dataset`` (images ``(N, C, H, W)`` in [-1, 1]), on ``cfg.device``; with ``cfg.vae``
     also ``models["latent_space"]``, the :class:`~tagdiff.latent.LatentSpace` the ε-model and predictors work in
-    (``clf_eval`` from ``CHECKPOINTS/clf_eval`` if present, else the shipped pixel classifier of the dataset).
+    (``clf_eval`` from ``MODELS_DIR/clf_eval`` if present, else the shipped pixel classifier of the dataset).
 
     Raises:
         CheckpointError: a missing or corrupt model or VAE folder; ValueError: a UNet without a null label, a model
@@ -187,7 +187,7 @@ def load_cfg_setup(cfg: CFGConfig) -> Setup:
             reverse; :mod:`tagdiff.latent`), an unavailable device; DatasetError: missing data.
     """
     dev = resolve_device(cfg.device)
-    root = Path(cfg.checkpoints) if cfg.checkpoints else assets_dir(cfg.dataset)
+    root = Path(cfg.models_dir) if cfg.models_dir else assets_dir(cfg.dataset)
     eps_model, schedule = load_checkpoint(root / cfg.unet, dev)
     if getattr(eps_model, "null_class", None) is None:
         raise ValueError(f"{root / cfg.unet} is not a class-conditional UNet trained with label dropout (no "
@@ -253,7 +253,7 @@ def cfg_terms(method: str, scale: float, omega: float, setup: Setup, cfg: CFGCon
     elif method.endswith("+ctag"):
         if y is None or "time_predictor_class" not in setup.models:
             raise ValueError(f"{method} needs the samples' classes y and a class-conditional time predictor "
-                             "(CHECKPOINTS/time_predictor_class)")
+                             "(MODELS_DIR/time_predictor_class)")
         terms.append(TemporalAlignment(setup.models["time_predictor_class"], omega, condition=y))
     return terms
 
@@ -285,12 +285,16 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
     Raises:
         ValueError / CheckpointError: bad settings or checkpoints (see :class:`CFGConfig`, :func:`load_cfg_setup`).
     """
-    setup = load_cfg_setup(cfg)
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
+
+
+def _measure(setup: Setup, cfg: CFGConfig, cache: RunCache, progress: bool) -> dict[str, Any]:
+    """Every (family, scale): the base method over the seeds and, when asked, the comparison with "+tag" and
+    "+ctag" (ω_0 chosen on the validation seed); then the held-out reference and the guidance window."""
     K = setup.models["clf_eval"].num_classes
     window = interval_from_sigma(setup.schedule, *cfg.interval_sigma)
     space = setup.models.get("latent_space")
     decode = (lambda z: z) if space is None else load_decoder(cfg.vae, setup.device, space)
-    cache = RunCache(out_dir, resume)
     results: dict[str, Any] = {"runs": {}}
     families = [f for f in ("cfg", "apg", "interval", "cfg++")
                 if any(m in cfg.methods for m in (f, f"{f}+tag", f"{f}+ctag"))]
@@ -302,7 +306,8 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
                 y = torch.arange(K).repeat_interleave(n // K).to(setup.device)
                 method = family + (f"+{variant or 'tag'}" if omega else "")
                 out = draw(setup, cfg_terms(method, scale, omega, setup, cfg, window, y), n=y.numel(), seed=seed,
-                           num_steps=cfg.steps, eta=0.0, clip_x0=None if family == "cfg++" else (cfg.clip_x0 or None),
+                           num_steps=cfg.num_steps, eta=0.0,
+                           clip_x0=None if family == "cfg++" else (cfg.clip_x0 or None),
                            timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset,
                            cond={"y": y}, clamp=cfg.vae is None)
                 x0 = decode(out["x0"])
@@ -311,12 +316,12 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
 
             shared = scale == 1.0 and family != "cfg++"  # s = 1: every family is the conditional model
             key = {"exp": "cfg", "dataset": cfg.dataset, "family": "cond" if shared else family, "scale": scale,
-                   "steps": cfg.steps, "spacing": cfg.timestep_spacing, "offset": cfg.steps_offset,
+                   "steps": cfg.num_steps, "spacing": cfg.timestep_spacing, "offset": cfg.steps_offset,
                    "clip": cfg.cfgpp_clip_x0 if family == "cfg++" else cfg.clip_x0,
                    **({} if shared or family != "apg" else {"apg": f"{cfg.apg_eta},{cfg.apg_norm_threshold}"}),
                    **({"window": f"{window[0]}-{window[1]}"} if family == "interval" and not shared else {}),
                    **({"unet": cfg.unet} if cfg.unet != "unet_class" else {}),
-                   **({"checkpoints": cfg.checkpoints} if cfg.checkpoints else {}),
+                   **({"checkpoints": cfg.models_dir} if cfg.models_dir else {}),  # (the key's name of cached runs)
                    **({"vae": space.hash} if space is not None else {})}
             n, sweep_n = cfg.num_per_target * K, cfg.sweep_per_target * K
             if f"{family}+tag" in cfg.methods:
@@ -340,14 +345,23 @@ def run_cfg(out_dir: str | Path, cfg: CFGConfig = CFGConfig(), *, progress: bool
     results["reference"] = {"saturation_held_out": saturation(setup.held_x, setup.held_x)["saturation"],
                             "held_out_images": int(setup.held_x.shape[0])}
     results["window"] = list(window)
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "null_cond": NULL, "sampler": "ddim",
-                         "ddim_eta": 0.0, "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
-                         "omega_choice": "per (family, scale), by FID on the validation seed",
-                         "classes": K, "torch": torch.__version__,
-                         "latent": None if space is None else {**space.describe(), "decode": "LatentSpace.decode, "
-                                                               "clamped to [-1, 1], before every metric; Time Gap "
-                                                               "of the latent predictor on latents"}}
     results["figure"] = "cfg.png"
-    write_outputs(out_dir, results, table(results, cfg))
-    figure(Path(out_dir) / "cfg.png", results, cfg)
     return results
+
+
+def _record(setup: Setup, cfg: CFGConfig) -> dict[str, Any]:
+    space = setup.models.get("latent_space")
+    return {"null_cond": NULL, "sampler": "ddim", "ddim_eta": 0.0, "tag_placement": "pre",
+            "omega_schedule": "one_minus_alpha_bar",
+            "omega_choice": "per (family, scale), by FID on the validation seed",
+            "classes": setup.models["clf_eval"].num_classes, "torch": torch.__version__,
+            "latent": None if space is None else {**space.describe(), "decode": "LatentSpace.decode, clamped to "
+                                                  "[-1, 1], before every metric; Time Gap of the latent predictor on "
+                                                  "latents"}}
+
+
+EXPERIMENT = Experiment(
+    "cfg", CFGConfig, "classifier-free guidance scale 1-32: CFG, APG, interval, CFG++, with/without TAG "
+                      "(class-conditional UNet)", lambda cfg: None, table,
+    measure=_measure, load=load_cfg_setup, record=_record, tail=("figure",),
+    figure=lambda path, results, cfg, setup: figure(path, results, cfg))

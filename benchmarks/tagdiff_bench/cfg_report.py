@@ -48,7 +48,7 @@ def table(results: dict[str, Any], cfg: Any) -> str:
     head = (f"Classifier-free guidance ± TAG, {cfg.dataset}: {results['config']['classes']} classes × "
             f"{cfg.num_per_target} samples per evaluation seed {list(cfg.seeds)} (mean ± std); ω_0 ∈ "
             f"{{0, {', '.join(f'{w:g}' for w in cfg.omegas)}}} chosen per (method, scale) by FID on seed "
-            f"{cfg.sweep_seed} ({cfg.sweep_per_target} per class). DDIM η = 0, {cfg.steps} steps "
+            f"{cfg.sweep_seed} ({cfg.sweep_per_target} per class). DDIM η = 0, {cfg.num_steps} steps "
             f"({cfg.timestep_spacing} grid), {clip}; interval = training timesteps {results['window'][0]}.."
             f"{results['window'][1]} (σ in ({cfg.interval_sigma[0]:g}, {cfg.interval_sigma[1]:g}]). CFG++'s column "
             "'scale' is its λ. FID: mean over classes of the per-class FID in the evaluation classifier's features; "

@@ -38,14 +38,20 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and label.png")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     p.add_argument("--data-dir", type=Path, default=None, help="mnist: folder of the IDX files")
-    p.add_argument("--checkpoints", type=Path, default=None,
-                   help="folder with unet/, time_predictor/, clf_noisy/, clf_clean/, clf_eval/ (default: shipped)")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="folder with unet/, time_predictor/, clf_noisy/, clf_clean/, clf_eval/ (default: the shipped "
+                        "assets/<dataset>)")
+    p.add_argument("--checkpoints", dest="models_dir", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--targets", type=int_list, default=d.targets, help="target classes, e.g. 0,3,7 or 'all'")
     p.add_argument("--num-per-target", type=positive_int, default=d.num_per_target)
     p.add_argument("--num-steps", type=positive_int, default=d.num_steps, help="DDIM steps")
     p.add_argument("--eta", type=nonneg_float, default=d.eta, help="DDIM η (default 1, as the TFG benchmark)")
-    p.add_argument("--dps-scale", type=nonneg_float, default=d.dps_scale)
-    p.add_argument("--cg-scale", type=nonneg_float, default=d.cg_scale)
+    p.add_argument("--dps-guidance-scale", type=nonneg_float, default=d.dps_guidance_scale,
+                   help=f"DPS's guidance scale (default: {d.dps_guidance_scale:g})")
+    p.add_argument("--cg-guidance-scale", type=nonneg_float, default=d.cg_guidance_scale,
+                   help=f"classifier guidance's scale (default: {d.cg_guidance_scale:g})")
+    for old, dest in (("--dps-scale", "dps_guidance_scale"), ("--cg-scale", "cg_guidance_scale")):  # former names
+        p.add_argument(old, dest=dest, type=nonneg_float, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--omega", type=nonneg_float, default=d.omega, help="TAG ω_0 (>= 0)")
     p.add_argument("--placement", choices=("pre", "post"), default=d.placement)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -101,7 +107,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         return _bench_toy(args.out, args)
     if args.what == "speed":
         return _bench_speed(args)
-    if args.what in EXPERIMENTS:
+    if args.what in {e.name for e in EXPERIMENTS}:
         return run_experiment(args)
     return _bench_label(args)
 
@@ -153,11 +159,12 @@ def _bench_label(args: argparse.Namespace, argv: list[str] | None = None) -> dic
         cfg = LabelConfig(device=args.device, timestep_spacing="trailing", tfg_clip_x0=0.0)
     else:
         cfg = LabelConfig(dataset=args.dataset, targets=args.targets, num_per_target=args.num_per_target,
-                          num_steps=args.num_steps, eta=args.eta, dps_scale=args.dps_scale, cg_scale=args.cg_scale,
+                          num_steps=args.num_steps, eta=args.eta, dps_guidance_scale=args.dps_guidance_scale,
+                          cg_guidance_scale=args.cg_guidance_scale,
                           omega=args.omega, placement=args.placement, seed=args.seed, device=args.device,
                           **{k: getattr(args, k) for k in LABEL_GRID_ARGS},
                           data_dir=None if args.data_dir is None else str(args.data_dir),
-                          checkpoints=None if args.checkpoints is None else str(args.checkpoints))
+                          models_dir=None if args.models_dir is None else str(args.models_dir))
 
     methods = METHODS if args.command == "demo" or not args.methods else (
         ALL_METHODS if args.methods == "all" else tuple(args.methods.split(",")))

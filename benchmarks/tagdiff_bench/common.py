@@ -44,23 +44,25 @@ __all__ = ["ExperimentConfig", "Setup", "grid_key", "load_setup", "check_classes
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    """Fields every experiment shares: the dataset and its checkpoints/data, the evaluation seeds (reported as
+    """Fields every experiment shares: the dataset and its models folder and data, the evaluation seeds (reported as
     mean ± std), the validation seed on which ω_0 and other knobs are chosen (never reported), the sampling grid
     (``VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset)``) and the device the models run on
     (``auto``: CUDA, else MPS, else CPU; the noise is drawn on the CPU either way, so a CPU run is the same bit for
     bit whatever device it is later compared with; the run cache does not record the device). The default grid is the
-    TFG benchmark's ``space_timesteps`` (``"linspace"``), which the paper's experiments ran on; ``"trailing"`` is the
-    grid of the runs made before issue 12."""
+    TFG benchmark's ``space_timesteps`` (``"linspace"``), which the paper's experiments ran on; ``"trailing"`` starts
+    the first step at t = T − 1."""
 
     dataset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep_seed: int = 100
-    checkpoints: str | None = None
+    models_dir: str | None = field(default=None, metadata={"aliases": ("--checkpoints",), "help": (
+        "folder of the dataset's models: unet/, time_predictor/, clf_noisy/, clf_clean/, clf_eval/ (default: the "
+        "shipped assets/<dataset>)")})
     data_dir: str | None = None
     device: str = field(default="auto", metadata={"help": f"{' | '.join(DEVICES)} (default: auto)"})
     timestep_spacing: str = field(default="linspace", metadata={"choices": GRID_SPACINGS, "help": (
         "sampling grid (default: linspace, the TFG benchmark's space_timesteps at the paper's step counts; "
-        "trailing: the runs before issue 12)")})
+        "trailing: the first step at T - 1)")})
     steps_offset: int = 0
 
     def __post_init__(self) -> None:
@@ -80,7 +82,7 @@ class Setup:
     models: dict[str, Any]
     held_x: Tensor
     held_y: Tensor
-    checkpoints: str
+    models_dir: str
     device: torch.device = torch.device("cpu")
     fid_refs: dict[Any, FIDReference] = field(default_factory=dict, repr=False, compare=False)
 
@@ -101,9 +103,9 @@ class Setup:
         return self.models["eps_model"]
 
 
-def load_setup(dataset: str, checkpoints: str | Path | None = None, data_dir: str | None = None,
+def load_setup(dataset: str, models_dir: str | Path | None = None, data_dir: str | None = None,
                device: str | torch.device = "cpu") -> Setup:
-    """Load the five models of ``checkpoints`` (default: the shipped assets of ``dataset``, see
+    """Load the five models of the folder ``models_dir`` (default: the shipped assets of ``dataset``, see
     :mod:`tagdiff.assets`) and the held-out split (images ``(N, C, H, W)`` in [-1, 1], labels ``(N,)``), on ``device``
     (``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"``: :func:`tagdiff._utils.resolve_device`).
 
@@ -112,7 +114,7 @@ def load_setup(dataset: str, checkpoints: str | Path | None = None, data_dir: st
             device; DatasetError for missing data.
     """
     dev = resolve_device(device)
-    root = Path(checkpoints) if checkpoints else assets_dir(dataset)
+    root = Path(models_dir) if models_dir else assets_dir(dataset)
     models = load_label_models(root, dev)
     held_x, held_y = load_dataset(dataset, "held_out", data_dir=data_dir)
     return Setup(dataset, models, held_x.to(dev), held_y.to(dev), str(root), dev)
@@ -126,8 +128,8 @@ def check_classes(targets: Sequence[int], setup: Setup) -> None:
 
 
 def grid_key(cfg: Any) -> dict[str, Any]:
-    """The grid's part of a run-cache key: empty for the trailing grid without offset (the runs before issue 12,
-    whose cached results therefore still resume), else ``{"spacing": ..., ["offset": ...]}``."""
+    """The grid's part of a run-cache key: empty for the trailing grid without offset (so runs cached on that grid
+    keep their keys), else ``{"spacing": ..., ["offset": ...]}``."""
     spacing, offset = getattr(cfg, "timestep_spacing", "trailing"), getattr(cfg, "steps_offset", 0)
     if spacing == "trailing" and not offset:
         return {}

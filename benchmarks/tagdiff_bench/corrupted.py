@@ -11,7 +11,7 @@ images, the evaluation classifier's confidence and IS analogue, and the Time Gap
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +21,19 @@ from tagdiff.guidance import Corruption, TemporalAlignment, Term
 
 from .common import (
     ExperimentConfig,
-    RunCache,
     Setup,
     draw,
     fmt_ms,
     grid_key,
     image_grid,
-    load_setup,
     markdown_table,
     preview,
     relative_change,
     sample_metrics,
-    tag_comparison,
-    write_outputs,
 )
+from .runner import Comparison, Experiment, run
 
-__all__ = ["CorruptedConfig", "run_corrupted", "PAPER"]
+__all__ = ["CorruptedConfig", "run_corrupted", "PAPER", "EXPERIMENT"]
 
 PAPER = {"source": "the paper's Tables 11/12 (CIFAR-10, DDIM 50 steps, 50k samples): FID without -> with TAG "
                    "at the best ω",
@@ -60,6 +57,27 @@ class CorruptedConfig(ExperimentConfig):
     placement: str = "post"
 
 
+def _validate(cfg: CorruptedConfig) -> None:
+    if any(s < 0 for s in cfg.corruption_stds) or any(w < 0 for w in cfg.omegas):
+        raise ValueError(f"corruption_stds and omegas must be >= 0, got {cfg.corruption_stds} and {cfg.omegas}")
+
+
+def _comparisons(setup: Setup, cfg: CorruptedConfig) -> Any:
+    """One comparison per corruption std, judged by FID against all held-out images."""
+    for std in cfg.corruption_stds:
+        def run(omega: float, seed: int, n: int, std: float = std) -> dict[str, Any]:
+            return _run(setup, cfg, std, omega, seed, n)
+
+        # the cache key names the corruption std "sigma" (the name its cached runs were stored under)
+        key = {"exp": "corrupted", "dataset": cfg.dataset, "sigma": std, "steps": cfg.num_steps, "eta": cfg.eta,
+               "placement": cfg.placement, **grid_key(cfg)}
+        yield Comparison((str(std),), key, run, n=cfg.num_samples, sweep_n=cfg.sweep_samples, omegas=cfg.omegas,
+                         line=lambda r, std=std: (
+                             f"  σ={std:<5} ω*={r['best_omega']:<5} FID {fmt_ms(r['without']['fid'])} -> "
+                             f"{fmt_ms(r['with']['fid'])}  TG {r['without']['time_gap']['mean']:.1f} -> "
+                             f"{r['with']['time_gap']['mean']:.1f}"))
+
+
 def run_corrupted(out_dir: str | Path, cfg: CorruptedConfig = CorruptedConfig(), *, progress: bool = True,
                   resume: bool = True) -> dict[str, Any]:
     """Run the experiment; write ``results.json``, ``table.md`` and ``corrupted.png`` in ``out_dir``.
@@ -68,32 +86,7 @@ def run_corrupted(out_dir: str | Path, cfg: CorruptedConfig = CorruptedConfig(),
         ValueError: a negative corruption std or ω, a sweep seed that is also an evaluation seed, or an unavailable
             device.
     """
-    if any(s < 0 for s in cfg.corruption_stds) or any(w < 0 for w in cfg.omegas):
-        raise ValueError(f"corruption_stds and omegas must be >= 0, got {cfg.corruption_stds} and {cfg.omegas}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    cache = RunCache(out_dir, resume)
-    results: dict[str, Any] = {"corruption_std": {}}
-    for std in cfg.corruption_stds:
-        def run(omega: float, seed: int, n: int, std: float = std) -> dict[str, Any]:
-            return _run(setup, cfg, std, omega, seed, n)
-
-        # (the cache key keeps its earlier name "sigma", so runs cached before the rename still resume)
-        key = {"exp": "corrupted", "dataset": cfg.dataset, "sigma": std, "steps": cfg.num_steps, "eta": cfg.eta,
-               "placement": cfg.placement, **grid_key(cfg)}
-        results["corruption_std"][str(std)] = r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds,
-                                                          sweep_seed=cfg.sweep_seed, n=cfg.num_samples,
-                                                          sweep_n=cfg.sweep_samples)
-        if progress:
-            print(f"  σ={std:<5} ω*={r['best_omega']:<5} FID {fmt_ms(r['without']['fid'])} -> "
-                  f"{fmt_ms(r['with']['fid'])}  TG {r['without']['time_gap']['mean']:.1f} -> "
-                  f"{r['with']['time_gap']['mean']:.1f}", flush=True)
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "sampler": "ddim",
-                         "omega_schedule": "one_minus_alpha_bar", "fid_reference": "all held-out images",
-                         "torch": torch.__version__}
-    results["paper"] = PAPER
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "corrupted.png", results, cfg, setup)
-    return results
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
 
 
 def _run(setup: Setup, cfg: CorruptedConfig, std: float, omega: float, seed: int, n: int) -> dict[str, Any]:
@@ -167,3 +160,10 @@ def _figure(path: Path, results: dict[str, Any], cfg: CorruptedConfig, setup: Se
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+EXPERIMENT = Experiment(
+    "corrupted", CorruptedConfig, "corrupted reverse process σ × ω (Tables 1, 10-12)", _validate, _table,
+    section="corruption_std", comparisons=_comparisons, paper=PAPER, figure=_figure,
+    record=lambda setup, cfg: {"sampler": "ddim", "omega_schedule": "one_minus_alpha_bar",
+                               "fid_reference": "all held-out images"})

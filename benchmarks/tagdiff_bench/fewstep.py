@@ -8,7 +8,7 @@ The grid is the TFG benchmark's by default (``timestep_spacing="linspace"``, equ
 ``YWolfeee/Training-Free-Guidance/diffusion/unet/openai.py`` at the paper's step counts; diffusers' ``"leading"``
 agrees for one step): one step is ``[0]``, three ``[999, 500, 0]``. So the paper's one-step sampler evaluates
 ε_θ(x_T, t = 0), and Alg. 1 ("pre") corrects x_T, which is maximally off the t = 0 manifold, toward class 0; Alg. 2
-("post") has no timestep to target after the last step. On the ``"trailing"`` grid (the runs before issue 12) one
+("post") has no timestep to target after the last step. On the ``"trailing"`` grid one
 step starts at t = T − 1, where x_T is already on the manifold. Each run records the per-step ‖ω_t·TLS‖
 (``tls_norm_per_step``) so the tables can show where TAG acted; with the default ω schedule ω_t = ω_0 (1 − ᾱ_t) is
 only ω_0 · 1e-4 at t = 0 (``omega_schedule="constant"`` lifts that).
@@ -16,7 +16,7 @@ only ω_0 · 1e-4 at t = 0 (``omega_schedule="constant"`` lifts that).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,14 @@ from .common import (
     fmt_ms,
     grid_key,
     image_grid,
-    load_setup,
     markdown_table,
     preview,
     relative_change,
     sample_metrics,
-    tag_comparison,
-    write_outputs,
 )
+from .runner import Comparison, Experiment, run
 
-__all__ = ["FewStepConfig", "run_fewstep", "PAPER"]
+__all__ = ["FewStepConfig", "run_fewstep", "PAPER", "EXPERIMENT"]
 
 PAPER = {"source": "the paper's Table 4 (CIFAR-10 FID without -> with TAG; the caption says DDPM sampling)",
          "fid": {"1": [460.0, 271.1], "3": [234.1, 160.5], "5": [158.6, 118.8], "10": [106.3, 93.1],
@@ -61,21 +59,17 @@ class FewStepConfig(ExperimentConfig):
         "choices": ("one_minus_alpha_bar", "constant", "sqrt_one_minus_alpha_bar"), "help": "TAG's ω_t schedule"})
 
 
-def run_fewstep(out_dir: str | Path, cfg: FewStepConfig = FewStepConfig(), *, progress: bool = True,
-                resume: bool = True) -> dict[str, Any]:
-    """Run the experiment; write ``results.json``, ``table.md`` and ``fewstep.png`` in ``out_dir``.
-
-    Raises:
-        ValueError: an unknown sampler or placement, a step count < 1, a negative ω, or an unavailable device.
-    """
+def _validate(cfg: FewStepConfig) -> None:
     bad = [s for s in cfg.samplers if s not in ("ddim", "ddpm")]
     bad += [p for p in cfg.placements if p not in ("pre", "post")]
     if bad or min(cfg.steps) < 1 or min(cfg.omegas) < 0:
         raise ValueError(f"bad few-step settings: samplers {cfg.samplers} (ddim, ddpm), placements {cfg.placements} "
                          f"(pre, post), steps {cfg.steps} (>= 1), omegas {cfg.omegas} (>= 0)")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    cache = RunCache(out_dir, resume)
-    results: dict[str, Any] = {"runs": {}}
+
+
+def _comparisons(setup: Setup, cfg: FewStepConfig) -> Any:
+    """One comparison per (sampler, step count): unconditional samples judged by FID, TAG's placement searched
+    with ω_0; each result keeps the per-step trace of its first evaluation seed."""
     for sampler in cfg.samplers:
         for steps in cfg.steps:
             def run(omega: float, seed: int, n: int, placement: str | None, sampler: str = sampler,
@@ -90,18 +84,22 @@ def run_fewstep(out_dir: str | Path, cfg: FewStepConfig = FewStepConfig(), *, pr
 
             key = {"exp": "fewstep", "dataset": cfg.dataset, "sampler": sampler, "steps": steps, **grid_key(cfg),
                    **({"omega_schedule": cfg.omega_schedule} if cfg.omega_schedule != "one_minus_alpha_bar" else {})}
-            r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
-                               n=cfg.num_samples, sweep_n=cfg.sweep_samples, variants=cfg.placements)
-            r["trace"] = _trace(cache, key, run, r, cfg)
-            results["runs"][f"{sampler}/{steps}"] = r
-            if progress:
-                print(f"  {sampler} {steps:3d} steps  best {r['sweep']['best']:>9}  FID {fmt_ms(r['without']['fid'])}"
-                      f" -> {fmt_ms(r['with']['fid'])}", flush=True)
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "ddim_eta": 0.0, "torch": torch.__version__}
-    results["paper"] = PAPER
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "fewstep.png", results, cfg, setup)
-    return results
+            yield Comparison((f"{sampler}/{steps}",), key, run, n=cfg.num_samples, sweep_n=cfg.sweep_samples,
+                             omegas=cfg.omegas, variants=cfg.placements,
+                             extra=lambda cache, r, key=key, run=run: {"trace": _trace(cache, key, run, r, cfg)},
+                             line=lambda r, sampler=sampler, steps=steps: (
+                                 f"  {sampler} {steps:3d} steps  best {r['sweep']['best']:>9}  FID "
+                                 f"{fmt_ms(r['without']['fid'])} -> {fmt_ms(r['with']['fid'])}"))
+
+
+def run_fewstep(out_dir: str | Path, cfg: FewStepConfig = FewStepConfig(), *, progress: bool = True,
+                resume: bool = True) -> dict[str, Any]:
+    """Run the experiment; write ``results.json``, ``table.md`` and ``fewstep.png`` in ``out_dir``.
+
+    Raises:
+        ValueError: an unknown sampler or placement, a step count < 1, a negative ω, or an unavailable device.
+    """
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
 
 
 def _trace(cache: RunCache, key: dict[str, Any], run: Any, r: dict[str, Any], cfg: FewStepConfig) -> dict[str, Any]:
@@ -182,3 +180,8 @@ def _figure(path: Path, results: dict[str, Any], cfg: FewStepConfig, setup: Setu
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+EXPERIMENT = Experiment(
+    "fewstep", FewStepConfig, "1-100 step DDIM/DDPM with/without TAG (Tables 4, 17)", _validate, _table,
+    comparisons=_comparisons, paper=PAPER, figure=_figure, record=lambda setup, cfg: {"ddim_eta": 0.0})

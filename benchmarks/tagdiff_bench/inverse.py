@@ -5,7 +5,7 @@ inpainting, denoising) a fixed set of ground-truth held-out images x* (the first
 seeded with 0, the same for every seed) is measured once, ``y = A(x*) + σ_y n`` (noise seeded with 0), and
 reconstructed by sampling with the guidance loss ``ℓ(x̂_0) = ‖A(x̂_0) − y‖₂`` (the norm, as the DPS/TFG code):
 
-* **DPS**: ``DPSGuidance(ℓ, dps_scale)``, score-space, gradient through the ε-model (the paper's Eq. 9);
+* **DPS**: ``DPSGuidance(ℓ, dps_guidance_scale)``, score-space, gradient through the ε-model (the paper's Eq. 9);
 * **TFG**: ``TFGGuidance(ℓ, ρ̄, μ̄, γ̄)``, N_iter = 4, no recurrence, "increase" schedules (docs/notation.md §4.3);
 * **+TAG**: ``TemporalAlignment`` before each step (Alg. 1), ω_t = ω_0 (1 − ᾱ_t).
 
@@ -16,22 +16,22 @@ seeds. Metrics: per-image PSNR and SSIM against x* (torchmetrics, ``data_range=2
 (evaluation classifier features), consistency ``mean_i ‖A(x̂_i) − y_i‖₂`` (the ground truth's own value, ≈ σ_y √m,
 is reported as the noise floor), Time Gap and wall time.
 
-Defaults (digits): ``dps_scale = 16`` and ``(ρ̄, μ̄, γ̄) = (1, 2, 0.01)`` came from a sweep on the validation seed 100
-(64 images, ω = 0, operators sr2 and inpaint_box): DPS scale ∈ {1, 4, 16, 64} gave PSNR 9.3/11.2/14.2/15.9 dB on sr2
-(17.3 dB at 16, 18.5 at 64 on inpaint_box); 16 is the smallest scale that brings the consistency near the noise
-floor, while 64 fits below it on sr2 (it fits the noise) and raises the Time Gap from 128 to 170-180. For TFG, (ρ̄, μ̄)
-∈ {(0.25, 2), (1, 2), (4, 2), (1, 8)} with γ̄ = 0.01 (TFG's SR/deblur value, the paper's Table 14): (1, 2) had the best
-PSNR (16.2 / 18.4 dB) and consistency on both operators. Each value is an ω = 0 row of the validation grid in
-``table.md`` of ``tagdiff bench inverse --operators sr2,inpaint_box --dps-scale S --tfg-rho R --tfg-mu M``.
+Defaults (digits): ``dps_guidance_scale = 16`` and ``(ρ̄, μ̄, γ̄) = (1, 2, 0.01)`` came from a sweep on the validation
+seed 100 (64 images, ω = 0, operators sr2 and inpaint_box): DPS scale ∈ {1, 4, 16, 64} gave PSNR 9.3/11.2/14.2/15.9
+dB on sr2 (17.3 dB at 16, 18.5 at 64 on inpaint_box); 16 is the smallest scale that brings the consistency near the
+noise floor, while 64 fits below it on sr2 (it fits the noise) and raises the Time Gap from 128 to 170-180. For TFG,
+(ρ̄, μ̄) ∈ {(0.25, 2), (1, 2), (4, 2), (1, 8)} with γ̄ = 0.01 (TFG's SR/deblur value, the paper's Table 14): (1, 2) had the
+best PSNR (16.2 / 18.4 dB) and consistency on both operators. Each value is an ω = 0 row of the validation grid in
+``table.md`` of ``tagdiff bench inverse --operators sr2,inpaint_box --dps-guidance-scale S --tfg-rho R --tfg-mu M``.
 ``sr4`` is available but not a default: on 8×8 digits it
 leaves a 2×2 measurement.
 
-MNIST (28×28) takes ``--dps-scale 64``: the loss gradient ``Aᵀr/‖r‖`` has unit norm whatever the image size, so
+MNIST (28×28) takes ``--dps-guidance-scale 64``: the loss gradient ``Aᵀr/‖r‖`` has unit norm whatever the image size, so
 per pixel it is about 3.5× weaker on 784 pixels than on 64. On the validation seed 100 (16 images, ω = 0), scale 16
 left the consistency at 1.35 on sr2 (noise floor σ_y√m = 0.70) and 1.97 on inpaint_box (floor ≈ 1.2), PSNR 22.9 /
 14.0 dB; scale 64 reached 0.78 / 1.50 and 26.1 / 14.1 dB. TFG's defaults already reach the floor on sr2 (0.71).
 (``tagdiff bench inverse --dataset mnist --operators sr2,inpaint_box --num-images 16 --omegas 1 --seeds 1
---dps-scale S``.)
+--dps-guidance-scale S``.)
 
 SSIM window: torchmetrics 1.9 ignores ``kernel_size`` when ``gaussian_kernel=True`` (its window is
 2⌊3.5σ + 0.5⌋ + 1 = 11 px for σ = 1.5, over a reflect-padded image), which on 8×8 images makes every window span
@@ -41,7 +41,7 @@ kernel_size=3``); larger ones (28×28 MNIST) the standard 11×11 Gaussian window
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,21 +54,18 @@ from tagdiff.operators import OPERATORS, Operator, make_operator
 
 from .common import (
     ExperimentConfig,
-    RunCache,
     Setup,
     draw,
     fmt_ms,
     grid_key,
     image_grid,
-    load_setup,
     markdown_table,
     preview,
     sample_metrics,
-    tag_comparison,
-    write_outputs,
 )
+from .runner import Comparison, Experiment, run
 
-__all__ = ["InverseConfig", "run_inverse", "PAPER", "BASES"]
+__all__ = ["InverseConfig", "run_inverse", "PAPER", "BASES", "EXPERIMENT"]
 
 BASES = ("dps", "tfg")
 PAPER = {"source": "the paper's Table 2 (Cat 256×256, DDPM; SR is 256 -> 64, i.e. ×4): FID; LPIPS without -> with TAG",
@@ -81,20 +78,61 @@ _NUM_PREVIEW = 8
 
 @dataclass(frozen=True)
 class InverseConfig(ExperimentConfig):
-    """Settings; ``noise_std`` is σ_y in pixel units of the [-1, 1] range, ``dps_scale`` DPS's guidance scale,
+    """Settings; ``noise_std`` is σ_y in pixel units of the [-1, 1] range, ``dps_guidance_scale`` DPS's guidance scale,
     ``tfg_rho`` / ``tfg_mu`` / ``tfg_gamma`` TFG's (ρ̄, μ̄, γ̄) and ``omegas`` TAG's ω_0 grid. See the module
     docstring for how the guidance defaults were chosen."""
 
     operators: tuple[str, ...] = ("sr2", "deblur", "inpaint_box", "inpaint_random", "denoise")
     noise_std: float = 0.05
     num_images: int = 64
-    dps_scale: float = 16.0
+    dps_guidance_scale: float = field(default=16.0, metadata={"aliases": ("--dps-scale",)})
     tfg_rho: float = 1.0
     tfg_mu: float = 2.0
     tfg_gamma: float = 0.01
     tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss, as the benchmark's deblur/SR scripts (clip_x0=True); 0: off
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     num_steps: int = 50
+
+
+def _validate(cfg: InverseConfig) -> None:
+    bad = [name for name in cfg.operators if name not in OPERATORS]
+    if bad or not cfg.operators:
+        raise ValueError(f"unknown operator {', '.join(map(repr, bad)) or '(none given)'}; valid names: "
+                         f"{', '.join(sorted(OPERATORS))}")
+    if not cfg.noise_std >= 0:
+        raise ValueError(f"noise_std (σ_y) must be >= 0, got {cfg.noise_std}")
+    if min(cfg.omegas, default=0) < 0 or min(cfg.dps_guidance_scale, cfg.tfg_rho, cfg.tfg_mu, cfg.tfg_gamma) < 0:
+        raise ValueError(f"omegas, dps_guidance_scale and tfg_rho/mu/gamma must be >= 0, got {cfg.omegas}, "
+                         f"{cfg.dps_guidance_scale}, {cfg.tfg_rho}/{cfg.tfg_mu}/{cfg.tfg_gamma}")
+
+
+def _comparisons(setup: Setup, cfg: InverseConfig) -> Any:
+    """Per operator, its measurement of the fixed ground truth, then one comparison per base guidance (DPS, TFG)
+    judged by FID (PSNR, SSIM and consistency recorded alongside)."""
+    if not 2 <= cfg.num_images <= len(setup.held_x):
+        raise ValueError(f"num_images must be in [2, {len(setup.held_x)}] (the held-out split), got {cfg.num_images}")
+    g = torch.Generator().manual_seed(0)
+    x_true = setup.held_x[torch.randperm(len(setup.held_x), generator=g)[: cfg.num_images]]
+    for name in cfg.operators:
+        A = make_operator(name, tuple(x_true.shape[-2:]), cfg.noise_std)
+        y = A.measure(x_true.cpu(), generator=torch.Generator().manual_seed(0)).to(setup.device)  # noise on the CPU
+        context = {"gt_consistency": _consistency(A, x_true, y),
+                   "measurement": preview(_visualise(y, x_true.shape), _NUM_PREVIEW),
+                   "ground_truth": preview(x_true, _NUM_PREVIEW)}
+        for base in BASES:
+            def run(omega: float, seed: int, n: int, base: str = base, A: Operator = A, y: Tensor = y) -> dict:
+                return _run(setup, cfg, base, A, x_true, y, omega, seed)
+
+            params = {"scale": cfg.dps_guidance_scale} if base == "dps" else \
+                {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma,
+                 **({"tfg_clip": cfg.tfg_clip_x0} if cfg.tfg_clip_x0 else {})}
+            key = {"exp": "inverse", "dataset": cfg.dataset, "op": name, "sigma_y": cfg.noise_std, "base": base,
+                   **params, "steps": cfg.num_steps, **grid_key(cfg)}
+            yield Comparison((name, base), key, run, n=cfg.num_images, sweep_n=cfg.num_images, omegas=cfg.omegas,
+                             context=context, line=lambda r, name=name, base=base: (
+                                 f"  {name:<14} {base.upper()}  ω*={r['best_omega']:<4} PSNR "
+                                 f"{fmt_ms(r['without']['psnr'], 2)} -> {fmt_ms(r['with']['psnr'], 2)}  FID "
+                                 f"{fmt_ms(r['without']['fid'])} -> {fmt_ms(r['with']['fid'])}"))
 
 
 def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, progress: bool = True,
@@ -109,53 +147,7 @@ def run_inverse(out_dir: str | Path, cfg: InverseConfig = InverseConfig(), *, pr
             fewer than 2 or more than the held-out images, a sweep seed that is also an evaluation seed, or an
             unavailable device.
     """
-    bad = [name for name in cfg.operators if name not in OPERATORS]
-    if bad or not cfg.operators:
-        raise ValueError(f"unknown operator {', '.join(map(repr, bad)) or '(none given)'}; valid names: "
-                         f"{', '.join(sorted(OPERATORS))}")
-    if not cfg.noise_std >= 0:
-        raise ValueError(f"noise_std (σ_y) must be >= 0, got {cfg.noise_std}")
-    if min(cfg.omegas, default=0) < 0 or min(cfg.dps_scale, cfg.tfg_rho, cfg.tfg_mu, cfg.tfg_gamma) < 0:
-        raise ValueError(f"omegas, dps_scale and tfg_rho/mu/gamma must be >= 0, got {cfg.omegas}, {cfg.dps_scale}, "
-                         f"{cfg.tfg_rho}/{cfg.tfg_mu}/{cfg.tfg_gamma}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    if not 2 <= cfg.num_images <= len(setup.held_x):
-        raise ValueError(f"num_images must be in [2, {len(setup.held_x)}] (the held-out split), got {cfg.num_images}")
-    g = torch.Generator().manual_seed(0)
-    x_true = setup.held_x[torch.randperm(len(setup.held_x), generator=g)[: cfg.num_images]]
-    cache = RunCache(out_dir, resume)
-    results: dict[str, Any] = {"operators": {}}
-    for name in cfg.operators:
-        A = make_operator(name, tuple(x_true.shape[-2:]), cfg.noise_std)
-        y = A.measure(x_true.cpu(), generator=torch.Generator().manual_seed(0)).to(setup.device)  # noise on the CPU
-        res: dict[str, Any] = {"gt_consistency": _consistency(A, x_true, y),
-                               "measurement": preview(_visualise(y, x_true.shape), _NUM_PREVIEW),
-                               "ground_truth": preview(x_true, _NUM_PREVIEW)}
-        for base in BASES:
-            def run(omega: float, seed: int, n: int, base: str = base, A: Operator = A, y: Tensor = y) -> dict:
-                return _run(setup, cfg, base, A, x_true, y, omega, seed)
-
-            params = {"scale": cfg.dps_scale} if base == "dps" else \
-                {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma,
-                 **({"tfg_clip": cfg.tfg_clip_x0} if cfg.tfg_clip_x0 else {})}
-            key = {"exp": "inverse", "dataset": cfg.dataset, "op": name, "sigma_y": cfg.noise_std, "base": base,
-                   **params, "steps": cfg.num_steps, **grid_key(cfg)}
-            res[base] = r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds,
-                                           sweep_seed=cfg.sweep_seed, n=cfg.num_images, sweep_n=cfg.num_images)
-            if progress:
-                print(f"  {name:<14} {base.upper()}  ω*={r['best_omega']:<4} PSNR {fmt_ms(r['without']['psnr'], 2)}"
-                      f" -> {fmt_ms(r['with']['psnr'], 2)}  FID {fmt_ms(r['without']['fid'])} -> "
-                      f"{fmt_ms(r['with']['fid'])}", flush=True)
-        results["operators"][name] = res
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "sampler": "ddim", "eta": 1.0,
-                         "clip_x0": 1.0, "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
-                         "omega_selected_by": "fid", "loss": "||A(x0_hat) - y||_2", "tfg_num_iter": 4,
-                         "ground_truth": "held-out[randperm(seed 0)[:num_images]]", "measurement_noise_seed": 0,
-                         "fid_reference": "all held-out images", "torch": torch.__version__}
-    results["paper"] = PAPER
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "inverse.png", results, tuple(setup.eps_model.sample_shape))
-    return results
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
 
 
 def _ssim_kwargs(h: int, w: int) -> dict[str, Any]:
@@ -176,7 +168,7 @@ def _run(setup: Setup, cfg: InverseConfig, base: str, A: Operator, x_true: Tenso
          seed: int) -> dict[str, Any]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    terms: list[Term] = [DPSGuidance(A.loss(y), cfg.dps_scale) if base == "dps" else
+    terms: list[Term] = [DPSGuidance(A.loss(y), cfg.dps_guidance_scale) if base == "dps" else
                          TFGGuidance(A.loss(y), rho=cfg.tfg_rho, mu=cfg.tfg_mu, gamma=cfg.tfg_gamma,
                                      clip_x0=cfg.tfg_clip_x0 or None)]
     if omega > 0:
@@ -202,7 +194,7 @@ def _table(results: dict[str, Any], cfg: InverseConfig) -> str:
             paper = f"{p['fid'][0]} → {p['fid'][1]}; {p['lpips'][0]} → {p['lpips'][1]}" if p else "–"
             rows.append([name, base.upper(), r["best_omega"], *cells, f"{res['gt_consistency']:.3f}", paper])
     head = (f"Inverse problems, {cfg.dataset}: σ_y = {cfg.noise_std}, {cfg.num_images} fixed held-out images; "
-            f"DDIM(η=1) {cfg.num_steps} steps; DPS scale {cfg.dps_scale}, TFG (ρ̄, μ̄, γ̄) = ({cfg.tfg_rho}, "
+            f"DDIM(η=1) {cfg.num_steps} steps; DPS scale {cfg.dps_guidance_scale}, TFG (ρ̄, μ̄, γ̄) = ({cfg.tfg_rho}, "
             f"{cfg.tfg_mu}, {cfg.tfg_gamma}); TAG before each step, ω_t = ω_0(1-ᾱ_t), ω_0 ∈ {list(cfg.omegas)} chosen "
             f"by FID on seed {cfg.sweep_seed}. Cells: without → with TAG, mean ± std over seeds {list(cfg.seeds)}. "
             "Consistency = mean ‖A(x̂) − y‖₂; 'GT' is the ground truth's own (the noise floor).\n\n")
@@ -220,7 +212,8 @@ def _pad(x: Tensor) -> Tensor:
     return torch.cat([x, -torch.ones(_NUM_PREVIEW - len(x), *x.shape[1:])])
 
 
-def _figure(path: Path, results: dict[str, Any], shape: tuple[int, ...]) -> None:
+def _figure(path: Path, results: dict[str, Any], cfg: InverseConfig, setup: Setup) -> None:
+    shape = tuple(setup.eps_model.sample_shape)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,3 +239,13 @@ def _figure(path: Path, results: dict[str, Any], shape: tuple[int, ...]) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+EXPERIMENT = Experiment(
+    "inverse", InverseConfig, "SR/deblur/inpainting/denoising with DPS and TFG, with/without TAG (Table 2)",
+    _validate, _table, section="operators", comparisons=_comparisons, paper=PAPER, figure=_figure,
+    record=lambda setup, cfg: {
+        "sampler": "ddim", "eta": 1.0, "clip_x0": 1.0, "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
+        "omega_selected_by": "fid", "loss": "||A(x0_hat) - y||_2", "tfg_num_iter": 4,
+        "ground_truth": "held-out[randperm(seed 0)[:num_images]]", "measurement_noise_seed": 0,
+        "fid_reference": "all held-out images"})

@@ -5,7 +5,7 @@ gradient through the ε-model); DPS + TAG; classifier guidance with the noise-aw
 TAG; TFG (x̂_0 clipped in its loss, as the benchmark) and the benchmark's own DPS (``dps_tfg``:
 :class:`~tagdiff.guidance.DPSNormalized`, ∇log p / |log p|, no clipping in its loss or its step, as
 ``methods/dps.py``). Sampler: DDIM(η = 1), as the TFG benchmark, over its ``space_timesteps`` grid by default
-(``timestep_spacing="linspace"``, the same grid at 50 steps; the runs before issue 12 used ``"trailing"``), x0_hat
+(``timestep_spacing="linspace"``, the same grid at 50 steps; ``"trailing"`` is also available), x0_hat
 clipped to [-1, 1] inside the step except for ``dps_tfg``. Metrics, as the TFG benchmark computes them: FID against
 the held-out images of the target class in the feature space of the independent evaluation classifier, that
 classifier's accuracy on the target, the mean Time Gap (learned time predictor) and wall time. All methods share x_T
@@ -14,15 +14,16 @@ and the sampling noise (common random numbers), so their differences are the eff
 The suite goes through the shared pipeline of :mod:`tagdiff.bench.common` (load the models, build each method's
 terms, draw, metrics, table and figure): every (method, seed) run is a cached run of ``OUT/runs/`` (an interrupted
 or repeated run resumes), its metrics are :func:`~tagdiff.bench.common.sample_metrics`. Names: ``omega`` is TAG's
-ω_0; ``dps_scale`` / ``cg_scale`` are the guidance scales of DPS and of classifier guidance; ``eta`` is DDIM's η.
+ω_0; ``dps_guidance_scale`` / ``cg_guidance_scale`` are the guidance scales of DPS and of classifier guidance;
+``eta`` is DDIM's η.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,6 @@ from tagdiff.metrics.images import class_histogram, fid
 from .common import (
     RunCache,
     Setup,
-    check_classes,
     draw,
     fmt_ms,
     image_grid,
@@ -61,6 +61,7 @@ from .common import (
     short_hash,
     write_outputs,
 )
+from .runner import Experiment, run, stopwatch
 
 __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "method_terms", "label_run",
            "run_label", "run_label_seeds"]
@@ -71,27 +72,29 @@ ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "the paper's Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
 PREVIEW_PER_TARGET = 8  # samples per target class kept for the figure
+# the run cache's names of renamed LabelConfig fields (part of every cached run's key)
+KEY_NAMES = {"models_dir": "checkpoints", "dps_guidance_scale": "dps_scale", "cg_guidance_scale": "cg_scale"}
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     """Settings of the label-guidance suite. The digits defaults (DPS scale 16, CG scale 4, ω_0 = 1) were chosen by
     ``benchmarks/label_sweep.py`` on other targets (1, 4, 8) and another seed (100) than the demo reports.
-    ``dps_scale`` / ``cg_scale`` are the guidance scales of DPS and classifier guidance, ``omega`` TAG's ω_0,
-    ``eta`` DDIM's η; ``device`` is ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda`` or ``mps``."""
+    ``dps_guidance_scale`` / ``cg_guidance_scale`` are the guidance scales of DPS and classifier guidance, ``omega``
+    TAG's ω_0, ``eta`` DDIM's η; ``device`` is ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda`` or ``mps``."""
 
     dataset: str = "digits"
     targets: tuple[int, ...] = (0, 3, 7)
     num_per_target: int = 64
     num_steps: int = 50
     eta: float = 1.0
-    dps_scale: float = 16.0
-    cg_scale: float = 4.0
+    dps_guidance_scale: float = 16.0
+    cg_guidance_scale: float = 4.0
     omega: float = 1.0
     placement: str = "pre"
     seed: int = 0
     data_dir: str | None = None
-    checkpoints: str | None = None
+    models_dir: str | None = None  # the folder of the models (default: the shipped assets/<dataset>)
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
     # The grid: VPSchedule.timesteps(num_steps, timestep_spacing, steps_offset); "linspace" is the TFG benchmark's.
@@ -104,7 +107,7 @@ class LabelConfig:
     tfg_mu: float = 0.5
     tfg_gamma: float = 0.001
     tfg_recur: int = 1
-    tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss (the benchmark's clip_x0 = True); 0 = off (the runs before 12)
+    tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss (the benchmark's clip_x0 = True); 0 = off
     dps_tfg_scale: float = 1.0  # the benchmark's DPS strength (``guidance_strength``)
     # Baselines (docs/notation.md §5; the paper does not report their settings): ES λ (ADM-ES/ComfyUI default 1.005),
     # Langevin snr (score_sde's 0.16), Time-Shift window and cutoff (training timesteps).
@@ -126,9 +129,9 @@ def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: Label
     if method.startswith("dps_tfg"):
         terms.append(DPSNormalized(label_loss(models["clf_clean"], target), cfg.dps_tfg_scale))
     elif method.startswith("dps"):
-        terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_scale))
+        terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_guidance_scale))
     elif method.startswith("cg"):
-        terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_scale))
+        terms.append(ClassifierGuidance(models["clf_noisy"], target, cfg.cg_guidance_scale))
     elif method.startswith("tfg"):
         terms.append(TFGGuidance(label_loss(models["clf_clean"], target), rho=cfg.tfg_rho, mu=cfg.tfg_mu,
                                  gamma=cfg.tfg_gamma, num_recur=cfg.tfg_recur, clip_x0=cfg.tfg_clip_x0 or None))
@@ -185,17 +188,24 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
         ValueError: an unknown method, a target class the classifiers do not have, or an unavailable device.
         CheckpointError: missing or corrupt checkpoints.
     """
-    t_start = time.time()
+    return run(label_experiment(methods), out_dir, cfg, progress=progress, resume=resume)
+
+
+def _validate(cfg: LabelConfig, methods: tuple[str, ...] = METHODS) -> None:
     bad = [m for m in methods if m not in ALL_METHODS]
     if bad:
         raise ValueError(f"unknown method(s) {bad}; expected some of {', '.join(ALL_METHODS)}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    check_classes(cfg.targets, setup)
-    cache = RunCache(out_dir, resume)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "device")}
+
+
+def _measure(setup: Setup, cfg: LabelConfig, cache: RunCache, progress: bool,
+             methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """Every method at ``cfg.seed`` (one cached run each); the samples shown go to the figure only."""
+    seconds = stopwatch()
+    # the settings' digest names the fields as the cache always has (KEY_NAMES), so cached runs still resume
+    settings = {KEY_NAMES.get(k, k): v for k, v in asdict(cfg).items() if k not in ("seed", "device")}
     base = {"exp": "label", "dataset": cfg.dataset, "targets": ",".join(map(str, cfg.targets)),
             "n": cfg.num_per_target, "steps": cfg.num_steps, "eta": cfg.eta,
-            "settings": short_hash(json.dumps({**settings, "checkpoints": setup.checkpoints}, sort_keys=True))}
+            "settings": short_hash(json.dumps({**settings, "checkpoints": setup.models_dir}, sort_keys=True))}
     results: dict[str, Any] = {"methods": {}, "per_target": {}, "time_gap_per_step": {}}
     runs: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -209,16 +219,15 @@ def run_label(out_dir: str | Path, cfg: LabelConfig = LabelConfig(), *, progress
                   f"{r['seconds']:5.1f} s", flush=True)
     if "unguided" in runs:
         results["sanity"] = runs["unguided"]["sanity"]
-    n_ref = {str(y): int((setup.held_y == y).sum()) for y in cfg.targets}
-    results["config"] = {**asdict(cfg), "sampler": "ddim", "clip_x0": "1.0 (dps_tfg: none)",
-                         "reference_images_per_target": n_ref, "fid_features": "EvalClassifier.features (128-d)",
-                         "checkpoints": setup.checkpoints, "torch": torch.__version__}
-    results["paper"] = PAPER_TABLE2
-    results["seconds"] = time.time() - t_start
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "label.png", {m: r["preview"] for m, r in runs.items()}, results, cfg,
-            tuple(setup.eps_model.sample_shape))
+    results["_figure"] = {m: r["preview"] for m, r in runs.items()}
+    results["seconds"] = seconds()
     return results
+
+
+def _record(setup: Setup, cfg: LabelConfig) -> dict[str, Any]:
+    return {"sampler": "ddim", "clip_x0": "1.0 (dps_tfg: none)",
+            "reference_images_per_target": {str(y): int((setup.held_y == y).sum()) for y in cfg.targets},
+            "fid_features": "EvalClassifier.features (128-d)"}
 
 
 def _table(results: dict[str, Any], cfg: LabelConfig) -> str:
@@ -244,10 +253,10 @@ def _sanity(unguided: Tensor, held_x: Tensor, clf_eval: Any, seed: int) -> dict[
             "max_entropy": math.log(len(counts))}
 
 
-def _figure(path: Path, previews: dict[str, list], results: dict[str, Any], cfg: LabelConfig,
-            shape: tuple[int, ...]) -> None:
+def _figure(path: Path, results: dict[str, Any], cfg: LabelConfig, setup: Setup) -> None:
     """Samples of every method (rows: the target classes; tiles separated by a white border) above the Time Gap
     per reverse step."""
+    previews, shape = results["_figure"], tuple(setup.eps_model.sample_shape)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,7 +312,7 @@ def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...
     Raises:
         ValueError / CheckpointError: as :func:`run_label`.
     """
-    from .common import fmt_ci, markdown_table, paired_ci, write_outputs
+    from .common import fmt_ci, paired_ci
 
     per_seed = [run_label(Path(out_dir) / f"seed_{seed}", replace(cfg, seed=seed), progress=progress,
                           methods=methods, resume=resume) for seed in seeds]
@@ -326,3 +335,14 @@ def run_label_seeds(out_dir: str | Path, cfg: LabelConfig, seeds: tuple[int, ...
     write_outputs(out_dir, results, head + markdown_table(["method", "FID", "ΔFID [95% CI]", "accuracy", "Time Gap",
                                                            "seconds"], rows))
     return results
+
+
+EXPERIMENT = Experiment(
+    "label", LabelConfig, "label guidance: unguided / DPS / DPS+TAG / CG / CG+TAG (Table 2 analogue)", _validate,
+    _table, measure=_measure, paper=PAPER_TABLE2, record=_record, figure=_figure, check_targets=True,
+    tail=("seconds",), load=lambda cfg: load_setup(cfg.dataset, cfg.models_dir, cfg.data_dir, cfg.device))
+
+
+def label_experiment(methods: tuple[str, ...] = METHODS) -> Experiment:
+    """The label suite over ``methods`` (:data:`ALL_METHODS`)."""
+    return replace(EXPERIMENT, validate=partial(_validate, methods=methods), measure=partial(_measure, methods=methods))

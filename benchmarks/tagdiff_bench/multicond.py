@@ -42,7 +42,8 @@ attribute classifier, ``ℓ_2(x̂_0) = −log p(c_2 | x̂_0)`` of ``clf_slant`` 
 guidance sums the losses); success is judged by the measured slant against the held-out class median, never by the
 classifier. The joint predictor is ``time_predictor_class_slant`` (``--condition class_slant``).
 
-Both losses enter one ``DPSGuidance(combined_loss(ℓ_1, ℓ_2), dps_scale)`` (the gradient goes through the ε-model).
+Both losses enter one ``DPSGuidance(combined_loss(ℓ_1, ℓ_2), dps_guidance_scale)`` (the gradient goes through the
+ε-model).
 Methods (the paper's Table 5 rows; TAG is applied before each reverse step, Alg. 1, ω_t = ω_0 (1 − ᾱ_t)):
 
 * **DPS** (the baseline, no TAG);
@@ -56,11 +57,10 @@ Methods (the paper's Table 5 rows; TAG is applied before each reverse step, Alg.
 η_t² = η_0² (1 − ᾱ_t) (:mod:`tagdiff.guidance.multicond`, its ``reparam_scale``). Here η_0 is called the
 *reparameterisation
 scale* (``reparam_scale``; DDIM's η is ``ddim_eta``, a different thing). The paper gives no η_0; it is swept over
-``reparam_scales``. With
-η_0² = ``dps_scale`` (η_0 = 4 at the default scale 16) the reparameterisation moves x_t by about as much as the DPS
-term does in one step (docs/notation.md §3.7 [INFERRED]: "reuse the guidance step"), so the default grid {0, 1, 2, 4}
-spans
-"no reparameterisation" to "the DPS step". η_0 = 0 evaluates the predictor at x itself.
+``reparam_scales``. With η_0² = ``dps_guidance_scale`` (η_0 = 4 at the default scale 16) the reparameterisation
+moves x_t by about as much as the DPS term does in one step (docs/notation.md §3.7 [INFERRED]: "reuse the guidance
+step"), so the default grid {0, 1, 2, 4} spans "no reparameterisation" to "the DPS step". η_0 = 0 evaluates the
+predictor at x itself.
 
 Protocol: every setting (ω_0 ∈ ``omegas`` for each variant, and η_0 ∈ ``reparam_scales`` for single/unconditional)
 is run on
@@ -77,7 +77,7 @@ target classes) and the Time Gap of the unconditional predictor.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,18 +95,17 @@ from .common import (
     draw,
     fmt_ms,
     grid_key,
-    load_setup,
     mean_std,
     preview,
     sample_metrics,
     short_hash,
-    write_outputs,
 )
 from .multicond_report import PREVIEW_PER_TARGET, cell_name, figure, table
+from .runner import Experiment, run
 
 __all__ = ["MultiCondConfig", "Targets", "run_multicond", "ink_mass", "ink_loss", "ink_bins", "ink_quantiles",
            "joint_condition", "parse_targets", "make_targets", "multicond_terms", "evaluate", "load_predictors",
-           "resolve_targets", "INK_LEVELS", "METHODS", "PAPER", "DEFAULT_TARGETS"]
+           "resolve_targets", "INK_LEVELS", "METHODS", "PAPER", "DEFAULT_TARGETS", "EXPERIMENT"]
 
 METHODS = ("dps", "joint", "single", "unconditional")
 PAPER = {"source": "the paper's Table 5 (CelebA-HQ, accuracy % = all target attributes correct; log-KID)",
@@ -123,8 +122,8 @@ DEFAULT_TARGETS = {"ink": ("0:thick", "1:thin", "7:thick", "8:thin"),
 @dataclass(frozen=True)
 class MultiCondConfig(ExperimentConfig):
     """Settings (see the module docstring). ``ddim_eta`` is the sampler's (DDIM's) η; ``reparam_scales`` are the
-    reparameterisation scales η_0 of Prop. B.1/B.2; ``omegas`` TAG's ω_0; ``dps_scale`` the DPS guidance scale.
-    ``checkpoints`` is a folder like the shipped assets (``unet/``, ``time_predictor/``, ``clf_*``, and
+    reparameterisation scales η_0 of Prop. B.1/B.2; ``omegas`` TAG's ω_0; ``dps_guidance_scale`` the DPS guidance scale.
+    ``models_dir`` is a folder like the shipped assets (``unet/``, ``time_predictor/``, ``clf_*``, and
     ``time_predictor_class/``, ``time_predictor_class_<attribute>/`` and, for slant, ``clf_slant/``);
     ``class_predictor`` / ``joint_predictor`` / ``attribute_classifier`` override them. ``attribute`` is the second
     condition: ``ink`` (analytic loss, scale ``ink_scale``) or ``slant`` (attribute classifier). Empty ``targets``
@@ -139,7 +138,7 @@ class MultiCondConfig(ExperimentConfig):
     sweep_per_target: int = 32
     num_steps: int = 50
     ddim_eta: float = 1.0
-    dps_scale: float = 16.0
+    dps_guidance_scale: float = field(default=16.0, metadata={"aliases": ("--dps-scale",)})
     ink_scale: float = 0.025
     thick_quantile: float = 0.75
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
@@ -174,8 +173,8 @@ def _validate(cfg: MultiCondConfig) -> None:
                          f"reparam_scales={list(cfg.reparam_scales)}")
     if any(w <= 0 for w in cfg.omegas) or not cfg.omegas:
         raise ValueError(f"omegas must be positive TAG strengths (ω = 0 is the DPS row), got {list(cfg.omegas)}")
-    if cfg.dps_scale < 0:
-        raise ValueError(f"dps_scale must be >= 0, got {cfg.dps_scale}")
+    if cfg.dps_guidance_scale < 0:
+        raise ValueError(f"dps_guidance_scale must be >= 0, got {cfg.dps_guidance_scale}")
     if not 0.5 < cfg.thick_quantile < 1:
         raise ValueError(f"thick_quantile must be in (0.5, 1), got {cfg.thick_quantile}")
     if min(cfg.num_per_target, cfg.sweep_per_target) < 2 or cfg.num_steps < 1:
@@ -194,7 +193,7 @@ def load_predictors(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
     from tagdiff.guidance.temporal import check_time_predictor
     from tagdiff.models.checkpoints import load_model, read_config
 
-    root = Path(setup.checkpoints)
+    root = Path(setup.models_dir)
     K = setup.models["clf_eval"].num_classes
     joint = f"class_{cfg.attribute}"
     preds = {"joint": load_model(cfg.joint_predictor or root / f"time_predictor_{joint}", setup.device),
@@ -241,7 +240,7 @@ def multicond_terms(method: str, setup: Setup, preds: dict[str, Any], tg: Target
     elif method == "unconditional":  # x″: class, then the attribute (Prop. B.2)
         terms.append(MultiConditionTAG(preds["unconditional"], omega, "unconditional", losses=[l_class, l_attr],
                                        reparam_scale=reparam_scale))
-    terms.append(DPSGuidance(combined_loss(l_class, l_attr), cfg.dps_scale))
+    terms.append(DPSGuidance(combined_loss(l_class, l_attr), cfg.dps_guidance_scale))
     return terms
 
 
@@ -321,21 +320,23 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
             seed that is also an evaluation seed, a time predictor with the wrong number of conditions, or a wrong
             attribute classifier. CheckpointError: missing models.
     """
-    _validate(cfg)
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    attr = get_attribute(cfg.attribute)
-    parse_targets(resolve_targets(cfg), setup.models["clf_eval"].num_classes, attr.levels)
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
+
+
+def _measure(setup: Setup, cfg: MultiCondConfig, cache: RunCache, progress: bool) -> dict[str, Any]:
+    """Every cell of the grid on the validation seed, then the chosen cells over the evaluation seeds (module
+    docstring): ``{"rows", "sweep", "attribute_stats", "preview"}``."""
+    parse_targets(resolve_targets(cfg), setup.models["clf_eval"].num_classes, get_attribute(cfg.attribute).levels)
     preds = load_predictors(setup, cfg)
-    cache = RunCache(out_dir, resume)
     numeric = _numeric(cfg.attribute)
     targets = ",".join(resolve_targets(cfg))  # long strings are hashed: a cached run's file name must stay short
-    paths = (setup.checkpoints, cfg.class_predictor, cfg.joint_predictor, cfg.data_dir)
+    paths = (setup.models_dir, cfg.class_predictor, cfg.joint_predictor, cfg.data_dir)
     if cfg.attribute != "ink":  # (the ink keys stay as they were, so earlier caches still resume)
         paths += (cfg.attribute, cfg.attribute_classifier)
     ckpt = ",".join(str(p) for p in paths)
     base = {"exp": "multicond", "dataset": cfg.dataset,
             "targets": targets if len(targets) <= 40 else short_hash(targets),
-            "steps": cfg.num_steps, "ddim_eta": cfg.ddim_eta, "dps": cfg.dps_scale, "ink_scale": cfg.ink_scale,
+            "steps": cfg.num_steps, "ddim_eta": cfg.ddim_eta, "dps": cfg.dps_guidance_scale, "ink_scale": cfg.ink_scale,
             "q": cfg.thick_quantile, "ckpt": short_hash(ckpt), **grid_key(cfg)}
 
     def get(method: str, omega: float, scale: float, seed: int, n: int) -> dict[str, Any]:
@@ -385,24 +386,30 @@ def run_multicond(out_dir: str | Path, cfg: MultiCondConfig = MultiCondConfig(),
                   f"{fmt_ms(mm['class_accuracy'], 3)}  {cfg.attribute} {fmt_ms(mm[numeric[2]], 3)}  FID "
                   f"{fmt_ms(mm['fid'], 2)}  TG {fmt_ms(mm['time_gap'])}", flush=True)
     _, attribute_stats = make_targets(setup, cfg, 1)
+    return {"rows": rows,
+            "sweep": {"grid": grid, "seed": cfg.sweep_seed, "criterion": "max joint_success, then min fid, then "
+                      "smallest ω_0, η_0",
+                      "best": {m: {"omega": w, "reparam_scale": e} for m, (w, e) in chosen.items()}},
+            "attribute_stats": attribute_stats, "preview": previews}
+
+
+def _record(setup: Setup, cfg: MultiCondConfig) -> dict[str, Any]:
+    attr = get_attribute(cfg.attribute)
     lo, hi = attr.levels
     l_attr = "(m(x0_hat) - m*)^2 / ink_scale^2" if cfg.attribute == "ink" else "-log p_clf_slant(b | x0_hat)"
-    results = {"rows": rows,
-               "sweep": {"grid": grid, "seed": cfg.sweep_seed, "criterion": "max joint_success, then min fid, then "
-                         "smallest ω_0, η_0",
-                         "best": {m: {"omega": w, "reparam_scale": e} for m, (w, e) in chosen.items()}},
-               "attribute_stats": attribute_stats, "preview": previews,
-               "config": {**asdict(cfg), "targets": list(resolve_targets(cfg)), "checkpoints": setup.checkpoints,
-                          "sampler": "ddim", "clip_x0": 1.0,
-                          "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
-                          "reparam_scale_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
-                          "losses": f"-log p_clf_clean(y | x0_hat) + {l_attr}",
-                          "joint_condition": f"2 * class + {cfg.attribute}_bin (1 = {hi})",
-                          "measure": f"{cfg.attribute}: {attr.description}",
-                          f"{cfg.attribute}_success": f"m(x0) > held-out class median ({hi}) / < median ({lo})",
-                          "fid_reference": "held-out images of the target class (clf_eval features)",
-                          "time_gap_predictor": "unconditional time_predictor", "torch": torch.__version__},
-               "paper": PAPER}
-    write_outputs(out_dir, results, table(results, cfg))
-    figure(Path(out_dir) / "multicond.png", results, cfg, tuple(setup.eps_model.sample_shape))
-    return results
+    return {"targets": list(resolve_targets(cfg)), "sampler": "ddim", "clip_x0": 1.0,
+            "tag_placement": "pre", "omega_schedule": "one_minus_alpha_bar",
+            "reparam_scale_schedule": "one_minus_alpha_bar (η_t² = η_0² (1 − ᾱ_t))",
+            "losses": f"-log p_clf_clean(y | x0_hat) + {l_attr}",
+            "joint_condition": f"2 * class + {cfg.attribute}_bin (1 = {hi})",
+            "measure": f"{cfg.attribute}: {attr.description}",
+            f"{cfg.attribute}_success": f"m(x0) > held-out class median ({hi}) / < median ({lo})",
+            "fid_reference": "held-out images of the target class (clf_eval features)",
+            "time_gap_predictor": "unconditional time_predictor"}
+
+
+EXPERIMENT = Experiment(
+    "multicond", MultiCondConfig,
+    "class + stroke thickness (or slant) guided together; joint/single/unconditional TAG (Table 5)", _validate,
+    table, measure=_measure, paper=PAPER, record=_record,
+    figure=lambda path, results, cfg, setup: figure(path, results, cfg, tuple(setup.eps_model.sample_shape)))

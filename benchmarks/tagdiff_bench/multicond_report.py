@@ -49,7 +49,8 @@ def table(results: dict[str, Any], cfg: Any) -> str:
             if a == "ink" else "ℓ_slant = −log p(level | x̂_0) of the slant classifier clf_slant")
     head = (f"Multi-condition guidance (class + {'stroke thickness' if a == 'ink' else a}), {cfg.dataset}: targets "
             f"{', '.join(results['config']['targets'])}, {cfg.num_per_target} samples per target per seed; "
-            f"DDIM(η={cfg.ddim_eta}) {cfg.num_steps} steps, x̂_0 clipped to [-1, 1]; DPS scale {cfg.dps_scale} on "
+            f"DDIM(η={cfg.ddim_eta}) {cfg.num_steps} steps, x̂_0 clipped to [-1, 1]; DPS scale "
+            f"{cfg.dps_guidance_scale} on "
             f"ℓ_class + {loss}; TAG before each step, ω_t = ω_0(1-ᾱ_t), "
             f"η_t² = η_0²(1-ᾱ_t) (η_0: reparameterisation scale). ω_0 ∈ {list(cfg.omegas)} and η_0 ∈ "
             f"{list(cfg.reparam_scales)} chosen on seed "

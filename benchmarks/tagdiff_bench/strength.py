@@ -1,16 +1,17 @@
 """Rising DPS strength with and without TAG (docs/notation.md §7.2, Table 3 analogue).
 
 Table 3's strengths 1, 1.5, 2.5 and 5 multiply the tuned DPS strength (its 1.0 row equals Table 2's DPS). Here they
-multiply the suite's tuned DPS guidance scale (``dps_scale``, by default ``LabelConfig.dps_scale``, 16 on digits).
-DPS is the score-space label guidance of the label suite (``-log p(y | x0_hat)`` of the clean classifier, through
-the ε-model), sampled with DDIM(η = 1), 50 trailing steps, x0_hat clipped to [-1, 1]. For each strength, ω_0 is
-chosen on a validation seed by FID; the table reports mean ± std over the evaluation seeds of FID (against held-out
-images of the target class, in the evaluation classifier's features), accuracy and Time Gap.
+multiply the suite's tuned DPS guidance scale (``dps_guidance_scale``, by default
+``LabelConfig.dps_guidance_scale``, 16 on digits). DPS is the score-space label guidance of the label suite (``-log
+p(y | x0_hat)`` of the clean classifier, through the ε-model), sampled with DDIM(η = 1), 50 trailing steps, x0_hat
+clipped to [-1, 1]. For each strength, ω_0 is chosen on a validation seed by FID; the table reports mean ± std over
+the evaluation seeds of FID (against held-out images of the target class, in the evaluation classifier's features),
+accuracy and Time Gap.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,23 +19,11 @@ import torch
 
 from tagdiff.guidance import DPSGuidance, TemporalAlignment, Term, label_loss
 
-from .common import (
-    ExperimentConfig,
-    RunCache,
-    check_classes,
-    draw,
-    fmt_ci,
-    fmt_ms,
-    grid_key,
-    load_setup,
-    markdown_table,
-    sample_metrics,
-    tag_comparison,
-    write_outputs,
-)
+from .common import ExperimentConfig, Setup, draw, fmt_ci, fmt_ms, grid_key, markdown_table, sample_metrics
 from .label import LabelConfig
+from .runner import Comparison, Experiment, run
 
-__all__ = ["StrengthConfig", "run_strength", "PAPER"]
+__all__ = ["StrengthConfig", "run_strength", "PAPER", "EXPERIMENT"]
 
 PAPER = {"source": "the paper's Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy %)",
          "1.0": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
@@ -45,15 +34,45 @@ PAPER = {"source": "the paper's Table 3 (CIFAR-10 DPS -> DPS+TAG; FID, accuracy 
 
 @dataclass(frozen=True)
 class StrengthConfig(ExperimentConfig):
-    """Settings: ``strengths`` multiply ``dps_scale`` (the tuned DPS guidance scale); ``omegas`` is the TAG ω_0 grid."""
+    """Settings: ``strengths`` multiply ``dps_guidance_scale`` (the tuned DPS guidance scale); ``omegas`` is the TAG
+    ω_0 grid."""
 
     strengths: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
-    dps_scale: float = LabelConfig.dps_scale
+    dps_guidance_scale: float = field(default=LabelConfig.dps_guidance_scale, metadata={"aliases": ("--dps-scale",)})
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     targets: tuple[int, ...] = tuple(range(10))
     num_per_target: int = 32
     sweep_per_target: int = 16
     num_steps: int = 50
+
+
+def _validate(cfg: StrengthConfig) -> None:
+    if min(cfg.strengths) <= 0 or min(cfg.omegas) < 0:
+        raise ValueError(f"strengths must be > 0 and omegas >= 0, got {cfg.strengths} and {cfg.omegas}")
+
+
+def _comparisons(setup: Setup, cfg: StrengthConfig) -> Any:
+    """One comparison per strength: DPS at ``strength × dps_guidance_scale``, judged by FID and accuracy on the
+    targets."""
+    for strength in cfg.strengths:
+        def run(omega: float, seed: int, n: int, strength: float = strength) -> dict[str, Any]:
+            target = torch.tensor(cfg.targets).repeat_interleave(n // len(cfg.targets)).to(setup.device)
+            terms: list[Term] = [DPSGuidance(label_loss(setup.models["clf_clean"], target),
+                                             strength * cfg.dps_guidance_scale)]
+            if omega > 0:
+                terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
+            out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=cfg.num_steps,
+                       timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+            return {**sample_metrics(setup, out["x0"], target), "time_gap": out["time_gap"], "seconds": out["seconds"]}
+
+        key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.dps_guidance_scale,
+               "steps": cfg.num_steps, "targets": ",".join(map(str, cfg.targets)), **grid_key(cfg)}
+        yield Comparison((str(strength),), key, run, n=cfg.num_per_target * len(cfg.targets),
+                         sweep_n=cfg.sweep_per_target * len(cfg.targets), omegas=cfg.omegas,
+                         line=lambda r, strength=strength: (
+                             f"  strength {strength:<4} ω*={r['best_omega']:<4} FID {fmt_ms(r['without']['fid'])} -> "
+                             f"{fmt_ms(r['with']['fid'])}  acc {fmt_ms(r['without']['accuracy'], 3)} -> "
+                             f"{fmt_ms(r['with']['accuracy'], 3)}"))
 
 
 def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *, progress: bool = True,
@@ -64,38 +83,7 @@ def run_strength(out_dir: str | Path, cfg: StrengthConfig = StrengthConfig(), *,
         ValueError: a non-positive strength, a negative ω, a target class the classifiers do not have, or an
             unavailable device.
     """
-    if min(cfg.strengths) <= 0 or min(cfg.omegas) < 0:
-        raise ValueError(f"strengths must be > 0 and omegas >= 0, got {cfg.strengths} and {cfg.omegas}")
-    setup = load_setup(cfg.dataset, cfg.checkpoints, cfg.data_dir, cfg.device)
-    check_classes(cfg.targets, setup)
-    cache = RunCache(out_dir, resume)
-    results: dict[str, Any] = {"strength": {}}
-    for strength in cfg.strengths:
-        def run(omega: float, seed: int, n: int, strength: float = strength) -> dict[str, Any]:
-            target = torch.tensor(cfg.targets).repeat_interleave(n // len(cfg.targets)).to(setup.device)
-            terms: list[Term] = [DPSGuidance(label_loss(setup.models["clf_clean"], target),
-                                             strength * cfg.dps_scale)]
-            if omega > 0:
-                terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
-            out = draw(setup, terms, n=target.numel(), seed=seed, num_steps=cfg.num_steps,
-                       timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
-            return {**sample_metrics(setup, out["x0"], target), "time_gap": out["time_gap"], "seconds": out["seconds"]}
-
-        key = {"exp": "strength", "dataset": cfg.dataset, "scale": strength * cfg.dps_scale, "steps": cfg.num_steps,
-               "targets": ",".join(map(str, cfg.targets)), **grid_key(cfg)}
-        r = tag_comparison(cache, key, run, omegas=cfg.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
-                           n=cfg.num_per_target * len(cfg.targets), sweep_n=cfg.sweep_per_target * len(cfg.targets))
-        results["strength"][str(strength)] = r
-        if progress:
-            print(f"  strength {strength:<4} ω*={r['best_omega']:<4} FID {fmt_ms(r['without']['fid'])} -> "
-                  f"{fmt_ms(r['with']['fid'])}  acc {fmt_ms(r['without']['accuracy'], 3)} -> "
-                  f"{fmt_ms(r['with']['accuracy'], 3)}", flush=True)
-    results["config"] = {**asdict(cfg), "checkpoints": setup.checkpoints, "sampler": "ddim", "eta": 1.0,
-                         "clip_x0": 1.0, "torch": torch.__version__}
-    results["paper"] = PAPER
-    write_outputs(out_dir, results, _table(results, cfg))
-    _figure(Path(out_dir) / "strength.png", results)
-    return results
+    return run(EXPERIMENT, out_dir, cfg, progress=progress, resume=resume)
 
 
 def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
@@ -103,7 +91,7 @@ def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
     for s, r in results["strength"].items():
         a, b = r["without"], r["with"]
         p = PAPER.get(s)
-        rows.append([s, f"{float(s) * cfg.dps_scale:g}", r["best_omega"], fmt_ms(a["fid"]), fmt_ms(b["fid"]),
+        rows.append([s, f"{float(s) * cfg.dps_guidance_scale:g}", r["best_omega"], fmt_ms(a["fid"]), fmt_ms(b["fid"]),
                      fmt_ci(r["paired"]["fid"], "t"),
                      fmt_ms(a["accuracy"], 3), fmt_ms(b["accuracy"], 3),
                      f"{a['time_gap']['mean']:.1f} → {b['time_gap']['mean']:.1f}",
@@ -116,7 +104,7 @@ def _table(results: dict[str, Any], cfg: StrengthConfig) -> str:
                                   "acc DPS+TAG", "Time Gap", "paper (CIFAR-10) FID; acc"], rows)
 
 
-def _figure(path: Path, results: dict[str, Any]) -> None:
+def _figure(path: Path, results: dict[str, Any], cfg: StrengthConfig, setup: Setup) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,3 +122,9 @@ def _figure(path: Path, results: dict[str, Any]) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+EXPERIMENT = Experiment(
+    "strength", StrengthConfig, "DPS strength 1-5× with/without TAG (Table 3)", _validate, _table,
+    section="strength", comparisons=_comparisons, paper=PAPER, check_targets=True, figure=_figure,
+    record=lambda setup, cfg: {"sampler": "ddim", "eta": 1.0, "clip_x0": 1.0})

@@ -20,7 +20,7 @@ from tagdiff.guidance.cfg import interval_from_sigma
 pytest.importorskip("diffusers")
 
 TINY = CFGConfig(scales=(1.0, 4.0), cfgpp_lambdas=(0.6,), methods=("cfg", "cfg+tag", "apg", "interval", "cfg++"),
-                 omegas=(1.0,), num_per_target=2, sweep_per_target=2, steps=2, seeds=(0, 1), device="cpu")
+                 omegas=(1.0,), num_per_target=2, sweep_per_target=2, num_steps=2, seeds=(0, 1), device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def ctag_setup():
 
 def _draw(setup, terms, cfg=TINY, seed=0, clip=1.0):
     y = torch.arange(10).repeat_interleave(cfg.num_per_target)
-    return draw(setup, terms, n=y.numel(), seed=seed, num_steps=cfg.steps, eta=0.0, clip_x0=clip,
+    return draw(setup, terms, n=y.numel(), seed=seed, num_steps=cfg.num_steps, eta=0.0, clip_x0=clip,
                 timestep_spacing=cfg.timestep_spacing, cond={"y": y})["x0"]
 
 
@@ -100,8 +100,8 @@ def test_cli_rejects_bad_values_in_one_line(tmp_path, capsys, argv, needle):
     assert len(err) == 1 and err[0].startswith("tagdiff: error:") and needle in err[0]
 
 
-def test_cli_mnist_without_checkpoints_names_the_missing_folder(tmp_path, capsys):
-    assert main(["bench", "cfg", "--out", str(tmp_path), "--dataset", "mnist", "--checkpoints",
+def test_cli_mnist_without_models_names_the_missing_folder(tmp_path, capsys):
+    assert main(["bench", "cfg", "--out", str(tmp_path), "--dataset", "mnist", "--models-dir",
                  str(tmp_path / "nope"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]

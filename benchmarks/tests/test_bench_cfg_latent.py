@@ -37,7 +37,7 @@ def latent(tmp_path_factory):
 
 def _cfg(latent, **kw):
     base = dict(scales=(1.0, 4.0), methods=("cfg", "cfg+tag", "apg", "interval"), omegas=(1.0,), num_per_target=2,
-                sweep_per_target=2, steps=2, seeds=(0, 1), device="cpu", checkpoints=str(latent / "ckpt"),
+                sweep_per_target=2, num_steps=2, seeds=(0, 1), device="cpu", models_dir=str(latent / "ckpt"),
                 vae=str(latent / "vae"))
     return CFGConfig(**{**base, **kw})
 
@@ -50,9 +50,9 @@ def test_latent_config_turns_clamping_off():
 
 def test_bench_cfg_vae_end_to_end_decodes_before_every_metric(latent, tmp_path):
     out = tmp_path / "bench"
-    run("bench", "cfg", "--out", out, "--checkpoints", latent / "ckpt", "--vae", latent / "vae", "--scales", "1,4",
+    run("bench", "cfg", "--out", out, "--models-dir", latent / "ckpt", "--vae", latent / "vae", "--scales", "1,4",
         "--methods", "cfg,cfg+tag,apg", "--omegas", "1", "--num-per-target", "2", "--sweep-per-target", "2",
-        "--steps", "2", "--seeds", "0,1", "--device", "cpu", "--quiet")
+        "--num-steps", "2", "--seeds", "0,1", "--device", "cpu", "--quiet")
     res = json.loads((out / "results.json").read_text())
     assert set(res["runs"]) == {"cfg/1", "cfg/4", "apg/1", "apg/4"}
     conf = res["config"]
@@ -95,10 +95,10 @@ def test_mismatched_vae_model_and_predictor_are_refused_in_one_line(latent, tmp_
     mixed = tmp_path / "mixed"
     shutil.copytree(latent / "ckpt" / "unet_class", mixed / "unet_class")
     shutil.copytree(assets_dir("digits") / "time_predictor", mixed / "time_predictor")
-    line = error_line(capsys, *common, "--checkpoints", mixed, "--vae", latent / "vae")
+    line = error_line(capsys, *common, "--models-dir", mixed, "--vae", latent / "vae")
     assert "time predictor" in line and "latents of shape (4, 4, 4)" in line
     # the latent model without its VAE
-    line = error_line(capsys, *common, "--checkpoints", latent / "ckpt")
+    line = error_line(capsys, *common, "--models-dir", latent / "ckpt")
     assert "is a latent model" in line and str(latent / "vae") in line
     # a pixel model (the shipped digits UNet) with a VAE
     line = error_line(capsys, *common, "--vae", latent / "vae")
@@ -106,5 +106,5 @@ def test_mismatched_vae_model_and_predictor_are_refused_in_one_line(latent, tmp_
     # another VAE than the one the model was trained on
     run("train", "vae", "--dataset", "digits", "--widths", "8,16", "--steps", "20", "--batch-size", "16", "--seed",
         "1", "--quiet", "--out", tmp_path / "vae1")
-    line = error_line(capsys, *common, "--checkpoints", latent / "ckpt", "--vae", tmp_path / "vae1")
+    line = error_line(capsys, *common, "--models-dir", latent / "ckpt", "--vae", tmp_path / "vae1")
     assert "is not the VAE" in line and "vae1" in line

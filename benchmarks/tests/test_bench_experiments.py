@@ -163,7 +163,7 @@ def test_label_over_seeds_aggregates_and_resumes(tmp_path):
     again = run_label_seeds(tmp_path, cfg, (0, 1), methods=("unguided", "dps", "dps+tag"), progress=False)
     assert [p.stat().st_mtime_ns for p in runs] == stamps  # resumed from the run cache, not recomputed
     assert again["methods"] == res["methods"]
-    other = run_label_seeds(tmp_path, replace(cfg, dps_scale=1.0), (0,), methods=("dps",), progress=False)
+    other = run_label_seeds(tmp_path, replace(cfg, dps_guidance_scale=1.0), (0,), methods=("dps",), progress=False)
     assert other["methods"]["dps"]["fid"]["values"] != res["methods"]["dps"]["fid"]["values"][:1]  # new settings
 
 
@@ -249,7 +249,7 @@ def test_old_flag_names_are_rejected(argv, tmp_path, capsys):
 
 def test_renamed_fields_and_device_flag(tmp_path, capsys, monkeypatch):
     assert {"corruption_stds", "device"} <= set(dataclasses.asdict(CorruptedConfig()))
-    assert "sigmas" not in dataclasses.asdict(CorruptedConfig()) and StrengthConfig().dps_scale == 16.0
+    assert "sigmas" not in dataclasses.asdict(CorruptedConfig()) and StrengthConfig().dps_guidance_scale == 16.0
     assert MultiCondConfig().reparam_scales == (0.0, 1.0, 2.0, 4.0) and not hasattr(MultiCondConfig(), "etas")
     assert ExperimentConfig().device == "auto" and LabelConfig().device == "auto"
     assert main(["bench", "corrupted", "--out", str(tmp_path / "ok"), "--corruption-stds", "0.2", "--omegas", "1",
@@ -265,6 +265,29 @@ def test_renamed_fields_and_device_flag(tmp_path, capsys, monkeypatch):
         assert len(err) == 1 and err[0].startswith("tagdiff: error:") and "'cuda'" in err[0]
     assert main(["bench", "fewstep", "--out", str(tmp_path / "x"), "--device", "tpu", "--quiet"]) == 2
     assert "'tpu'" in capsys.readouterr().err
+@pytest.mark.parametrize("what, old, new, field, value", [
+    ("strength", "--checkpoints", "--models-dir", "models_dir", "DIR"),
+    ("strength", "--dps-scale", "--dps-guidance-scale", "dps_guidance_scale", 2.0),
+    ("solvers", "--cg-scale", "--cg-guidance-scale", "cg_guidance_scale", 2.0),
+    ("cfg", "--steps", "--num-steps", "num_steps", 3),
+    ("label", "--dps-scale", "--dps-guidance-scale", "dps_guidance_scale", 2.0),
+    ("label", "--checkpoints", "--models-dir", "models_dir", Path("DIR"))])
+def test_former_flag_names_are_hidden_aliases(what, old, new, field, value):
+    """A renamed option's former flag still sets the new field, and only the new flag is listed in --help."""
+    import argparse
+
+    from tagdiff_bench.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    argv = ["bench", what, "--out", "o"]
+    assert getattr(parser.parse_args([*argv, old, str(value)]), field) == value
+    assert getattr(parser.parse_args([*argv, new, str(value)]), field) == value
+    assert getattr(parser.parse_args(argv), field) != value
+    sub = parser._subparsers._group_actions[0].choices["bench"]._subparsers._group_actions[0].choices[what]
+    assert new in sub.format_help() and f"{old} " not in sub.format_help() and f"{old}\n" not in sub.format_help()
+
+
 def test_paired_ci_gives_the_student_t_interval_of_the_paired_differences():
     from scipy import stats
     from tagdiff_bench.common import fmt_ci, paired_ci

@@ -60,7 +60,7 @@ def test_tiny_run_writes_outputs_and_matches_an_independent_recomputation(tmp_pa
     x_true = setup.held_x[torch.randperm(len(setup.held_x), generator=torch.Generator().manual_seed(0))[:4]]
     A = make_operator("sr2", 8, 0.05)
     y = A.measure(x_true, generator=torch.Generator().manual_seed(0))
-    x0 = draw(setup, [DPSGuidance(A.loss(y), cfg.dps_scale)], n=4, seed=0, num_steps=3)["x0"]
+    x0 = draw(setup, [DPSGuidance(A.loss(y), cfg.dps_guidance_scale)], n=4, seed=0, num_steps=3)["x0"]
     psnr = peak_signal_noise_ratio(x0, x_true, data_range=2.0, reduction="none", dim=(1, 2, 3)).mean()
     assert r["dps"]["runs"]["without"][0]["psnr"] == pytest.approx(float(psnr))
     consistency = (A(x0) - y).flatten(1).norm(dim=1).mean()

@@ -46,7 +46,7 @@ def ck(tmp_path_factory):
 
 
 def _cfg(ck, **kw) -> LabelConfig:
-    return LabelConfig(**{"targets": (0, 1), "num_per_target": 4, "num_steps": 3, "checkpoints": str(ck),
+    return LabelConfig(**{"targets": (0, 1), "num_per_target": 4, "num_steps": 3, "models_dir": str(ck),
                           "device": "cpu", **kw})
 
 
@@ -80,7 +80,7 @@ def test_results_layout_and_files(results, ck):
         assert 0 <= m["accuracy"] <= 1 and (m["accuracy"] * 8) == pytest.approx(round(m["accuracy"] * 8))
     cfg = on_disk["config"]
     assert cfg["targets"] == [0, 1] and cfg["num_per_target"] == 4 and cfg["num_steps"] == 3
-    assert cfg["checkpoints"] == str(ck) and cfg["sampler"] == "ddim" and cfg["omega"] == 1.0
+    assert cfg["models_dir"] == str(ck) and cfg["sampler"] == "ddim" and cfg["omega"] == 1.0
     assert set(cfg["reference_images_per_target"]) == {"0", "1"}
     for method in METHODS:
         assert set(on_disk["per_target"][method]) == {"0", "1"}
@@ -135,7 +135,7 @@ def test_omega_zero_tag_equals_base(results):
 
 def test_method_terms(ck):
     models = load_label_models(ck)
-    cfg, target = LabelConfig(dps_scale=2.0, cg_scale=3.0, omega=0.5), torch.tensor([0, 1])
+    cfg, target = LabelConfig(dps_guidance_scale=2.0, cg_guidance_scale=3.0, omega=0.5), torch.tensor([0, 1])
     kinds = {m: [type(t) for t in method_terms(m, models, target, cfg)] for m in METHODS}
     assert kinds == {"unguided": [], "dps": [DPSGuidance], "dps+tag": [DPSGuidance, TemporalAlignment],
                      "cg": [ClassifierGuidance], "cg+tag": [ClassifierGuidance, TemporalAlignment]}
@@ -212,7 +212,7 @@ def test_model_of_the_wrong_kind(ck, tmp_path, slot, other):
 
 def test_cli_bench_label(ck, tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = main(["bench", "label", "--checkpoints", str(ck), "--targets", "0,1", "--num-per-target", "4",
+    rc = main(["bench", "label", "--models-dir", str(ck), "--targets", "0,1", "--num-per-target", "4",
                "--num-steps", "2", "--out", str(out), "--quiet"])
     assert rc == 0
     stdout = capsys.readouterr().out
@@ -223,10 +223,11 @@ def test_cli_bench_label(ck, tmp_path, capsys):
 
 
 def test_cli_bench_label_errors(ck, tmp_path, capsys):
+    # --checkpoints: the former name of --models-dir, still accepted
     rc = main(["bench", "label", "--checkpoints", str(ck), "--targets", "0,12", "--num-per-target", "2",
                "--num-steps", "2", "--out", str(tmp_path / "a"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("tagdiff: error:") and "12" in err[0]
-    rc = main(["bench", "label", "--checkpoints", str(tmp_path / "none"), "--out", str(tmp_path / "b"), "--quiet"])
+    rc = main(["bench", "label", "--models-dir", str(tmp_path / "none"), "--out", str(tmp_path / "b"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "none" in err[0]

@@ -139,7 +139,7 @@ def test_tiny_run_writes_outputs_and_matches_an_independent_recomputation(tmp_pa
     q = ink_quantiles(setup.held_x, setup.held_y, 10, (0.25, 0.5, 0.75))
     target_ink = torch.where(thick, q[tg_cls, 2], q[tg_cls, 0]).float()
     loss = combined_loss(label_loss(setup.models["clf_clean"], tg_cls), ink_loss(target_ink, cfg.ink_scale))
-    x0 = draw(setup, [DPSGuidance(loss, cfg.dps_scale)], n=6, seed=0, num_steps=3)["x0"]
+    x0 = draw(setup, [DPSGuidance(loss, cfg.dps_guidance_scale)], n=6, seed=0, num_steps=3)["x0"]
     m = ((x0 + 1) / 2).mean((1, 2, 3))
     ink_ok = torch.where(thick, m > q[tg_cls, 1].float(), m < q[tg_cls, 1].float())
     class_ok = setup.models["clf_eval"](x0).argmax(-1) == tg_cls
@@ -197,7 +197,7 @@ def test_slant_attribute_is_guided_by_its_classifier_and_judged_by_the_measured_
     # independent recomputation of the DPS row: class + slant-classifier losses; success by the measured slant
     cls, right = torch.tensor([1, 1, 1, 7, 7, 7]), torch.tensor([True] * 3 + [False] * 3)
     loss = combined_loss(label_loss(setup.models["clf_clean"], cls), label_loss(preds["attribute"], right.long()))
-    x0 = draw(setup, [DPSGuidance(loss, cfg.dps_scale)], n=6, seed=0, num_steps=3)["x0"]
+    x0 = draw(setup, [DPSGuidance(loss, cfg.dps_guidance_scale)], n=6, seed=0, num_steps=3)["x0"]
     med = attribute_quantiles("slant", setup.held_x, setup.held_y, 10, (0.5,))[:, 0].float()[cls]
     ok = torch.where(right, slant(x0) > med, slant(x0) < med)
     dps = res["rows"][0]["metrics"]
@@ -207,7 +207,7 @@ def test_slant_attribute_is_guided_by_its_classifier_and_judged_by_the_measured_
     # a classifier trained for something else, and ink levels for the slant attribute, are refused
     with pytest.raises(ValueError, match="not a slant classifier"):
         load_predictors(setup, MultiCondConfig(attribute="slant",
-                                               attribute_classifier=str(Path(setup.checkpoints) / "clf_clean")))
+                                               attribute_classifier=str(Path(setup.models_dir) / "clf_clean")))
     with pytest.raises(ValueError, match="'left' or 'right'"):
         run_multicond(tmp_path / "bad", MultiCondConfig(attribute="slant", targets=("0:thick",)), progress=False)
     assert MultiCondConfig(attribute="slant").targets == () and resolve_targets(MultiCondConfig(attribute="slant"))[0] \

@@ -158,7 +158,7 @@ def _reflect_index(n: int, p: int, device: torch.device) -> Tensor:
 class GaussianBlur(Operator):
     """Depthwise Gaussian blur with **reflect padding** (as the DPS/TFG deblur operator's ``ReflectionPad2d``).
 
-    ``A x = K * pad_reflect(x)`` with ``K[i, j] = g[i] g[j]``, ``g ∝ exp(−(i − r)² / (2σ²))``, normalised so
+    ``A x = K * pad_reflect(x)`` with ``K[i, j] = g[i] g[j]``, ``g ∝ exp(−(i − r)² / (2 s²))``, normalised so
     ``K`` sums to 1; each channel is blurred on its own. Reflect padding makes a constant image a fixed point
     everywhere (no dark border). The adjoint is exact for this padding: ``Aᵀ = Pᵀ ∘ Kᵀ`` where ``Kᵀ`` is the
     transposed ('full') convolution and ``Pᵀ`` folds each padded pixel back onto the pixel it was copied from.
@@ -167,23 +167,23 @@ class GaussianBlur(Operator):
 
     Args:
         kernel_size: odd integer ≥ 1 (pixels).
-        sigma: std of the Gaussian in pixels, > 0.
+        blur_std: std of the Gaussian kernel in pixels, > 0 (the blur's width; not a noise level).
     Raises:
-        ValueError: for an even or < 1 ``kernel_size``, ``sigma <= 0``, or (on use) an image too small to pad.
+        ValueError: for an even or < 1 ``kernel_size``, ``blur_std <= 0``, or (on use) an image too small to pad.
     """
 
-    def __init__(self, kernel_size: int = 9, sigma: float = 3.0, noise_std: float = 0.0):
+    def __init__(self, kernel_size: int = 9, blur_std: float = 3.0, noise_std: float = 0.0):
         super().__init__(noise_std)
         if isinstance(kernel_size, bool) or int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"GaussianBlur kernel_size must be an odd integer >= 1, got {kernel_size}")
-        if not (math.isfinite(float(sigma)) and sigma > 0):
-            raise ValueError(f"GaussianBlur sigma must be > 0, got {sigma}")
-        self.kernel_size, self.sigma = int(kernel_size), float(sigma)
+        if not (math.isfinite(float(blur_std)) and blur_std > 0):
+            raise ValueError(f"GaussianBlur blur_std must be > 0, got {blur_std}")
+        self.kernel_size, self.blur_std = int(kernel_size), float(blur_std)
 
     def kernel(self, dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> Tensor:
         """The normalised 2-D kernel, shape ``(kernel_size, kernel_size)``, summing to 1."""
         r = self.kernel_size // 2
-        g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / self.sigma) ** 2)
+        g = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float64) / self.blur_std) ** 2)
         return (torch.outer(g, g) / g.sum() ** 2).to(dtype=dtype, device=device)
 
     def output_shape(self, input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -278,10 +278,10 @@ class RandomInpainting(_MaskOperator):
 
 
 def _blur_for(h: int, w: int, noise_std: float) -> GaussianBlur:
-    # σ = min(H, W) / 16 px (8×8 → 0.5, 28×28 → 1.75): strokes of 28×28 MNIST merge but stay legible; the
-    # kernel spans ±3σ, clipped so the reflect pad fits (kernel_size // 2 < min(H, W)).
-    sigma = min(h, w) / 16
-    return GaussianBlur(2 * min(math.ceil(3 * sigma), min(h, w) - 1) + 1, sigma, noise_std)
+    # blur_std s = min(H, W) / 16 px (8×8 → 0.5, 28×28 → 1.75): strokes of 28×28 MNIST merge but stay legible; the
+    # kernel spans ±3s, clipped so the reflect pad fits (kernel_size // 2 < min(H, W)).
+    blur_std = min(h, w) / 16
+    return GaussianBlur(2 * min(math.ceil(3 * blur_std), min(h, w) - 1) + 1, blur_std, noise_std)
 
 
 OPERATORS: dict[str, Callable[[int, int, float], Operator]] = {

@@ -91,8 +91,8 @@ def test_sample_defaults_are_the_demos(tmp_path, capsys):
 
     from tagdiff.cli.sample import DEFAULT_GUIDANCE_SCALE
 
-    assert DEFAULT_GUIDANCE_SCALE["dps"] == LabelConfig().dps_scale
-    assert DEFAULT_GUIDANCE_SCALE["cg"] == LabelConfig().cg_scale
+    assert DEFAULT_GUIDANCE_SCALE["dps"] == LabelConfig().dps_guidance_scale
+    assert DEFAULT_GUIDANCE_SCALE["cg"] == LabelConfig().cg_guidance_scale
     rc = main(["sample", "--checkpoint", "digits", "--out", str(tmp_path), "--guidance", "dps", "--classifier",
                "digits/clf_clean", "--target", "3", "--num-samples", "8", "--num-steps", "20", "--quiet"])
     assert rc == 0

@@ -108,7 +108,7 @@ def test_apg_momentum_and_step_window_equal_diffusers_over_a_run(model, schedule
     N = 8
     guider = DiffusersAPG(guidance_scale=4.0, adaptive_projected_guidance_momentum=-0.5, start=0.25, stop=0.75)
     buf = APGMomentum(-0.5)
-    term = AdaptiveProjectedGuidance(4.0, NULL, momentum=buf, steps=(0.25, 0.75))
+    term = AdaptiveProjectedGuidance(4.0, NULL, momentum=buf, step_fractions=(0.25, 0.75))
     for run in range(2):  # the second run resets the buffer at step 0, as the guider does
         guider.momentum_buffer = MomentumBuffer(-0.5)
         grid = torch.arange(N)  # a sampling run's grid: a new object per run
@@ -149,7 +149,7 @@ def test_guidance_interval_in_timesteps_and_step_fractions(model, schedule):
 
     full, cond = eps_per_step(on), eps_per_step(ClassifierFreeGuidance(1.0, NULL))
     by_t = eps_per_step(ClassifierFreeGuidance(3.0, NULL, window=(300, 700)))
-    by_step = eps_per_step(ClassifierFreeGuidance(3.0, NULL, steps=(0.5, 1.0)))
+    by_step = eps_per_step(ClassifierFreeGuidance(3.0, NULL, step_fractions=(0.5, 1.0)))
     for i, t in enumerate(ts.tolist()):
         assert torch.equal(by_t[i], full[i] if 300 <= t <= 700 else cond[i])
         assert torch.equal(by_step[i], full[i] if i >= 3 else cond[i])
@@ -161,8 +161,8 @@ def test_guidance_interval_in_timesteps_and_step_fractions(model, schedule):
 def test_cfg_errors(model, schedule):
     with pytest.raises(ValueError, match="null_cond"):
         ClassifierFreeGuidance(2.0, {})
-    with pytest.raises(ValueError, match="steps"):
-        ClassifierFreeGuidance(2.0, NULL, steps=(0.8, 0.2))
+    with pytest.raises(ValueError, match="step_fractions"):
+        ClassifierFreeGuidance(2.0, NULL, step_fractions=(0.8, 0.2))
     with pytest.raises(ValueError, match="rescale"):
         ClassifierFreeGuidance(2.0, NULL, rescale=2.0)
     with pytest.raises(ValueError, match="space"):
@@ -171,7 +171,7 @@ def test_cfg_errors(model, schedule):
         CFGPlusPlus(-1.0, NULL)
     x, t, y = setup()
     with pytest.raises(ValueError, match="sampler loop"):
-        guided_eps(model, schedule, [ClassifierFreeGuidance(2.0, NULL, steps=(0.0, 0.5))])(x, t, y=y)
+        guided_eps(model, schedule, [ClassifierFreeGuidance(2.0, NULL, step_fractions=(0.0, 0.5))])(x, t, y=y)
 
 
 def cfgpp_by_hand(model, schedule, x, ts, y, lam, clip=None):

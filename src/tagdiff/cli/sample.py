@@ -31,7 +31,8 @@ from .plots import save_grid
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "SampleConfig", "generate", "resolved_clip", "resolved_scale", "save_grid"]
 
-# The demo's scales (dps_scale 16, cg_scale 4, the label experiment's), used when guidance_scale is None.
+# The demo's scales (dps_guidance_scale 16, cg_guidance_scale 4, the label experiment's), used when guidance_scale is
+# None.
 DEFAULT_GUIDANCE_SCALE = {"dps": 16.0, "cg": 4.0, "none": 0.0}
 
 

@@ -22,8 +22,8 @@ i.e. the conditional sampler bit for bit; s = 0 is the unconditional model.
 * Guidance interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval Improves Sample and
   Distribution Quality in Diffusion Models", arXiv 2404.07724): every term here takes ``window`` (inclusive
   training timesteps ``(t_min, t_max)``; :func:`interval_from_sigma` converts the paper's σ interval) and
-  ``steps`` (fractions ``(start, stop)`` of the step count, diffusers guiders' ``start`` / ``stop``: active at step
-  ``i`` with ``int(start N) <= i < int(stop N)``). Outside, the term is off: the conditional model.
+  ``step_fractions`` (fractions ``(start, stop)`` of the step count, diffusers guiders' ``start`` / ``stop``: active
+  at step ``i`` with ``int(start N) <= i < int(stop N)``). Outside, the term is off: the conditional model.
 * :class:`CFGPlusPlus` (Chung et al. 2024, "CFG++: Manifold-constrained Classifier Free Guidance for Diffusion
   Models", arXiv 2406.08070) changes the DDIM *renoising* direction (x̂_0 from the guided ε, renoised with ε_u),
   which no ε̂ alone expresses: it is a :class:`~tagdiff.terms.StepTerm` (see its docstring for where it runs).
@@ -67,12 +67,12 @@ def interval_from_sigma(schedule: VPSchedule, sigma_low: float, sigma_high: floa
     return int(inside.min()), int(inside.max())
 
 
-def _check_steps(steps: tuple[float, float] | None) -> tuple[float, float] | None:
-    if steps is None:
+def _check_step_fractions(step_fractions: tuple[float, float] | None) -> tuple[float, float] | None:
+    if step_fractions is None:
         return None
-    start, stop = steps
+    start, stop = step_fractions
     if not (isinstance(start, int | float) and isinstance(stop, int | float) and 0 <= start <= stop <= 1):
-        raise ValueError(f"steps must be fractions (start, stop) with 0 <= start <= stop <= 1, got {steps!r}")
+        raise ValueError(f"step_fractions must be (start, stop) with 0 <= start <= stop <= 1, got {step_fractions!r}")
     return float(start), float(stop)
 
 
@@ -80,12 +80,12 @@ class _TwoBranch:
     """What the CFG family shares: guidance scale, null condition, interval, the unconditional branch."""
 
     def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], window: tuple[int, int] | None,
-                 steps: tuple[float, float] | None):
+                 step_fractions: tuple[float, float] | None):
         if not isinstance(null_cond, Mapping) or not null_cond:
             raise ValueError(f"null_cond must be a non-empty dict of conditioning keywords, got {null_cond!r}")
         self.strength = Strength(float(guidance_scale), "constant", window)
         self.null_cond = dict(null_cond)
-        self.steps = _check_steps(steps)
+        self.step_fractions = _check_step_fractions(step_fractions)
 
     @property
     def guidance_scale(self) -> float:
@@ -95,15 +95,15 @@ class _TwoBranch:
         """False outside ``window`` (training timesteps) and ``steps`` (fractions of the step count).
 
         Raises:
-            ValueError: ``steps`` outside a sampler loop (``ctx.i`` unknown).
+            ValueError: ``step_fractions`` outside a sampler loop (``ctx.i`` unknown).
         """
         if self.strength.window is not None and not self.strength.active(t):
             return False
-        if self.steps is not None:
+        if self.step_fractions is not None:
             if ctx.i is None or ctx.num_steps is None:
-                raise ValueError("a guidance interval in step fractions (steps=...) needs a sampler loop; use "
-                                 "window=(t_min, t_max) in training timesteps outside one")
-            start, stop = (int(f * ctx.num_steps) for f in self.steps)
+                raise ValueError("a guidance interval in step fractions (step_fractions=...) needs a sampler loop; "
+                                 "use window=(t_min, t_max) in training timesteps outside one")
+            start, stop = (int(f * ctx.num_steps) for f in self.step_fractions)
             return start <= ctx.i < stop
         return True
 
@@ -144,7 +144,7 @@ class ClassifierFreeGuidance(_TwoBranch, ScoreTerm):
     Args:
         guidance_scale: s (1 = the conditional model, exactly; 0 = unconditional). Typical 1.5-8.
         null_cond: the null condition (module docstring), e.g. ``{"y": num_classes}``.
-        window, steps: the guidance interval (module docstring); outside it the conditional model.
+        window, step_fractions: the guidance interval (module docstring); outside it the conditional model.
         rescale: φ in [0, 1] of rescaled CFG (Lin et al. 2024 §3.4, diffusers' ``guidance_rescale``): the guided ε̂
             is rescaled to ε_c's per-sample std and mixed, ``φ ε̂ std(ε_c)/std(ε̂) + (1 - φ) ε̂``.
 
@@ -152,12 +152,12 @@ class ClassifierFreeGuidance(_TwoBranch, ScoreTerm):
     ``null_cond``.
 
     Raises:
-        ValueError: a non-finite scale, an empty null condition, a bad window / steps / rescale.
+        ValueError: a non-finite scale, an empty null condition, a bad window / step_fractions / rescale.
     """
 
     def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
-                 steps: tuple[float, float] | None = None, rescale: float = 0.0):
-        super().__init__(guidance_scale, null_cond, window, steps)
+                 step_fractions: tuple[float, float] | None = None, rescale: float = 0.0):
+        super().__init__(guidance_scale, null_cond, window, step_fractions)
         if not 0.0 <= rescale <= 1.0:
             raise ValueError(f"rescale must be in [0, 1], got {rescale}")
         self.rescale = float(rescale)
@@ -233,7 +233,7 @@ class AdaptiveProjectedGuidance(_TwoBranch, ScoreTerm):
     guider, which switches itself off at s = 1).
 
     Args:
-        guidance_scale: s. null_cond, window, steps: as :class:`ClassifierFreeGuidance`.
+        guidance_scale: s. null_cond, window, step_fractions: as :class:`ClassifierFreeGuidance`.
         parallel_weight: η of the APG paper and diffusers' ``eta``: the weight of the parallel component (diffusers'
             default 1; the paper's 0).
         norm_threshold: r (diffusers' ``adaptive_projected_guidance_rescale``, default 15); 0 disables.
@@ -248,8 +248,8 @@ class AdaptiveProjectedGuidance(_TwoBranch, ScoreTerm):
     def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], *, parallel_weight: float = 1.0,
                  norm_threshold: float = 15.0,
                  momentum: APGMomentum | None = None, space: str = "eps", window: tuple[int, int] | None = None,
-                 steps: tuple[float, float] | None = None):
-        super().__init__(guidance_scale, null_cond, window, steps)
+                 step_fractions: tuple[float, float] | None = None):
+        super().__init__(guidance_scale, null_cond, window, step_fractions)
         if space not in ("eps", "x0"):
             raise ValueError(f"space must be 'eps' or 'x0', got {space!r}")
         if not norm_threshold >= 0:
@@ -304,7 +304,7 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
 
     Args:
         guidance_scale: λ (the paper uses λ in [0, 1], e.g. 0.6; λ = 0 is the unconditional DDIM). Must be >= 0.
-        null_cond, window, steps: as :class:`ClassifierFreeGuidance`; outside the interval the plain step runs.
+        null_cond, window, step_fractions: as :class:`ClassifierFreeGuidance`; outside the interval the plain step runs.
         clip_x0: clamp x̂_0^λ to ``[-clip_x0, clip_x0]`` before renoising (the sampler itself must not clip; images
             often need it, see INTEGRATION.md); ``None`` (default) is the paper's update.
 
@@ -314,12 +314,12 @@ class CFGPlusPlus(_TwoBranch, StepTerm):
     """
 
     def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
-                 steps: tuple[float, float] | None = None, clip_x0: float | None = None):
+                 step_fractions: tuple[float, float] | None = None, clip_x0: float | None = None):
         if not guidance_scale >= 0:
             raise ValueError(f"CFG++ scale lambda must be >= 0, got {guidance_scale}")
         if clip_x0 is not None and not clip_x0 > 0:
             raise ValueError(f"clip_x0 must be None or > 0, got {clip_x0}")
-        super().__init__(guidance_scale, null_cond, window, steps)
+        super().__init__(guidance_scale, null_cond, window, step_fractions)
         self.clip_x0 = clip_x0
 
     def step(self, x: Tensor, t: Tensor, t_prev: Tensor, ctx: StepContext, evaluate: Any, update: Any) -> Tensor:

@@ -27,8 +27,8 @@ class DPSGuidance(ScoreTerm):
     **Unclipped on images, the result is rounding noise beyond a few digits.** Without ``clip_x0`` in the sampler,
     DPS on an image model drives x̂_0 and the state far outside [-1, 1] (to ~6e5 on the shipped digits model at scale
     16, 50 DDIM(η=1) steps), and every step amplifies float rounding. Measured there, the same per-sample seeds in a
-    batch of 8 and in a batch of 2 (different CPU kernels, nothing else) end up to 45 apart in float32 (issue 21: up
-    to 20.8 at values near 1e5), 2e-7 apart in float64 (issue 21: 4.8e-6); a float32 and a float64 run of the same
+    batch of 8 and in a batch of 2 (different CPU kernels, nothing else) end up to 45 apart in float32 (a rerun: up
+    to 20.8 at values near 1e5), 2e-7 apart in float64 (a rerun: 4.8e-6); a float32 and a float64 run of the same
     seeds do not agree at all (differences of 2.6e5). Such outputs are reproducible only with the same batch size,
     precision, device and library versions. Clip x̂_0 in the sampler for images (``sample_ddim(..., clip_x0=1.0)``,
     ``tagdiff sample``'s default ``--clip-x0 auto``): the batch-8-vs-2 difference drops to 7e-4 in float32, and the
