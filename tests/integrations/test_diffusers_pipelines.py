@@ -302,3 +302,22 @@ def test_sample_pipeline_shows_a_progress_bar_as_the_pipeline_does(digits, capsy
     pipe.set_progress_bar_config(disable=True)
     sample_pipeline(pipe, batch_size=1, num_inference_steps=3, output_type="np")
     assert "0/3" not in capsys.readouterr().err
+
+
+def test_singlestep_dpm_solver_of_higher_order_is_refused_and_order_one_corrects(sd_pipe, latent_predictor):
+    """DPM-Solver single-step computes each step of an order-2 group from the sample saved at the group's start, so a
+    correction made inside a group changes nothing downstream (measured by benchmarks/callback_table.py: the pixel
+    run with TAG at ω = 5 was the plain run bit for bit). Refused at the first call; order 1 keeps corrections."""
+    from diffusers import DPMSolverSinglestepScheduler
+
+    with pytest.raises(ValueError, match=r"DPMSolverSinglestepScheduler \(solver_order 2\).*solver_order=1"):
+        run_sd(sd_pipe, DPMSolverSinglestepScheduler, TAGCallback(latent_predictor, omega=50.0))
+    sd_pipe.scheduler = DPMSolverSinglestepScheduler.from_config(sd_pipe.scheduler.config, solver_order=1)
+
+    def run(callback=None):
+        return sd_pipe(["ab", "cd"], num_inference_steps=4, guidance_scale=3.0, height=LATENT, width=LATENT,
+                       generator=torch.Generator().manual_seed(0), output_type="latent",
+                       callback_on_step_end=callback).images
+
+    plain, zero, tagged = run(), run(TAGCallback(latent_predictor, omega=0.0)), run(TAGCallback(latent_predictor, 50.0))
+    assert torch.equal(plain, zero) and not torch.equal(plain, tagged)

@@ -28,7 +28,9 @@ What the schedulers differ in, and how each is handled:
   change made to x between steps (TAG, drift, corruption) is discarded and only moves the point where the model was
   evaluated (on the toy mixture a drift then barely acts and TAG makes W1 worse, not better). Correctors with
   UniPC are therefore refused unless its corrector is disabled (``disable_corrector=list(range(N))``: UniP, a
-  plain multistep predictor), which restores the expected behaviour.
+  plain multistep predictor), which restores the expected behaviour. **DPM-Solver single-step** of order k > 1
+  likewise computes every step of an order-k group from the sample saved at the group's start: refused unless
+  ``solver_order=1``.
 * **Second-order schedulers** (Heun, KDPM2) call the model twice per step (their ``timesteps`` repeat): score
   terms act at every model call, correctors once per step (before its first and after its last call), and the
   Time-Gap callback once per step. Step terms are refused there.
@@ -282,9 +284,12 @@ class SchedulerDriver:
 
 def check_keeps_corrections(scheduler: Any, terms: Sequence[Term], num_steps: int) -> None:
     """Refuse correctors where the scheduler discards state changes made between steps (module doc): UniPC's
-    corrector, and PNDM, whose Runge-Kutta warm-up restarts from saved states and repeats timesteps. Checked
-    against diffusers' UniPCMultistepScheduler / PNDMScheduler; the other multistep schedulers tagdiff drives
-    (DPM-Solver++ 2M/SDE, DEIS) keep their model outputs, not their samples, so a corrected sample carries on.
+    corrector; PNDM, whose Runge-Kutta warm-up restarts from saved states and repeats timesteps; DPM-Solver
+    single-step of order > 1, which computes each step of an order-k group from the sample saved at the group's
+    start (``self.sample``). Checked by reading each ``step`` of diffusers' schedulers for a sample kept across
+    calls, and measured (``benchmarks/callback_table.py``: a correction that changes nothing downstream); the other
+    multistep schedulers tagdiff drives (DPM-Solver++ 2M/SDE, DEIS) keep model outputs, not samples, so a corrected
+    sample carries on.
 
     Raises:
         ValueError: naming the scheduler, the correctors and the fix."""
@@ -296,6 +301,11 @@ def check_keeps_corrections(scheduler: Any, terms: Sequence[Term], num_steps: in
         raise ValueError(f"PNDMScheduler restarts its warm-up steps from saved states, discarding the changes "
                          f"{', '.join(correctors)} make between steps; use another scheduler, e.g. "
                          "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)")
+    if name == "DPMSolverSinglestepScheduler" and scheduler.config.get("solver_order", 2) > 1:
+        raise ValueError(f"DPMSolverSinglestepScheduler (solver_order {scheduler.config.get('solver_order', 2)}) "
+                         f"computes every step of an order-k group from the state at the group's start, discarding "
+                         f"the changes {', '.join(correctors)} make inside a group; build it with solver_order=1 or "
+                         "use DPMSolverMultistepScheduler")
     disabled = set(scheduler.config.get("disable_corrector") or [])
     if name == "UniPCMultistepScheduler" and not set(range(num_steps)) <= disabled:
         raise ValueError(f"UniPCMultistepScheduler's corrector recomputes each state from the previous one and "
