@@ -42,9 +42,9 @@ from .models.time_predictor import SimpleCNNTimePredictor as SimpleCNNTimePredic
 from .models.time_predictor import TimePredictor as TimePredictor
 from .models.time_predictor import UNetEncoderTimePredictor as UNetEncoderTimePredictor
 from .sampling.flow import FlowModel as FlowModel
-from .sampling.flow import FlowSchedule as FlowSchedule
-from .sampling.flow import flux_mu as flux_mu
 from .sampling.flow import sample_flow as sample_flow
+from .sampling.flow_path import FlowSchedule as FlowSchedule
+from .sampling.flow_path import flux_mu as flux_mu
 from .sampling.loop import StepInfo as StepInfo
 from .sampling.loop import run_loop as run_loop
 from .sampling.samplers import ddim_step as ddim_step

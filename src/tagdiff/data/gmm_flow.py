@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..models.time_predictor import TimePredictor
-from ..sampling.flow import FlowSchedule
+from ..sampling.flow_path import FlowSchedule
 
 __all__ = ["ExactSigmaPosterior", "FlowGaussianMixture", "POSTERIOR_SPACES"]
 

@@ -3,9 +3,9 @@ diffusers scheduler and flow matching (:mod:`.flow`). Samplers know nothing of g
 (:mod:`tagdiff.guidance`) act through the loop."""
 
 from .flow import FlowModel as FlowModel
-from .flow import FlowSchedule as FlowSchedule
-from .flow import flux_mu as flux_mu
 from .flow import sample_flow as sample_flow
+from .flow_path import FlowSchedule as FlowSchedule
+from .flow_path import flux_mu as flux_mu
 from .loop import run_loop as run_loop
 from .samplers import sample as sample
 from .samplers import sample_ddim as sample_ddim
