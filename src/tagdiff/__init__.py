@@ -9,6 +9,7 @@ See the README and ``docs/`` for the method and results.
 from ._utils import NonFiniteError as NonFiniteError
 from ._utils import StackedRandomGenerator as StackedRandomGenerator
 from .data.gmm import GaussianMixture as GaussianMixture
+from .data.gmm_flow import FlowGaussianMixture as FlowGaussianMixture
 from .guidance import AdaptiveProjectedGuidance as AdaptiveProjectedGuidance
 from .guidance import APGMomentum as APGMomentum
 from .guidance import CFGPlusPlus as CFGPlusPlus
@@ -40,6 +41,10 @@ from .models.time_predictor import MLPTimePredictor as MLPTimePredictor
 from .models.time_predictor import SimpleCNNTimePredictor as SimpleCNNTimePredictor
 from .models.time_predictor import TimePredictor as TimePredictor
 from .models.time_predictor import UNetEncoderTimePredictor as UNetEncoderTimePredictor
+from .sampling.flow import FlowModel as FlowModel
+from .sampling.flow import sample_flow as sample_flow
+from .sampling.flow_path import FlowSchedule as FlowSchedule
+from .sampling.flow_path import flux_mu as flux_mu
 from .sampling.loop import StepInfo as StepInfo
 from .sampling.loop import run_loop as run_loop
 from .sampling.samplers import ddim_step as ddim_step
@@ -72,9 +77,10 @@ def __getattr__(name: str):
 __all__ = [
     "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
     "ClassifierGuidance", "Corrector", "Corruption", "ddim_step", "ddpm_step", "DPSGuidance", "DPSNormalized",
-    "Drift", "EpsilonScaling", "evaluate_time_predictor", "GaussianMixture", "get_sampler", "guided_eps",
+    "Drift", "EpsilonScaling", "evaluate_time_predictor", "FlowGaussianMixture", "FlowModel", "FlowSchedule",
+    "flux_mu", "GaussianMixture", "get_sampler", "guided_eps",
     "LangevinCorrector", "LinearDrift", "MLPEpsModel", "MLPTimePredictor", "NonFiniteError", "run_loop", "sample",
-    "sample_ddim", "sample_ddpm", "sample_scheduler", "ScoreTerm", "SimpleCNNTimePredictor",
+    "sample_ddim", "sample_ddpm", "sample_flow", "sample_scheduler", "ScoreTerm", "SimpleCNNTimePredictor",
     "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment", "Term",
     "TFGGuidance", "TimeCorrection", "TimeGapRecorder", "TimePredictor", "TimeShift", "tls", "UNetEncoderTimePredictor",
     "VPSchedule", "wasserstein1", "load", "TAGCallback", "sample_pipeline", "callback_target",

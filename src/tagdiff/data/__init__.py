@@ -18,6 +18,8 @@ from .folder import folder_info, load_folder
 from .gmm import ExactTimePosterior as ExactTimePosterior
 from .gmm import GaussianMixture as GaussianMixture
 from .gmm import toy_mixture as toy_mixture
+from .gmm_flow import ExactSigmaPosterior as ExactSigmaPosterior
+from .gmm_flow import FlowGaussianMixture as FlowGaussianMixture
 from .images import load_digits
 from .mnist import load_mnist
 from .streaming import open_dataset
@@ -26,7 +28,9 @@ __all__ = [
     "DATASETS",
     "SPLITS",
     "DatasetInfo",
+    "ExactSigmaPosterior",
     "ExactTimePosterior",
+    "FlowGaussianMixture",
     "GaussianMixture",
     "dataset_info",
     "load_dataset",

@@ -3,6 +3,10 @@ r"""Temporal Alignment Guidance (TAG): the Time-Linked Score as a corrector (doc
 ``TLS(x, t) = ∇_x log p_φ(t | x)`` (Def. 3.1, Eq. 6). TAG moves the state along it with strength ω_t:
 ``x <- x + ω_t · TLS(x, t)`` (Alg. 1, line 3), with ``ω_t = ω_0 (1 - ᾱ_t)`` by default (§3.2).
 
+Flow models (:func:`tagdiff.sample_flow`) need nothing else: TAG corrects the VP view ``x_σ / r`` at the σ bin t of
+the state, with ᾱ_t = ᾱ(σ_t) of :attr:`FlowSchedule.vp_schedule`, so the default is the flow form
+``ω_t = ω_0 σ_t² / ((1 - σ_t)² + σ_t²)``; the flow state moves by ``r · ω_t · TLS`` (docs/notation.md §1.6, §2.4).
+
 Placement:
 
 * ``"pre"`` (Alg. 1): correct x_t at the step's own timestep t, before the reverse step.

@@ -9,6 +9,19 @@ Every time predictor (learned network or exact posterior) follows one contract, 
 The predictor gets **no timestep input** (it predicts t). ``c`` is an optional class condition (B,) int64 for
 p_φ(t | x, c); ``c=None`` uses a learned "null" embedding, so a conditional predictor also serves the
 unconditional interface.
+
+**Over σ (flow matching, docs/notation.md §2.4).** A flow model's time is a continuous σ ∈ (0, 1] visited on
+shifted grids, so its predictor predicts σ, not a step index. Choice: σ bins, with the same class and the same
+contract: class ``t`` is the bin of ``σ_t = (t + 1) / T`` (nearest-σ cells, :meth:`FlowSchedule.class_of`), the
+predictor's ``schedule`` is :attr:`FlowSchedule.vp_schedule`, and it reads the VP view ``x_σ / r(σ)`` that the loop
+hands every term. Why bins rather than a continuous density: the softmax over bins is the existing class (every
+network, checkpoint, :func:`~tagdiff.guidance.tls`, TAG's target ``ctx.t`` and ω_t = ω_0 (1 - ᾱ_t) =
+ω_0 σ_t² / r_t², the Time Gap work unchanged), and T = 1000 bins of width 10⁻³ resolve σ finer than any sampler's
+grid. Why the VP view: TAG corrects what the loop hands it, and in that view p(t | x) is a VP time posterior with
+ᾱ(σ_t), exact for mixtures (:class:`tagdiff.data.gmm_flow.ExactSigmaPosterior`). Train it with
+:func:`flow_time_loss`: σ drawn from the flow model's own training density (uniform, or SD3's logit-normal),
+x_σ = (1 - σ) x_0 + σ ε, target the bin of the current σ, so the learned prior over bins is that density's
+(:meth:`FlowSchedule.sigma_prior`).
 """
 
 from __future__ import annotations
@@ -18,10 +31,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..sampling.flow_path import FlowSchedule
 from .checkpoints import HubMixin, register_model
 from .nets import mlp
 
-__all__ = ["MLPTimePredictor", "SimpleCNNTimePredictor", "TimePredictor", "UNetEncoderTimePredictor"]
+__all__ = ["MLPTimePredictor", "SimpleCNNTimePredictor", "TimePredictor", "UNetEncoderTimePredictor",
+           "flow_time_batch", "flow_time_loss"]
 
 
 class TimePredictor(HubMixin, nn.Module):
@@ -228,3 +243,28 @@ class UNetEncoderTimePredictor(TimePredictor):
         if self.cond is not None:
             h = torch.cat([h, self.cond(c, x.shape[0], x.device).to(h.dtype)], -1)
         return self.head(h)
+
+
+def flow_time_batch(x0: Tensor, flow: FlowSchedule, density: str = "uniform", generator: torch.Generator | None = None,
+                    loc: float = 0.0, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """A σ-predictor training batch from clean samples ``x0`` ``(B, *D)``: σ ~ ``density``
+    (:meth:`FlowSchedule.sample_sigma`), ``x_σ = (1 - σ) x0 + σ ε``; returns the VP view ``x_σ / r(σ)`` (x0's
+    dtype/device) and the target bins ``flow.class_of(σ)`` ``(B,)`` int64 (module docstring, "Over σ")."""
+    sigma = flow.sample_sigma(x0.shape[0], density, generator, loc, scale)
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    r = flow.r(sigma).reshape(-1, *([1] * (x0.ndim - 1))).to(x0.device, x0.dtype)
+    return flow.q_sample(x0, sigma, noise) / r, flow.class_of(sigma).to(x0.device)
+
+
+def flow_time_loss(predictor: nn.Module, x0: Tensor, flow: FlowSchedule, density: str = "uniform",
+                   generator: torch.Generator | None = None, c: Tensor | None = None, **density_kw: float) -> Tensor:
+    """Mean cross-entropy of ``predictor`` on a :func:`flow_time_batch` (the paper's Eq. 8 with σ bins as classes).
+
+    Raises:
+        ValueError: if the predictor's T differs from the flow schedule's (its bins are the schedule's classes).
+    """
+    T = getattr(predictor, "num_train_timesteps", flow.num_train_timesteps)
+    if T != flow.num_train_timesteps:
+        raise ValueError(f"the predictor has {T} classes but the flow schedule has T={flow.num_train_timesteps} σ bins")
+    x, target = flow_time_batch(x0, flow, density, generator, **density_kw)
+    return nn.functional.cross_entropy(predictor(x, c), target)

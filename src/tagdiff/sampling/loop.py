@@ -76,7 +76,9 @@ class Driver(Protocol):
     """What :func:`run_loop` needs from an update rule. Implementations: :class:`GridDriver` (tagdiff's steps)
     and :class:`tagdiff.scheduler_loop.SchedulerDriver` (diffusers schedulers).
 
-    The driver's state ``x`` may live in its own space (σ-space: x_σ = x_VP · sqrt(1 + σ²)); every term sees VP x.
+    The driver's state ``x`` may live in its own space (σ-space: x_σ = x_VP · sqrt(1 + σ²); a flow path:
+    x_σ = x_VP · sqrt((1 - σ)² + σ²)); every term sees VP x. A driver may set ``model_t_dtype`` (the dtype of the
+    float model timesteps, default torch's float32; the flow driver keeps float64 in float64 runs).
     """
 
     schedule: VPSchedule
@@ -205,7 +207,8 @@ def _context(driver: Driver, stage: Stage, t: Tensor, t_prev: Tensor, eps_model:
     return StepContext(
         schedule=driver.schedule, eps_model=eps_model, cond=cond, randn_like=randn_like, t=t, t_prev=t_prev,
         i=stage.i, num_steps=N, timesteps=grid,
-        model_t=t if same_t else torch.full((t.shape[0],), float(stage.model_t), device=t.device),
+        model_t=t if same_t else torch.full((t.shape[0],), float(stage.model_t), device=t.device,
+                                            dtype=getattr(driver, "model_t_dtype", None)),
         alpha_bar=None if stage.alpha_bar is None else torch.tensor(stage.alpha_bar, dtype=torch.float64),
         stateful_update=driver.stateful, shared=shared, final=stage.t_prev < 0,
         clip_x0=getattr(driver, "clip_x0", None))

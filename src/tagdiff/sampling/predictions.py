@@ -7,7 +7,18 @@ With ``a = sqrt(ᾱ_t)`` and ``s = sqrt(1 - ᾱ_t)`` (VP space, docs/notation.md
     "v_prediction":  x0  = a x - s out              eps = s x + a out          (Salimans & Ho 2022)
     "sample":        x0  = out                      eps = (x - a x0) / s
 
-and back: ``v = a eps - s x0``. At zero terminal SNR (ᾱ = 0, ``rescale_betas_zero_snr``) x0 cannot be formed from
+and back: ``v = a eps - s x0``.
+
+``"flow_prediction"`` (diffusers' name) is a flow-matching velocity ``v = ε - x0`` of the path
+``x_σ = (1 - σ) x0 + σ ε``, read in the loop's VP view ``x = x_σ / r``, ``r = sqrt((1 - σ)² + σ²)`` (so
+``a = (1 - σ) / r``, ``s = σ / r``, ``a + s = 1 / r``; :mod:`tagdiff.sampling.flow`)::
+
+    "flow_prediction": eps = (x + a v) / (a + s)     x0 = (x - s v) / (a + s)     v = eps - x0
+
+which are ``ε = x_σ + (1 - σ) v`` and ``x̂0 = x_σ - σ v`` in flow space. A model of this kind is called with the VP
+view (:class:`tagdiff.sampling.flow.FlowModel` wraps a diffusers flow model, which reads ``x_σ``, into it).
+
+At zero terminal SNR (ᾱ = 0, ``rescale_betas_zero_snr``) x0 cannot be formed from
 ε (``a = 0``): :func:`eps_and_x0` refuses an ε-model there; v-models are exact (x0 = -v, eps = x), x0-models give
 eps = x.
 """
@@ -18,10 +29,11 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["PREDICTION_TYPES", "check_grid_prediction", "check_prediction_type", "eps_and_x0", "from_eps",
-           "model_prediction_type"]
+__all__ = ["PREDICTION_TYPES", "check_grid_prediction", "check_prediction_type", "eps_and_x0", "FLOW_PREDICTION",
+           "from_eps", "model_prediction_type"]
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+FLOW_PREDICTION = "flow_prediction"  # a flow velocity in the VP view: declared by FlowModel, not by VP networks
 
 
 def check_prediction_type(kind: Any) -> str:
@@ -36,9 +48,10 @@ def check_prediction_type(kind: Any) -> str:
 
 
 def model_prediction_type(model: Any) -> str:
-    """The ``prediction_type`` a model declares (attribute or ``config``), ``"epsilon"`` if it declares none."""
+    """The ``prediction_type`` a model declares (attribute), ``"epsilon"`` if it declares none; ``"flow_prediction"``
+    for a :class:`~tagdiff.sampling.flow.FlowModel`."""
     kind = getattr(model, "prediction_type", None)
-    return "epsilon" if kind is None else check_prediction_type(kind)
+    return "epsilon" if kind is None else kind if kind == FLOW_PREDICTION else check_prediction_type(kind)
 
 
 def check_grid_prediction(alpha_bars: list[float], kind: str, guided: bool) -> None:
@@ -79,6 +92,8 @@ def eps_and_x0(out: Tensor, x: Tensor, alpha_bar: Tensor, kind: str = "epsilon")
         return s * x + a * out, a * x - s * out
     if kind == "sample":
         return (x - a * out) / s, out
+    if kind == FLOW_PREDICTION:
+        return (x + a * out) / (a + s), (x - s * out) / (a + s)
     raise ValueError(check_prediction_type(kind))
 
 
@@ -99,4 +114,6 @@ def from_eps(eps_hat: Tensor, x: Tensor, alpha_bar: Tensor, kind: str) -> Tensor
         return a * eps_hat - s * x0
     if kind == "sample":
         return x0
+    if kind == FLOW_PREDICTION:
+        return eps_hat - x0
     raise ValueError(check_prediction_type(kind))
