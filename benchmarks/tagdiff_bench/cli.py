@@ -25,7 +25,8 @@ from .toy import DEFAULT_OMEGA, run_toy
 __all__ = ["LABEL_GRID_ARGS", "add_label_args", "register"]
 
 # options of the label suite that map one to one onto LabelConfig fields (the grid and the benchmark's TFG / DPS)
-LABEL_GRID_ARGS = ("timestep_spacing", "steps_offset", "tfg_clip_x0", "dps_tfg_scale")
+LABEL_GRID_ARGS = ("timestep_spacing", "steps_offset", "tfg_clip_x0", "dps_tfg_scale", "dps_step_scale", "mpgd_scale",
+                   "dsg_guidance_rate")
 
 
 def add_label_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,13 @@ def add_label_args(p: argparse.ArgumentParser) -> None:
                    help="TFG: clamp x0_hat in its loss, as the benchmark (0: off; default: 1)")
     p.add_argument("--dps-tfg-scale", type=finite_float, default=d.dps_tfg_scale,
                    help="dps_tfg: the benchmark's DPS strength (default: 1)")
+    p.add_argument("--dps-step-scale", type=nonneg_float, default=d.dps_step_scale,
+                   help=f"dps_step: DPS as its Alg. 1, the guidance after the clipped step (score-equivalent scale; "
+                        f"default: {d.dps_step_scale:g})")
+    p.add_argument("--mpgd-scale", type=nonneg_float, default=d.mpgd_scale,
+                   help=f"mpgd: the x̂_0-space step size (default: {d.mpgd_scale:g})")
+    p.add_argument("--dsg-guidance-rate", type=nonneg_float, default=d.dsg_guidance_rate,
+                   help=f"dsg: the guidance rate in [0, 1] (default: {d.dsg_guidance_rate:g})")
     p.add_argument("--out", required=True, type=Path, help="output folder for results.json and label.png")
     p.add_argument("--dataset", choices=("digits", "mnist"), default="digits")
     p.add_argument("--data-dir", type=Path, default=None, help="mnist: folder of the IDX files")

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tagdiff.guidance import DPSGuidance, TemporalAlignment, Term, TFGGuidance
+from tagdiff.guidance import DSG, DPSGuidance, DPSStep, TemporalAlignment, Term, TFGGuidance, mpgd
 from tagdiff.operators import OPERATORS, Operator, make_operator
 
 from .common import (
@@ -65,9 +65,10 @@ from .common import (
 )
 from .runner import Comparison, Experiment, run
 
-__all__ = ["InverseConfig", "run_inverse", "PAPER", "BASES", "EXPERIMENT"]
+__all__ = ["InverseConfig", "run_inverse", "PAPER", "BASES", "ALL_BASES", "EXPERIMENT"]
 
-BASES = ("dps", "tfg")
+BASES = ("dps", "tfg")  # the default bases
+ALL_BASES = (*BASES, "dps_step", "mpgd", "dsg")  # + DPS as its Alg. 1 (after the clip), MPGD, DSG
 PAPER = {"source": "the paper's Table 2 (Cat 256×256, DDPM; SR is 256 -> 64, i.e. ×4): FID; LPIPS without -> with TAG",
          "deblur": {"dps": {"fid": [139.7, 128.9], "lpips": [0.613, 0.570]},
                     "tfg": {"fid": [64.2, 62.7], "lpips": [0.154, 0.151]}},
@@ -92,6 +93,11 @@ class InverseConfig(ExperimentConfig):
     tfg_clip_x0: float = 1.0  # clamp x̂_0 in TFG's loss, as the benchmark's deblur/SR scripts (clip_x0=True); 0: off
     omegas: tuple[float, ...] = (0.5, 1.0, 2.0)
     num_steps: int = 50
+    bases: tuple[str, ...] = BASES  # guidance methods compared ± TAG: some of ALL_BASES
+    dps_step_scale: float = 1.0  # DPSStep (guidance after the clip), constant step ζ_t = s on ‖A(x̂_0) − y‖
+    dps_step_size: str = "constant"  # or "score" (ζ_t = s β_t / √α_t, DPSGuidance's scale)
+    mpgd_scale: float = 1.0
+    dsg_guidance_rate: float = 0.1
 
 
 def _validate(cfg: InverseConfig) -> None:
@@ -101,6 +107,10 @@ def _validate(cfg: InverseConfig) -> None:
                          f"{', '.join(sorted(OPERATORS))}")
     if not cfg.noise_std >= 0:
         raise ValueError(f"noise_std (σ_y) must be >= 0, got {cfg.noise_std}")
+    bad_bases = [b for b in cfg.bases if b not in ALL_BASES]
+    if bad_bases or not cfg.bases:
+        raise ValueError(f"unknown guidance base(s) {bad_bases or '(none given)'}; expected some of "
+                         f"{', '.join(ALL_BASES)}")
     if min(cfg.omegas, default=0) < 0 or min(cfg.dps_guidance_scale, cfg.tfg_rho, cfg.tfg_mu, cfg.tfg_gamma) < 0:
         raise ValueError(f"omegas, dps_guidance_scale and tfg_rho/mu/gamma must be >= 0, got {cfg.omegas}, "
                          f"{cfg.dps_guidance_scale}, {cfg.tfg_rho}/{cfg.tfg_mu}/{cfg.tfg_gamma}")
@@ -119,13 +129,11 @@ def _comparisons(setup: Setup, cfg: InverseConfig) -> Any:
         context = {"gt_consistency": _consistency(A, x_true, y),
                    "measurement": preview(_visualise(y, x_true.shape), _NUM_PREVIEW),
                    "ground_truth": preview(x_true, _NUM_PREVIEW)}
-        for base in BASES:
+        for base in cfg.bases:
             def run(omega: float, seed: int, n: int, base: str = base, A: Operator = A, y: Tensor = y) -> dict:
                 return _run(setup, cfg, base, A, x_true, y, omega, seed)
 
-            params = {"scale": cfg.dps_guidance_scale} if base == "dps" else \
-                {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma,
-                 **({"tfg_clip": cfg.tfg_clip_x0} if cfg.tfg_clip_x0 else {})}
+            params = _key_params(cfg, base)
             key = {"exp": "inverse", "dataset": cfg.dataset, "op": name, "sigma_y": cfg.noise_std, "base": base,
                    **params, "steps": cfg.num_steps, **grid_key(cfg)}
             yield Comparison((name, base), key, run, n=cfg.num_images, sweep_n=cfg.num_images, omegas=cfg.omegas,
@@ -154,6 +162,29 @@ def _ssim_kwargs(h: int, w: int) -> dict[str, Any]:
     return {"gaussian_kernel": False, "kernel_size": 3} if min(h, w) < 16 else {}
 
 
+def _key_params(cfg: InverseConfig, base: str) -> dict[str, Any]:
+    """The guidance's part of a run's cache key (DPS and TFG keys as they always were)."""
+    if base == "dps":
+        return {"scale": cfg.dps_guidance_scale}
+    if base == "tfg":
+        return {"rho": cfg.tfg_rho, "mu": cfg.tfg_mu, "gamma": cfg.tfg_gamma,
+                **({"tfg_clip": cfg.tfg_clip_x0} if cfg.tfg_clip_x0 else {})}
+    return {"dps_step": {"scale": cfg.dps_step_scale, "size": cfg.dps_step_size}, "mpgd": {"scale": cfg.mpgd_scale},
+            "dsg": {"rate": cfg.dsg_guidance_rate}}[base]
+
+
+def _guidance(cfg: InverseConfig, base: str, loss: Any) -> Term:
+    if base == "dps":
+        return DPSGuidance(loss, cfg.dps_guidance_scale)
+    if base == "tfg":
+        return TFGGuidance(loss, rho=cfg.tfg_rho, mu=cfg.tfg_mu, gamma=cfg.tfg_gamma, clip_x0=cfg.tfg_clip_x0 or None)
+    if base == "dps_step":
+        return DPSStep(loss, cfg.dps_step_scale, step_size=cfg.dps_step_size)
+    if base == "mpgd":
+        return mpgd(loss, cfg.mpgd_scale)
+    return DSG(loss, cfg.dsg_guidance_rate)
+
+
 def _consistency(A: Operator, x: Tensor, y: Tensor) -> float:
     """``mean_i ‖A(x_i) − y_i‖₂``."""
     return float(torch.linalg.vector_norm((A(x) - y).flatten(1), dim=1).mean())
@@ -168,9 +199,7 @@ def _run(setup: Setup, cfg: InverseConfig, base: str, A: Operator, x_true: Tenso
          seed: int) -> dict[str, Any]:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    terms: list[Term] = [DPSGuidance(A.loss(y), cfg.dps_guidance_scale) if base == "dps" else
-                         TFGGuidance(A.loss(y), rho=cfg.tfg_rho, mu=cfg.tfg_mu, gamma=cfg.tfg_gamma,
-                                     clip_x0=cfg.tfg_clip_x0 or None)]
+    terms: list[Term] = [_guidance(cfg, base, A.loss(y))]
     if omega > 0:
         terms.append(TemporalAlignment(setup.models["time_predictor"], omega))
     out = draw(setup, terms, n=len(x_true), seed=seed, num_steps=cfg.num_steps,
@@ -187,7 +216,7 @@ def _table(results: dict[str, Any], cfg: InverseConfig) -> str:
     digits = {"psnr": 2, "ssim": 3, "fid": 2, "consistency": 3, "time_gap": 1}
     rows = []
     for name, res in results["operators"].items():
-        for base in BASES:
+        for base in cfg.bases:
             r = res[base]
             cells = [f"{fmt_ms(r['without'][k], d)} → {fmt_ms(r['with'][k], d)}" for k, d in digits.items()]
             p = PAPER.get("sr" if name.startswith("sr") else name, {}).get(base)
@@ -201,7 +230,7 @@ def _table(results: dict[str, Any], cfg: InverseConfig) -> str:
     table = markdown_table(["operator", "guidance", "ω_0*", "PSNR ↑", "SSIM ↑", "FID ↓", "consistency ↓",
                             "Time Gap", "GT", "paper FID; LPIPS (Cat)"], rows)
     grid_rows = [[name, base.upper(), w, f"{m['psnr']:.2f}", f"{m['fid']:.2f}", f"{m['time_gap']:.1f}"]
-                 for name, res in results["operators"].items() for base in BASES
+                 for name, res in results["operators"].items() for base in cfg.bases
                  for w, m in res[base]["sweep"]["grid"].items()]
     grid = markdown_table(["operator", "guidance", "ω_0", "PSNR", "FID", "Time Gap"], grid_rows)
     return head + table + f"\nω_0 grid on the validation seed {cfg.sweep_seed}:\n\n" + grid
@@ -220,22 +249,22 @@ def _figure(path: Path, results: dict[str, Any], cfg: InverseConfig, setup: Setu
     import matplotlib.pyplot as plt
 
     ops = list(results["operators"])
-    labels = ["measurement", "DPS", "DPS+TAG", "TFG", "TFG+TAG", "ground truth"]
+    labels = ["measurement", *[f"{b.upper()}{tag}" for b in cfg.bases for tag in ("", "+TAG")], "ground truth"]
     fig, axes = plt.subplots(len(ops), 1, figsize=(4.4, 3.4 * len(ops)), squeeze=False)
     for ax, name in zip(axes[:, 0], ops):
         res = results["operators"][name]
-        rows = [res["measurement"], res["dps"]["preview"]["without"], res["dps"]["preview"]["with"],
-                res["tfg"]["preview"]["without"], res["tfg"]["preview"]["with"], res["ground_truth"]]
+        rows = [res["measurement"], *[res[b]["preview"][w] for b in cfg.bases for w in ("without", "with")],
+                res["ground_truth"]]
         x = torch.cat([_pad(torch.tensor(r).reshape(-1, *shape)[:_NUM_PREVIEW]) for r in rows])
         ax.imshow(image_grid(x, len(rows), _NUM_PREVIEW), cmap="gray", vmin=0, vmax=1)
         for i in range(1, len(rows)):
-            ax.axhline(i * shape[-2] - 0.5, color="tab:red" if i in (1, 5) else "0.5", lw=0.6)
+            ax.axhline(i * shape[-2] - 0.5, color="tab:red" if i in (1, len(rows) - 1) else "0.5", lw=0.6)
         for j in range(1, _NUM_PREVIEW):
             ax.axvline(j * shape[-1] - 0.5, color="0.5", lw=0.6)
         ax.set_xticks([])
         ax.set_yticks([(i + 0.5) * shape[-2] - 0.5 for i in range(len(rows))], labels, fontsize=7)
-        ax.set_title(f"{name}: ω_0* DPS {res['dps']['best_omega']}, TFG {res['tfg']['best_omega']} (seed "
-                     f"{results['config']['seeds'][0]})", fontsize=8)
+        best = ", ".join(f"{b.upper()} {res[b]['best_omega']}" for b in cfg.bases)
+        ax.set_title(f"{name}: ω_0* {best} (seed {results['config']['seeds'][0]})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

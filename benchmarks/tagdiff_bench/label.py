@@ -31,9 +31,11 @@ import torch
 from torch import Tensor
 
 from tagdiff.guidance import (
+    DSG,
     ClassifierGuidance,
     DPSGuidance,
     DPSNormalized,
+    DPSStep,
     EpsilonScaling,
     LangevinCorrector,
     SelfGuidance,
@@ -44,6 +46,7 @@ from tagdiff.guidance import (
     TimeShift,
     TimestepGuidance,
     label_loss,
+    mpgd,
 )
 from tagdiff.metrics.images import class_histogram, fid
 
@@ -68,7 +71,8 @@ __all__ = ["LabelConfig", "METHODS", "ALL_METHODS", "method_terms", "label_run",
 
 METHODS = ("unguided", "dps", "dps+tag", "cg", "cg+tag")  # the demo's suite
 BASELINES = ("dps+tcs", "dps+es", "dps+langevin", "dps+timeshift", "dps+tsg", "dps+sg")  # docs/notation.md §5, on DPS
-ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES)
+RIVALS = ("dps_step", "dps_step+tag", "mpgd", "mpgd+tag", "dsg", "dsg+tag")  # guidance after the clip; MPGD; DSG
+ALL_METHODS = (*METHODS, "tfg", "tfg+tag", "dps_tfg", "dps_tfg+tag", *BASELINES, *RIVALS)
 PAPER_TABLE2 = {"cifar10_dps": {"fid": [217.1, 190.4], "accuracy": [57.5, 63.2]},
                 "source": "the paper's Table 2 (CIFAR-10, DPS -> DPS+TAG): FID -12.3%, accuracy +9.9%"}
 PREVIEW_PER_TARGET = 8  # samples per target class kept for the figure
@@ -121,6 +125,15 @@ class LabelConfig:
     tsg_delta: float = 50.0
     sg_scale: float = 1.0
     sg_delta: float = 20.0
+    # DPS as its Alg. 1 (DPSStep: the guidance after the clipped step; "score" step = DPSGuidance's scale), MPGD's
+    # x̂_0-space step size and DSG's guidance rate: chosen by benchmarks/rivals_sweep.py on validation targets/seed.
+    dps_step_scale: float = 16.0
+    mpgd_scale: float = 1.0
+    dsg_guidance_rate: float = 0.1
+
+
+# fields added after runs were cached: left out of the settings digest while at their default (cached runs resume)
+_DIGEST_DEFAULTS = {"dps_step_scale": 16.0, "mpgd_scale": 1.0, "dsg_guidance_rate": 0.1}
 
 
 def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: LabelConfig) -> list[Term]:
@@ -128,6 +141,12 @@ def method_terms(method: str, models: dict[str, Any], target: Tensor, cfg: Label
     terms: list[Term] = []
     if method.startswith("dps_tfg"):
         terms.append(DPSNormalized(label_loss(models["clf_clean"], target), cfg.dps_tfg_scale))
+    elif method.startswith("dps_step"):
+        terms.append(DPSStep(label_loss(models["clf_clean"], target), cfg.dps_step_scale))
+    elif method.startswith("mpgd"):
+        terms.append(mpgd(label_loss(models["clf_clean"], target), cfg.mpgd_scale))
+    elif method.startswith("dsg"):
+        terms.append(DSG(label_loss(models["clf_clean"], target), cfg.dsg_guidance_rate, eta=cfg.eta))
     elif method.startswith("dps"):
         terms.append(DPSGuidance(label_loss(models["clf_clean"], target), cfg.dps_guidance_scale))
     elif method.startswith("cg"):
@@ -202,7 +221,8 @@ def _measure(setup: Setup, cfg: LabelConfig, cache: RunCache, progress: bool,
     """Every method at ``cfg.seed`` (one cached run each); the samples shown go to the figure only."""
     seconds = stopwatch()
     # the settings' digest names the fields as the cache always has (KEY_NAMES), so cached runs still resume
-    settings = {KEY_NAMES.get(k, k): v for k, v in asdict(cfg).items() if k not in ("seed", "device")}
+    settings = {KEY_NAMES.get(k, k): v for k, v in asdict(cfg).items() if k not in ("seed", "device")
+                and not (k in _DIGEST_DEFAULTS and v == _DIGEST_DEFAULTS[k])}
     base = {"exp": "label", "dataset": cfg.dataset, "targets": ",".join(map(str, cfg.targets)),
             "n": cfg.num_per_target, "steps": cfg.num_steps, "eta": cfg.eta,
             "settings": short_hash(json.dumps({**settings, "checkpoints": setup.models_dir}, sort_keys=True))}

@@ -10,6 +10,7 @@ from ._utils import NonFiniteError as NonFiniteError
 from ._utils import StackedRandomGenerator as StackedRandomGenerator
 from .data.gmm import GaussianMixture as GaussianMixture
 from .data.gmm_flow import FlowGaussianMixture as FlowGaussianMixture
+from .guidance import DSG as DSG
 from .guidance import AdaptiveProjectedGuidance as AdaptiveProjectedGuidance
 from .guidance import APGMomentum as APGMomentum
 from .guidance import CFGPlusPlus as CFGPlusPlus
@@ -19,6 +20,7 @@ from .guidance import ClassifierGuidance as ClassifierGuidance
 from .guidance import Corruption as Corruption
 from .guidance import DPSGuidance as DPSGuidance
 from .guidance import DPSNormalized as DPSNormalized
+from .guidance import DPSStep as DPSStep
 from .guidance import Drift as Drift
 from .guidance import EpsilonScaling as EpsilonScaling
 from .guidance import LangevinCorrector as LangevinCorrector
@@ -31,6 +33,7 @@ from .guidance import TFGGuidance as TFGGuidance
 from .guidance import TimeCorrection as TimeCorrection
 from .guidance import TimeShift as TimeShift
 from .guidance import guided_eps as guided_eps
+from .guidance import mpgd as mpgd
 from .guidance import tls as tls
 from .metrics.time_gap import TimeGapRecorder as TimeGapRecorder
 from .metrics.time_gap import evaluate_time_predictor as evaluate_time_predictor
@@ -77,6 +80,7 @@ def __getattr__(name: str):
 __all__ = [
     "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
     "ClassifierGuidance", "Corrector", "Corruption", "ddim_step", "ddpm_step", "DPSGuidance", "DPSNormalized",
+    "DPSStep", "DSG", "mpgd",
     "Drift", "EpsilonScaling", "evaluate_time_predictor", "FlowGaussianMixture", "FlowModel", "FlowSchedule",
     "flux_mu", "GaussianMixture", "get_sampler", "guided_eps",
     "LangevinCorrector", "LinearDrift", "MLPEpsModel", "MLPTimePredictor", "NonFiniteError", "run_loop", "sample",

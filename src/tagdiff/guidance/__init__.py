@@ -19,6 +19,9 @@ from .cfg import CFGZeroStar as CFGZeroStar
 from .cfg import ClassifierFreeGuidance as ClassifierFreeGuidance
 from .cfg import interval_from_sigma as interval_from_sigma
 from .classifier import ClassifierGuidance as ClassifierGuidance
+from .constrained import DSG as DSG
+from .constrained import DPSStep as DPSStep
+from .constrained import mpgd as mpgd
 from .contrastive import SelfGuidance as SelfGuidance
 from .contrastive import TimestepGuidance as TimestepGuidance
 from .dps import DPSGuidance as DPSGuidance
@@ -45,4 +48,4 @@ __all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorr
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
            "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
            "interval_from_sigma", "SelfGuidance", "TimestepGuidance", "REPARAM_SCHEDULES", "MULTICOND_VARIANTS",
-           "MultiConditionTAG", "combined_loss", "reparameterize"]
+           "MultiConditionTAG", "combined_loss", "reparameterize", "DPSStep", "DSG", "mpgd"]
