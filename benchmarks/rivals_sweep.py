@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tagdiff_bench.label import LabelConfig, run_label
 
-GRIDS = {"dps_step": ("dps_step_scale", (4.0, 8.0, 16.0, 32.0, 64.0)),
+GRIDS = {"dps_step": ("dps_step_scale", (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)),
          "mpgd": ("mpgd_scale", (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)),
          "dsg": ("dsg_guidance_rate", (0.01, 0.03, 0.1, 0.3, 1.0))}
 
@@ -53,6 +53,8 @@ def main() -> None:
         best = max(scored)[1]
         chosen[field] = best
         edge = " (at the grid's edge: widen it)" if best in (grid[0], grid[-1]) else ""
+        if method == "dsg" and best == 1.0:  # g_r is a mixing rate: 1 is the end of its range, not of a grid
+            edge = " (the end of the rate's range [0, 1])"
         print(f"  chosen {field} = {best:g}{edge}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"chosen": chosen, "rows": rows, "targets": base.targets, "seed": base.seed,
