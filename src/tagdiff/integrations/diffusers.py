@@ -53,6 +53,7 @@ from torch import Tensor
 from ..guidance.temporal import TemporalAlignment, check_time_predictor
 from ..metrics.time_gap import time_gap
 from ..models.unet import UNetEpsModel
+from ..sampling.flow_schedulers import flow_schedule_of, flow_sigma_now, is_flow_scheduler
 from ..sampling.schedulers import (
     SIGMA_SPACE_SCHEDULERS,
     check_keeps_corrections,
@@ -77,13 +78,19 @@ def callback_target(scheduler: Any, step_index: int, schedule: VPSchedule) -> tu
 
     Returns:
         ``(t_prev, scale)``: the training timestep of the state and x_scheduler / x_VP (sqrt(1 + σ²) for σ-space
-        schedulers, 1 for VP ones); ``None`` where there is no target (after the last step, or between the two
-        model calls of a second-order scheduler's step).
+        schedulers, 1 for VP ones; for flow schedulers the nearest σ bin and r(σ)); ``None`` where there is no
+        target (after the last step, or between the two model calls of a second-order scheduler's step).
 
     Raises:
         ValueError: a scheduler tagdiff cannot drive (:func:`tagdiff.scheduler_loop.check_scheduler`).
     """
     name = check_scheduler(scheduler)
+    if is_flow_scheduler(scheduler):   # x_σ at σ = sigmas[step_index]: the σ bin, r(σ)
+        sigma = flow_sigma_now(scheduler)
+        if not bool(getattr(scheduler, "state_in_first_order", True)) or sigma is None or sigma <= 0.0:
+            return None
+        flow = flow_schedule_of(scheduler)
+        return int(flow.class_of(torch.tensor(sigma, dtype=torch.float64))), float(flow.r(torch.tensor(sigma)))
     if name in SIGMA_SPACE_SCHEDULERS:
         if not bool(getattr(scheduler, "state_in_first_order", True)):
             return None
@@ -138,7 +145,10 @@ class TAGCallback(_CallbackBase):
         self.time_gaps: list[tuple[int, int, Tensor]] = []
 
     def _schedule_of(self, scheduler: Any) -> VPSchedule:
-        return self.schedule if self.schedule is not None else VPSchedule.from_diffusers(scheduler)
+        if self.schedule is not None:
+            return self.schedule
+        return flow_schedule_of(scheduler).vp_schedule if is_flow_scheduler(scheduler) else \
+            VPSchedule.from_diffusers(scheduler)
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
                     ) -> dict[str, Any]:
