@@ -70,7 +70,28 @@ try:  # the base class diffusers pipelines recognise (tensor_inputs read from it
 except ImportError:  # pragma: no cover - diffusers < 0.28
     _CallbackBase = object
 
-__all__ = ["TAGCallback", "callback_target", "sample_pipeline"]
+__all__ = ["TAGCallback", "callback_target", "pack_latents", "sample_pipeline", "unpack_latents"]
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` latents as Flux pipelines pack them: 2×2 patches into tokens, ``(B, H/2 · W/2, 4C)``
+    (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """The inverse of :func:`pack_latents`: packed ``(B, H/2 · W/2, 4C)`` to ``(B, *shape)``, ``shape = (C, H, W)``.
+
+    Raises:
+        ValueError: packed latents that do not hold ``shape``'s 2×2 patches.
+    """
+    c, h, w = shape
+    b = latents.shape[0]
+    if h % 2 or w % 2 or tuple(latents.shape[1:]) != ((h // 2) * (w // 2), 4 * c):
+        raise ValueError(f"latents of shape {tuple(latents.shape)} are not packed (B, seq, 4C) latents of a "
+                         f"(B, {c}, {h}, {w}) time predictor")
+    return latents.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def callback_target(scheduler: Any, step_index: int, schedule: VPSchedule) -> tuple[int, float] | None:
@@ -172,12 +193,17 @@ class TAGCallback(_CallbackBase):
             return callback_kwargs
         step = self.tag.tls_step(x_vp, t, schedule)
         self.history.append((step_index, t_prev, step.reshape(step.shape[0], -1).norm(dim=-1).detach()))
+        if step.shape != latents.shape:   # packed latents: the correction packed as the pipeline packs them
+            step = pack_latents(step)
         callback_kwargs["latents"] = latents + (scale * step).to(latents.dtype)
         return callback_kwargs
 
     def _vp_state(self, latents: Tensor, scale: float, schedule: VPSchedule) -> Tensor:
         """x_VP = latents / scale in the predictor's dtype, checked against the predictor once per shape."""
         x_vp = latents.detach() / scale
+        shape = getattr(self.tag.time_predictor, "sample_shape", None)
+        if x_vp.ndim == 3 and shape is not None and len(shape) == 3 and tuple(x_vp.shape[1:]) != tuple(shape):
+            x_vp = unpack_latents(x_vp, tuple(shape))
         params = getattr(self.tag.time_predictor, "parameters", None)
         first = next(iter(params()), None) if callable(params) else None
         if first is not None and first.dtype != x_vp.dtype:  # e.g. a float32 predictor in a float16 pipeline
