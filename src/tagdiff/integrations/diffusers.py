@@ -17,6 +17,15 @@ placement (the paper's App. E.2) with target the timestep the step moved to::
   is the nearest training timestep in log σ (:meth:`VPSchedule.t_from_sigma`), and the correction maps back as
   Δx_σ = sqrt(1 + σ²) Δx_VP. Second-order schedulers (Heun, KDPM2) call back after each half step; TAG acts at step
   boundaries only (``scheduler.state_in_first_order``).
+* Flow schedulers (SD3, Flux, ...: ``FlowMatchEulerDiscreteScheduler`` with its shifts, ``FlowMatchHeunDiscrete``,
+  DPM-Solver++ / UniPC with ``use_flow_sigmas``; :mod:`tagdiff.sampling.flow_schedulers`): the latents are
+  x_σ = (1 - σ) x_0 + σ ε at σ = ``scheduler.sigmas[scheduler.step_index]``. The time predictor is a σ-bin
+  predictor (:func:`tagdiff.time_predictor.flow_time_loss`; schedule ``FlowSchedule(num_train_timesteps=T)
+  .vp_schedule``, which the callback uses), it sees the VP view x_σ / r with r = sqrt((1 - σ)² + σ²), the target is
+  the nearest σ bin, and the correction is Δx_σ = r ω_t TLS. Flux's packed latents ``(B, H/2 · W/2, 4C)`` are
+  unpacked for a ``(C, H, W)`` predictor (:func:`unpack_latents`, as ``FluxPipeline._unpack_latents``) and the
+  correction packed back. Flow schedulers tagdiff does not drive (``FlowMatchLCMScheduler``, DEIS's flow σs, ...)
+  are refused at the first call, before any correction.
 * After the last step there is no target (the state is x_0): the callback returns the latents unchanged.
 * ω = 0 (or a step outside the window) returns the pipeline's own latents object: the pipeline's output is
   reproduced bit for bit.
@@ -131,11 +140,12 @@ class TAGCallback(_CallbackBase):
 
     Args:
         time_predictor: a :class:`~tagdiff.time_predictor.TimePredictor` over the pipeline's latents (VP space, the
-            pipeline scheduler's T training timesteps), in ``eval()`` mode, on the pipeline's device.
+            pipeline scheduler's T training timesteps; σ bins on flow pipelines, unpacked ``(C, H, W)`` latents on
+            Flux's), in ``eval()`` mode, on the pipeline's device.
         omega: ω_0; the correction is ω_t · TLS with ω_t = ω_0 (1 - ᾱ_t) by default (docs/notation.md §3.3).
         omega_schedule, window, condition, on_nonfinite: as in :class:`tagdiff.TemporalAlignment`.
         schedule: the VP schedule the predictor was trained on; ``None`` reads it from the pipeline's scheduler
-            (:meth:`VPSchedule.from_diffusers`) at the first call.
+            (:meth:`VPSchedule.from_diffusers`; a flow scheduler's σ bins, :func:`flow_schedule_of`) at each call.
         record_time_gap: also record the Time Gap |argmax p_φ(· | x_VP) − t_prev| of every state the callback sees
             (before its correction; one more predictor evaluation per step, the latents untouched), also at ω = 0.
 

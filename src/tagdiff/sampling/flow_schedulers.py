@@ -112,8 +112,10 @@ def _r(sigma: float) -> float:
 
 def _same(a: Tensor, b: Tensor) -> bool:
     """``a`` is ``b`` or a detached alias of it, unmodified (same memory, layout and version)."""
-    return (a is b) or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-                        and a.dtype == b.dtype and a._version == b._version)
+    if a is b:
+        return True
+    alias = a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+    return alias and (a.is_inference() or a._version == b._version)   # inference tensors keep no version
 
 
 class FlowSchedulerModel:

@@ -38,6 +38,13 @@ What the schedulers differ in, and how each is handled:
   and back to the scheduler's ``prediction_type`` for ``step`` (:mod:`tagdiff.predictions`); unguided outputs go to
   ``step`` unchanged.
 
+* **Flow-matching schedulers** (``FlowMatchEulerDiscreteScheduler`` with shift / dynamic shifting (``mu``) /
+  ``stochastic_sampling``, ``FlowMatchHeunDiscreteScheduler``, DPM-Solver++ and UniPC with ``use_flow_sigmas``) are
+  driven by :class:`~tagdiff.sampling.flow_schedulers.FlowSchedulerDriver` in the same σ-space pattern: the state is
+  x_σ = (1 - σ) x_0 + σ ε, terms see x_σ / r (r = sqrt((1 - σ)² + σ²)) with ᾱ(σ) = (1 - σ)² / r² and the nearest
+  σ bin, a corrector's Δ maps back as r Δ, and the velocity model ``model(x_σ, timestep)`` is called as diffusers
+  calls it (bit for bit without terms). What is refused there, and why: that module's docstring.
+
 Refused by name: ``EDMEulerScheduler`` and ``EDMDPMSolverMultistepScheduler`` (EDM preconditioning, not a VP ε/v
 model contract) and any scheduler class this module does not know.
 """
@@ -329,7 +336,7 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
                      sigmas: Sequence[float] | None = None, mu: float | None = None) -> Tensor:
     """Sample with a diffusers scheduler, tagdiff's score terms, correctors (TAG) and step terms.
 
-    Flow-matching schedulers (``FlowMatchEuler``/``Heun``, DPM-Solver++ / UniPC / DEIS with ``use_flow_sigmas``;
+    Flow-matching schedulers (``FlowMatchEuler``/``Heun``, DPM-Solver++ / UniPC with ``use_flow_sigmas``;
     :mod:`tagdiff.sampling.flow_schedulers`) take a velocity model ``model(x_σ, timestep, **cond)`` as diffusers
     calls it, start from ``noise`` itself and return the state at the grid's last σ (x_0); terms see the VP view.
 
@@ -370,7 +377,7 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
                                      callback=callback, progress=progress)
     if sigmas is not None or mu is not None:
         raise ValueError("sigmas and mu apply to flow-matching schedulers (FlowMatchEulerDiscreteScheduler, ...)")
-    check_scheduler(scheduler)   # before reading its schedule: a flow-matching scheduler has none
+    check_scheduler(scheduler)   # before reading its schedule
     schedule = VPSchedule.from_diffusers(scheduler)
     kind = model_prediction_type(eps_model)
     kw = dict(step_kwargs or {})
