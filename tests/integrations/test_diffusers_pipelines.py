@@ -267,26 +267,27 @@ def test_callback_refuses_unipc_with_its_corrector_at_the_first_call(sd_pipe, la
     assert torch.equal(plain, zero) and not torch.equal(plain, tagged) and [h[0] for h in cb.history] == [0, 1, 2]
 
 
-def test_flow_matching_schedulers_are_refused_naming_what_is_not_supported(latent_predictor):
-    """Flow-matching schedulers (no ᾱ, σ-interpolation paths) are refused as such, by ``sample_scheduler`` before any
-    step and by ``TAGCallback`` at its first call, before it corrects anything: not with a message about unknown
-    config fields or betas."""
+def test_unsupported_flow_schedulers_are_refused_naming_what_is_not_supported(latent_predictor):
+    """Flow-matching schedulers tagdiff does not drive (tests/integrations/test_flow_pipelines.py has the supported
+    ones) are refused as such, by ``sample_scheduler`` before any step and by ``TAGCallback`` at its first call, before
+    it corrects anything: not with a message about unknown config fields or betas."""
     from types import SimpleNamespace
 
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import DEISMultistepScheduler, FlowMatchLCMScheduler
 
     from tagdiff import sample_scheduler
 
-    flows = [FlowMatchEulerDiscreteScheduler(), FlowMatchEulerDiscreteScheduler(shift=3.0),
-             DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")]
-    for sched in flows:
+    flows = {FlowMatchLCMScheduler(): "FlowMatchLCMScheduler is not supported",
+             DEISMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"): "ends at .* σ > 0",
+             DPMSolverMultistepScheduler(use_flow_sigmas=True): "needs prediction_type='flow_prediction'"}
+    for sched, match in flows.items():
         sched.set_timesteps(4)
         latents = torch.randn(1, 4, LATENT, LATENT)
-        with pytest.raises(ValueError, match="flow-matching scheduler .* does not support yet") as e:
+        with pytest.raises(ValueError, match=match) as e:
             TAGCallback(latent_predictor, omega=1.0)(SimpleNamespace(scheduler=sched), 0, sched.timesteps[0],
                                                      {"latents": latents})
         assert "betas" not in str(e.value) and "not understood" not in str(e.value)
-        with pytest.raises(ValueError, match="flow-matching scheduler"):
+        with pytest.raises(ValueError, match=match):
             sample_scheduler(sched, lambda x, t: torch.zeros_like(x), latents, num_inference_steps=4)
 
 

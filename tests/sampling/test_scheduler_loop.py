@@ -223,8 +223,9 @@ def test_refusals_name_what_is_wrong(unet):
     cfg = schedule.to_diffusers_config()
     with pytest.raises(ValueError, match="EDMEulerScheduler is not supported"):
         check_scheduler(diffusers.EDMEulerScheduler())
-    with pytest.raises(ValueError, match="FlowMatchEulerDiscreteScheduler is a flow-matching"):
-        check_scheduler(diffusers.FlowMatchEulerDiscreteScheduler())
+    assert check_scheduler(diffusers.FlowMatchEulerDiscreteScheduler()) == "FlowMatchEulerDiscreteScheduler"
+    with pytest.raises(ValueError, match="FlowMatchLCMScheduler is not supported"):
+        check_scheduler(diffusers.FlowMatchLCMScheduler())
     dpm = diffusers.DPMSolverMultistepScheduler(**cfg)
     with pytest.raises(ValueError, match="recurrence"):
         sample_scheduler(dpm, model, noise, num_inference_steps=4,

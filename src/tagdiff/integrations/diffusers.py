@@ -17,6 +17,15 @@ placement (the paper's App. E.2) with target the timestep the step moved to::
   is the nearest training timestep in log σ (:meth:`VPSchedule.t_from_sigma`), and the correction maps back as
   Δx_σ = sqrt(1 + σ²) Δx_VP. Second-order schedulers (Heun, KDPM2) call back after each half step; TAG acts at step
   boundaries only (``scheduler.state_in_first_order``).
+* Flow schedulers (SD3, Flux, ...: ``FlowMatchEulerDiscreteScheduler`` with its shifts, ``FlowMatchHeunDiscrete``,
+  DPM-Solver++ / UniPC with ``use_flow_sigmas``; :mod:`tagdiff.sampling.flow_schedulers`): the latents are
+  x_σ = (1 - σ) x_0 + σ ε at σ = ``scheduler.sigmas[scheduler.step_index]``. The time predictor is a σ-bin
+  predictor (:func:`tagdiff.time_predictor.flow_time_loss`; schedule ``FlowSchedule(num_train_timesteps=T)
+  .vp_schedule``, which the callback uses), it sees the VP view x_σ / r with r = sqrt((1 - σ)² + σ²), the target is
+  the nearest σ bin, and the correction is Δx_σ = r ω_t TLS. Flux's packed latents ``(B, H/2 · W/2, 4C)`` are
+  unpacked for a ``(C, H, W)`` predictor (:func:`unpack_latents`, as ``FluxPipeline._unpack_latents``) and the
+  correction packed back. Flow schedulers tagdiff does not drive (``FlowMatchLCMScheduler``, DEIS's flow σs, ...)
+  are refused at the first call, before any correction.
 * After the last step there is no target (the state is x_0): the callback returns the latents unchanged.
 * ω = 0 (or a step outside the window) returns the pipeline's own latents object: the pipeline's output is
   reproduced bit for bit.
@@ -53,6 +62,7 @@ from torch import Tensor
 from ..guidance.temporal import TemporalAlignment, check_time_predictor
 from ..metrics.time_gap import time_gap
 from ..models.unet import UNetEpsModel
+from ..sampling.flow_schedulers import flow_schedule_of, flow_sigma_now, is_flow_scheduler
 from ..sampling.schedulers import (
     SIGMA_SPACE_SCHEDULERS,
     check_keeps_corrections,
@@ -69,7 +79,28 @@ try:  # the base class diffusers pipelines recognise (tensor_inputs read from it
 except ImportError:  # pragma: no cover - diffusers < 0.28
     _CallbackBase = object
 
-__all__ = ["TAGCallback", "callback_target", "sample_pipeline"]
+__all__ = ["TAGCallback", "callback_target", "pack_latents", "sample_pipeline", "unpack_latents"]
+
+
+def pack_latents(x: Tensor) -> Tensor:
+    """``(B, C, H, W)`` latents as Flux pipelines pack them: 2×2 patches into tokens, ``(B, H/2 · W/2, 4C)``
+    (``FluxPipeline._pack_latents``)."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(latents: Tensor, shape: tuple[int, int, int]) -> Tensor:
+    """The inverse of :func:`pack_latents`: packed ``(B, H/2 · W/2, 4C)`` to ``(B, *shape)``, ``shape = (C, H, W)``.
+
+    Raises:
+        ValueError: packed latents that do not hold ``shape``'s 2×2 patches.
+    """
+    c, h, w = shape
+    b = latents.shape[0]
+    if h % 2 or w % 2 or tuple(latents.shape[1:]) != ((h // 2) * (w // 2), 4 * c):
+        raise ValueError(f"latents of shape {tuple(latents.shape)} are not packed (B, seq, 4C) latents of a "
+                         f"(B, {c}, {h}, {w}) time predictor")
+    return latents.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def callback_target(scheduler: Any, step_index: int, schedule: VPSchedule) -> tuple[int, float] | None:
@@ -77,13 +108,19 @@ def callback_target(scheduler: Any, step_index: int, schedule: VPSchedule) -> tu
 
     Returns:
         ``(t_prev, scale)``: the training timestep of the state and x_scheduler / x_VP (sqrt(1 + σ²) for σ-space
-        schedulers, 1 for VP ones); ``None`` where there is no target (after the last step, or between the two
-        model calls of a second-order scheduler's step).
+        schedulers, 1 for VP ones; for flow schedulers the nearest σ bin and r(σ)); ``None`` where there is no
+        target (after the last step, or between the two model calls of a second-order scheduler's step).
 
     Raises:
         ValueError: a scheduler tagdiff cannot drive (:func:`tagdiff.scheduler_loop.check_scheduler`).
     """
     name = check_scheduler(scheduler)
+    if is_flow_scheduler(scheduler):   # x_σ at σ = sigmas[step_index]: the σ bin, r(σ)
+        sigma = flow_sigma_now(scheduler)
+        if not bool(getattr(scheduler, "state_in_first_order", True)) or sigma is None or sigma <= 0.0:
+            return None
+        flow = flow_schedule_of(scheduler)
+        return int(flow.class_of(torch.tensor(sigma, dtype=torch.float64))), float(flow.r(torch.tensor(sigma)))
     if name in SIGMA_SPACE_SCHEDULERS:
         if not bool(getattr(scheduler, "state_in_first_order", True)):
             return None
@@ -103,11 +140,12 @@ class TAGCallback(_CallbackBase):
 
     Args:
         time_predictor: a :class:`~tagdiff.time_predictor.TimePredictor` over the pipeline's latents (VP space, the
-            pipeline scheduler's T training timesteps), in ``eval()`` mode, on the pipeline's device.
+            pipeline scheduler's T training timesteps; σ bins on flow pipelines, unpacked ``(C, H, W)`` latents on
+            Flux's), in ``eval()`` mode, on the pipeline's device.
         omega: ω_0; the correction is ω_t · TLS with ω_t = ω_0 (1 - ᾱ_t) by default (docs/notation.md §3.3).
         omega_schedule, window, condition, on_nonfinite: as in :class:`tagdiff.TemporalAlignment`.
         schedule: the VP schedule the predictor was trained on; ``None`` reads it from the pipeline's scheduler
-            (:meth:`VPSchedule.from_diffusers`) at the first call.
+            (:meth:`VPSchedule.from_diffusers`; a flow scheduler's σ bins, :func:`flow_schedule_of`) at each call.
         record_time_gap: also record the Time Gap |argmax p_φ(· | x_VP) − t_prev| of every state the callback sees
             (before its correction; one more predictor evaluation per step, the latents untouched), also at ω = 0.
 
@@ -138,7 +176,10 @@ class TAGCallback(_CallbackBase):
         self.time_gaps: list[tuple[int, int, Tensor]] = []
 
     def _schedule_of(self, scheduler: Any) -> VPSchedule:
-        return self.schedule if self.schedule is not None else VPSchedule.from_diffusers(scheduler)
+        if self.schedule is not None:
+            return self.schedule
+        return flow_schedule_of(scheduler).vp_schedule if is_flow_scheduler(scheduler) else \
+            VPSchedule.from_diffusers(scheduler)
 
     def callback_fn(self, pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
                     ) -> dict[str, Any]:
@@ -162,12 +203,17 @@ class TAGCallback(_CallbackBase):
             return callback_kwargs
         step = self.tag.tls_step(x_vp, t, schedule)
         self.history.append((step_index, t_prev, step.reshape(step.shape[0], -1).norm(dim=-1).detach()))
+        if step.shape != latents.shape:   # packed latents: the correction packed as the pipeline packs them
+            step = pack_latents(step)
         callback_kwargs["latents"] = latents + (scale * step).to(latents.dtype)
         return callback_kwargs
 
     def _vp_state(self, latents: Tensor, scale: float, schedule: VPSchedule) -> Tensor:
         """x_VP = latents / scale in the predictor's dtype, checked against the predictor once per shape."""
         x_vp = latents.detach() / scale
+        shape = getattr(self.tag.time_predictor, "sample_shape", None)
+        if x_vp.ndim == 3 and shape is not None and len(shape) == 3 and tuple(x_vp.shape[1:]) != tuple(shape):
+            x_vp = unpack_latents(x_vp, tuple(shape))
         params = getattr(self.tag.time_predictor, "parameters", None)
         first = next(iter(params()), None) if callable(params) else None
         if first is not None and first.dtype != x_vp.dtype:  # e.g. a float32 predictor in a float16 pipeline

@@ -38,6 +38,13 @@ What the schedulers differ in, and how each is handled:
   and back to the scheduler's ``prediction_type`` for ``step`` (:mod:`tagdiff.predictions`); unguided outputs go to
   ``step`` unchanged.
 
+* **Flow-matching schedulers** (``FlowMatchEulerDiscreteScheduler`` with shift / dynamic shifting (``mu``) /
+  ``stochastic_sampling``, ``FlowMatchHeunDiscreteScheduler``, DPM-Solver++ and UniPC with ``use_flow_sigmas``) are
+  driven by :class:`~tagdiff.sampling.flow_schedulers.FlowSchedulerDriver` in the same σ-space pattern: the state is
+  x_σ = (1 - σ) x_0 + σ ε, terms see x_σ / r (r = sqrt((1 - σ)² + σ²)) with ᾱ(σ) = (1 - σ)² / r² and the nearest
+  σ bin, a corrector's Δ maps back as r Δ, and the velocity model ``model(x_σ, timestep)`` is called as diffusers
+  calls it (bit for bit without terms). What is refused there, and why: that module's docstring.
+
 Refused by name: ``EDMEulerScheduler`` and ``EDMDPMSolverMultistepScheduler`` (EDM preconditioning, not a VP ε/v
 model contract) and any scheduler class this module does not know.
 """
@@ -52,6 +59,7 @@ import torch
 from torch import Tensor
 
 from .._utils import RandnLike
+from .flow_schedulers import check_flow_scheduler, flow_sigma_now, is_flow_scheduler, sample_flow_scheduler
 from .loop import Callback, Stage, run_loop
 from .predictions import check_grid_prediction, check_prediction_type, from_eps, model_prediction_type
 from .schedules import VPSchedule
@@ -108,18 +116,15 @@ def make_scheduler(name: str, schedule_config: dict[str, Any], **kwargs: Any) ->
 
 
 def check_scheduler(scheduler: Any) -> str:
-    """Return the scheduler's class name if tagdiff can drive it (:data:`SUPPORTED_SCHEDULERS`).
+    """Return the scheduler's class name if tagdiff can drive it (:data:`SUPPORTED_SCHEDULERS`, or a flow scheduler
+    of :mod:`tagdiff.sampling.flow_schedulers`).
 
     Raises:
         ValueError: naming the scheduler (EDM schedulers with the reason) and listing the supported ones.
     """
-    name = type(scheduler).__name__
-    if name.startswith("FlowMatch") or scheduler.config.get("use_flow_sigmas"):
-        raise ValueError(f"{name}{' with use_flow_sigmas' if not name.startswith('FlowMatch') else ''} is a "
-                         "flow-matching scheduler (SD3, Flux, ...), which tagdiff does not support yet: its TAG, time "
-                         "predictors and terms are written for VP diffusion schedules (ᾱ_t); use a VP scheduler "
-                         "(DDIM, DPM-Solver++, Euler, ...) with a diffusion model")
-    name = _check_name(name)
+    if is_flow_scheduler(scheduler):
+        return check_flow_scheduler(scheduler)
+    name = _check_name(type(scheduler).__name__)
     check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
     return name
 
@@ -142,7 +147,11 @@ def _sigma_now(scheduler: Any) -> float | None:
 
 def vp_scale(scheduler: Any) -> float:
     """x_scheduler / x_VP of the scheduler's *current* state (at its ``step_index``): sqrt(1 + σ²) for σ-space
-    schedulers, 1 for VP ones (and before the first step of a σ-space one, where no σ is current yet)."""
+    schedulers, r = sqrt((1 - σ)² + σ²) for flow ones, 1 for VP ones (and before the first step, where no σ is
+    current yet)."""
+    if is_flow_scheduler(scheduler):
+        sigma = flow_sigma_now(scheduler)
+        return 1.0 if sigma is None else ((1 - sigma) ** 2 + sigma**2) ** 0.5
     if type(scheduler).__name__ not in SIGMA_SPACE_SCHEDULERS:
         return 1.0
     sigma = _sigma_now(scheduler)
@@ -150,7 +159,11 @@ def vp_scale(scheduler: Any) -> float:
 
 
 def state_alpha_bar(scheduler: Any) -> float | None:
-    """ᾱ = 1 / (1 + σ²) of a σ-space scheduler's current state; ``None`` for VP schedulers (use ᾱ[t])."""
+    """ᾱ = 1 / (1 + σ²) of a σ-space scheduler's current state, (1 - σ)² / r² of a flow one's; ``None`` for VP
+    schedulers (use ᾱ[t])."""
+    if is_flow_scheduler(scheduler):
+        sigma = flow_sigma_now(scheduler)
+        return None if sigma is None else (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma**2)
     if type(scheduler).__name__ not in SIGMA_SPACE_SCHEDULERS:
         return None
     sigma = _sigma_now(scheduler)
@@ -319,8 +332,13 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
                      cond: Mapping[str, Any] | None = None, randn_like: RandnLike = torch.randn_like,
                      generator: torch.Generator | list[torch.Generator] | None = None,
                      step_kwargs: Mapping[str, Any] | None = None, clip_x0: float | None = None,
-                     callback: Callback | Sequence[Callback] | None = None, progress: bool = False) -> Tensor:
+                     callback: Callback | Sequence[Callback] | None = None, progress: bool = False,
+                     sigmas: Sequence[float] | None = None, mu: float | None = None) -> Tensor:
     """Sample with a diffusers scheduler, tagdiff's score terms, correctors (TAG) and step terms.
+
+    Flow-matching schedulers (``FlowMatchEuler``/``Heun``, DPM-Solver++ / UniPC with ``use_flow_sigmas``;
+    :mod:`tagdiff.sampling.flow_schedulers`) take a velocity model ``model(x_σ, timestep, **cond)`` as diffusers
+    calls it, start from ``noise`` itself and return the state at the grid's last σ (x_0); terms see the VP view.
 
     Args:
         scheduler: a diffusers scheduler (:data:`SUPPORTED_SCHEDULERS`); its config defines the schedule (read with
@@ -338,6 +356,7 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
             ``use_clipped_model_output=True`` for every scheduler). ``None`` (default) keeps diffusers' behaviour.
             Gradient guidance (DPS) diverges without it on images (INTEGRATION.md).
         callback: called once per reverse step with a :class:`~tagdiff.StepInfo` (e.g. ``TimeGapRecorder``).
+        sigmas / mu: flow schedulers only: a custom σ grid and the dynamic shift, passed to ``set_timesteps``.
 
     Returns:
         x_0 in VP space, shape of ``noise``.
@@ -347,10 +366,18 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
             a step keyword the scheduler's ``step`` does not take, a step term on a scheduler that cannot host it,
             an ε-model on a zero-terminal-SNR step; and everything :func:`tagdiff.sample` raises.
     """
-    if num_inference_steps is None and timesteps is None:
+    if num_inference_steps is None and timesteps is None and sigmas is None:
         raise ValueError("give num_inference_steps or timesteps")
-    check_keeps_corrections(scheduler, terms, num_inference_steps if timesteps is None else len(timesteps))
-    check_scheduler(scheduler)   # before reading its schedule: a flow-matching scheduler has none
+    n = num_inference_steps if num_inference_steps is not None else len(timesteps if sigmas is None else sigmas)
+    check_keeps_corrections(scheduler, terms, n)
+    if is_flow_scheduler(scheduler):
+        return sample_flow_scheduler(scheduler, eps_model, noise, num_inference_steps=num_inference_steps,
+                                     timesteps=timesteps, sigmas=sigmas, mu=mu, terms=terms, cond=cond,
+                                     randn_like=randn_like, generator=generator, step_kwargs=step_kwargs,
+                                     callback=callback, progress=progress)
+    if sigmas is not None or mu is not None:
+        raise ValueError("sigmas and mu apply to flow-matching schedulers (FlowMatchEulerDiscreteScheduler, ...)")
+    check_scheduler(scheduler)   # before reading its schedule
     schedule = VPSchedule.from_diffusers(scheduler)
     kind = model_prediction_type(eps_model)
     kw = dict(step_kwargs or {})
@@ -360,3 +387,4 @@ def sample_scheduler(scheduler: Any, eps_model: EpsModel, noise: Tensor, *, num_
     x = noise * driver.scheduler.init_noise_sigma
     return run_loop(driver, eps_model, x, terms=terms, cond=cond, randn_like=randn_like, callback=callback,
                     progress=progress)
+
