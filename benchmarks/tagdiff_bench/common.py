@@ -16,7 +16,6 @@ configuration shares x_T and the sampling noise across methods (common random nu
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +36,8 @@ from tagdiff.sampling.samplers import get_sampler
 from tagdiff.sampling.schedulers import sample_scheduler
 from tagdiff.sampling.schedules import GRID_SPACINGS
 
+from .stats import fmt_ci, mean_std, paired_ci
+
 __all__ = ["ExperimentConfig", "Setup", "grid_key", "load_setup", "check_classes", "draw", "sample_metrics", "RunCache",
            "mean_std", "markdown_table", "fmt_ms", "paired_ci", "fmt_ci", "write_outputs", "image_grid",
            "tag_comparison", "preview", "relative_change", "short_hash"]
@@ -55,6 +56,9 @@ class ExperimentConfig:
     dataset: str = "digits"
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep_seed: int = 100
+    sweep_seeds: tuple[int, ...] = field(default=(), metadata={"help": (
+        "further validation seeds: ω is chosen on the mean over sweep_seed and these, and each one's own choice is "
+        "recorded (the selection's spread) (default: none)")})
     models_dir: str | None = field(default=None, metadata={"aliases": ("--checkpoints",), "help": (
         "folder of the dataset's models: unet/, time_predictor/, clf_noisy/, clf_clean/, clf_eval/ (default: the "
         "shipped assets/<dataset>)")})
@@ -69,9 +73,9 @@ class ExperimentConfig:
         if self.timestep_spacing not in GRID_SPACINGS:
             raise ValueError(f"unknown timestep_spacing {self.timestep_spacing!r}; expected one of "
                              f"{', '.join(GRID_SPACINGS)}")
-        if self.sweep_seed in self.seeds:
-            raise ValueError(f"sweep_seed {self.sweep_seed} is also an evaluation seed; choose settings on a seed "
-                             "that is not reported")
+        if {self.sweep_seed, *self.sweep_seeds} & set(self.seeds):
+            raise ValueError(f"validation seed(s) {sorted({self.sweep_seed, *self.sweep_seeds} & set(self.seeds))} "
+                             "are also evaluation seeds; choose settings on seeds that are not reported")
 
 
 @dataclass
@@ -234,75 +238,6 @@ class RunCache:
         return result
 
 
-def mean_std(values: Sequence[float]) -> dict[str, Any]:
-    """``{"mean", "std", "n", "values"}``; std is the sample standard deviation (0 for one value)."""
-    v = [float(x) for x in values]
-    m = sum(v) / len(v)
-    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-    return {"mean": m, "std": s, "n": len(v), "values": v}
-
-
-def paired_ci(before: Sequence[float], after: Sequence[float], level: float = 0.95, *,
-              num_resamples: int = 10_000, seed: int = 0) -> dict[str, Any]:
-    """Paired difference ``after - before`` over seeds, with a bootstrap and a Student-t interval.
-
-    Seed ``s`` of both arms shares x_T and the sampling noise (common random numbers), so the per-seed differences
-    ``d_s`` are the unit of resampling. The headline interval ``[lo, hi]`` is the percentile bootstrap of the mean of
-    ``d`` (``num_resamples`` resamples of the seeds with replacement, drawn from ``torch.Generator`` seeded with
-    ``seed``: the same inputs give the same interval). With few seeds the percentile bootstrap is too narrow (it
-    cannot see beyond the observed ``d_s``; with 5 seeds its coverage is nearer 90 % than 95 %), so the Student-t
-    interval ``[t_lo, t_hi]`` is computed as well and ``inside_noise`` is set when *either* interval contains 0 (the
-    conservative reading). ``rel*`` divide by ``|mean(before)|``.
-
-    Returns:
-        ``{"diff", "lo", "hi", "rel", "rel_lo", "rel_hi", "t_lo", "t_hi", "t_rel_lo", "t_rel_hi", "n", "level",
-        "method", "inside_noise"}``;
-        one seed: no interval (``lo = hi = t_lo = t_hi = nan``, ``inside_noise`` True).
-
-    Raises:
-        ValueError: unpaired or empty inputs, or ``level`` outside (0, 1).
-    """
-    from scipy import stats
-
-    if len(before) != len(after) or not before:
-        raise ValueError(f"need paired values, got {len(before)} and {len(after)}")
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level!r}")
-    d = torch.tensor([float(b) - float(a) for a, b in zip(before, after)], dtype=torch.float64)
-    n, m = len(d), float(d.mean())
-    base = abs(sum(float(a) for a in before) / n) or float("nan")
-    nan = float("nan")
-    lo = hi = t_lo = t_hi = nan
-    if n > 1:
-        half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * float(d.std()) / math.sqrt(n)
-        t_lo, t_hi = m - half, m + half
-        g = torch.Generator().manual_seed(seed)
-        means = d[torch.randint(0, n, (num_resamples, n), generator=g)].mean(1)
-        q = torch.tensor([0.5 - level / 2, 0.5 + level / 2], dtype=torch.float64)
-        lo, hi = (float(v) for v in torch.quantile(means, q))
-    holds_zero = n == 1 or not (lo > 0 or hi < 0) or not (t_lo > 0 or t_hi < 0)
-    return {"diff": m, "lo": lo, "hi": hi, "rel": m / base, "rel_lo": lo / base, "rel_hi": hi / base,
-            "t_lo": t_lo, "t_hi": t_hi, "t_rel_lo": t_lo / base, "t_rel_hi": t_hi / base, "n": n, "level": level,
-            "method": "paired percentile bootstrap over seeds",
-            "inside_noise": holds_zero}
-
-
-def fmt_ci(ci: dict[str, Any], interval: str = "bootstrap") -> str:
-    """``-12.3% [-20.1, -4.5]``: the relative change of a :func:`paired_ci` result and its ``interval`` (``"bootstrap"``
-    or ``"t"``, the Student-t one), in %; ``(noise)`` when the bootstrap or the Student-t interval holds 0.
-
-    Raises:
-        ValueError: an unknown ``interval``.
-    """
-    if interval not in ("bootstrap", "t"):
-        raise ValueError(f"interval must be 'bootstrap' or 't', got {interval!r}")
-    lo, hi = (ci["rel_lo"], ci["rel_hi"]) if interval == "bootstrap" else (ci["t_rel_lo"], ci["t_rel_hi"])
-    if math.isnan(ci["lo"]):
-        return f"{100 * ci['rel']:+.1f}%"
-    tag = " (noise)" if ci["inside_noise"] else ""
-    return f"{100 * ci['rel']:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]{tag}"
-
-
 def fmt_ms(stats: dict[str, Any], digits: int = 1) -> str:
     """``mean ± std`` of a :func:`mean_std` result."""
     return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
@@ -343,9 +278,14 @@ RunFn = Callable[..., dict[str, Any]]
 
 def tag_comparison(cache: RunCache, key: dict[str, Any], run: RunFn, *, omegas: Sequence[float],
                    seeds: Sequence[int], sweep_seed: int, n: int, sweep_n: int, metric: str = "fid",
-                   variants: Sequence[str] = ()) -> dict[str, Any]:
-    """The ω sweep: choose ω_0 by grid search on a validation seed (the paper tunes ω_0 per task this way,
+                   variants: Sequence[str] = (), sweep_seeds: Sequence[int] = ()) -> dict[str, Any]:
+    """The ω sweep: choose ω_0 by grid search on validation seeds (the paper tunes ω_0 per task this way,
     docs/notation.md §3.3), then compare ω = 0 with the chosen ω_0 over the evaluation seeds. Ties go to the smaller ω.
+
+    Validation: ``sweep_seed`` and any ``sweep_seeds`` (none of them reported); a cell's score is the mean of the
+    metric over them. The selection's own spread is recorded: the choice each validation seed alone would make
+    (``sweep["per_seed_best"]``, ``sweep["stable"]``), and ``sweep["edge"]`` is ``"upper"`` when the chosen ω is the
+    grid's largest (widen the grid), ``"lower"`` when it is its smallest non-zero value, else ``None``.
 
     Args:
         cache: where finished runs are kept (resume).
@@ -363,8 +303,10 @@ def tag_comparison(cache: RunCache, key: dict[str, Any], run: RunFn, *, omegas: 
     Raises:
         ValueError: if ``sweep_seed`` is one of the evaluation ``seeds``.
     """
-    if sweep_seed in seeds:
-        raise ValueError(f"sweep_seed {sweep_seed} is also an evaluation seed; choose ω on a seed that is not reported")
+    validation = [sweep_seed, *(s for s in sweep_seeds if s != sweep_seed)]
+    if set(validation) & set(seeds):
+        raise ValueError(f"validation seed(s) {sorted(set(validation) & set(seeds))} are also evaluation seeds; "
+                         "choose ω on seeds that are not reported")
     grid = sorted({float(w) for w in omegas} - {0.0})
 
     def get(w: float, v: str | None, seed: int, size: int) -> dict[str, Any]:
@@ -372,12 +314,25 @@ def tag_comparison(cache: RunCache, key: dict[str, Any], run: RunFn, *, omegas: 
         return cache.get(k, lambda: run(w, seed, size, v) if variants else run(w, seed, size))
 
     cells = [(0.0, None)] + [(w, v) for v in (variants or [None]) for w in grid]
-    table = {(f"{v}:{w}" if v and w else str(w)): _numbers(get(w, v, sweep_seed, sweep_n)) for w, v in cells}
     name_of = {(f"{v}:{w}" if v and w else str(w)): (w, v) for w, v in cells}
-    best_name = min(table, key=lambda c: (table[c][metric], name_of[c][0]))
+    per_seed = {vs: {name: _numbers(get(w, v, vs, sweep_n)) for name, (w, v) in name_of.items()} for vs in validation}
+    table = per_seed[sweep_seed] if len(validation) == 1 else {
+        name: {k: sum(per_seed[vs][name][k] for vs in validation) / len(validation) for k in per_seed[sweep_seed][name]}
+        for name in name_of}
+
+    def choose(scores: dict[str, dict[str, float]]) -> str:
+        return min(scores, key=lambda c: (scores[c][metric], name_of[c][0]))
+
+    best_name = choose(table)
     best, best_variant = name_of[best_name]
-    out: dict[str, Any] = {"sweep": {"grid": table, "metric": metric, "best": best_name}, "best_omega": best,
-                           "best_variant": best_variant, "runs": {}, "preview": {}}
+    per_seed_best = {str(vs): name_of[choose(per_seed[vs])][0] for vs in validation}
+    edge = None if not grid or best == 0 else "upper" if best == grid[-1] else "lower" if best == grid[0] else None
+    sweep = {"grid": table, "metric": metric, "best": best_name, "validation_seeds": validation,
+             "per_seed_best": per_seed_best, "stable": len(set(per_seed_best.values())) == 1, "edge": edge}
+    if len(validation) > 1:
+        sweep["per_seed"] = {str(vs): cells_ for vs, cells_ in per_seed.items()}
+    out: dict[str, Any] = {"sweep": sweep, "best_omega": best, "best_variant": best_variant, "runs": {},
+                           "preview": {}}
     for name, (w, v) in (("without", (0.0, None)), ("with", (best, best_variant))):
         runs = [get(w, v, s, n) for s in seeds]
         out["runs"][name] = [_numbers(r) for r in runs]

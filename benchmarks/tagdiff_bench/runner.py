@@ -134,12 +134,17 @@ def run(experiment: Experiment, out_dir: str | Path, cfg: Any, *, progress: bool
             for k, v in c.context.items():
                 parent.setdefault(k, v)
             r = tag_comparison(cache, c.key, c.run, omegas=c.omegas, seeds=cfg.seeds, sweep_seed=cfg.sweep_seed,
-                               n=c.n, sweep_n=c.sweep_n, metric=c.metric, variants=c.variants)
+                               n=c.n, sweep_n=c.sweep_n, metric=c.metric, variants=c.variants,
+                               sweep_seeds=getattr(cfg, "sweep_seeds", ()))
             if c.extra is not None:
                 r.update(c.extra(cache, r))
             parent[c.path[-1]] = r
             if progress and c.line is not None:
                 print(c.line(r), flush=True)
+            if progress and (r["sweep"]["edge"] == "upper" or not r["sweep"]["stable"]):
+                print(f"    note: ω_0* = {r['best_omega']:g}" + (" is the grid's largest: widen the ω grid"
+                      if r["sweep"]["edge"] == "upper" else "") + ("" if r["sweep"]["stable"] else
+                      f"; the validation seeds disagree ({r['sweep']['per_seed_best']})"), flush=True)
     private = results.pop("_figure", None)
     tail = {k: results.pop(k) for k in experiment.tail if k in results}
     config = {**asdict(cfg), "models_dir": setup.models_dir, **experiment.record(setup, cfg)}

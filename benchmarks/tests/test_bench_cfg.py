@@ -61,7 +61,7 @@ def test_bench_cfg_end_to_end_structure_identities_and_resume(setup, tmp_path):
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").glob("*.json")}
     again = run_cfg(tmp_path, TINY, progress=False)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and again["runs"] == res["runs"]
-    with pytest.raises(ValueError, match="sweep_seed 100"):
+    with pytest.raises(ValueError, match=r"validation seed\(s\) \[100\]"):
         replace(TINY, seeds=(0, 100))
 
 
@@ -90,7 +90,7 @@ def test_saturation_and_intensity_w1():
 
 
 @pytest.mark.parametrize("argv, needle", [(["--scales", "0,2"], "scales"), (["--methods", "cfg,foo"], "foo"),
-                                          (["--seeds", "0,100"], "sweep_seed 100"),
+                                          (["--seeds", "0,100"], "validation seed(s) [100]"),
                                           (["--num-per-target", "1"], "num_per_target"),
                                           (["--cfgpp-lambdas", "-1"], "cfgpp_lambdas"),
                                           (["--vae", "runs/no_such_vae"], "no_such_vae")])

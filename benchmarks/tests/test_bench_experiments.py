@@ -83,8 +83,28 @@ def test_tag_comparison_picks_the_validation_minimum_and_reports_eval_seeds(tmp_
     assert r["sweep"]["grid"]["0.0"]["fid"] == 5.0 and r["sweep"]["grid"]["pre:2.0"]["fid"] == 1.0
     assert r["without"]["fid"]["values"] == [5.0, 15.0] and r["with"]["fid"]["values"] == [0.0, 10.0]
     assert r["with"]["n"]["mean"] == 8.0
-    with pytest.raises(ValueError, match="sweep_seed 0"):
+    with pytest.raises(ValueError, match=r"validation seed\(s\) \[0\] are also evaluation seeds"):
         tag_comparison(RunCache(tmp_path), {}, run, omegas=(1.0,), seeds=(0,), sweep_seed=0, n=2, sweep_n=2)
+    assert r["sweep"]["stable"] and r["sweep"]["edge"] is None and r["sweep"]["per_seed_best"] == {"100": 2.0}
+
+
+def test_tag_comparison_on_several_validation_seeds_records_the_spread_and_the_edge(tmp_path):
+    """ω chosen on the mean over validation seeds; each seed's own choice is kept; a choice at the grid's top is
+    flagged ("widen the grid")."""
+    best_of = {100: 2.0, 101: 4.0, 102: 4.0}
+
+    def run(w, seed, n):
+        return {"fid": (w - best_of.get(seed, 2.0)) ** 2}
+
+    r = tag_comparison(RunCache(tmp_path), {"exp": "spread"}, run, omegas=(1.0, 2.0, 4.0), seeds=(0,), sweep_seed=100,
+                       sweep_seeds=(101, 102), n=2, sweep_n=2)
+    assert r["sweep"]["per_seed_best"] == {"100": 2.0, "101": 4.0, "102": 4.0} and not r["sweep"]["stable"]
+    # mean over the three seeds of (w-2)², (w-4)², (w-4)²: 4/3 at w = 4, 8/3 at w = 2
+    assert r["best_omega"] == 4.0 and r["sweep"]["edge"] == "upper"
+    assert r["sweep"]["grid"]["4.0"]["fid"] == pytest.approx(4 / 3)
+    with pytest.raises(ValueError, match=r"\[0\]"):
+        tag_comparison(RunCache(tmp_path), {}, run, omegas=(1.0,), seeds=(0,), sweep_seed=100, sweep_seeds=(0,), n=2,
+                       sweep_n=2)
 
 
 def test_sample_metrics_is_analogue_and_accuracy(setup):
@@ -177,7 +197,7 @@ def test_cli_experiments_run_and_reject_bad_values(tmp_path, capsys):
     assert main(["bench", "fewstep", "--out", str(tmp_path / "f"), "--samplers", "euler"]) == 2
     assert "euler" in capsys.readouterr().err
     assert main(["bench", "strength", "--out", str(tmp_path / "s"), "--seeds", "0,100"]) == 2
-    assert "sweep_seed 100" in capsys.readouterr().err
+    assert "validation seed(s) [100]" in capsys.readouterr().err
 
 
 def _intra_package_imports(path: Path, module: str, modules: set[str]) -> set[str]:
