@@ -166,9 +166,23 @@ def test_shipped_digits_flow_samples_with_its_time_predictor(tmp_path):
     common = ["sample", "--checkpoint", "digits_flow", "--num-samples", "8", "--num-steps", "10", "--quiet",
               "--time-predictor", "digits_flow/time_predictor"]
     run(*common, "--out", tmp_path / "plain")
-    run(*common, "--omega", "1", "--out", tmp_path / "tag")
+    run(*common, "--omega", "0.3", "--out", tmp_path / "tag")
     plain = json.loads((tmp_path / "plain" / "summary.json").read_text())
     tag = json.loads((tmp_path / "tag" / "summary.json").read_text())
     assert plain["sampler"] == "flow euler" and plain["time_gap"] is not None and tag["time_gap"] is not None
     assert not np.array_equal(_x(tmp_path / "plain"), _x(tmp_path / "tag"))
     assert np.abs(_x(tmp_path / "tag")).max() < 10
+
+
+@pytest.mark.skipif(not COMMITTED, reason="the shipped digits flow model is not in this checkout")
+def test_shipped_digits_flow_folders_record_the_commands_of_their_readme_and_keep_the_size_rule():
+    models = shipped_models()
+    readme = (models["digits_flow/unet"].parent / "README.md").read_text()
+    for name, meta in (("digits_flow/unet", "tagdiff.json"), ("digits_flow/time_predictor", "config.json")):
+        folder = models[name]
+        command = json.loads((folder / meta).read_text())["command"].removesuffix(" --quiet")
+        assert f"`{command}`" in readme, command
+        assert (folder / "heldout.json").is_file() and not (folder / "train_state.safetensors").exists()
+        assert all(f.stat().st_size <= 10 * 2**20 for f in folder.iterdir())
+    assert json.loads((models["digits_flow/unet"] / "tagdiff.json").read_text())["objective"] == "flow"
+
