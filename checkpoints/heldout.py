@@ -7,7 +7,8 @@ Each model folder under ``checkpoints/`` (and each shipped digits/toy asset) rec
   Two machines that load the same weights agree on it to float32 rounding of the network.
 * ``held_out``: the figures that matter, on a fixed slice of the held-out split (the first N images of MNIST's
   official t10k files, or digits' held-out split): a classifier's accuracy, a time predictor's exact-t accuracy,
-  mean |argmax − t| and cross-entropy, an ε-model's denoising MSE, a VAE's reconstruction MSE.
+  mean |argmax − t| and cross-entropy (a flow's σ predictor: over its σ bins, on their VP view), an ε-model's
+  denoising MSE, a flow model's velocity MSE, a VAE's reconstruction MSE.
 
 ``tests/models/test_committed_checkpoints.py`` recomputes both and compares with ``TOLERANCES`` below, whose
 derivation is
@@ -79,7 +80,8 @@ def digits_folders() -> dict[str, str]:
     (toy: fresh draws of the mixture with seed 12345)."""
     return {"digits/unet": "eps", "digits/unet_class": "eps_class", "digits/clf_noisy": "classifier_noisy",
             "digits/clf_clean": "classifier", "digits/clf_eval": "classifier",
-            "digits/time_predictor": "time_predictor", "toy/score": "eps", "toy/time_predictor": "time_predictor"}
+            "digits/time_predictor": "time_predictor", "toy/score": "eps", "toy/time_predictor": "time_predictor",
+            "digits_flow/unet": "flow", "digits_flow/time_predictor": "flow_time_predictor"}
 
 
 def folder_path(name: str) -> Path:
@@ -113,8 +115,8 @@ def _load(name: str, kind: str) -> tuple[Any, Any]:
         from tagdiff.models.latent import LatentSpace
 
         return LatentSpace.from_pretrained(path), None
-    if kind.endswith("eps") or kind.endswith("eps_class"):
-        return load_checkpoint(path)
+    if kind.endswith("eps") or kind.endswith("eps_class") or kind in ("flow", "flow_time_predictor"):
+        return load_checkpoint(path)   # a flow: its LoadedFlow and FlowSchedule; a σ predictor: its bins' VP view
     return load_model(path), None
 
 
@@ -137,6 +139,8 @@ def probe(model: Any, kind: str) -> dict[str, float]:
         return _summary(model(x))
     if kind.endswith("eps_class"):
         return _summary(model(x, t, y=torch.tensor([0, 3, 7, getattr(model, "null_class", 0)])))
+    if kind == "flow":   # the velocity network at diffusers' timesteps T σ
+        return _summary(model.model(x, t.float()))
     return _summary(model(x, t))
 
 
@@ -206,6 +210,14 @@ def held_out(name: str, model: Any, schedule: Any, kind: str, mnist_dir: Path | 
         r = evaluate_time_predictor(model.eval(), x, sched, num_timesteps=20, seed=12345)
         out.update(time_accuracy=r["accuracy"], mean_abs_error=r["mean_abs_error"], cross_entropy=r["cross_entropy"],
                    num_predictions=int(x.shape[0]) * len(r["timesteps"]))
+    elif kind == "flow":   # velocity MSE at seeded (σ ~ U(0, 1), noise): x_σ = (1 - σ) x + σ ε, target ε - x
+        g = _gen(12345)
+        sigma = torch.rand(x.shape[0], generator=g)
+        noise = torch.randn(x.shape, generator=g)
+        s = sigma.view(-1, *([1] * (x.ndim - 1)))
+        xs, T = (1 - s) * x + s * noise, schedule.num_train_timesteps
+        v = torch.cat([model.model(xs[i:i + 250], T * sigma[i:i + 250]) for i in range(0, x.shape[0], 250)])
+        out["mse"] = float((v.double() - (noise - x).double()).pow(2).mean())
     else:   # ε-model: denoising MSE at seeded (t, noise)
         g = _gen(12345)
         T = schedule.num_train_timesteps

@@ -216,10 +216,14 @@ def add_sample_args(smp: argparse.ArgumentParser) -> None:
     smp.add_argument("--out", required=True, type=Path, help="output folder (samples.npz, grid.png, summary.json)")
     smp.add_argument("--num-samples", type=positive_int, default=64, help="samples to draw (default: 64)")
     add_grid_args(smp, "trailing")
-    smp.add_argument("--sampler", default="ddim",
+    smp.add_argument("--sampler", default=None,
                      help="ddim | ddpm (tagdiff's steps), or a diffusers scheduler: dpmpp2m | unipc | unipc_p (UniPC "
                           "with its corrector off: keeps TAG's corrections) | euler | euler_a | heun | pndm | lms | "
-                          "deis | any supported class name (default: ddim)")
+                          "deis | any supported class name (default: ddim); flow-matching checkpoints: euler | heun "
+                          "(flow Euler / Heun on the σ grid; default: euler)")
+    smp.add_argument("--shift", type=positive_float, default=None,
+                     help="flow-matching checkpoints: shift of the σ grid, σ' = sσ / (1 + (s - 1)σ) (SD3: 3; "
+                          "default: the scheduler config's)")
     smp.add_argument("--prompt", default=None,
                      help="text-conditional pipeline folders (Stable Diffusion style): the prompt; the pipeline runs "
                           "its own call with CFG at --cfg-scale (default 7.5) and TAG as TAGCallback")

@@ -56,8 +56,15 @@ def build_parser(handlers: dict[str, Handler] | None = None) -> argparse.Argumen
 
     train = sub.add_parser("train", help="train an ε-model, a time predictor, a classifier or a VAE")
     tsub = train.add_subparsers(dest="what", required=True, metavar="WHAT")
-    dif = tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images)")
+    dif = tsub.add_parser("diffusion", help="ε-prediction model (MLP on vectors, UNet2DModel on images), or a "
+                                            "flow-matching velocity model (--objective flow)")
     add_train_args(dif)
+    dif.add_argument("--objective", choices=("eps", "flow"), default="eps",
+                     help="eps: ε-prediction on the VP --schedule; flow: rectified flow, x_σ = (1 - σ) x0 + σ ε, "
+                          "velocity target ε - x0 at timestep 1000σ (diffusers' FlowMatchEulerDiscreteScheduler) "
+                          "(default: eps)")
+    add_sigma_density_arg(dif, "σ density of --objective flow: logit_normal (SD3's, mean 0, std 1) or uniform "
+                               "(default: logit_normal)")
     dif.add_argument("--class-conditional", action="store_true",
                      help="a class-conditional UNet with a 'no label' class, for --cfg-scale (CFG)")
     dif.add_argument("--cond-drop", type=unit_interval, default=0.1,
@@ -81,6 +88,8 @@ def build_parser(handlers: dict[str, Handler] | None = None) -> argparse.Argumen
     tp.add_argument("--cond-drop", type=unit_interval, default=0.1,
                     help="conditional: P(c = null) in training (default 0.1)")
     add_vae_arg(tp, "a predictor on its latents (with --checkpoint: the VAE of that latent model)")
+    add_sigma_density_arg(tp, "with a flow-matching --checkpoint: the σ density of the training draws (default: the "
+                              "one the flow model recorded, else logit_normal)")
     clf = tsub.add_parser("classifier", help="label classifier: noisy (guidance), clean (DPS) or eval (metrics)")
     add_train_args(clf)
     clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
@@ -114,6 +123,10 @@ def build_parser(handlers: dict[str, Handler] | None = None) -> argparse.Argumen
         handlers.update(found)
 
     return parser
+
+
+def add_sigma_density_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument("--sigma-density", choices=("logit_normal", "uniform"), default=None, help=text)
 
 
 def _eval_time_predictor(args: argparse.Namespace) -> dict[str, Any]:
@@ -162,7 +175,12 @@ def _sample(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                                          "guidance_scale", "omega", "omega_schedule", "placement", "corruption_std",
                                          "clip_x0", "bf16", "per_sample_seeds", "compile", "cfg_scale",
                                          "device", "allow_pickle", "timestep_spacing", "steps_offset", "vae",
-                                         "checkpoint", "classifier", "time_predictor", "prompt")}
+                                         "checkpoint", "classifier", "time_predictor", "prompt", "shift")}
+    if opt["sampler"] is None:  # flow-matching checkpoints default to flow Euler, the others to DDIM
+        from ..models.checkpoints import resolve_checkpoint
+        from ..models.flow_checkpoint import is_flow_checkpoint
+
+        opt["sampler"] = "euler" if is_flow_checkpoint(resolve_checkpoint(args.checkpoint)) else "ddim"
     from ..training.distributed import launch, world_size
 
     if args.num_processes > 1 and not args.per_sample_seeds:

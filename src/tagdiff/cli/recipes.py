@@ -185,16 +185,18 @@ def make_classifier(kind: str, info: DatasetInfo, num_train_timesteps: int) -> t
     raise ValueError(f"unknown classifier kind {kind!r}; expected noisy, clean or eval")
 
 
-def exporter(model: nn.Module, schedule: VPSchedule) -> Any:
-    """The export function :func:`tagdiff.training.train` should use for ``model`` (diffusers folder for UNets)."""
+def exporter(model: nn.Module, schedule: VPSchedule, flow: Any = None) -> Any:
+    """The export function :func:`tagdiff.training.train` should use for ``model`` (diffusers folder for UNets;
+    with ``flow``, a flow-matching UNet's: a ``FlowMatchEulerDiscreteScheduler`` config)."""
     if isinstance(model, UNetEpsModel):
-        return partial(_export_unet, vp_schedule=schedule)
+        return partial(_export_unet, vp_schedule=schedule, flow_schedule=flow)
     return None
 
 
-def _export_unet(model: UNetEpsModel, out_dir: Any, *, vp_schedule: VPSchedule, **extra: Any) -> Any:
+def _export_unet(model: UNetEpsModel, out_dir: Any, *, vp_schedule: VPSchedule, flow_schedule: Any = None,
+                 **extra: Any) -> Any:
     extra.pop("schedule", None)  # recorded by save_unet itself (scheduler_config.json + tagdiff.json)
-    return save_unet(model, vp_schedule, out_dir, **extra)
+    return save_unet(model, vp_schedule, out_dir, flow_schedule=flow_schedule, **extra)
 
 
 def condition_labels(condition: str, x: Tensor, y: Tensor, info: DatasetInfo,

@@ -21,6 +21,7 @@ from .._utils import StackedRandomGenerator, resolve_device
 from ..guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from ..metrics.time_gap import TimeGapRecorder
 from ..models.checkpoints import load_model
+from ..models.flow_checkpoint import LoadedFlow
 from ..models.load import load_checkpoint
 from ..sampling.predictions import model_prediction_type
 from ..sampling.samplers import SAMPLERS, get_sampler
@@ -79,6 +80,7 @@ class SampleConfig:
     steps_offset: int = 0
     vae: str | None = None             # the AutoencoderKL folder of a latent checkpoint (decoded at the end)
     prompt: str | None = None          # text-conditional pipelines (tagdiff.cli.pipeline): the prompt of every sample
+    shift: float | None = None         # flow models: the σ grid's shift (default: the scheduler config's)
 
 
 def resolved_scale(cfg: SampleConfig) -> float:
@@ -236,6 +238,13 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
         raise ValueError(f"corruption_std must be a finite number >= 0, got {cfg.corruption_std!r}")
     out_dir = ensure_output_dir(out_dir)
     eps_model, schedule = load_checkpoint(cfg.checkpoint, device, allow_pickle=cfg.allow_pickle)
+    if isinstance(eps_model, LoadedFlow):  # a flow-matching model: flow Euler / Heun (cli/sample_flow.py)
+        from .sample_flow import generate_flow
+
+        return generate_flow(cfg, out_dir, eps_model, device, guidance_scale=resolved_scale(cfg), progress=progress,
+                             t0=t0, multi_process=acc is not None)
+    if cfg.shift is not None:
+        raise ValueError(f"--shift shifts a flow model's σ grid; {cfg.checkpoint} is a VP diffusion model")
     if not isinstance(eps_model, MLPEpsModel | UNetEpsModel):
         raise ValueError(f"--checkpoint {cfg.checkpoint} holds a {type(eps_model).__name__}, not an ε-model (a "
                          "tagdiff MLPEpsModel or a diffusers UNet2DModel, e.g. --checkpoint digits)")

@@ -19,6 +19,7 @@ from typing import Any
 __all__ = ["time_predictor_report", "train_command"]
 
 from .data import held_out_sample, load_data, pixels, train_data
+from .flow import flow_loss, flow_setup
 
 
 def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -51,12 +52,16 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     elif getattr(args, "checkpoint", None) is not None:  # tie the predictor to its diffusion model's schedule
         schedule = _model_schedule(args.checkpoint, tuple(info.sample_shape))
         args.num_train_timesteps = schedule.num_train_timesteps
+    flow, schedule = flow_setup(args, schedule)  # flows: their FlowSchedule; the loop runs on its VP view
     T = args.num_train_timesteps
     key, cond, meta = args.what, (labels if args.what == "classifier" else None), {}
     check_model_memory(args, tuple(info.sample_shape))
     with torch.random.fork_rng(devices=[]):  # the model's initialisation depends on --seed only
         torch.manual_seed(args.seed)
         model, loss, cond, meta, info = _make_model(args, data, labels, info, T, cond, meta)
+        if flow is not None:  # the flow objectives and what they record (tagdiff.json / config.json)
+            loss, flow_meta = flow_loss(args, flow)
+            meta = {**meta, **flow_meta}
     key = f"classifier-{args.kind}" if args.what == "classifier" else key
     recipe = rc.recipe_for(key, info)
     config = TrainConfig(steps=args.steps or recipe.steps, batch_size=args.batch_size or recipe.batch_size,
@@ -75,7 +80,8 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     result = train(model, loss, data, schedule, config, args.out, resume=not args.no_resume, progress=not args.quiet,
                    labels=cond, export_extra={"dataset": args.dataset, "command": command, **meta,
                                                  **latent_meta},
-                   export=rc.exporter(model, schedule), device=device, num_workers=args.num_workers)
+                   export=rc.exporter(model, schedule, flow if args.what == "diffusion" else None), device=device,
+                   num_workers=args.num_workers)
     model = model.cpu()
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
         return result

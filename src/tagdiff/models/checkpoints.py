@@ -161,8 +161,8 @@ def load_model(directory: str | Path, device: str | torch.device = "cpu") -> nn.
 
 
 # Shipped models: ``<dataset>/<name>`` is the folder ``tagdiff/assets/<dataset>/<name>``; a bare dataset name is
-# that dataset's ε-model.
-SHIPPED_DEFAULTS = {"digits": "unet", "toy": "score"}
+# that dataset's ε-model (``digits_flow``: the digits flow-matching velocity model).
+SHIPPED_DEFAULTS = {"digits": "unet", "digits_flow": "unet", "toy": "score"}
 
 
 def _assets_root() -> Path:

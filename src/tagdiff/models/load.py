@@ -12,6 +12,7 @@ from . import classifiers as _classifiers  # noqa: F401  (registers the classes 
 from . import nets as _nets  # noqa: F401
 from . import time_predictor as _time_predictor  # noqa: F401
 from .checkpoints import CheckpointError, load_model, read_config, resolve_checkpoint
+from .flow_checkpoint import is_flow_checkpoint, load_flow
 from .pipeline import DiffusersFolder, is_diffusers_model_folder, read_diffusers_folder
 from .unet import is_diffusers_folder, load_unet
 
@@ -31,9 +32,16 @@ def load(path: str | Path, device: Any = "cpu", *, allow_pickle: bool = False) -
       (the layouts: :func:`tagdiff.models.pipeline.read_diffusers_folder`);
     * a shipped name (``"digits"``, ``"digits/time_predictor"``, ``"toy"``; ``tagdiff models`` lists them).
 
+    * a flow-matching model (``tagdiff train diffusion --objective flow``, or a diffusers UNet folder with a
+      ``FlowMatch*`` scheduler config): a :class:`~tagdiff.models.flow_checkpoint.LoadedFlow`, the velocity model
+      ``(x_σ, T σ, **cond) -> v`` that :func:`~tagdiff.sampling.flow.sample_flow` samples (it wraps it in a
+      :class:`~tagdiff.sampling.flow.FlowModel`), with its :class:`~tagdiff.sampling.flow_path.FlowSchedule` as
+      ``schedule``.
+
     Returns:
-        The model (an ``nn.Module``; ε-models take ``(x, t, **cond)``, time predictors ``(x, c=None)``). Its
-        ``schedule`` attribute is the :class:`~tagdiff.VPSchedule` it was trained with, or ``None`` where the
+        The model (an ``nn.Module``; ε-models take ``(x, t, **cond)``, time predictors ``(x, c=None)``; a flow model
+        the :class:`~tagdiff.models.flow_checkpoint.LoadedFlow` wrapper). Its ``schedule`` attribute is the
+        :class:`~tagdiff.VPSchedule` it was trained with (a flow's :class:`FlowSchedule`), or ``None`` where the
         checkpoint records none (a clean classifier needs none).
 
     Raises:
@@ -44,6 +52,8 @@ def load(path: str | Path, device: Any = "cpu", *, allow_pickle: bool = False) -
     path = resolve_checkpoint(path)
     if is_diffusers_model_folder(path) and (folder := read_diffusers_folder(path)).is_text_conditional:
         return _load_pipeline(folder, device, allow_pickle)
+    if is_flow_checkpoint(path):
+        return load_flow(path, device, allow_pickle=allow_pickle)
     if is_diffusers_folder(path) or is_diffusers_folder(f"{path}/unet"):
         model, schedule = load_unet(path, device, allow_pickle=allow_pickle)
         model.schedule = schedule

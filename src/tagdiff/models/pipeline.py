@@ -9,9 +9,10 @@ A **pipeline folder** is a first-class input of ``tagdiff train time-predictor -
 * a bare ``unet/`` sub-folder of such a folder (its ``scheduler/`` and ``vae/`` are read from the parent);
 * a UNet folder with its ``scheduler_config.json`` beside (what ``tagdiff train diffusion`` writes).
 
-It returns the noise schedule (:class:`~tagdiff.VPSchedule` of the scheduler config: betas, zero terminal SNR), the
-prediction type (``epsilon`` / ``v_prediction`` / ``sample``), the UNet's class and sample shape, and the VAE (its
-folder and the image shape it decodes to) for a latent pipeline.
+It returns the noise schedule (:class:`~tagdiff.VPSchedule` of the scheduler config: betas, zero terminal SNR; a
+:class:`~tagdiff.sampling.flow_path.FlowSchedule` for a ``FlowMatch*`` scheduler config), the prediction type
+(``epsilon`` / ``v_prediction`` / ``sample``, ``flow_prediction`` for flows), the UNet's class and sample shape,
+and the VAE (its folder and the image shape it decodes to) for a latent pipeline.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..sampling.flow_path import FlowSchedule
+from ..sampling.predictions import FLOW_PREDICTION
 from ..sampling.schedules import VPSchedule
 from .checkpoints import CheckpointError
 
@@ -42,7 +45,9 @@ class DiffusersFolder:
         sample_shape: ``(C, H, W)`` of the UNet's input (latents for a latent pipeline).
         image_shape: ``(C, H, W)`` of the images: the VAE's (``in_channels``, ``H · f``, ``W · f``) with
             ``f = 2^(len(block_out_channels) - 1)``, or ``sample_shape`` for a pixel model.
-        schedule: the VP schedule of the scheduler config; prediction_type: the scheduler config's.
+        schedule: the VP schedule of the scheduler config, or for a flow-matching model (a ``FlowMatch*`` scheduler
+            config) its :class:`~tagdiff.sampling.flow_path.FlowSchedule`; prediction_type: the scheduler config's
+            (``"flow_prediction"`` for flow models).
         scheduler_config: the scheduler config as read (for building the pipeline's scheduler).
     """
 
@@ -54,13 +59,18 @@ class DiffusersFolder:
     unet_class: str
     sample_shape: tuple[int, int, int]
     image_shape: tuple[int, int, int]
-    schedule: VPSchedule
+    schedule: VPSchedule | FlowSchedule
     prediction_type: str
     scheduler_config: dict[str, Any]
 
     @property
     def is_latent(self) -> bool:
         return self.vae_dir is not None
+
+    @property
+    def is_flow(self) -> bool:
+        """A flow-matching model (a ``FlowMatch*`` scheduler config): ``schedule`` is a :class:`FlowSchedule`."""
+        return self.prediction_type == FLOW_PREDICTION
 
     @property
     def is_text_conditional(self) -> bool:
@@ -110,8 +120,9 @@ def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
 
     Raises:
         CheckpointError: not such a folder, no UNet (or one of another class than ``UNet2DModel`` /
-            ``UNet2DConditionModel``), no ``scheduler_config.json``, a scheduler config that is not a VP one
-            (flow-matching: not supported by this reader), or unreadable configs; the message names the file.
+            ``UNet2DConditionModel``), no ``scheduler_config.json``, a scheduler config that is neither a VP one nor
+            a flow-matching one tagdiff reads (:meth:`FlowSchedule.from_diffusers`), or unreadable configs; the
+            message names the file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -137,11 +148,13 @@ def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
         raise CheckpointError(f"{sched_dir / 'scheduler_config.json'}: num_train_timesteps must be a positive "
                               f"integer, got {T!r}")
     name = str(sched_cfg.get("_class_name", ""))
-    if name.startswith("FlowMatch") or sched_cfg.get("use_flow_sigmas"):
-        raise CheckpointError(f"{sched_dir / 'scheduler_config.json'}: {name or 'this scheduler'} is a flow-matching "
-                              "scheduler; this reader handles VP (DDPM-family) models only")
+    if sched_cfg.get("use_flow_sigmas"):
+        raise CheckpointError(f"{sched_dir / 'scheduler_config.json'}: use_flow_sigmas (flow σs in a VP-family "
+                              "scheduler) is not supported; use a FlowMatchEulerDiscreteScheduler config")
+    flow = name.startswith("FlowMatch")
     try:
-        schedule = VPSchedule.from_diffusers(_ddpm_config(sched_cfg))
+        schedule = FlowSchedule.from_diffusers(sched_cfg) if flow else VPSchedule.from_diffusers(
+            _ddpm_config(sched_cfg))
     except Exception as e:
         raise CheckpointError(f"could not read the noise schedule of {sched_dir / 'scheduler_config.json'}: "
                               f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
@@ -159,7 +172,8 @@ def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
     return DiffusersFolder(root=root, unet_dir=unet_dir, scheduler_dir=sched_dir, vae_dir=vae_dir,
                            pipeline_class=None if index is None else index.get("_class_name"),
                            unet_class=unet_class, sample_shape=(c, h, w), image_shape=image_shape,
-                           schedule=schedule, prediction_type=str(sched_cfg.get("prediction_type", "epsilon")),
+                           schedule=schedule, prediction_type=FLOW_PREDICTION if flow else
+                           str(sched_cfg.get("prediction_type", "epsilon")),
                            scheduler_config=sched_cfg)
 
 

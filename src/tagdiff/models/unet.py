@@ -24,7 +24,8 @@ from ..sampling.predictions import check_prediction_type
 from ..sampling.schedules import VPSchedule
 from .checkpoints import CheckpointError
 
-__all__ = ["UNetEpsModel", "is_diffusers_folder", "load_unet", "make_unet", "save_folder_atomically", "save_unet"]
+__all__ = ["UNetEpsModel", "is_diffusers_folder", "load_unet", "make_unet", "read_unet2d", "save_folder_atomically",
+           "save_unet", "unet_meta"]
 
 
 def make_unet(sample_size: int, in_channels: int = 1, *, widths: tuple[int, ...] = (32, 64, 64),
@@ -117,23 +118,34 @@ def is_diffusers_folder(path: str | Path) -> bool:
         return False
 
 
-def save_unet(model: UNetEpsModel, schedule: VPSchedule, directory: str | Path, **extra: Any) -> Path:
+def save_unet(model: UNetEpsModel, schedule: VPSchedule, directory: str | Path, *, flow_schedule: Any = None,
+              **extra: Any) -> Path:
     """Save the UNet (``save_pretrained``) and its schedule (``scheduler_config.json``) into ``directory``.
 
     Written into a temporary folder inside ``directory`` first and moved into place file by file, ``config.json``
     last, so an interrupted save never leaves a loadable half-written model, and other files of ``directory``
     (a training state) are never moved. ``extra`` (JSON-able) goes to ``tagdiff.json`` (e.g. the command that
     trained it).
+
+    ``flow_schedule``: a :class:`~tagdiff.sampling.flow_path.FlowSchedule` for a velocity model (``--objective
+    flow``): the scheduler config is then a ``FlowMatchEulerDiscreteScheduler``'s (T and the shift) and
+    ``tagdiff.json`` records ``objective: flow`` and the ``flow`` fields instead of the VP ``schedule``.
     """
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
     directory = Path(directory)
 
     def write(tmp: Path) -> None:
         model.unet.save_pretrained(tmp, safe_serialization=True)
-        DDPMScheduler(**{**schedule.to_diffusers_config(),
-                         "prediction_type": getattr(model, "prediction_type", "epsilon")}).save_pretrained(tmp)
-        (tmp / "tagdiff.json").write_text(json.dumps({"schedule": schedule.to_dict(), **extra}, indent=2) + "\n")
+        if flow_schedule is not None:
+            T, shift = flow_schedule.num_train_timesteps, flow_schedule.shift
+            FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift).save_pretrained(tmp)
+            meta = {"objective": "flow", "flow": {"num_train_timesteps": T, "shift": shift}, **extra}
+        else:
+            DDPMScheduler(**{**schedule.to_diffusers_config(),
+                             "prediction_type": getattr(model, "prediction_type", "epsilon")}).save_pretrained(tmp)
+            meta = {"schedule": schedule.to_dict(), **extra}
+        (tmp / "tagdiff.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     save_folder_atomically(directory, write, prefix=".unet.")
     return directory
@@ -153,7 +165,56 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", *,
         CheckpointError: missing folder/files, pickle-only weights without ``allow_pickle``, a corrupt model or
             config (the message names the file), or an unsupported prediction type.
     """
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
+
+    unet, unet_dir, sched_dir = read_unet2d(path, allow_pickle=allow_pickle)
+    sched_file = sched_dir / "scheduler_config.json"
+    try:
+        T = json.loads(sched_file.read_bytes().decode("utf-8")).get("num_train_timesteps", 1000)
+    except (ValueError, AttributeError):
+        raise CheckpointError(f"{sched_file} is not a JSON object (not UTF-8 JSON, or malformed)") from None
+    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
+        raise CheckpointError(f"{sched_file}: num_train_timesteps must be a positive integer, got {T!r}")
+    try:
+        scheduler = DDPMScheduler.from_pretrained(sched_dir)
+        schedule = VPSchedule.from_diffusers(scheduler)
+        kind = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
+    except Exception as e:
+        raise CheckpointError(f"could not load {sched_dir / 'scheduler_config.json'}: {_first_line(e)}") from None
+    null_class = unet_meta(unet_dir).get("null_class")
+    try:
+        eps_model = UNetEpsModel(unet, schedule.num_train_timesteps, kind, null_class)
+    except ValueError as e:
+        raise CheckpointError(f"{unet_dir / 'config.json'}: {e}") from None
+    return eps_model.to(device).eval(), schedule
+
+
+def unet_meta(unet_dir: Path) -> dict[str, Any]:
+    """``tagdiff.json`` beside a UNet (what tagdiff recorded: command, null class, objective), or ``{}``.
+
+    Raises:
+        CheckpointError: a ``tagdiff.json`` that is not a JSON object.
+    """
+    meta = Path(unet_dir) / "tagdiff.json"
+    if not meta.is_file():
+        return {}
+    try:
+        data = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"{meta} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{meta} is not valid JSON (not an object)")
+    return data
+
+
+def read_unet2d(path: str | Path, *, allow_pickle: bool = False) -> tuple[Any, Path, Path]:
+    """The ``UNet2DModel`` of a diffusers folder (layouts of :func:`load_unet`), its folder and the folder of its
+    ``scheduler_config.json``.
+
+    Raises:
+        CheckpointError: as :func:`load_unet` for the UNet and the presence of the scheduler config.
+    """
+    from diffusers import UNet2DModel
 
     path = Path(path)
     unet_dir = path / "unet" if (path / "unet").is_dir() and not is_diffusers_folder(path) else path
@@ -175,31 +236,7 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu", *,
         unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, use_safetensors=not allow_pickle or None)
     except Exception as e:  # diffusers raises many types (OSError, ValueError, TypeError, ...) for a bad folder
         raise CheckpointError(f"could not load the UNet in {unet_dir}: {_first_line(e)}") from None
-    sched_file = sched_dir / "scheduler_config.json"
-    try:
-        T = json.loads(sched_file.read_bytes().decode("utf-8")).get("num_train_timesteps", 1000)
-    except (ValueError, AttributeError):
-        raise CheckpointError(f"{sched_file} is not a JSON object (not UTF-8 JSON, or malformed)") from None
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise CheckpointError(f"{sched_file}: num_train_timesteps must be a positive integer, got {T!r}")
-    try:
-        scheduler = DDPMScheduler.from_pretrained(sched_dir)
-        schedule = VPSchedule.from_diffusers(scheduler)
-        kind = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
-    except Exception as e:
-        raise CheckpointError(f"could not load {sched_dir / 'scheduler_config.json'}: {_first_line(e)}") from None
-    null_class = None
-    meta = unet_dir / "tagdiff.json"
-    if meta.is_file():
-        try:
-            null_class = json.loads(meta.read_text()).get("null_class")
-        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError):
-            raise CheckpointError(f"{meta} is not valid JSON") from None
-    try:
-        eps_model = UNetEpsModel(unet, schedule.num_train_timesteps, kind, null_class)
-    except ValueError as e:
-        raise CheckpointError(f"{unet_dir / 'config.json'}: {e}") from None
-    return eps_model.to(device).eval(), schedule
+    return unet, unet_dir, sched_dir
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,7 +1,8 @@
 """Training loops for ε-models and time predictors: EMA (with warm-up), mixed precision, gradient accumulation, LR
 schedules, streaming data and exact resume.
 
-Both losses draw ``t ~ U{0..T-1}`` and ``x_t ~ q(x_t | x_0)``:
+Both losses draw ``t ~ U{0..T-1}`` and ``x_t ~ q(x_t | x_0)`` (a loss with a ``draw_t(batch, T, generator)``
+method draws its own times from the step's generator instead: the flow objectives of :mod:`tagdiff.training.flow`):
 
 * :func:`eps_loss`: ``||ε_θ(x_t, t) - ε||²`` (Ho et al. 2020, "simple" loss);
 * :func:`time_loss`: ``CE(f_φ(x_t), t)`` (the paper's Eq. 8: the time predictor is a classifier over timesteps).
@@ -279,6 +280,7 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
         labels = None if labels is None else labels.to(device)
     T, N, B, accum = schedule.num_train_timesteps, data_shape[0], config.batch_size, config.grad_accum
     conditional = labels is not None or (lazy and labelled)
+    draw_t = getattr(loss_fn, "draw_t", None)  # a flow objective draws continuous σ (tagdiff.training.flow)
     weighted = world > 1 or accum > 1  # micro-batch losses weighted so that the summed gradient is the batch's
     bar = None
     if progress:
@@ -292,7 +294,7 @@ def _train_locked(model: nn.Module, loss_fn: LossFn, data: Tensor, schedule: VPS
             if agree(intr.pending):
                 raise KeyboardInterrupt
             g, idx = _batch_indices(config, N, step)
-            t = torch.randint(0, T, (B,), generator=g).to(device)
+            t = (torch.randint(0, T, (B,), generator=g) if draw_t is None else draw_t(B, T, g)).to(device)
             noise = torch.randn((B, *sample_shape), generator=g).to(device)
             drop = None
             if conditional and config.cond_drop > 0:
