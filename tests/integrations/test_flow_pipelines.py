@@ -187,3 +187,29 @@ def test_unsupported_flow_schedulers_and_vp_predictors_are_refused_before_any_co
     sd3.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     with pytest.raises(ValueError, match="was trained on schedule"):
         run_sd3(sd3, TAGCallback(vp, omega=1.0))
+
+
+def test_a_predictor_trained_by_the_cli_on_an_sd3_pipelines_latents_plugs_into_tag_callback(tmp_path):
+    """``tagdiff train time-predictor --checkpoint SD3_PIPELINE --dataset folder:IMAGES``: the images are encoded by the
+    pipeline's VAE ((mean − shift_factor) · scaling_factor), the σ bins follow its FlowMatch scheduler, and the
+    predictor, given by its folder, corrects the pipeline's own call (ω = 0: its latents bit for bit)."""
+    import json
+
+    from cli_helpers import run
+    from tagdiff import load
+    from tagdiff.integrations.tiny import image_folder, sd3_pipeline
+
+    folder, images = sd3_pipeline(tmp_path / "sd3"), image_folder(tmp_path / "images")
+    run("train", "time-predictor", "--checkpoint", folder, "--dataset", f"folder:{images}", "--out", tmp_path / "tp",
+        "--steps", "3", "--batch-size", "8", "--quiet")
+    cfg = json.loads((tmp_path / "tp" / "config.json").read_text())
+    assert cfg["vae"]["shift_factor"] == pytest.approx(0.0609) and cfg["vae"]["latent_shape"] == [C, LATENT, LATENT]
+    assert cfg["config"]["in_channels"] == C and "flow" in cfg
+    pipe = load(folder)  # the pipeline (its text encoders were saved absent: they load as None), with .schedule
+    assert isinstance(pipe.schedule, FlowSchedule)
+    pipe.set_progress_bar_config(disable=True)
+    plain, zero = run_sd3(pipe), run_sd3(pipe, TAGCallback(str(tmp_path / "tp"), omega=0.0))
+    cb = TAGCallback(str(tmp_path / "tp"), omega=5.0)
+    tagged = run_sd3(pipe, cb)
+    assert torch.equal(plain, zero) and torch.isfinite(tagged).all() and not torch.equal(plain, tagged)
+    assert [h[0] for h in cb.history] == [0, 1, 2]

@@ -97,10 +97,10 @@ def train_vae(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     return {**result, "vae": meta}
 
 
-def _space(vae: str | Path) -> Any:
+def _space(vae: str | Path, image_shape: tuple[int, ...] | None = None) -> Any:
     from ..models.latent import LatentSpace
 
-    return LatentSpace.from_pretrained(vae)
+    return LatentSpace.from_pretrained(vae, image_shape=image_shape)
 
 
 def latent_data(args: argparse.Namespace, x: Any, info: Any, split: str = "train") -> tuple[Any, Any, dict[str, Any]]:
@@ -117,7 +117,7 @@ def latent_data(args: argparse.Namespace, x: Any, info: Any, split: str = "train
     from ..models.latent import check_pairing, encode_dataset
 
     vae = getattr(args, "vae", None)
-    space = None if vae is None else _space(vae)
+    space = None if vae is None else _space(vae, tuple(info.sample_shape))
     check_pairing(vae, space, getattr(args, "checkpoint", None), "--checkpoint")
     if vae is None:
         return x, info, {}
@@ -139,7 +139,7 @@ def latent_held_out(args: argparse.Namespace, x: Any) -> Any:
     from ..models.latent import check_pairing, encode_dataset
 
     vae = getattr(args, "vae", None)
-    space = None if vae is None else _space(vae)
+    space = None if vae is None else _space(vae, tuple(x.shape[1:]))
     if args.command == "eval":
         check_pairing(vae, space, args.checkpoint, "--checkpoint")
     if space is None:

@@ -125,8 +125,9 @@ def generate_with_pipeline(cfg: Any, out_dir: str | Path, folder: Any, *, progre
     z = pipe(prompts, num_inference_steps=cfg.num_steps, height=h, width=w, generator=generator,
              guidance_scale=7.5 if cfg.cfg_scale is None else cfg.cfg_scale, output_type="latent",
              callback_on_step_end=callback, **kwargs).images
-    with torch.no_grad():  # the pipeline's own decoding (StableDiffusionPipeline: latents / scaling_factor)
-        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor, return_dict=False)[0].clamp(-1, 1)
+    shift = getattr(pipe.vae.config, "shift_factor", None) or 0.0  # SD3: latents / scaling_factor + shift_factor
+    with torch.no_grad():  # the pipeline's own decoding
+        x = pipe.vae.decode(z / pipe.vae.config.scaling_factor + shift, return_dict=False)[0].clamp(-1, 1)
     x, z = x.float().cpu(), z.float().cpu()
     np.savez_compressed(out_dir / "samples.npz", x=x.numpy(), z=z.numpy())
     save_grid(x, out_dir / "grid.png")

@@ -17,7 +17,8 @@ import torch
 
 from .._utils import require
 
-__all__ = ["PROMPT", "image_folder", "pixel_pipeline", "sd_pipeline", "tiny_tokenizer", "vpred_zero_snr_unet"]
+__all__ = ["PROMPT", "image_folder", "pixel_pipeline", "sd3_pipeline", "sd_pipeline", "tiny_tokenizer",
+           "vpred_zero_snr_unet"]
 
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
 PROMPT = "ab"
@@ -102,3 +103,28 @@ def sd_pipeline(directory: str | Path) -> Path:
                             scheduler=PNDMScheduler(**SD_SCHEDULER, skip_prk_steps=True), safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(directory)
     return directory
+
+
+def sd3_pipeline(directory: str | Path) -> Path:
+    """A ``StableDiffusion3Pipeline`` folder without text encoders (give ``prompt_embeds`` and
+    ``pooled_prompt_embeds`` of width 16 directly): a one-layer ``SD3Transformer2DModel`` on 4×8×8 latents, a VAE with
+    SD3's ``shift_factor`` (16×16 RGB images), ``FlowMatchEulerDiscreteScheduler(shift=3)``."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+                                        pooled_projection_dim=16, out_channels=4, pos_embed_max_size=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, shift_factor=0.0609, scaling_factor=1.5035,
+                        use_quant_conv=False, use_post_quant_conv=False, sample_size=16)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                             text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                             text_encoder_3=None, tokenizer_3=None).save_pretrained(directory)
+    return Path(directory)

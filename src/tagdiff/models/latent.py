@@ -4,7 +4,8 @@ r"""Latent space: a diffusers ``AutoencoderKL`` as the data space of latent diff
 Conventions (Stable Diffusion's):
 
 * images ``x``: ``(B, *image_shape)`` float in ``[-1, 1]``, e.g. ``(B, 1, 28, 28)``;
-* latents ``z = scaling_factor · mean(q(z | pad(x)))``: ``(B, *latent_shape)``, e.g. ``(B, 4, 8, 8)``; the
+* latents ``z = scaling_factor · (mean(q(z | pad(x))) − shift_factor)`` (``shift_factor``: SD3's and Flux's VAEs, else
+  0): ``(B, *latent_shape)``, e.g. ``(B, 4, 8, 8)``; the
   posterior *mean* (no sampling), so encoding is deterministic. ``scaling_factor`` (the VAE config's, SD's
   convention) is 1 / std of the training latents' posterior means, so latents have unit variance and the VP
   schedule's x_T ~ N(0, I) matches them;
@@ -101,7 +102,11 @@ class LatentSpace:
         if not (s > 0 and s < float("inf")):
             raise ValueError(f"VAE scaling_factor must be a positive finite number, got {s!r}")
         self.scaling_factor = s
+        shift = getattr(cfg, "shift_factor", None)  # SD3 / Flux VAEs: latents (mean - shift) · scale
+        self.shift_factor = 0.0 if shift is None else float(shift)
         size = cfg.sample_size if isinstance(cfg.sample_size, int) else int(cfg.sample_size[0])
+        if image_shape is not None and path is not None and not (Path(path) / "tagdiff.json").is_file():
+            size = int(image_shape[-1]) + sum(self.pad)  # a foreign VAE is convolutional: any canvas fits it
         canvas = (int(cfg.in_channels), size, size)
         crop = size - sum(self.pad)
         self.image_shape = tuple(image_shape) if image_shape is not None else (canvas[0], crop, crop)
@@ -114,9 +119,11 @@ class LatentSpace:
         self.latent_shape = (int(cfg.latent_channels), size // factor, size // factor)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu") -> LatentSpace:
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", *,
+                        image_shape: tuple[int, ...] | None = None) -> LatentSpace:
         """Load an ``AutoencoderKL`` folder (``save_pretrained`` layout, safetensors weights) with the image
-        shape and padding of its ``tagdiff.json`` (absent for a foreign VAE: no padding).
+        shape and padding of its ``tagdiff.json`` (absent for a foreign VAE: no padding, and the images are
+        ``image_shape`` if given, else the VAE config's ``sample_size``; a pipeline's VAE serves any image size).
 
         Raises:
             CheckpointError: a missing folder, not an AutoencoderKL folder, or files that do not load (named).
@@ -142,7 +149,7 @@ class LatentSpace:
                 meta = json.loads((path / "tagdiff.json").read_text())
             except (ValueError, UnicodeDecodeError):
                 raise CheckpointError(f"{path / 'tagdiff.json'} is not valid JSON") from None
-        shape = meta.get("image_shape")
+        shape = meta.get("image_shape", image_shape)
         try:
             return cls(vae.to(device), image_shape=None if shape is None else tuple(shape),
                        pad=tuple(meta.get("pad", (0, 0))), path=path, content_hash=digest)
@@ -163,7 +170,8 @@ class LatentSpace:
     def encode(self, x: Tensor) -> Tensor:
         """Scaled posterior means ``z``, ``(B, *latent_shape)``, of images ``x`` ``(B, *image_shape)`` in [-1, 1]
         (x's dtype and device). Raises ``ValueError`` for images of another shape."""
-        return self.vae.encode(self._pad(x).to(self.vae.dtype)).latent_dist.mean * self.scaling_factor
+        mean = self.vae.encode(self._pad(x).to(self.vae.dtype)).latent_dist.mean
+        return (mean - self.shift_factor) * self.scaling_factor if self.shift_factor else mean * self.scaling_factor
 
     def decode(self, z: Tensor) -> Tensor:
         """Images ``(B, *image_shape)`` (unclamped; about [-1, 1]) of latents ``z`` ``(B, *latent_shape)``;
@@ -171,7 +179,8 @@ class LatentSpace:
         if tuple(z.shape[1:]) != self.latent_shape:
             raise ValueError(f"latents of shape {tuple(z.shape)} do not fit the VAE {self.path or ''}: expected "
                              f"(B, {', '.join(map(str, self.latent_shape))})")
-        x = self.vae.decode(z / self.scaling_factor).sample
+        x = self.vae.decode(z / self.scaling_factor + self.shift_factor if self.shift_factor else
+                            z / self.scaling_factor).sample
         a, b = self.pad
         return x[..., a:x.shape[-2] - b, a:x.shape[-1] - b] if a or b else x
 
@@ -194,6 +203,7 @@ class LatentSpace:
     def describe(self) -> dict[str, Any]:
         """What models trained on these latents record (``"vae"`` in their config): path, hash, shapes, scale."""
         return {"path": self.path, "hash": self.hash, "scaling_factor": self.scaling_factor,
+                **({"shift_factor": self.shift_factor} if self.shift_factor else {}),
                 "latent_shape": list(self.latent_shape), "image_shape": list(self.image_shape), "pad": list(self.pad)}
 
 

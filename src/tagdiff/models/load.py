@@ -89,11 +89,23 @@ def _schedule(path: Path, entry: Any) -> VPSchedule:
                               f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path} is not a readable JSON file") from None
+    return data if isinstance(data, dict) else {}
+
+
 def _load_pipeline(folder: DiffusersFolder, device: Any, allow_pickle: bool) -> Any:
     from diffusers import DiffusionPipeline
 
-    try:
-        pipe = DiffusionPipeline.from_pretrained(folder.root, use_safetensors=not allow_pickle or None)
+    index = read_config_file(folder.root / "model_index.json") if (folder.root / "model_index.json").is_file() else {}
+    absent = {k: None for k, v in index.items() if not k.startswith("_") and (v is None or v == [None, None])}
+    try:  # components saved as absent (e.g. text encoders when prompt embeddings are given) load as None
+        pipe = DiffusionPipeline.from_pretrained(folder.root, use_safetensors=not allow_pickle or None, **absent)
     except Exception as e:  # diffusers raises many types for a bad folder
         raise CheckpointError(f"could not load the pipeline in {folder.root}: "
                               f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None

@@ -30,6 +30,7 @@ from .checkpoints import CheckpointError
 __all__ = ["DiffusersFolder", "is_diffusers_model_folder", "read_diffusers_folder"]
 
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
+TRANSFORMER_CLASSES = ("SD3Transformer2DModel",)  # text-conditional latent denoisers read like a text UNet
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ class DiffusersFolder:
 
     @property
     def is_text_conditional(self) -> bool:
-        return self.unet_class == "UNet2DConditionModel"
+        return self.unet_class in ("UNet2DConditionModel", *TRANSFORMER_CLASSES)
 
 
 def _json(path: Path) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def is_diffusers_model_folder(path: str | Path) -> bool:
     path = Path(path)
     if (path / "model_index.json").is_file():
         return True
-    if _class_name(path / "unet") in UNET_CLASSES:
+    if _class_name(path / "unet") in UNET_CLASSES or _class_name(path / "transformer") in TRANSFORMER_CLASSES:
         return True
     return _class_name(path) in UNET_CLASSES
 
@@ -130,12 +131,14 @@ def read_diffusers_folder(path: str | Path) -> DiffusersFolder:
     index = _json(path / "model_index.json") if (path / "model_index.json").is_file() else None
     if (path / "unet").is_dir():
         root, unet_dir = path, path / "unet"
-    elif path.name == "unet" and (path.parent / "scheduler").is_dir():
+    elif _class_name(path / "transformer") in TRANSFORMER_CLASSES:  # SD3-style: a latent transformer, not a UNet
+        root, unet_dir = path, path / "transformer"
+    elif path.name in ("unet", "transformer") and (path.parent / "scheduler").is_dir():
         root, unet_dir = path.parent, path
     else:
         root, unet_dir = path, path
     unet_class = _class_name(unet_dir)
-    if unet_class not in UNET_CLASSES:
+    if unet_class not in (*UNET_CLASSES, *TRANSFORMER_CLASSES):
         raise CheckpointError(f"{path} holds no diffusers UNet (expected {unet_dir / 'config.json'} with _class_name "
                               f"{' or '.join(UNET_CLASSES)}; found {unet_class!r})")
     sched_dir = next((d for d in (unet_dir, root / "scheduler", root) if (d / "scheduler_config.json").is_file()), None)
