@@ -48,7 +48,7 @@ from .label import LabelConfig, method_terms
 from .runner import Experiment, stopwatch
 
 __all__ = ["QuestionsConfig", "EveryKth", "EvalCounter", "vendi_score", "diversity", "spearman_ci", "arms",
-           "questions_run", "EXPERIMENT"]
+           "questions_run", "label_config", "EXPERIMENT"]
 
 GUIDANCES = ("dps", "cg", "mpgd")
 _L = LabelConfig()
@@ -101,7 +101,7 @@ def arms(cfg: QuestionsConfig) -> list[str]:
     return [a for m in cfg.methods for a in (m, f"{m}+tag", *(f"{m}+tag/{k}" for k in cfg.every))]
 
 
-def _label_cfg(cfg: QuestionsConfig) -> LabelConfig:
+def label_config(cfg: QuestionsConfig) -> LabelConfig:
     return LabelConfig(dataset=cfg.dataset, targets=cfg.targets, num_per_target=cfg.num_per_target,
                        num_steps=cfg.num_steps, eta=cfg.eta, dps_guidance_scale=cfg.dps_guidance_scale,
                        cg_guidance_scale=cfg.cg_guidance_scale, omega=cfg.omega, mpgd_scale=cfg.mpgd_scale,
@@ -159,7 +159,7 @@ class _ProbedScore(ScoreTerm):
 
 def _terms(arm: str, setup: Setup, target: Tensor, cfg: QuestionsConfig, probe: _Probe | None = None) -> list[Term]:
     method, _, every = arm.partition("/")
-    terms = method_terms(method, setup.models, target, _label_cfg(cfg))
+    terms = method_terms(method, setup.models, target, label_config(cfg))
     tp = setup.models["time_predictor"]
     if every:
         return [EveryKth(tp, cfg.omega, int(every)) if isinstance(t, TemporalAlignment) else t for t in terms]
