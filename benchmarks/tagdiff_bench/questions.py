@@ -376,7 +376,7 @@ def _holds_zero(ci: dict[str, Any]) -> bool:
 
 def _reading_fid(ci: dict[str, Any]) -> str:
     if _holds_zero(ci):
-        return "no FID change beyond the noise: TAG does not help here"
+        return "FID change within the noise: TAG not shown to help"
     return "TAG lowers FID" if ci["diff"] < 0 else "TAG raises FID: it hurts here"
 
 
@@ -424,7 +424,9 @@ def _table(results: dict[str, Any], cfg: QuestionsConfig) -> str:
                          _ci(eff[a][k], digits=d), seeds, _reading_div(k, eff[a][k])])
     for m, c in results["conflict"].items():
         ci = c["mean_cosine_ci"]
-        sign = ("TAG and the guidance pull apart (negative cosine)" if ci["t_hi"] < 0 else
+        sign = ("slightly opposed, " if ci["t_hi"] < 0 else "slightly aligned, " if ci["t_lo"] > 0 else "")
+        sign = (f"{sign}nearly orthogonal (cosine within ±0.1): no conflict to speak of" if abs(ci["diff"]) < 0.1 else
+                "TAG and the guidance pull apart" if ci["t_hi"] < 0 else
                 "TAG and the guidance pull together" if ci["t_lo"] > 0 else "no systematic alignment")
         rows.append(["4 conflict", f"{m}+tag: mean cos(ω_t·TLS, Δs) over steps", "", "",
                      f"{ci['diff']:+.3f} [{_num(ci['t_lo'], 3)}, {_num(ci['t_hi'], 3)}]", seeds, sign])
