@@ -1,4 +1,5 @@
-"""Command-line wiring of the experiments (``tagdiff bench corrupted|strength|fewstep|inverse|multicond|solvers|cfg``).
+"""Command-line wiring of the experiments
+(``tagdiff bench corrupted|strength|fewstep|inverse|multicond|solvers|cfg|questions``).
 
 Each experiment is an :class:`~tagdiff_bench.runner.Experiment` run by :func:`tagdiff_bench.runner.run`; its CLI
 options are generated from the fields of its config dataclass (``num_samples`` -> ``--num-samples``; tuples take
@@ -14,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import cfg, corrupted, fewstep, inverse, multicond, solvers, strength
+from . import cfg, corrupted, fewstep, inverse, multicond, questions, solvers, strength
 from .runner import Experiment, run
 
 __all__ = ["EXPERIMENTS", "add_experiment_parsers", "experiment", "run_experiment"]
 
 EXPERIMENTS: tuple[Experiment, ...] = (corrupted.EXPERIMENT, strength.EXPERIMENT, fewstep.EXPERIMENT,
-                                       inverse.EXPERIMENT, multicond.EXPERIMENT, solvers.EXPERIMENT, cfg.EXPERIMENT)
+                                       inverse.EXPERIMENT, multicond.EXPERIMENT, solvers.EXPERIMENT, cfg.EXPERIMENT,
+                                       questions.EXPERIMENT)
 
 
 def experiment(name: str) -> Experiment:
