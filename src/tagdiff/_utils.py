@@ -15,6 +15,7 @@ __all__ = [
     "NonFiniteError",
     "deferred_finite_checks",
     "StackedRandomGenerator",
+    "seeded_noise",
     "append_dims",
     "check_finite",
     "resolve_device",
@@ -161,3 +162,23 @@ def require(module: str, extra: str, what: str) -> Any:
         return import_module(module)
     except ImportError as e:
         raise ImportError(f"{what} needs {module.split('.')[0]}: pip install 'tagdiff[{extra}]'") from e
+
+
+def seeded_noise(shape: tuple[int, ...], seed: int, device: Any = "cpu", *, per_sample: bool = False
+                 ) -> tuple[Any, Any, Any]:
+    """``(x_T, randn_like, generator)`` of a seeded sampling run: x_T of ``shape`` and the step noise drawn on the
+    CPU (the same numbers on every device) and moved to ``device``; with ``per_sample`` sample i uses seed + i
+    (:class:`StackedRandomGenerator`: its noise does not depend on the batch) and ``generator`` is the list of the
+    per-sample generators, else one ``torch.Generator``."""
+    import torch
+
+    if per_sample:
+        rng = StackedRandomGenerator(range(seed, seed + shape[0]))
+        return rng.randn(shape).to(device), rng.randn_like, rng.generators
+    g = torch.Generator().manual_seed(seed)
+    x_T = torch.randn(shape, generator=g).to(device)
+
+    def randn_like(z: Any) -> Any:
+        return torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
+
+    return x_T, randn_like, g

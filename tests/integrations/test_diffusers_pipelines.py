@@ -1,7 +1,6 @@
 """TAG inside diffusers pipelines (tagdiff.diffusers): TAGCallback in a tiny StableDiffusionPipeline, and
 sample_pipeline as the DDIMPipeline / DDPMPipeline equivalent on the shipped digits UNet."""
 
-import json
 
 import numpy as np
 import pytest
@@ -23,26 +22,16 @@ from diffusers import (  # noqa: E402
     UNet2DModel,
 )
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from tagdiff import SimpleCNNTimePredictor, TemporalAlignment, VPSchedule
 from tagdiff.integrations.diffusers import TAGCallback, callback_target, sample_pipeline
+from tagdiff.integrations.tiny import tiny_tokenizer
 from tagdiff.models.assets import assets_dir
 from tagdiff.models.checkpoints import load_model
 
 LATENT = 8
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
-
-
-def tiny_tokenizer(directory):
-    """A CLIP tokenizer from a local vocabulary of letters (no hub)."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab[c] = len(vocab)
-        vocab[c + "</w>"] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=8)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .._io import ensure_output_dir
-from .._utils import StackedRandomGenerator, resolve_device
+from .._utils import resolve_device, seeded_noise
 from ..guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from ..metrics.time_gap import TimeGapRecorder
 from ..models.checkpoints import load_model
@@ -265,16 +265,7 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
     cond = _conditioning(cfg, eps_model, target)
     clip_x0 = None if space is not None and cfg.clip_x0 == "auto" else resolved_clip(cfg, eps_model.sample_shape)
     shape = (cfg.num_samples, *eps_model.sample_shape)
-    if cfg.per_sample_seeds:
-        rng = StackedRandomGenerator(range(cfg.seed, cfg.seed + cfg.num_samples))
-        x_T, randn_like = rng.randn(shape).to(device), rng.randn_like
-    else:
-        g = torch.Generator().manual_seed(cfg.seed)
-        x_T = torch.randn(shape, generator=g).to(device)
-
-        def randn_like(z: torch.Tensor) -> torch.Tensor:
-            return torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
-
+    x_T, randn_like, generator = seeded_noise(shape, cfg.seed, device, per_sample=cfg.per_sample_seeds)
     recorder = TimeGapRecorder(predictor) if predictor is not None else None
     kwargs: dict[str, Any] = {"eta": cfg.eta} if cfg.sampler == "ddim" else {}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
@@ -282,7 +273,7 @@ def generate(cfg: SampleConfig, out_dir: str | Path, *, progress: bool = True) -
         if scheduler is not None:  # a diffusers scheduler (its own grid, clipping through clip_x0)
             x0 = sample_scheduler(scheduler, eps_model, x_T, num_inference_steps=cfg.num_steps, terms=terms, cond=cond,
                                   randn_like=randn_like, callback=recorder, clip_x0=clip_x0, progress=progress,
-                                  generator=rng.generators if cfg.per_sample_seeds else g,
+                                  generator=generator,
                                   step_kwargs={"eta": cfg.eta} if scheduler.__class__.__name__ == "DDIMScheduler"
                                   else None)
             grid = type(scheduler).from_config(scheduler.config)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .._io import ensure_output_dir
-from .._utils import StackedRandomGenerator
+from .._utils import seeded_noise
 from ..guidance import Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from ..metrics.time_gap import TimeGapRecorder
 from ..sampling.flow import FLOW_METHODS, FlowModel, sample_flow
@@ -175,16 +175,7 @@ def generate_flow(cfg: Any, out_dir: str | Path, model: Any, device: torch.devic
     if cfg.guidance == "dps" and sigmas[0] == 1.0:   # score guidance is undefined at σ = 1 (module docstring)
         sigmas[0] = 1.0 - 1.0 / flow.num_train_timesteps
     shape = (cfg.num_samples, *model.sample_shape)
-    if cfg.per_sample_seeds:
-        rng = StackedRandomGenerator(range(cfg.seed, cfg.seed + cfg.num_samples))
-        x_T, randn_like = rng.randn(shape).to(device), rng.randn_like
-    else:
-        g = torch.Generator().manual_seed(cfg.seed)
-        x_T = torch.randn(shape, generator=g).to(device)
-
-        def randn_like(z: torch.Tensor) -> torch.Tensor:
-            return torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)
-
+    x_T, randn_like, generator = seeded_noise(shape, cfg.seed, device, per_sample=cfg.per_sample_seeds)
     recorder = TimeGapRecorder(predictor) if predictor is not None else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     with autocast:
