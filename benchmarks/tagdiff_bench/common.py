@@ -143,7 +143,7 @@ def grid_key(cfg: Any) -> dict[str, Any]:
 def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: int, sampler: str = "ddim",
          eta: float = 1.0, clip_x0: float | None = 1.0, timestep_spacing: str = "linspace", steps_offset: int = 0,
          scheduler: tuple[Any, dict[str, Any]] | None = None, cond: dict[str, Any] | None = None,
-         clamp: bool = True, progress: bool = False) -> dict[str, Any]:
+         clamp: bool = True, progress: bool = False, extra_callbacks: Sequence[Any] | None = None) -> dict[str, Any]:
     """One seeded sampling run on ``setup.device``: x_T and the step noise come from one CPU generator seeded with
     ``seed`` (then moved to the device), so every method of a seed shares them (common random numbers), over the
     grid ``schedule.timesteps(num_steps, timestep_spacing, steps_offset)``; or, with ``scheduler = (a diffusers
@@ -162,17 +162,18 @@ def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: i
     g = torch.Generator().manual_seed(seed)  # a CPU generator on every device: CPU results stay bit for bit
     x_T = torch.randn((n, *setup.eps_model.sample_shape), generator=g).to(setup.device)
     recorder = TimeGapRecorder(setup.models["time_predictor"])
+    callbacks = [recorder, *(extra_callbacks or [])]  # e.g. another predictor's TimeGapRecorder
     kwargs: dict[str, Any] = {"eta": eta} if sampler == "ddim" else {}
     t0 = time.time()
     randn_like = lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)  # noqa: E731
     if scheduler is not None:
         x0 = sample_scheduler(scheduler[0], setup.eps_model, x_T, num_inference_steps=num_steps, terms=list(terms),
-                              step_kwargs=scheduler[1], clip_x0=clip_x0, callback=recorder, randn_like=randn_like,
+                              step_kwargs=scheduler[1], clip_x0=clip_x0, callback=callbacks, randn_like=randn_like,
                               cond=cond, progress=progress)
         grid = torch.tensor(recorder.timesteps)
     else:
         grid = setup.schedule.timesteps(num_steps, timestep_spacing, steps_offset)
-        x0 = get_sampler(sampler)(setup.eps_model, x_T, grid, setup.schedule, terms=list(terms), callback=recorder,
+        x0 = get_sampler(sampler)(setup.eps_model, x_T, grid, setup.schedule, terms=list(terms), callback=callbacks,
                                   clip_x0=clip_x0, randn_like=randn_like, cond=cond, progress=progress, **kwargs)
     return {"x0": x0.clamp(-1, 1) if clamp else x0, "time_gap": recorder.mean,
             "time_gap_per_step": recorder.per_step.tolist(),

@@ -358,6 +358,23 @@ def test_tag_reduces_the_time_gap_along_a_drifted_trajectory():
     assert gaps["tag"] < 0.85 * gaps["drift"], gaps
 
 
+def test_the_time_gap_recorder_reuses_logits_only_of_its_own_predictor():
+    """TAG with one predictor and a Time-Gap recorder with another: the recorder measures with its own predictor (it
+    used to take the TAG predictor's logits of the same x, reporting the wrong predictor's gap)."""
+    from tagdiff.metrics.time_gap import time_gap
+
+    gmm = toy_mixture()
+    exact, model = gmm.time_posterior(SCH), gmm.eps_model(SCH)
+    torch.manual_seed(0)
+    other = MLPTimePredictor(2, SCH.num_train_timesteps, 16, 2).eval()
+    manual = []
+    rec_other, rec_exact = TimeGapRecorder(other), TimeGapRecorder(exact)
+    _run("ddpm", [TemporalAlignment(exact, 1.0)], n=64, steps=10, seed=3, dtype=torch.float32, model=model,
+         callback=[rec_other, rec_exact, lambda info: manual.append(time_gap(other, info.x, info.t))])
+    torch.testing.assert_close(torch.stack(rec_other.gaps), torch.stack(manual), rtol=0, atol=0)
+    assert not torch.equal(torch.stack(rec_other.gaps), torch.stack(rec_exact.gaps))
+
+
 def test_exact_tag_reduces_w1_on_the_drifted_toy():
     """docs/notation.md §6.1: toy mixture, 100-step DDPM, drift -0.01 x per step; exact TAG (ω = 1) reduces W1."""
     gmm = toy_mixture()

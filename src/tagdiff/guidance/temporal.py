@@ -36,14 +36,15 @@ __all__ = ["TemporalAlignment", "check_predictor_schedule", "check_time_predicto
 def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None,
                      shared: dict[str, Any] | None = None) -> Tensor:
     """``∇_x log p_φ(t | x, c)``; with ``shared`` also stores the predictor's logits at ``x`` there (key
-    ``"time_logits"``: ``(x, t, c, logits)``), so a Time-Gap recorder of the same step need not repeat the forward."""
+    ``"time_logits"``: ``(x, t, c, logits, time_predictor)``), so a Time-Gap recorder of the same step and the same
+    predictor need not repeat the forward."""
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
         if shared is None or getattr(type(time_predictor), "log_prob", None) is not TimePredictor.log_prob:
             log_p = time_predictor.log_prob(x_in, t, c)  # a predictor's own log_prob rule: nothing to share
         else:
             logits = time_predictor(x_in, c)
-            shared["time_logits"] = (x, t, c, logits.detach())
+            shared["time_logits"] = (x, t, c, logits.detach(), time_predictor)
             log_p = log_prob_from_logits(logits, t, x.dtype)
         (grad,) = torch.autograd.grad(log_p.sum(), x_in)
     return grad

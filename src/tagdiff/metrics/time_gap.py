@@ -42,7 +42,7 @@ class TimeGapRecorder:
     step's ``pre`` correctors), i.e. on the sampler's trajectory. Pass it as ``callback=`` to any sampler.
 
     No work is done twice: where a TAG corrector of the same step already evaluated this predictor at this very x_t
-    (``info.shared["time_logits"]``, same tensor, t and condition), its logits are reused instead of a second
+    (``info.shared["time_logits"]``, same tensor, t, condition and predictor), its logits are reused instead of a second
     forward pass. Gaps stay on the samples' device until read (no host synchronisation in the loop).
 
     It also keeps each step's ``StepInfo.shared["tls_norm"]`` list (created here if absent), to which every TAG
@@ -69,7 +69,7 @@ class TimeGapRecorder:
         logits = None
         seen = info.shared.get("time_logits")
         if seen is not None and seen[0] is info.x and seen[1] is info.t and seen[2] is None and self.c is None \
-                and seen[3].shape[0] == info.x.shape[0]:
+                and seen[3].shape[0] == info.x.shape[0] and seen[4] is self.time_predictor:
             logits = seen[3]
         if logits is None:
             self.gaps.append(time_gap(self.time_predictor, info.x, info.t, self.c))

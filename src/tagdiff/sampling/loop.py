@@ -33,9 +33,10 @@ class StepInfo:
         i: step index; num_steps: total steps.
         t, t_prev: training timesteps, shape ``(B,)``; ``t_prev = -1`` at the last step.
         x: the state x_t entering the step (VP space, before any ``pre`` corrector), shape ``(B, *D)``.
-        shared: the step's scratch dict (see :mod:`tagdiff.terms`): ``"time_logits"`` = ``(x, t, c, logits)``
-            when a TAG corrector already evaluated the time predictor at this ``x``; ``"tls_norm"`` = list of
-            per-sample ``‖ω_t TLS‖`` of the TAG corrections of this step (filled in as the step runs).
+        shared: the step's scratch dict (see :mod:`tagdiff.terms`):
+            ``"time_logits"`` = ``(x, t, c, logits, time_predictor)`` when a TAG corrector already evaluated
+            that time predictor at this ``x``; ``"tls_norm"`` = list of per-sample ``‖ω_t TLS‖`` of the TAG
+            corrections of this step (filled in as the step runs).
         timestep: ``t`` as a python int (read without touching the device).
     """
 
