@@ -9,6 +9,9 @@ dropout (``MODELS_DIR/unet_class``; the null label is ``y = -1``, :class:`tagdif
 * ``cfg``: :class:`~tagdiff.guidance.ClassifierFreeGuidance` (Ho & Salimans 2022);
 * ``apg``: :class:`~tagdiff.guidance.AdaptiveProjectedGuidance` (Sadat et al. 2024) on ε, η = ``apg_eta``, norm
   threshold ``apg_norm_threshold``, no momentum (the settings of the earlier smoke sweep);
+* ``cfgzero``: :class:`~tagdiff.guidance.CFGZeroStar` (Fan et al. 2025): the optimised scale α* on the
+  unconditional branch, on the velocity of a flow model with its zero-init (the first ``cfgzero_zero_init_steps``
+  steps at zero velocity), on ε for a VP model (no zero-init);
 * ``interval``: CFG only inside the σ interval ``interval_sigma`` (Kynkäänniemi et al. 2024; EDM2's (0.28, 5.42],
   mapped to training timesteps by :func:`~tagdiff.guidance.cfg.interval_from_sigma`: 82..578 on the linear schedule);
   the conditional model outside it;
@@ -23,6 +26,14 @@ dropout (``MODELS_DIR/unet_class``; the null label is ``y = -1``, :class:`tagdif
 
 Sampler: DDIM η = 0 over ``steps`` steps of the ``timestep_spacing`` grid, x̂_0 clipped to [-1, 1] inside the step
 (``clip_x0``) except for CFG++ (above). Every run of a seed shares x_T (common random numbers).
+
+Flow-matching models (``MODELS_DIR/unet_class`` a class-conditional flow UNet, ``tagdiff train diffusion --objective
+flow --class-conditional --cond-drop 0.1``; ``time_predictor/`` a σ predictor, ``tagdiff train time-predictor
+--checkpoint FLOW``): the flow Euler sampler on the model's σ grid of ``steps`` steps (diffusers'
+``FlowMatchEulerDiscreteScheduler``), its first σ at 1 − 1/T (the CFG terms are score terms, undefined at σ = 1);
+no x̂_0 clip (``clip_x0`` and the grid options do not apply); CFG and APG act on ε̂ of the VP view, which for CFG
+equals CFG on the velocity (ε̂ is affine in v with label-free weights); the interval's σ is the VP view's EDM σ;
+CFG++ (a DDIM rule) is refused.
 
 **ω_0 is chosen per (method family, scale)** by FID on the validation seed ``sweep_seed`` (``sweep_per_target`` per
 class) over ``{0} ∪ omegas``, then the base method (ω = 0) and the chosen ω_0 are run on the evaluation ``seeds``
@@ -72,14 +83,23 @@ from torch import Tensor
 
 from tagdiff._utils import resolve_device
 from tagdiff.data import load_dataset
-from tagdiff.guidance import AdaptiveProjectedGuidance, CFGPlusPlus, ClassifierFreeGuidance, TemporalAlignment
+from tagdiff.guidance import (
+    AdaptiveProjectedGuidance,
+    CFGPlusPlus,
+    CFGZeroStar,
+    ClassifierFreeGuidance,
+    TemporalAlignment,
+)
+from tagdiff.guidance.temporal import check_predictor_schedule
 from tagdiff.guidance.cfg import interval_from_sigma
 from tagdiff.models.assets import assets_dir
 from tagdiff.models.checkpoints import load_model
+from tagdiff.models.flow_checkpoint import is_flow_checkpoint, load_flow
 from tagdiff.models.classifiers import EvalClassifier
 from tagdiff.models.latent import LatentSpace, check_predictor_space, sampling_space
 from tagdiff.models.load import load_checkpoint
 from tagdiff.models.time_predictor import TimePredictor
+from tagdiff.sampling.flow import FlowModel
 
 from .cfg_report import figure, table
 from .common import (
@@ -98,7 +118,9 @@ __all__ = ["METHODS", "ALL_METHODS", "CFGConfig", "cfg_terms", "load_cfg_setup",
            "saturation", "EXPERIMENT"]
 
 METHODS = ("cfg", "cfg+tag", "apg", "apg+tag", "interval", "interval+tag", "cfg++")
-ALL_METHODS = (*METHODS, "cfg+++tag", "cfg+ctag", "apg+ctag", "interval+ctag", "cfg+++ctag")
+FAMILIES = ("cfg", "apg", "cfgzero", "interval", "cfg++")
+ALL_METHODS = (*METHODS, "cfgzero", "cfgzero+tag", "cfg+++tag", "cfg+ctag", "apg+ctag", "cfgzero+ctag", "interval+ctag",
+               "cfg+++ctag")
 NULL = {"y": -1}  # the dropped label of UNetEpsModel (mapped to its null_class)
 SATURATION_LEVEL = 0.98
 
@@ -122,6 +144,7 @@ class CFGConfig(ExperimentConfig):
     interval_sigma: tuple[float, ...] = (0.28, 5.42)
     apg_eta: float = 0.0
     apg_norm_threshold: float = 2.0
+    cfgzero_zero_init_steps: int = 1
     cfgpp_clip_x0: float = 1.0
     unet: str = "unet_class"
     vae: str | None = None
@@ -144,6 +167,8 @@ class CFGConfig(ExperimentConfig):
                 raise ValueError(f"{name} must be >= 2 (FID needs two samples per class), got {v}")
         if self.num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.cfgzero_zero_init_steps < 0:
+            raise ValueError(f"cfgzero_zero_init_steps must be >= 0, got {self.cfgzero_zero_init_steps}")
         for name, v in (("clip_x0", self.clip_x0), ("cfgpp_clip_x0", self.cfgpp_clip_x0),
                         ("apg_norm_threshold", self.apg_norm_threshold)):
             if not (math.isfinite(v) and v >= 0):
@@ -188,7 +213,15 @@ def load_cfg_setup(cfg: CFGConfig) -> Setup:
     """
     dev = resolve_device(cfg.device)
     root = Path(cfg.models_dir) if cfg.models_dir else assets_dir(cfg.dataset)
-    eps_model, schedule = load_checkpoint(root / cfg.unet, dev)
+    flow = None
+    if is_flow_checkpoint(root / cfg.unet):  # a flow model: sampled through its VP view (module docstring)
+        if any(m.startswith("cfg++") for m in cfg.methods):
+            raise ValueError(f"{root / cfg.unet} is a flow-matching model; CFG++ is a DDIM rule: leave cfg++ out")
+        loaded = load_flow(root / cfg.unet, dev)
+        flow, eps_model = loaded.schedule, FlowModel(loaded, loaded.schedule.num_train_timesteps)
+        eps_model.null_class, schedule = loaded.null_class, loaded.schedule.vp_schedule
+    else:
+        eps_model, schedule = load_checkpoint(root / cfg.unet, dev)
     if getattr(eps_model, "null_class", None) is None:
         raise ValueError(f"{root / cfg.unet} is not a class-conditional UNet trained with label dropout (no "
                          "null_class in its tagdiff.json)")
@@ -206,6 +239,9 @@ def load_cfg_setup(cfg: CFGConfig) -> Setup:
         raise ValueError(f"{root}: time_predictor/ must hold a time predictor and {clf_dir} an evaluation "
                          f"classifier, got {type(tp).__name__} and {type(clf).__name__}")
     T = schedule.num_train_timesteps
+    if flow is not None:
+        check_predictor_schedule(tp, schedule, f"{root / 'time_predictor'} (a flow model needs the σ predictor of "
+                                 "tagdiff train time-predictor --checkpoint FLOW)")
     if tp.num_train_timesteps != T:
         raise ValueError(f"{root / 'time_predictor'} was trained with T={tp.num_train_timesteps} timesteps but the "
                          f"diffusion model has T={T}")
@@ -213,7 +249,8 @@ def load_cfg_setup(cfg: CFGConfig) -> Setup:
         raise ValueError(f"{root / 'time_predictor'} expects shape {tuple(tp.sample_shape)}, the model makes "
                          f"{tuple(eps_model.sample_shape)}")
     held_x, held_y = load_dataset(cfg.dataset, "held_out", data_dir=cfg.data_dir)
-    models = {"eps_model": eps_model, "schedule": schedule, "time_predictor": tp, "clf_eval": clf}
+    models = {"eps_model": eps_model, "schedule": schedule, "time_predictor": tp, "clf_eval": clf,
+              **({"flow": flow} if flow is not None else {})}
     if space is not None:
         if tuple(held_x.shape[1:]) != tuple(space.image_shape):
             raise ValueError(f"--vae {cfg.vae} decodes images of shape {tuple(space.image_shape)} but {cfg.dataset} "
@@ -242,6 +279,9 @@ def cfg_terms(method: str, scale: float, omega: float, setup: Setup, cfg: CFGCon
     elif base == "apg":
         terms = [AdaptiveProjectedGuidance(scale, NULL, parallel_weight=cfg.apg_eta,
                                            norm_threshold=cfg.apg_norm_threshold)]
+    elif base == "cfgzero":
+        flow = "flow" in setup.models
+        terms = [CFGZeroStar(scale, NULL, zero_init_steps=cfg.cfgzero_zero_init_steps if flow else 0)]
     elif base == "interval":
         terms = [ClassifierFreeGuidance(scale, NULL, window=window)]
     elif base == "cfg++":
@@ -296,7 +336,7 @@ def _measure(setup: Setup, cfg: CFGConfig, cache: RunCache, progress: bool) -> d
     space = setup.models.get("latent_space")
     decode = (lambda z: z) if space is None else load_decoder(cfg.vae, setup.device, space)
     results: dict[str, Any] = {"runs": {}}
-    families = [f for f in ("cfg", "apg", "interval", "cfg++")
+    families = [f for f in FAMILIES
                 if any(m in cfg.methods for m in (f, f"{f}+tag", f"{f}+ctag"))]
     for family in families:
         axis = cfg.cfgpp_lambdas if family == "cfg++" else cfg.scales
@@ -306,7 +346,7 @@ def _measure(setup: Setup, cfg: CFGConfig, cache: RunCache, progress: bool) -> d
                 y = torch.arange(K).repeat_interleave(n // K).to(setup.device)
                 method = family + (f"+{variant or 'tag'}" if omega else "")
                 out = draw(setup, cfg_terms(method, scale, omega, setup, cfg, window, y), n=y.numel(), seed=seed,
-                           num_steps=cfg.num_steps, eta=0.0,
+                           num_steps=cfg.num_steps, eta=0.0, sampler="euler" if "flow" in setup.models else "ddim",
                            clip_x0=None if family == "cfg++" else (cfg.clip_x0 or None),
                            timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset,
                            cond={"y": y}, clamp=cfg.vae is None)
@@ -314,11 +354,13 @@ def _measure(setup: Setup, cfg: CFGConfig, cache: RunCache, progress: bool) -> d
                 return {**sample_metrics(setup, x0, y), **saturation(x0, setup.held_x), "time_gap": out["time_gap"],
                         "seconds": out["seconds"], "preview": preview(x0)}
 
-            shared = scale == 1.0 and family != "cfg++"  # s = 1: every family is the conditional model
+            zero_init = family == "cfgzero" and "flow" in setup.models and cfg.cfgzero_zero_init_steps > 0
+            shared = scale == 1.0 and family != "cfg++" and not zero_init  # s = 1: the conditional model
             key = {"exp": "cfg", "dataset": cfg.dataset, "family": "cond" if shared else family, "scale": scale,
                    "steps": cfg.num_steps, "spacing": cfg.timestep_spacing, "offset": cfg.steps_offset,
                    "clip": cfg.cfgpp_clip_x0 if family == "cfg++" else cfg.clip_x0,
                    **({} if shared or family != "apg" else {"apg": f"{cfg.apg_eta},{cfg.apg_norm_threshold}"}),
+                   **({"zero_init": cfg.cfgzero_zero_init_steps} if zero_init else {}),
                    **({"window": f"{window[0]}-{window[1]}"} if family == "interval" and not shared else {}),
                    **({"unet": cfg.unet} if cfg.unet != "unet_class" else {}),
                    **({"checkpoints": cfg.models_dir} if cfg.models_dir else {}),  # (the key's name of cached runs)
@@ -351,7 +393,9 @@ def _measure(setup: Setup, cfg: CFGConfig, cache: RunCache, progress: bool) -> d
 
 def _record(setup: Setup, cfg: CFGConfig) -> dict[str, Any]:
     space = setup.models.get("latent_space")
-    return {"null_cond": NULL, "sampler": "ddim", "ddim_eta": 0.0, "tag_placement": "pre",
+    flow = "flow" in setup.models
+    return {"null_cond": NULL, "sampler": "flow euler" if flow else "ddim", "ddim_eta": None if flow else 0.0,
+            "tag_placement": "pre",
             "omega_schedule": "one_minus_alpha_bar",
             "omega_choice": "per (family, scale), by FID on the validation seed",
             "classes": setup.models["clf_eval"].num_classes, "torch": torch.__version__,

@@ -9,7 +9,7 @@ from .common import fmt_ci, fmt_ms, markdown_table
 
 __all__ = ["figure", "table"]
 
-FAMILY_NAMES = {"cfg": "CFG", "apg": "APG", "interval": "interval", "cfg++": "CFG++"}
+FAMILY_NAMES = {"cfg": "CFG", "apg": "APG", "cfgzero": "CFG-Zero*", "interval": "interval", "cfg++": "CFG++"}
 
 
 def _cells(results: dict[str, Any], family: str) -> list[tuple[float, dict[str, Any]]]:
@@ -41,15 +41,19 @@ def table(results: dict[str, Any], cfg: Any) -> str:
         seeds.append([FAMILY_NAMES[family], scale, per,
                       "–" if b is None else ", ".join(f"{v:.2f}" for v in b["fid"]["values"])])
     ref = results["reference"]
-    clip = (f"x̂_0 clipped to ±{cfg.clip_x0:g} (CFG++: unclipped sampler, x̂_0^λ clipped to ±{cfg.cfgpp_clip_x0:g})"
+    flow = results["config"].get("sampler") == "flow euler"
+    clip = ("flow Euler on the model's σ grid from σ = 1 − 1/T, no x̂_0 clip" if flow else
+            f"x̂_0 clipped to ±{cfg.clip_x0:g} (CFG++: unclipped sampler, x̂_0^λ clipped to ±{cfg.cfgpp_clip_x0:g})"
             if not results["config"].get("latent") else
             f"latent model (VAE {cfg.vae}): guidance, TAG and the Time Gap on latents with the latent predictor, x̂_0 "
             "not clamped, samples decoded and clamped to [-1, 1] before every metric")
     head = (f"Classifier-free guidance ± TAG, {cfg.dataset}: {results['config']['classes']} classes × "
             f"{cfg.num_per_target} samples per evaluation seed {list(cfg.seeds)} (mean ± std); ω_0 ∈ "
             f"{{0, {', '.join(f'{w:g}' for w in cfg.omegas)}}} chosen per (method, scale) by FID on seed "
-            f"{cfg.sweep_seed} ({cfg.sweep_per_target} per class). DDIM η = 0, {cfg.num_steps} steps "
-            f"({cfg.timestep_spacing} grid), {clip}; interval = training timesteps {results['window'][0]}.."
+            f"{cfg.sweep_seed} ({cfg.sweep_per_target} per class). "
+            + (f"{cfg.num_steps} steps, " if flow else
+               f"DDIM η = 0, {cfg.num_steps} steps ({cfg.timestep_spacing} grid), ")
+            + f"{clip}; interval = training timesteps {results['window'][0]}.."
             f"{results['window'][1]} (σ in ({cfg.interval_sigma[0]:g}, {cfg.interval_sigma[1]:g}]). CFG++'s column "
             "'scale' is its λ. FID: mean over classes of the per-class FID in the evaluation classifier's features; "
             f"saturation: fraction of pixels with |x_0| > 0.98 (held-out images: {ref['saturation_held_out']:.3f}); "
@@ -93,8 +97,8 @@ def figure(path: Path, results: dict[str, Any], cfg: Any) -> None:
                ("intensity_w1", "intensity W1 to held-out"), ("time_gap", "Time Gap"))
     has_pp = bool(_cells(results, "cfg++"))
     fig, axes = plt.subplots(1 + has_pp, len(metrics), figsize=(18, 3.6 * (1 + has_pp)), squeeze=False)
-    colors = {"cfg": "C0", "apg": "C1", "interval": "C2", "cfg++": "C3"}
-    for row, families in enumerate((("cfg", "apg", "interval"), ("cfg++",))[: 1 + has_pp]):
+    colors = {"cfg": "C0", "apg": "C1", "interval": "C2", "cfg++": "C3", "cfgzero": "C4"}
+    for row, families in enumerate((("cfg", "apg", "cfgzero", "interval"), ("cfg++",))[: 1 + has_pp]):
         for j, (m, label) in enumerate(metrics):
             ax = axes[row, j]
             for family in families:

@@ -32,9 +32,11 @@ from tagdiff.guidance import Term
 from tagdiff.metrics.images import FIDReference, fid
 from tagdiff.metrics.time_gap import TimeGapRecorder
 from tagdiff.models.assets import assets_dir, load_label_models
+from tagdiff.sampling.flow import sample_flow
 from tagdiff.sampling.samplers import get_sampler
 from tagdiff.sampling.schedulers import sample_scheduler
 from tagdiff.sampling.schedules import GRID_SPACINGS
+from tagdiff.sampling.terms import ScoreTerm
 
 from .stats import fmt_ci, mean_std, paired_ci
 
@@ -147,7 +149,11 @@ def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: i
     """One seeded sampling run on ``setup.device``: x_T and the step noise come from one CPU generator seeded with
     ``seed`` (then moved to the device), so every method of a seed shares them (common random numbers), over the
     grid ``schedule.timesteps(num_steps, timestep_spacing, steps_offset)``; or, with ``scheduler = (a diffusers
-    scheduler, its step keywords)``, through :func:`tagdiff.sample_scheduler` on that scheduler's own grid.
+    scheduler, its step keywords)``, through :func:`tagdiff.sample_scheduler` on that scheduler's own grid; or, for a
+    flow-matching model (``setup.models["flow"]``, its :class:`~tagdiff.sampling.flow_path.FlowSchedule`), through
+    :func:`tagdiff.sample_flow` with ``sampler`` ``"euler"`` / ``"heun"`` on the model's σ grid of ``num_steps`` steps
+    (the first σ lowered to 1 − 1/T when a score term needs ᾱ > 0; ``eta``, ``clip_x0`` and the grid options do not
+    apply; the returned ``timesteps`` are T σ).
     ``cond``: the model's keyword conditioning (e.g. ``{"y": (n,) labels}`` for a class-conditional UNet);
     ``clamp``: clamp the result to [-1, 1] (pixel models; a latent model's x0 is returned as it is).
 
@@ -166,7 +172,15 @@ def draw(setup: Setup, terms: Sequence[Term], *, n: int, seed: int, num_steps: i
     kwargs: dict[str, Any] = {"eta": eta} if sampler == "ddim" else {}
     t0 = time.time()
     randn_like = lambda z: torch.randn(z.shape, generator=g, dtype=z.dtype).to(z.device)  # noqa: E731
-    if scheduler is not None:
+    if "flow" in setup.models:
+        flow = setup.models["flow"]
+        sigmas = flow.sigmas(num_steps)
+        if sigmas[0] == 1.0 and any(isinstance(term, ScoreTerm) for term in terms):
+            sigmas[0] = 1.0 - 1.0 / flow.num_train_timesteps
+        x0 = sample_flow(setup.eps_model, x_T, flow, sigmas=sigmas, method=sampler, terms=list(terms),
+                         callback=callbacks, randn_like=randn_like, cond=cond, progress=progress)
+        grid = sigmas[:-1] * flow.num_train_timesteps
+    elif scheduler is not None:
         x0 = sample_scheduler(scheduler[0], setup.eps_model, x_T, num_inference_steps=num_steps, terms=list(terms),
                               step_kwargs=scheduler[1], clip_x0=clip_x0, callback=callbacks, randn_like=randn_like,
                               cond=cond, progress=progress)

@@ -105,3 +105,70 @@ def test_cli_mnist_without_models_names_the_missing_folder(tmp_path, capsys):
                  str(tmp_path / "nope"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope" in err[0]
+
+
+@pytest.fixture(scope="module")
+def flow_models(tmp_path_factory):
+    """A models folder for a flow model: a small random class-conditional flow UNet (null class 10) saved as
+    ``train diffusion --objective flow`` saves it, the shipped σ predictor of the digits flow model and the digits
+    evaluation classifier."""
+    import shutil
+
+    from tagdiff.models.assets import assets_dir
+    from tagdiff.models.unet import UNetEpsModel, make_unet, save_unet
+    from tagdiff.sampling.flow_path import FlowSchedule
+
+    root = tmp_path_factory.mktemp("flow_models")
+    torch.manual_seed(0)
+    net = UNetEpsModel(make_unet(8, 1, widths=(8, 16), num_classes=11), 1000, null_class=10)
+    flow = FlowSchedule()
+    save_unet(net, flow.vp_schedule, root / "unet_class", flow_schedule=flow, null_class=10,
+              sigma_density="logit_normal")
+    shutil.copytree(assets_dir("digits_flow") / "time_predictor", root / "time_predictor")
+    shutil.copytree(assets_dir("digits") / "clf_eval", root / "clf_eval")
+    return root
+
+
+def test_bench_cfg_on_a_flow_model_is_flow_euler_with_the_terms(flow_models, tmp_path):
+    """A flow model runs the suite through sample_flow: the bench's CFG run is the flow Euler loop with CFG on the
+    velocity (σ grid from 1 − 1/T; ground truth written out here), CFG-Zero* gets its zero-init, and the
+    VP-only CFG++ and a VP time predictor are refused."""
+    import shutil
+
+    from tagdiff.models.assets import assets_dir
+    from tagdiff.sampling.flow import FlowSchedule
+
+    cfg = replace(TINY, models_dir=str(flow_models), methods=("cfg", "cfg+tag", "cfgzero", "cfgzero+tag"),
+                  scales=(1.0, 3.0))
+    setup = load_cfg_setup(cfg)
+    assert "flow" in setup.models
+    y = torch.arange(10).repeat_interleave(cfg.num_per_target)
+    got = draw(setup, cfg_terms("cfg", 3.0, 0.0, setup, cfg, (0, 999), y), n=y.numel(), seed=0,
+               num_steps=cfg.num_steps, sampler="euler", cond={"y": y})
+    net = setup.eps_model.model
+    sig = FlowSchedule().sigmas(cfg.num_steps)
+    sig[0] = 1 - 1 / 1000
+    x = torch.randn((y.numel(), 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for s, s_next in zip(sig[:-1], sig[1:], strict=True):
+            t = torch.full((y.numel(),), float(1000 * s))
+            v_c, v_u = net(x, t, y=y), net(x, t, y=torch.full_like(y, -1))
+            x = x + (s_next - s) * (v_u + 3.0 * (v_c - v_u))
+    # float32: at σ_0 = 0.999 the guided v̂ = ε̂ − x̂_0 takes x̂_0 = (x − √(1 − ᾱ) ε̂) / √ᾱ with √ᾱ ≈ 1e-3, so a rounding
+    # of ε̂ (≈ 2e-7 · |x| ≤ 1e-6) grows to ≈ 1e-3 in v̂, times the step Δσ ≈ 0.5: a tolerance of 2e-3
+    torch.testing.assert_close(got["x0"], x.clamp(-1, 1), rtol=0, atol=2e-3)
+    plain = draw(setup, cfg_terms("cfg", 1.0, 0.0, setup, cfg, (0, 999), y), n=y.numel(), seed=0,
+                 num_steps=cfg.num_steps, sampler="euler", cond={"y": y})["x0"]  # s = 1, same grid
+    assert (plain - got["x0"]).abs().max() > 0.02  # the check tells CFG at s = 3 from the conditional model
+    assert got["timesteps"] == pytest.approx((sig[:-1] * 1000).tolist())
+    res = run_cfg(tmp_path / "out", cfg, progress=False)
+    assert set(res["runs"]) == {"cfg/1", "cfg/3", "cfgzero/1", "cfgzero/3"}
+    # zero-init makes CFG-Zero* at s = 1 another run than the conditional model
+    assert res["runs"]["cfgzero/1"]["without"] != res["runs"]["cfg/1"]["without"]
+    assert res["config"]["sampler"] == "flow euler" and "| CFG-Zero* | 3 |" in (tmp_path / "out/table.md").read_text()
+    with pytest.raises(ValueError, match="CFG\\+\\+"):
+        load_cfg_setup(replace(cfg, methods=("cfg++",)))
+    shutil.rmtree(flow_models / "time_predictor")
+    shutil.copytree(assets_dir("digits") / "time_predictor", flow_models / "time_predictor")
+    with pytest.raises(ValueError, match="σ predictor"):
+        load_cfg_setup(cfg)

@@ -277,3 +277,37 @@ def test_null_class_label_minus_one_and_its_round_trip(tmp_path, schedule):
         UNetEpsModel(unet, 1000)(x, t, torch.full_like(y, -1))
     with pytest.raises(ValueError, match="null_class=11"):
         UNetEpsModel(unet, 1000, null_class=K + 1)
+
+
+@pytest.mark.parametrize("zero_init_steps", [0, 1, 2])
+def test_cfg_zero_star_on_a_flow_model_is_diffusers_guider_on_velocities_step_for_step(model, zero_init_steps):
+    """CFG-Zero* on a flow model (the paper's Alg. 1): α* and the guidance act on the velocities, the first
+    ``zero_init_steps`` steps have zero velocity; ground truth: a float64 Euler loop that feeds both velocity
+    branches to diffusers' ``ClassifierFreeZeroStarGuidance`` (the conversions VP view ↔ flow state are exact up to
+    rounding: 1e-10)."""
+    from tagdiff.sampling.flow import FlowSchedule, sample_flow
+
+    net = UNetEpsModel(make_unet(8, 1, widths=(8, 16), num_classes=K + 1), 1000).double().eval()
+    torch.manual_seed(0)
+    for p in net.parameters():  # a random init's velocities are tiny; make the branches differ visibly
+        p.data.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4])
+    sigmas = FlowSchedule().sigmas(6).to(torch.float64)
+    sigmas[0] = 0.999  # score terms need σ < 1
+    got = sample_flow(net, x, sigmas=sigmas, terms=[CFGZeroStar(3.0, NULL, zero_init_steps=zero_init_steps)],
+                      cond={"y": y})
+    guider = ClassifierFreeZeroStarGuidance(guidance_scale=3.0, zero_init_steps=zero_init_steps)
+    ref = x.clone()
+    with torch.no_grad():
+        for i, (s, s_next) in enumerate(zip(sigmas[:-1], sigmas[1:], strict=True)):
+            ts = torch.full((4,), float(1000 * s), dtype=torch.float64)
+            v_c, v_u = net(ref, ts, y=y), net(ref, ts, y=torch.full_like(y, K))
+            guider.set_state(step=i, num_inference_steps=len(sigmas) - 1, timestep=ts[0])
+            ref = ref + (s_next - s) * guider.forward(v_c, v_u).pred
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
+    if zero_init_steps:  # a zero velocity has no VP-model meaning: refused on an ε-model
+        with pytest.raises(ValueError, match="flow-matching"):
+            guided_eps(model, VPSchedule.linear(1000), [CFGZeroStar(3.0, NULL, zero_init_steps=1)])(
+                x.float(), torch.tensor([500] * 4), y=y)

@@ -14,8 +14,8 @@ i.e. the conditional sampler bit for bit; s = 0 is the unconditional model.
   (``rescale`` φ: Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed", §3.4; equal to
   diffusers' ``rescale_noise_cfg``).
 * :class:`CFGZeroStar` (Fan et al. 2025, "CFG-Zero*", arXiv 2503.18886): the optimised scale α* = <ε_c, ε_u> /
-  ‖ε_u‖² on the unconditional branch (diffusers' ``ClassifierFreeZeroStarGuidance``). Its "zero-init" (a zero
-  velocity for the first steps) belongs to flow-matching models and is not offered for VP ε-models.
+  ‖ε_u‖² on the unconditional branch (diffusers' ``ClassifierFreeZeroStarGuidance``), on the velocity of a flow
+  model; its "zero-init" (a zero velocity for the first steps) for flow-matching models only.
 * :class:`AdaptiveProjectedGuidance` (Sadat et al. 2024, "Eliminating Oversaturation and Artifacts of High
   Guidance Scales in Diffusion Models", arXiv 2410.02416): equal to diffusers' ``AdaptiveProjectedGuidance``
   guider on the same inputs (``space="eps"``); ``space="x0"`` applies it to the x̂_0 predictions as the paper does.
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampling.predictions import eps_and_x0, model_prediction_type
+from ..sampling.predictions import FLOW_PREDICTION, eps_and_x0, model_prediction_type
 from ..sampling.schedules import VPSchedule
 from ..sampling.terms import ScoreTerm, StepContext, StepTerm, Strength
 
@@ -183,15 +183,56 @@ class ClassifierFreeGuidance(_TwoBranch, ScoreTerm):
 
 
 class CFGZeroStar(ClassifierFreeGuidance):
-    """CFG-Zero* (Fan et al. 2025): ``ε̂ = α* ε_u + s (ε_c - α* ε_u)`` with the per-sample optimised scale
-    ``α* = <ε_c, ε_u> / (‖ε_u‖² + 1e-8)`` (diffusers' ``cfg_zero_star_scale``, in float32). s = 1 is the conditional
-    model. Arguments as :class:`ClassifierFreeGuidance`; no zero-init (module docstring)."""
+    """CFG-Zero* (Fan et al. 2025, arXiv 2503.18886, Alg. 1): ``pred = α* pred_u + s (pred_c - α* pred_u)`` with the
+    per-sample optimised scale ``α* = <pred_c, pred_u> / (‖pred_u‖² + 1e-8)`` (diffusers' ``cfg_zero_star_scale``, in
+    float32), on the model's own prediction: the velocity v of a flow-matching model (what the paper and diffusers'
+    ``ClassifierFreeZeroStarGuidance`` use on SD3 / Flux), ε for a VP ε-model. s = 1 is the conditional model.
+
+    Args:
+        guidance_scale, null_cond, window, step_fractions, rescale: as :class:`ClassifierFreeGuidance`.
+            (``rescale`` on VP models only.)
+        zero_init_steps: flow models only: the guided velocity is zero for the first ``zero_init_steps`` sampler
+            steps (the paper's "zero-init"; diffusers' guider defaults to 1), so the state stays where it started.
+
+    Raises:
+        ValueError: ``zero_init_steps`` < 0, or > 0 with a model that is not a flow model (at the first step: a zero
+            ε has no meaning for a VP model); as :class:`ClassifierFreeGuidance` otherwise.
+    """
+
+    def __init__(self, guidance_scale: float, null_cond: Mapping[str, Any], *, window: tuple[int, int] | None = None,
+                 step_fractions: tuple[float, float] | None = None, rescale: float = 0.0, zero_init_steps: int = 0):
+        super().__init__(guidance_scale, null_cond, window=window, step_fractions=step_fractions, rescale=rescale)
+        if isinstance(zero_init_steps, bool) or not isinstance(zero_init_steps, int) or zero_init_steps < 0:
+            raise ValueError(f"zero_init_steps must be an integer >= 0, got {zero_init_steps!r}")
+        self.zero_init_steps = zero_init_steps
 
     def combine(self, eps_c: Tensor, eps_u: Tensor) -> Tensor:
         c, u = eps_c.flatten(1).float(), eps_u.flatten(1).float()
         alpha = ((c * u).sum(1, keepdim=True) / ((u**2).sum(1, keepdim=True) + 1e-8)).to(eps_c.dtype)
         eps_u = eps_u * alpha.reshape(-1, *([1] * (eps_c.ndim - 1)))
         return eps_u + self.guidance_scale * (eps_c - eps_u)
+
+    def delta_score(self, x: Tensor, t: Tensor, x0_hat: Tensor, ctx: StepContext) -> Tensor | None:
+        flow = model_prediction_type(ctx.eps_model) == FLOW_PREDICTION
+        if self.zero_init_steps and not flow:
+            raise ValueError("CFGZeroStar(zero_init_steps=...) is for flow-matching models (a zero velocity); this "
+                             "model predicts ε: use zero_init_steps=0")
+        zero = ctx.i is not None and ctx.i < self.zero_init_steps
+        if not flow:
+            return super().delta_score(x, t, x0_hat, ctx)
+        if self.rescale > 0:
+            raise ValueError("CFGZeroStar(rescale=...) rescales ε; on a flow-matching model use rescale=0")
+        if (self.guidance_scale == 1.0 and not zero) or not self.is_active(t, ctx):
+            return None
+        ab = ctx.ab_t(x)
+        a, s = ab.sqrt(), (1 - ab).sqrt()
+        eps_c = self.cond_eps(x, x0_hat, ab)
+        eps_u, x0_u = self.uncond(x, t, ctx)
+        v = torch.zeros_like(eps_c) if zero else self.combine(eps_c - x0_hat.detach(), eps_u - x0_u)
+        eps = (x.detach() + a * v) / (a + s)      # the VP view's ε of velocity v (sampling/predictions.eps_and_x0)
+        delta = -(eps - eps_c) / s
+        mask = self.inside(t, ctx, x)
+        return delta if mask is None else torch.where(mask, delta, torch.zeros_like(delta))
 
 
 class APGMomentum:
