@@ -90,12 +90,12 @@ from tagdiff.guidance import (
     ClassifierFreeGuidance,
     TemporalAlignment,
 )
-from tagdiff.guidance.temporal import check_predictor_schedule
 from tagdiff.guidance.cfg import interval_from_sigma
+from tagdiff.guidance.temporal import check_predictor_schedule
 from tagdiff.models.assets import assets_dir
 from tagdiff.models.checkpoints import load_model
-from tagdiff.models.flow_checkpoint import is_flow_checkpoint, load_flow
 from tagdiff.models.classifiers import EvalClassifier
+from tagdiff.models.flow_checkpoint import is_flow_checkpoint, load_flow
 from tagdiff.models.latent import LatentSpace, check_predictor_space, sampling_space
 from tagdiff.models.load import load_checkpoint
 from tagdiff.models.time_predictor import TimePredictor
