@@ -27,6 +27,7 @@ from .guidance import LangevinCorrector as LangevinCorrector
 from .guidance import LinearDrift as LinearDrift
 from .guidance import StepContext as StepContext
 from .guidance import Strength as Strength
+from .guidance import AdaptiveTemporalAlignment as AdaptiveTemporalAlignment
 from .guidance import TemporalAlignment as TemporalAlignment
 from .guidance import Term as Term
 from .guidance import TFGGuidance as TFGGuidance
@@ -85,7 +86,7 @@ __all__ = [
     "flux_mu", "GaussianMixture", "get_sampler", "guided_eps",
     "LangevinCorrector", "LinearDrift", "MLPEpsModel", "MLPTimePredictor", "NonFiniteError", "run_loop", "sample",
     "sample_ddim", "sample_ddpm", "sample_flow", "sample_scheduler", "ScoreTerm", "SimpleCNNTimePredictor",
-    "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment", "Term",
+    "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment", "AdaptiveTemporalAlignment", "Term",
     "TFGGuidance", "TimeCorrection", "TimeGapRecorder", "TimePredictor", "TimeShift", "tls", "UNetEncoderTimePredictor",
     "VPSchedule", "wasserstein1", "load", "TAGCallback", "sample_pipeline", "callback_target",
 ]

@@ -34,6 +34,7 @@ from .multicond import reparameterize as reparameterize
 from .perturb import Corruption as Corruption
 from .perturb import Drift as Drift
 from .perturb import LinearDrift as LinearDrift
+from .temporal import AdaptiveTemporalAlignment as AdaptiveTemporalAlignment
 from .temporal import TemporalAlignment as TemporalAlignment
 from .temporal import tls as tls
 from .tfg import TFG_SCHEDULES as TFG_SCHEDULES
@@ -44,7 +45,7 @@ from .tfg import tfg_schedule as tfg_schedule
 
 __all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift",
            "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "LinearDrift",
-           "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "Term",
+           "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "AdaptiveTemporalAlignment", "Term",
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
            "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
            "interval_from_sigma", "SelfGuidance", "TimestepGuidance", "REPARAM_SCHEDULES", "MULTICOND_VARIANTS",

@@ -30,7 +30,7 @@ from ..models.time_predictor import TimePredictor
 from ..sampling.schedules import VPSchedule
 from ..sampling.terms import Corrector, StepContext, Strength, check_context, is_clean
 
-__all__ = ["TemporalAlignment", "check_predictor_schedule", "check_time_predictor", "log_prob_from_logits", "tls"]
+__all__ = ["ADAPTIVE_SIGNALS", "AdaptiveTemporalAlignment", "TemporalAlignment", "check_predictor_schedule", "check_time_predictor", "log_prob_from_logits", "tls"]
 
 
 def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None,
@@ -214,3 +214,59 @@ class TemporalAlignment(Corrector):
         if ctx is not None:
             ctx.shared.setdefault("tls_norm", []).append(step.reshape(x.shape[0], -1).norm(dim=-1).detach())
         return x + step
+
+
+ADAPTIVE_SIGNALS = ("confidence", "gap")
+
+
+class AdaptiveTemporalAlignment(TemporalAlignment):
+    """TAG with ω set per step and per sample from the time predictor's own reading of x (the reviewers' question 6;
+    not in the paper): ``x <- x + g(x, t) · ω_t · TLS(x, t)`` with the schedule ω_t of :class:`TemporalAlignment` and
+    a gain g ∈ [0, 1] from the same logits the TLS is computed from (no extra network call inside a sampler loop,
+    so the cost equals TAG's):
+
+    * ``signal="confidence"``: ``g = 1 - p_φ(t | x) / max_t' p_φ(t' | x)``: 0 where the current t is the predictor's
+      mode (x sits on its noise level's manifold: no pull), 1 where t is improbable under p_φ(· | x).
+    * ``signal="gap"``: ``g = min(1, |argmax_t' p_φ(t' | x) - t| / gap_scale)``: the sample's Time Gap in units of
+      ``gap_scale`` training timesteps (default T / 10), saturating at 1.
+
+    Arguments as :class:`TemporalAlignment`, plus ``signal`` and ``gap_scale``. ω_0 is tuned as for TAG: the gain
+    only lowers ω_t, so the adaptive rule's best ω_0 is at least the constant rule's.
+
+    Raises:
+        ValueError: an unknown signal, ``gap_scale`` not > 0, and as :class:`TemporalAlignment`.
+    """
+
+    def __init__(self, time_predictor: Callable[..., Tensor], omega: float = 1.0, *, signal: str = "confidence",
+                 gap_scale: float | None = None, **kwargs: Any):
+        super().__init__(time_predictor, omega, **kwargs)
+        if signal not in ADAPTIVE_SIGNALS:
+            raise ValueError(f"signal must be one of {', '.join(ADAPTIVE_SIGNALS)}, got {signal!r}")
+        if gap_scale is not None and not (math.isfinite(gap_scale) and gap_scale > 0):
+            raise ValueError(f"gap_scale must be > 0 training timesteps, got {gap_scale!r}")
+        self.signal, self.gap_scale = signal, gap_scale
+
+    def gain(self, logits: Tensor, t: Tensor) -> Tensor:
+        """The per-sample gain ``(B,)`` in [0, 1] from the predictor's logits ``(B, T)`` at timesteps ``t``."""
+        logits = logits.detach()
+        logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        t = torch.as_tensor(t, device=logits.device).long().reshape(-1).expand(logits.shape[0])
+        if self.signal == "confidence":
+            log_p = torch.log_softmax(logits, dim=-1)
+            return 1 - (log_p.gather(1, t[:, None]).squeeze(1) - log_p.max(dim=-1).values).exp()
+        scale = self.gap_scale if self.gap_scale is not None else logits.shape[-1] / 10
+        return ((logits.argmax(-1) - t).abs().to(logits.dtype) / scale).clamp(max=1.0)
+
+    def tls_step(self, x: Tensor, t: Tensor, schedule: VPSchedule, ctx: StepContext | None = None) -> Tensor:
+        step = super().tls_step(x, t, schedule, ctx)
+        hit = None if ctx is None else ctx.shared.get("time_logits")
+        if hit is not None and hit[0] is x and hit[4] is self.time_predictor:
+            logits = hit[3]                                  # the TLS forward's logits: no extra call
+        else:
+            c = None if self.condition is None else torch.as_tensor(self.condition, device=x.device)
+            with torch.no_grad():
+                logits = self.time_predictor(self.evaluation_point(x, t, ctx), c)
+        g = self.gain(logits, t).to(step.dtype)
+        if ctx is not None:
+            ctx.shared.setdefault("tag_gain", []).append(g)
+        return step * g.reshape(-1, *([1] * (x.ndim - 1)))
