@@ -144,7 +144,8 @@ class CFGConfig(ExperimentConfig):
     interval_sigma: tuple[float, ...] = (0.28, 5.42)
     apg_eta: float = 0.0
     apg_norm_threshold: float = 2.0
-    cfgzero_zero_init_steps: int = 1
+    cfgzero_zero_init_steps: int = field(default=1, metadata={"help": (
+        "flow models: CFG-Zero*'s zero-init, the first steps at zero velocity (default: 1, diffusers' guider)")})
     cfgpp_clip_x0: float = 1.0
     unet: str = "unet_class"
     vae: str | None = None
