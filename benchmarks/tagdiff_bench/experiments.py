@@ -59,7 +59,7 @@ def add_experiment_parsers(bsub: Any) -> None:
                 kw = {"type": _tuple_parser(typing.get_args(hint)[0]),
                       "help": f.metadata.get("help", f"comma-separated (default: {default})")}
             elif hint in (int, float):
-                kw = {"type": hint, "help": f"(default: {f.default})"}
+                kw = {"type": hint, "help": f.metadata.get("help", f"(default: {f.default})")}
             else:
                 kw = {"type": str, "choices": f.metadata.get("choices"), "help": f.metadata.get("help")}
             p.add_argument(flag, default=f.default, **kw)
