@@ -72,6 +72,7 @@ def mnist_folders() -> dict[str, str]:
         "mnist/clf_clean": "classifier", "mnist/clf_eval": "classifier", "mnist/time_predictor": "time_predictor",
         "mnist_latent/vae": "vae", "mnist_latent/ckpt/unet_class": "latent_eps_class",
         "mnist_latent/ckpt/time_predictor": "latent_time_predictor",
+        "mnist_flow/unet": "flow_class", "mnist_flow/time_predictor": "flow_time_predictor",
     }
 
 
@@ -81,7 +82,8 @@ def digits_folders() -> dict[str, str]:
     return {"digits/unet": "eps", "digits/unet_class": "eps_class", "digits/clf_noisy": "classifier_noisy",
             "digits/clf_clean": "classifier", "digits/clf_eval": "classifier",
             "digits/time_predictor": "time_predictor", "toy/score": "eps", "toy/time_predictor": "time_predictor",
-            "digits_flow/unet": "flow", "digits_flow/time_predictor": "flow_time_predictor"}
+            "digits_flow/unet": "flow", "digits_flow/time_predictor": "flow_time_predictor",
+            "digits_flow/unet_class": "flow_class"}
 
 
 def folder_path(name: str) -> Path:
@@ -115,7 +117,7 @@ def _load(name: str, kind: str) -> tuple[Any, Any]:
         from tagdiff.models.latent import LatentSpace
 
         return LatentSpace.from_pretrained(path), None
-    if kind.endswith("eps") or kind.endswith("eps_class") or kind in ("flow", "flow_time_predictor"):
+    if kind.endswith("eps") or kind.endswith("eps_class") or kind in ("flow", "flow_class", "flow_time_predictor"):
         return load_checkpoint(path)   # a flow: its LoadedFlow and FlowSchedule; a σ predictor: its bins' VP view
     return load_model(path), None
 
@@ -141,6 +143,8 @@ def probe(model: Any, kind: str) -> dict[str, float]:
         return _summary(model(x, t, y=torch.tensor([0, 3, 7, getattr(model, "null_class", 0)])))
     if kind == "flow":   # the velocity network at diffusers' timesteps T σ
         return _summary(model.model(x, t.float()))
+    if kind == "flow_class":   # the same, at classes 0, 3, 7 and the null label
+        return _summary(model.model(x, t.float(), y=torch.tensor([0, 3, 7, -1])))
     return _summary(model(x, t))
 
 
@@ -210,13 +214,16 @@ def held_out(name: str, model: Any, schedule: Any, kind: str, mnist_dir: Path | 
         r = evaluate_time_predictor(model.eval(), x, sched, num_timesteps=20, seed=12345)
         out.update(time_accuracy=r["accuracy"], mean_abs_error=r["mean_abs_error"], cross_entropy=r["cross_entropy"],
                    num_predictions=int(x.shape[0]) * len(r["timesteps"]))
-    elif kind == "flow":   # velocity MSE at seeded (σ ~ U(0, 1), noise): x_σ = (1 - σ) x + σ ε, target ε - x
+    elif kind in ("flow", "flow_class"):   # velocity MSE at seeded (σ ~ U(0, 1), noise): x_σ = (1 - σ) x + σ ε,
+        # target ε - x; a class-conditional model at the images' own labels
         g = _gen(12345)
         sigma = torch.rand(x.shape[0], generator=g)
         noise = torch.randn(x.shape, generator=g)
         s = sigma.view(-1, *([1] * (x.ndim - 1)))
         xs, T = (1 - s) * x + s * noise, schedule.num_train_timesteps
-        v = torch.cat([model.model(xs[i:i + 250], T * sigma[i:i + 250]) for i in range(0, x.shape[0], 250)])
+        kw = {"y": y} if kind == "flow_class" else {}
+        v = torch.cat([model.model(xs[i:i + 250], T * sigma[i:i + 250], **{k: w[i:i + 250] for k, w in kw.items()})
+                       for i in range(0, x.shape[0], 250)])
         out["mse"] = float((v.double() - (noise - x).double()).pow(2).mean())
     else:   # ε-model: denoising MSE at seeded (t, noise)
         g = _gen(12345)

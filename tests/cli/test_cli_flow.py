@@ -178,7 +178,8 @@ def test_shipped_digits_flow_samples_with_its_time_predictor(tmp_path):
 def test_shipped_digits_flow_folders_record_the_commands_of_their_readme_and_keep_the_size_rule():
     models = shipped_models()
     readme = (models["digits_flow/unet"].parent / "README.md").read_text()
-    for name, meta in (("digits_flow/unet", "tagdiff.json"), ("digits_flow/time_predictor", "config.json")):
+    for name, meta in (("digits_flow/unet", "tagdiff.json"), ("digits_flow/unet_class", "tagdiff.json"),
+                       ("digits_flow/time_predictor", "config.json")):
         folder = models[name]
         command = json.loads((folder / meta).read_text())["command"].removesuffix(" --quiet")
         assert f"`{command}`" in readme, command
