@@ -348,3 +348,22 @@ def test_dataset_name_with_folder_sets_the_data_dir_and_bad_specs_are_refused(ca
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "folder:DIR" in err[0] and repr(bad) in err[0]
+
+
+def test_noisy_classifier_report_is_measured_on_forward_noised_images():
+    """The held-out accuracy of a noisy classifier at t is its accuracy on x_t = q_sample(x, t, seeded ε), the
+    inputs it guides on, not on clean images labelled t."""
+    from tagdiff import load
+    from tagdiff.cli.recipes import classifier_report
+    from tagdiff.data import load_dataset
+    from tagdiff.models.classifiers import accuracy
+
+    clf = load("digits/clf_noisy")
+    x, y = load_dataset("digits", "held_out")
+    report = classifier_report(clf, "noisy", x, y, schedule=clf.schedule)
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(12345 + 500), dtype=x.dtype)
+    x_t = clf.schedule.q_sample(x, torch.full((x.shape[0],), 500), noise)
+    assert report["accuracy_t500"] == accuracy(clf, x_t, y, t=500)
+    assert report["accuracy_t0"] > report["accuracy_t500"]       # noise at t = 500 costs accuracy
+    with pytest.raises(ValueError, match="schedule"):
+        classifier_report(clf, "noisy", x, y)

@@ -289,25 +289,37 @@ def conditional_report(predictor: TimePredictor, schedule: VPSchedule, condition
     return report
 
 
-def classifier_report(model: nn.Module, kind: str, x: Tensor, y: Tensor, out_dir: Path | None = None) -> dict[str, Any]:
+def classifier_report(model: nn.Module, kind: str, x: Tensor, y: Tensor, out_dir: Path | None = None,
+                      schedule: VPSchedule | None = None, seed: int = 12345) -> dict[str, Any]:
     """Held-out accuracy of a classifier on ``x`` (``(N, C, H, W)``) with labels ``y`` (``(N,)`` int64); a noisy
-    classifier (``kind="noisy"``) at training timesteps t = 0, 0.1 T, 0.3 T, 0.5 T
-    (0, 100, 300, 500 for T = 1000). Printed, and written to
-    ``out_dir/metrics.json`` if given.
+    classifier (``kind="noisy"``) on the forward-noised ``x_t = schedule.q_sample(x, t, ε)`` (ε seeded with
+    ``seed + t``) at training timesteps t = 0, 0.1 T, 0.3 T, 0.5 T (0, 100, 300, 500 for T = 1000): what it sees
+    when it guides. Printed, and written to ``out_dir/metrics.json`` if given.
 
     Raises:
-        ValueError: empty ``x``, or ``y`` whose length is not N (:func:`tagdiff.classifiers.accuracy`).
+        ValueError: empty ``x``, ``y`` whose length is not N (:func:`tagdiff.classifiers.accuracy`), or a noisy
+            classifier without ``schedule``.
     """
     import json
 
     from ..models.classifiers import accuracy
 
+    if kind == "noisy" and schedule is None:
+        raise ValueError("the held-out report of a noisy classifier needs its schedule (x_t = q_sample(x, t, ε))")
     T = int(getattr(model, "num_train_timesteps", 1000))
     ts = tuple(sorted({round(f * T) for f in (0, 0.1, 0.3, 0.5)})) if kind == "noisy" else (None,)
-    report: dict[str, Any] = {f"accuracy_t{t}" if t is not None else "accuracy": accuracy(model, x, y, t=t)
-                              for t in ts}
+    report: dict[str, Any] = {}
+    for t in ts:
+        if t is None:
+            report["accuracy"] = accuracy(model, x, y)
+            continue
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + t), dtype=x.dtype)
+        x_t = schedule.q_sample(x, torch.full((x.shape[0],), t), noise)
+        report[f"accuracy_t{t}"] = accuracy(model, x_t, y, t=t)
     report["num_held_out"] = int(x.shape[0])
-    print("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if k != "num_held_out"))
+    if kind == "noisy":
+        report["inputs"] = f"x_t = q_sample(x, t, noise seeded {seed} + t)"
+    print("held-out " + ", ".join(f"{k} {v:.3f}" for k, v in report.items() if isinstance(v, float)))
     if out_dir is not None:
         (Path(out_dir) / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

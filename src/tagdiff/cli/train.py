@@ -87,7 +87,7 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         return result
     print(f"saved {args.what} to {args.out} (final loss {result['final_loss']:.4f}, {result['seconds']:.0f} s)")
     if args.what == "classifier":
-        result["held_out"] = _classifier_report(model, args, meta)
+        result["held_out"] = _classifier_report(model, args, meta, schedule)
     elif args.what == "time-predictor":
         result["held_out"] = time_predictor_report(model, schedule, args, args.out / "report.json")
         if meta.get("num_conditions"):  # with the true and with the null condition, on the whole held-out split
@@ -186,7 +186,7 @@ def time_predictor_report(predictor: Any, schedule: Any, args: argparse.Namespac
     return report(predictor, schedule, held_out, out, f"{args.dataset} time predictor", seed)
 
 
-def _classifier_report(model: Any, args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+def _classifier_report(model: Any, args: argparse.Namespace, meta: dict[str, Any], schedule: Any) -> dict[str, Any]:
     """Held-out accuracy (attribute classifiers: against the held-out levels with the training split's medians)."""
     import torch
 
@@ -196,4 +196,4 @@ def _classifier_report(model: Any, args: argparse.Namespace, meta: dict[str, Any
     if args.attribute:
         medians = torch.tensor(meta[f"{args.attribute}_medians"], dtype=torch.float64)
         y = attribute_labels(args.attribute, x, y, info, medians)[0]
-    return classifier_report(model, args.kind, x, y, args.out)
+    return classifier_report(model, args.kind, x, y, args.out, schedule)
