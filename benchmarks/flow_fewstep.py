@@ -46,6 +46,9 @@ def main() -> None:
                    help="DPS label guidance (targets 0, 3, 7; clean classifier; scale --dps-scale; 50 steps) instead: "
                         "FID per target class and accuracy under the evaluation classifier")
     p.add_argument("--dps-scales", default="16", help="DPS guidance scales; several: chosen per model (docstring)")
+    p.add_argument("--flow-clip-x0", type=float, default=None,
+                   help="clamp x̂_0 to ±this inside the flow Euler step (sample_flow's clip_x0; default: none, as "
+                        "diffusers); the VP DDIM always clips to ±1")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--flow-dir", default=None, help="folder with unet/ and time_predictor/ (default: digits_flow)")
@@ -82,7 +85,8 @@ def main() -> None:
                 grid = model.schedule.sigmas(k)
                 if args.label:  # score guidance needs σ < 1 (ᾱ > 0) at the first step: start at σ = 1 − 1/T
                     grid = torch.cat([grid[:1].clamp(max=1 - 1 / model.schedule.num_train_timesteps), grid[1:]])
-                out = sample_flow(model, x, model.schedule, sigmas=grid, terms=terms, cond=cond)
+                out = sample_flow(model, x, model.schedule, sigmas=grid, terms=terms, cond=cond,
+                                  clip_x0=args.flow_clip_x0)
             else:
                 out = sample_ddim(model, x, model.schedule.timesteps(k, "trailing"), model.schedule, eta=0.0,
                                   clip_x0=1.0, terms=terms, cond=cond)
@@ -130,6 +134,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"results": results, "seeds": seeds, "sweep_seed": args.sweep_seed,
                                           "num_samples": args.num_samples, "omegas": omegas, "label": args.label,
                                           "dps_scales": dps_scales, "dataset": args.dataset,
+                                          "flow_clip_x0": args.flow_clip_x0,
                                           "flow_dir": flow_dir, "vp_dir": vp_dir, "classifiers_dir": clfs,
                                           "seconds": time.time() - t0}, indent=2) + "\n")
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")

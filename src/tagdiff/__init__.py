@@ -12,6 +12,7 @@ from .data.gmm import GaussianMixture as GaussianMixture
 from .data.gmm_flow import FlowGaussianMixture as FlowGaussianMixture
 from .guidance import DSG as DSG
 from .guidance import AdaptiveProjectedGuidance as AdaptiveProjectedGuidance
+from .guidance import AdaptiveTemporalAlignment as AdaptiveTemporalAlignment
 from .guidance import APGMomentum as APGMomentum
 from .guidance import CFGPlusPlus as CFGPlusPlus
 from .guidance import CFGZeroStar as CFGZeroStar
@@ -27,7 +28,6 @@ from .guidance import LangevinCorrector as LangevinCorrector
 from .guidance import LinearDrift as LinearDrift
 from .guidance import StepContext as StepContext
 from .guidance import Strength as Strength
-from .guidance import AdaptiveTemporalAlignment as AdaptiveTemporalAlignment
 from .guidance import TemporalAlignment as TemporalAlignment
 from .guidance import Term as Term
 from .guidance import TFGGuidance as TFGGuidance
@@ -86,7 +86,8 @@ __all__ = [
     "flux_mu", "GaussianMixture", "get_sampler", "guided_eps",
     "LangevinCorrector", "LinearDrift", "MLPEpsModel", "MLPTimePredictor", "NonFiniteError", "run_loop", "sample",
     "sample_ddim", "sample_ddpm", "sample_flow", "sample_scheduler", "ScoreTerm", "SimpleCNNTimePredictor",
-    "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment", "AdaptiveTemporalAlignment", "Term",
+    "StackedRandomGenerator", "StepContext", "StepInfo", "StepTerm", "Strength", "TemporalAlignment",
+           "AdaptiveTemporalAlignment", "Term",
     "TFGGuidance", "TimeCorrection", "TimeGapRecorder", "TimePredictor", "TimeShift", "tls", "UNetEncoderTimePredictor",
     "VPSchedule", "wasserstein1", "load", "TAGCallback", "sample_pipeline", "callback_target",
 ]

@@ -205,3 +205,25 @@ def test_refusals_name_what_is_wrong():
     out = sample_flow(model, _noise(), flow, sigmas=[0.9, 0.5, 0.0], terms=[cg])  # below σ = 1 guidance works
     assert torch.isfinite(out).all()
     assert isinstance(StepContext(flow.vp_schedule, model), StepContext)
+
+
+def test_flow_euler_with_an_x0_clip_is_ddim_with_that_clip_on_the_vp_view():
+    """clip_x0 on the flow Euler step (not a diffusers option) equals DDIM(η = 0, clip_x0, use_clipped_model_output)
+    run on the VP view of the same model, on the σ grid of the VP classes, with and without a DPS term; and a clip
+    that binds changes the result."""
+    from tagdiff import DPSGuidance, sample_ddim
+
+    flow = FlowSchedule()
+    model = FGMM.velocity_model(flow)
+    x = 3 * _noise(16, 2)                                    # a wide start so that x̂_0 leaves [-1, 1]
+    ts = torch.tensor([998, 799, 599, 399, 199, 49])          # σ_0 = 0.999: DPS needs σ < 1
+    sigmas = torch.cat([(ts + 1).double() / 1000, torch.zeros(1, dtype=torch.float64)])
+    for terms in ([], [DPSGuidance(lambda x0: ((x0 - 0.5) ** 2).sum(-1), 0.3)]):
+        with torch.enable_grad():
+            got = sample_flow(model, x, flow, sigmas=sigmas, clip_x0=1.0, terms=terms)
+            r0 = float(((1 - sigmas[0]) ** 2 + sigmas[0] ** 2).sqrt())  # the VP view starts at x / r(σ_0)
+            ref = sample_ddim(FlowModel(model), x / r0, ts, flow.vp_schedule, eta=0.0, clip_x0=1.0, terms=terms)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+        assert (got - sample_flow(model, x, flow, sigmas=sigmas, terms=terms)).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="clip_x0"):
+        sample_flow(model, x, flow, 5, method="heun", clip_x0=1.0)

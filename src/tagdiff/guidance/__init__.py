@@ -45,7 +45,8 @@ from .tfg import tfg_schedule as tfg_schedule
 
 __all__ = ["Corrector", "ScoreTerm", "StepTerm", "EpsilonScaling", "LangevinCorrector", "TimeCorrection", "TimeShift",
            "ClassifierGuidance", "Corruption", "DPSGuidance", "DPSNormalized", "Drift", "LinearDrift",
-           "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment", "AdaptiveTemporalAlignment", "Term",
+           "STRENGTH_SCHEDULES", "StepContext", "Strength", "TFGGuidance", "TFG_SCHEDULES", "TemporalAlignment",
+           "AdaptiveTemporalAlignment", "Term",
            "dps_as_tfg", "guided_eps", "label_loss", "tfg_schedule", "tls",
            "AdaptiveProjectedGuidance", "APGMomentum", "CFGPlusPlus", "CFGZeroStar", "ClassifierFreeGuidance",
            "interval_from_sigma", "SelfGuidance", "TimestepGuidance", "REPARAM_SCHEDULES", "MULTICOND_VARIANTS",

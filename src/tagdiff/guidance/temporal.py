@@ -30,7 +30,8 @@ from ..models.time_predictor import TimePredictor
 from ..sampling.schedules import VPSchedule
 from ..sampling.terms import Corrector, StepContext, Strength, check_context, is_clean
 
-__all__ = ["ADAPTIVE_SIGNALS", "AdaptiveTemporalAlignment", "TemporalAlignment", "check_predictor_schedule", "check_time_predictor", "log_prob_from_logits", "tls"]
+__all__ = ["ADAPTIVE_SIGNALS", "AdaptiveTemporalAlignment", "TemporalAlignment", "check_predictor_schedule",
+           "check_time_predictor", "log_prob_from_logits", "tls"]
 
 
 def _grad_log_prob_t(time_predictor: Callable[..., Tensor], x: Tensor, t: Tensor, c: Tensor | None,

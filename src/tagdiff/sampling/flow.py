@@ -82,15 +82,26 @@ class FlowDriver:
     State: x_σ; the VP view ``x_σ / r(σ)`` at each stage (``vp_scale = r``). The step takes the model's velocity
     as it is where no score term changed it, else ``v̂ = ε̂ - x̂_0`` of the guided prediction. A step term's
     retiming (Time-Shift) is not applied: the driver steps on its own σ grid.
+
+    ``clip_x0`` (Euler only; not a diffusers option: its flow schedulers never clip): the step is written as
+    ``x_next = (1 - σ_next) x̂_0 + σ_next ε̂`` (the Euler step, exactly), with x̂_0 = x - σ v clamped to
+    ``[-clip_x0, clip_x0]`` and ε̂ = (x - (1 - σ) x̂_0) / σ re-derived from it: DDIM(η = 0)'s clip with
+    ``use_clipped_model_output``, so flow Euler with a clip equals :func:`~tagdiff.sample_ddim` with ``clip_x0`` on
+    the VP view. It keeps score guidance (DPS) in range as it does on VP models.
     """
 
     def __init__(self, flow: FlowSchedule, sigmas: Sequence[float] | Tensor, method: str = "euler",
-                 stochastic: bool = False, randn_like: RandnLike = torch.randn_like, dtype: torch.dtype | None = None):
+                 stochastic: bool = False, randn_like: RandnLike = torch.randn_like, dtype: torch.dtype | None = None,
+                 clip_x0: float | None = None):
         if method not in FLOW_METHODS:
             raise ValueError(f"unknown flow method {method!r}; expected one of {', '.join(FLOW_METHODS)}")
         if stochastic and method != "euler":
             raise ValueError("stochastic flow sampling (diffusers' stochastic_sampling) is an Euler rule; use "
                              "method='euler'")
+        if clip_x0 is not None and (method != "euler" or not (math.isfinite(clip_x0) and clip_x0 > 0)):
+            raise ValueError(f"clip_x0 must be a number > 0 with method='euler' (None disables), got {clip_x0!r} "
+                             f"with method={method!r}")
+        self.clip_x0 = None if clip_x0 is None else float(clip_x0)
         sig = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).reshape(-1)]
         if len(sig) < 2 or sig[-1] < 0 or sig[0] > 1 or any(b >= a for a, b in zip(sig, sig[1:], strict=False)):
             raise ValueError(f"sigmas must decrease strictly within [0, 1] and hold at least 2 values, got {sig[:8]}")
@@ -142,6 +153,11 @@ class FlowDriver:
             self._saved = None
             return x0 + (self._to[k] - self._at[k - 1]) * (0.5 * (v0 + v))
         sigma, sigma_next = self._at[k], self._to[k]
+        if self.clip_x0 is not None:                      # x̂_0 clamped, ε̂ re-derived (class docstring)
+            x0 = (x - sigma * v).clamp(-self.clip_x0, self.clip_x0)
+            if self.stochastic:
+                return (1.0 - sigma_next) * x0 + sigma_next * self.randn_like(x)
+            return (1.0 - sigma_next) * x0 + sigma_next * ((x - (1.0 - sigma) * x0) / sigma)
         if self.stochastic:                               # re-noise from x̂_0 = x - σ v
             noise = self.randn_like(x)
             return (1.0 - sigma_next) * (x - sigma * v) + sigma_next * noise
@@ -154,7 +170,7 @@ def sample_flow(model: EpsModel, noise: Tensor, flow: FlowSchedule | None = None
                 sigmas: Sequence[float] | Tensor | None = None, mu: float | None = None, method: str = "euler",
                 stochastic: bool = False, terms: Sequence[Term] = (), cond: Mapping[str, Any] | None = None,
                 randn_like: RandnLike = torch.randn_like, callback: Callback | Sequence[Callback] | None = None,
-                progress: bool = False) -> Tensor:
+                progress: bool = False, clip_x0: float | None = None) -> Tensor:
     """Sample a flow-matching model with tagdiff's terms (TAG, guidance, correctors) through :func:`run_loop`.
 
     Args:
@@ -166,6 +182,8 @@ def sample_flow(model: EpsModel, noise: Tensor, flow: FlowSchedule | None = None
         mu: the dynamic shift (Flux) when ``flow.use_dynamic_shifting``.
         method: ``"euler"`` (``FlowMatchEulerDiscreteScheduler``) or ``"heun"`` (``FlowMatchHeunDiscreteScheduler``).
         stochastic: diffusers' ``stochastic_sampling``: each step re-noises x̂_0 to σ_next with ``randn_like``.
+        clip_x0: Euler only: clamp x̂_0 to ``[-clip_x0, clip_x0]`` inside each step (:class:`FlowDriver`; diffusers'
+            flow schedulers do not clip, so the default ``None`` is their step).
         terms, cond, randn_like, callback, progress: as in :func:`tagdiff.sample`. Terms see the VP view
             ``x_σ / r`` with ᾱ(σ) and the class of σ (module docstring).
 
@@ -182,7 +200,7 @@ def sample_flow(model: EpsModel, noise: Tensor, flow: FlowSchedule | None = None
         raise ValueError("give num_steps or sigmas (one of them)")
     grid = flow.sigmas(num_steps, mu) if sigmas is None else sigmas
     wrapped = model if isinstance(model, FlowModel) else FlowModel(model, flow.num_train_timesteps)
-    driver = FlowDriver(flow, grid, method, stochastic, randn_like, noise.dtype)
+    driver = FlowDriver(flow, grid, method, stochastic, randn_like, noise.dtype, clip_x0)
     if driver.sigmas[0] == 1.0 and any(isinstance(term, ScoreTerm) for term in terms):
         raise ValueError("score guidance is undefined at sigma = 1 (alpha_bar = 0: x0 cannot be formed from a guided "
                          "eps); start the grid below 1 (sigmas=...) or guide with correctors (TAG) only")
