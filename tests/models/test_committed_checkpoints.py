@@ -98,6 +98,26 @@ def test_committed_latent_mnist_models_pair_with_their_vae_and_readme():
         _assert_committable(folder)
 
 
+FLOW = ROOT.parent / "mnist_flow"
+
+
+@pytest.mark.skipif(not (FLOW / "unet").is_dir(), reason="checkpoints/mnist_flow is not in this checkout")
+def test_committed_mnist_flow_models_match_their_readme_and_pair():
+    """The MNIST flow UNet (class-conditional, null label 10) and its σ predictor: the commands of their README, the
+    size rule, and the predictor's bins on the flow's VP view (what TAG and the CLI check)."""
+    from tagdiff.guidance.temporal import check_predictor_schedule
+    from tagdiff.models.flow_checkpoint import load_flow
+
+    flow = load_flow(FLOW / "unet")
+    assert flow.null_class == 10 and tuple(flow.sample_shape) == (1, 28, 28) and flow.sigma_density == "logit_normal"
+    predictor = load_model(FLOW / "time_predictor")
+    check_predictor_schedule(predictor, flow.schedule.vp_schedule)
+    table = (FLOW / "README.md").read_text()
+    for folder in (FLOW / "unet", FLOW / "time_predictor"):
+        assert f"`{_recorded_command(folder).removesuffix(' --quiet')}`" in table, folder
+        _assert_committable(folder)
+
+
 # ------------------------------------------------------------------------------ recorded held-out figures
 _spec = importlib.util.spec_from_file_location("heldout", ROOT.parent / "heldout.py")
 heldout = importlib.util.module_from_spec(_spec)
