@@ -137,7 +137,8 @@ def test_class_conditional_flow_takes_a_target_and_cfg_on_the_velocity(digits, t
     (["--sampler", "ddim"], "is a VP sampler"),
     (["--sampler", "euler", "--eta", "0.5"], "--eta is DDIM's"),
     (["--timestep-spacing", "leading"], "shape VP grids"),
-    (["--guidance", "cg", "--classifier", "digits/clf_noisy", "--target", "1"], "--guidance cg needs a noisy"),
+    (["--guidance", "cg", "--classifier", "digits/clf_noisy", "--target", "1"], "σ-aware classifier"),
+    (["--guidance", "cg", "--classifier", "digits/clf_clean", "--target", "1"], "--guidance cg needs a noisy"),
     (["--clip-x0", "2"], "--clip-x0 is not applied"),
     (["--time-predictor", "digits/time_predictor"], "σ bins of tagdiff train time-predictor --checkpoint FLOW"),
 ])
@@ -155,6 +156,29 @@ def test_flow_options_are_refused_where_there_is_no_flow(capsys, tmp_path):
     assert "is a VP noise schedule" in error_line(
         capsys, "train", "diffusion", "--objective", "flow", "--schedule", "cosine", "--steps", "1",
         "--out", tmp_path / "c", *FAST)
+
+
+def test_classifier_guidance_on_a_flow_with_its_sigma_aware_noisy_classifier(digits, tmp_path, capsys):
+    """train classifier --kind noisy --checkpoint FLOW trains on the flow's VP view (its recorded schedule is the
+    flow's σ bins), and tagdiff sample --guidance cg takes it on that flow; --checkpoint is for noisy classifiers."""
+    from tagdiff import load
+    from tagdiff.models.flow_checkpoint import load_flow
+
+    run("train", "classifier", "--kind", "noisy", "--checkpoint", digits / "unet", "--dataset", "digits", "--steps",
+        "3", "--batch-size", "8", "--quiet", "--out", tmp_path / "clf")
+    clf, flow = load(tmp_path / "clf"), load_flow(digits / "unet")
+    assert clf.schedule == flow.schedule.vp_schedule and clf.num_train_timesteps == 50
+    assert json.loads((tmp_path / "clf" / "config.json").read_text())["flow"]["num_train_timesteps"] == 50
+    common = ["sample", "--checkpoint", digits / "unet", "--num-samples", "4", "--num-steps", "3", "--quiet",
+              "--classifier", tmp_path / "clf", "--target", "2"]
+    run(*common, "--guidance", "cg", "--guidance-scale", "0", "--out", tmp_path / "zero")
+    run(*common, "--guidance", "cg", "--guidance-scale", "50", "--out", tmp_path / "cg")
+    summary = json.loads((tmp_path / "cg" / "summary.json").read_text())
+    assert summary["sigmas"][0] == pytest.approx(1 - 1 / 50)       # score guidance starts below σ = 1
+    assert np.isfinite(_x(tmp_path / "cg")).all() and not np.array_equal(_x(tmp_path / "zero"), _x(tmp_path / "cg"))
+    assert "--kind clean classifier sees clean images" in error_line(
+        capsys, "train", "classifier", "--kind", "clean", "--checkpoint", digits / "unet", "--dataset", "digits",
+        "--steps", "1", "--quiet", "--out", tmp_path / "bad")
 
 
 COMMITTED = "digits_flow/time_predictor" in shipped_models()

@@ -95,6 +95,10 @@ def build_parser(handlers: dict[str, Handler] | None = None) -> argparse.Argumen
     clf.add_argument("--kind", choices=("noisy", "clean", "eval"), required=True,
                      help="noisy: p(y|x_t,t) for classifier guidance; clean: p(y|x) for DPS; eval: independent "
                           "evaluation classifier (use another --seed and --split-seed than the guidance models)")
+    clf.add_argument("--checkpoint", default=None,
+                     help="--kind noisy: the diffusion model the classifier guides; its schedule replaces --schedule. "
+                          "A flow-matching model gives a σ-aware classifier on its VP view x_σ / r(σ) at the σ bins, "
+                          "the classifier --guidance cg on that flow needs")
     clf.add_argument("--attribute", choices=("ink", "slant"), default=None,
                      help="label = the attribute's level (above its class median), not the class (bench multicond)")
     clf.add_argument("--split-seed", type=int, default=0,

@@ -4,13 +4,15 @@ with TAG (``--time-predictor`` trained by ``tagdiff train time-predictor --check
 a clean classifier, classifier-free guidance on the velocity, the corrupted reverse process, and the Time Gap.
 
 What a flow has no use for is refused with one line (:func:`check_flow_options`): VP samplers, ``--eta``, VP grid
-options, classifier guidance (its noisy classifier is trained on a VP schedule's x_t), ``--clip-x0`` (the flow steps
-never form a clamped x̂_0), several processes.
+options, ``--clip-x0`` (the flow steps never form a clamped x̂_0), several processes. Classifier guidance (``--guidance
+cg``) takes the σ-aware noisy classifier of ``tagdiff train classifier --kind noisy --checkpoint FLOW`` (trained on
+the flow's VP view at its σ bins; a VP model's noisy classifier is refused by its schedule).
 
 Classifier-free guidance is applied to the velocity, ``v = v_u + s (v_c - v_u)`` (what diffusers' flow pipelines
 do); ε̂ and x̂_0 are affine in v with weights free of the label, so this equals CFG on ε̂ wherever that is defined,
-and it is defined at σ = 1 too. DPS (a score term) is undefined at σ = 1 (ᾱ = 0): with ``--guidance dps`` the grid's
-first σ is lowered to ``1 - 1/T`` (the noise is drawn there; recorded as ``sigmas`` in the summary).
+and it is defined at σ = 1 too. DPS and CG (score terms) are undefined at σ = 1 (ᾱ = 0): with ``--guidance dps``
+or ``cg`` the grid's first σ is lowered to ``1 - 1/T`` (the noise is drawn there; recorded as ``sigmas`` in the
+summary).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from .._io import ensure_output_dir
 from .._utils import seeded_noise
-from ..guidance import Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
+from ..guidance import ClassifierGuidance, Corruption, DPSGuidance, TemporalAlignment, Term, label_loss
 from ..metrics.time_gap import TimeGapRecorder
 from ..sampling.flow import FLOW_METHODS, FlowModel, sample_flow
 from .plots import save_grid
@@ -44,9 +46,6 @@ def check_flow_options(cfg: Any) -> None:
     if cfg.timestep_spacing != "trailing" or cfg.steps_offset:
         raise ValueError("--timestep-spacing / --steps-offset shape VP grids; a flow model samples diffusers' "
                          "FlowMatchEulerDiscreteScheduler σ grid (change it with --shift)")
-    if cfg.guidance == "cg":
-        raise ValueError("--guidance cg needs a noisy classifier trained on a VP schedule's x_t, which a flow model "
-                         "does not have: use --guidance dps with a clean classifier")
     if cfg.clip_x0 not in ("auto", None):
         raise ValueError("--clip-x0 is not applied by the flow samplers (their steps never form a clamped x0); "
                          "leave it at auto")
@@ -88,6 +87,8 @@ def _terms(cfg: Any, model: Any, predictor: Any, space: Any, device: torch.devic
                                                         device=device)
     if cfg.corruption_std > 0:
         terms.append(Corruption(cfg.corruption_std))
+    if cfg.guidance == "cg":
+        terms.append(ClassifierGuidance(_flow_noisy_classifier(cfg, model, space, device), target, scale))
     if cfg.guidance == "dps":
         if cfg.classifier is None or target is None:
             raise ValueError("--guidance dps needs --classifier and --target")
@@ -109,6 +110,32 @@ def _terms(cfg: Any, model: Any, predictor: Any, space: Any, device: torch.devic
             raise ValueError("--omega needs --time-predictor")
         terms.append(TemporalAlignment(predictor, cfg.omega, cfg.omega_schedule, cfg.placement))
     return terms, target
+
+
+def _flow_noisy_classifier(cfg: Any, model: Any, space: Any, device: torch.device) -> Any:
+    """The σ-aware noisy classifier of ``--guidance cg`` on a flow: a NoisyClassifier whose recorded schedule is the
+    flow's VP view (``train classifier --kind noisy --checkpoint FLOW``), of the flow's sample shape and classes."""
+    from ..guidance.temporal import check_predictor_schedule
+    from ..models.classifiers import NoisyClassifier
+    from ..models.load import load
+
+    if cfg.classifier is None or cfg.target is None:
+        raise ValueError("--guidance cg needs --classifier and --target")
+    if space is not None:
+        raise ValueError(f"--guidance cg needs a noisy classifier on latents; {cfg.classifier} is an image classifier: "
+                         "with --vae use --guidance dps (through the decoder)")
+    clf = load(cfg.classifier, device)
+    if not isinstance(clf, NoisyClassifier):
+        raise ValueError(f"--guidance cg needs a noisy classifier p(y | x_σ, σ) (train classifier --kind noisy "
+                         f"--checkpoint {cfg.checkpoint}); {cfg.classifier} holds {type(clf).__name__}")
+    check_predictor_schedule(clf, model.schedule.vp_schedule, f"--classifier {cfg.classifier} (a flow model needs "
+                             f"the σ-aware classifier of tagdiff train classifier --kind noisy --checkpoint FLOW)")
+    if tuple(clf.sample_shape) != tuple(model.sample_shape):
+        raise ValueError(f"{cfg.classifier} expects samples of shape {tuple(clf.sample_shape)} but the flow model "
+                         f"makes {tuple(model.sample_shape)}")
+    if not 0 <= cfg.target < clf.num_classes:
+        raise ValueError(f"target class {cfg.target} out of range; the classifier has classes 0..{clf.num_classes - 1}")
+    return clf
 
 
 def _network(cfg: Any, model: Any, target: Any) -> tuple[Any, dict[str, Any]]:
@@ -172,7 +199,7 @@ def generate_flow(cfg: Any, out_dir: str | Path, model: Any, device: torch.devic
     if cfg.compile:
         net = torch.compile(net)
     sigmas = flow.sigmas(cfg.num_steps)
-    if cfg.guidance == "dps" and sigmas[0] == 1.0:   # score guidance is undefined at σ = 1 (module docstring)
+    if cfg.guidance in ("dps", "cg") and sigmas[0] == 1.0:   # score guidance is undefined at σ = 1 (docstring)
         sigmas[0] = 1.0 - 1.0 / flow.num_train_timesteps
     shape = (cfg.num_samples, *model.sample_shape)
     x_T, randn_like, generator = seeded_noise(shape, cfg.seed, device, per_sample=cfg.per_sample_seeds)

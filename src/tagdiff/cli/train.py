@@ -38,6 +38,9 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     if args.num_processes > 1 and world_size() == 1:  # start the run in N processes (each runs this command)
         return {"exit_code": launch(argv, args.num_processes)}
     device = resolve_device(args.device)
+    if args.what == "classifier" and args.checkpoint is not None and args.kind != "noisy":
+        raise ValueError(f"--checkpoint ties a noisy classifier to a model's schedule; a --kind {args.kind} "
+                         "classifier sees clean images (drop --checkpoint)")
     folder = _resolve_model_data(args)
     ensure_output_dir(args.out)
     schedule = VPSchedule.from_name(args.schedule, args.num_train_timesteps)
@@ -59,7 +62,10 @@ def train_command(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):  # the model's initialisation depends on --seed only
         torch.manual_seed(args.seed)
         model, loss, cond, meta, info = _make_model(args, data, labels, info, T, cond, meta)
-        if flow is not None:  # the flow objectives and what they record (tagdiff.json / config.json)
+        if flow is not None and args.what == "classifier":  # σ-aware: the noisy loss on the flow's VP view
+            meta = {**meta, "flow": {"num_train_timesteps": flow.num_train_timesteps, "shift": flow.shift},
+                    "flow_checkpoint": str(args.checkpoint)}
+        elif flow is not None:  # the flow objectives and what they record (tagdiff.json / config.json)
             loss, flow_meta = flow_loss(args, flow)
             meta = {**meta, **flow_meta}
     key = f"classifier-{args.kind}" if args.what == "classifier" else key
