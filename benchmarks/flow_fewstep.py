@@ -1,5 +1,7 @@
 """Few-step sampling of a flow model (Euler, 1-8 steps) with and without Temporal Alignment Guidance, beside a VP model
-(DDIM) at equal model evaluations; or (``--label``) DPS label guidance on both, ± TAG.
+(DDIM) at equal model evaluations; or (``--label``) label guidance on both, ± TAG: DPS with the clean classifier, or
+(``--guidance cg``) classifier guidance with noisy classifiers (the flow's σ-aware one from ``tagdiff train
+classifier --kind noisy --checkpoint FLOW``); ``--dps-scales`` is then the CG scale grid.
 
 For each step count, ω_0 (flow form ω_0 (1 − ᾱ(σ)), docs/notation.md §2.4) is chosen on the validation seed 100 from
 ``--omegas`` by FID; the evaluation seeds 0-4 report FID (all held-out images, the evaluation classifier's features)
@@ -29,7 +31,7 @@ from pathlib import Path
 import torch
 from tagdiff_bench.stats import mean_std, paired_ci
 
-from tagdiff import DPSGuidance, TemporalAlignment, load, sample_ddim, sample_flow
+from tagdiff import ClassifierGuidance, DPSGuidance, TemporalAlignment, load, sample_ddim, sample_flow
 from tagdiff.data import load_dataset
 from tagdiff.guidance import label_loss
 from tagdiff.metrics.images import FIDReference, fid
@@ -45,7 +47,12 @@ def main() -> None:
     p.add_argument("--label", action="store_true",
                    help="DPS label guidance (targets 0, 3, 7; clean classifier; scale --dps-scale; 50 steps) instead: "
                         "FID per target class and accuracy under the evaluation classifier")
-    p.add_argument("--dps-scales", default="16", help="DPS guidance scales; several: chosen per model (docstring)")
+    p.add_argument("--dps-scales", default="16", help="guidance scales; several: chosen per model (docstring)")
+    p.add_argument("--guidance", choices=("dps", "cg"), default="dps",
+                   help="with --label: DPS with the clean classifier, or classifier guidance with a noisy one (the VP "
+                        "model's clf_noisy; the flow model's σ-aware --flow-noisy-classifier)")
+    p.add_argument("--flow-noisy-classifier", default=None,
+                   help="cg: train classifier --kind noisy --checkpoint FLOW (default: FLOW_DIR/clf_noisy)")
     p.add_argument("--flow-clip-x0", type=float, default=None,
                    help="clamp x̂_0 to ±this inside the flow Euler step (sample_flow's clip_x0; default: none, as "
                         "diffusers); the VP DDIM always clips to ±1")
@@ -68,6 +75,8 @@ def main() -> None:
     refs = {y: FIDReference(held_x[held_y == y], clf) for y in (0, 3, 7)}
     clean = load(f"{clfs}/clf_clean")
     flow_dir, vp_dir = args.flow_dir or "digits_flow", args.vp_dir or "digits"
+    noisy = {"vp": load(f"{clfs}/clf_noisy"),
+             "flow": load(args.flow_noisy_classifier or f"{flow_dir}/clf_noisy")} if args.guidance == "cg" else {}
     models = {"flow": (load(f"{flow_dir}/unet"), load(f"{flow_dir}/time_predictor")),
               "vp": (load(f"{vp_dir}/unet"), load(f"{vp_dir}/time_predictor"))}
     t0 = time.time()
@@ -78,7 +87,12 @@ def main() -> None:
         x = torch.randn(args.num_samples, *model.sample_shape, generator=g)
         x = x[: len(targets)] if args.label else x
         cond = {"y": torch.full((len(x),), -1)} if getattr(model, "null_class", None) is not None else None
-        terms = [DPSGuidance(label_loss(clean, targets), dps_scale)] if args.label else []
+        if not args.label:
+            terms = []
+        elif args.guidance == "cg":
+            terms = [ClassifierGuidance(noisy[kind], targets, dps_scale)]
+        else:
+            terms = [DPSGuidance(label_loss(clean, targets), dps_scale)]
         terms += [TemporalAlignment(tp, omega)] if omega > 0 else []
         with torch.no_grad() if not terms else torch.enable_grad():
             if kind == "flow":
@@ -134,7 +148,7 @@ def main() -> None:
     Path(args.out).write_text(json.dumps({"results": results, "seeds": seeds, "sweep_seed": args.sweep_seed,
                                           "num_samples": args.num_samples, "omegas": omegas, "label": args.label,
                                           "dps_scales": dps_scales, "dataset": args.dataset,
-                                          "flow_clip_x0": args.flow_clip_x0,
+                                          "flow_clip_x0": args.flow_clip_x0, "guidance": args.guidance,
                                           "flow_dir": flow_dir, "vp_dir": vp_dir, "classifiers_dir": clfs,
                                           "seconds": time.time() - t0}, indent=2) + "\n")
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
