@@ -73,6 +73,7 @@ def mnist_folders() -> dict[str, str]:
         "mnist_latent/vae": "vae", "mnist_latent/ckpt/unet_class": "latent_eps_class",
         "mnist_latent/ckpt/time_predictor": "latent_time_predictor",
         "mnist_flow/unet": "flow_class", "mnist_flow/time_predictor": "flow_time_predictor",
+        "mnist_strong/unet": "eps",
     }
 
 

@@ -118,6 +118,27 @@ def test_committed_mnist_flow_models_match_their_readme_and_pair():
         _assert_committable(folder)
 
 
+STRONG = ROOT.parent / "mnist_strong"
+
+
+@pytest.mark.skipif(not (STRONG / "unet").is_dir(), reason="checkpoints/mnist_strong is not in this checkout")
+def test_committed_strong_mnist_unet_matches_its_readme_and_completes_a_models_dir():
+    """The stronger MNIST ε-model (docs/RESULTS.md §4c): its README's command, the size rule, the VP schedule of the
+    other MNIST models, and the folder is a whole ``--models-dir`` (the predictor and classifiers are links to
+    ``checkpoints/mnist``'s, trained on data, not on the UNet)."""
+    eps_model, schedule = load_checkpoint(STRONG / "unet")
+    _, old_schedule = load_checkpoint(ROOT / "unet")
+    assert tuple(eps_model.sample_shape) == (1, 28, 28)
+    assert torch.equal(schedule.alpha_bar, old_schedule.alpha_bar)
+    command = _recorded_command(STRONG / "unet")
+    assert "--out runs/mnist_strong/unet " in f"{command} "
+    table = (STRONG / "README.md").read_text().replace("$D", "../shared/data/mnist")
+    assert f"`{command.removesuffix(' --quiet')}`" in table
+    _assert_committable(STRONG / "unet")
+    for name in ("time_predictor", *CLASSIFIERS):
+        assert (STRONG / name).resolve() == (ROOT / name).resolve(), name
+
+
 # ------------------------------------------------------------------------------ recorded held-out figures
 _spec = importlib.util.spec_from_file_location("heldout", ROOT.parent / "heldout.py")
 heldout = importlib.util.module_from_spec(_spec)
